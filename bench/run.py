@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Run the peer benchmark and print a markdown table: one column per system, one row
+per figure, medians over a few runs. Progress goes to stderr, the table to stdout.
+
+    python bench/run.py --quick                # short run (< 3 min)
+    python bench/run.py                        # normal run (< 10 min)
+    python bench/run.py --only asyncio,zmq     # a subset of systems (keys of peers.SYSTEMS)
+
+All traffic is TCP on 127.0.0.1; every run is bounded in messages and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+from benchutil import ACK_EVERY, WINDOW
+from peers import ROWS, SIZES_FULL, SIZES_QUICK, SYSTEMS, System
+
+Cell = float | str  # a median, or "err"
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    reps: int
+    budget_s: float  # per run
+    sizes: dict[str, int]
+
+
+QUICK = Profile("quick", reps=3, budget_s=2.0, sizes=SIZES_QUICK)
+FULL = Profile("full", reps=5, budget_s=5.0, sizes=SIZES_FULL)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _as_dict(result: float | dict[str, float]) -> dict[str | None, float]:
+    if isinstance(result, (int, float)):
+        return {None: float(result)}
+    return {key: value for key, value in result.items()}
+
+
+def measure(system: System, profile: Profile, notes: list[str]) -> dict[tuple[str, str | None], Cell]:
+    """Median of each figure this system provides; a failing method becomes "err" plus a note."""
+    cells: dict[tuple[str, str | None], Cell] = {}
+    methods = dict.fromkeys(row.method for row in ROWS)  # ordered, unique
+    for method in methods:
+        fn = getattr(system, method, None)
+        if not callable(fn):
+            continue
+        n = profile.sizes[method]
+        runs: list[dict[str | None, float]] = []
+        try:
+            for rep in range(profile.reps):
+                t0 = time.monotonic()
+                runs.append(_as_dict(fn(n)))
+                shown = ", ".join(f"{k or 'value'}={v:,.1f}" for k, v in runs[-1].items())
+                _log(f"  {system.name} {method} #{rep + 1}: {shown} ({time.monotonic() - t0:.1f}s)")
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not sink the table
+            notes.append(f"{system.name} / {method}: {type(exc).__name__}: {exc}")
+            _log(f"  {system.name} {method} FAILED: {exc!r}")
+            for row in ROWS:
+                if row.method == method:
+                    cells[(method, row.key)] = "err"
+            continue
+        for key in runs[0]:
+            cells[(method, key)] = statistics.median(run[key] for run in runs)
+    return cells
+
+
+def fmt(cell: Cell | None) -> str:
+    if cell is None:
+        return MISSING
+    if isinstance(cell, str):
+        return cell
+    if cell >= 100:
+        return f"{cell:,.0f}"
+    return f"{cell:.1f}" if cell >= 10 else f"{cell:.2f}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def render(
+    profile: Profile,
+    systems: list[System],
+    results: dict[str, dict[tuple[str, str | None], Cell]],
+    versions: list[str],
+    notes: list[str],
+) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"## KoriNet peer benchmark ({profile.name})",
+        "",
+        f"- date: {now}",
+        (
+            f"- machine: {platform.machine()} (`uname -m`), {cpu_model()}, {os.cpu_count()} CPUs, "
+            f"Linux {platform.release()}, Python {platform.python_version()}"
+        ),
+        (
+            f"- method: TCP on 127.0.0.1, server side in its own process; median of {profile.reps} runs, "
+            f"each bounded by a message count and {profile.budget_s:g} s; window {WINDOW}, "
+            f"ack every {ACK_EVERY}; MB = 10^6 payload bytes"
+        ),
+    ]
+    if versions:
+        lines.append(f"- versions: {'; '.join(versions)}")
+    lines += ["", "| figure | " + " | ".join(s.name for s in systems) + " |"]
+    lines.append("|---|" + "---:|" * len(systems))
+    for row in ROWS:
+        cells = [fmt(results[s.name].get((row.method, row.key))) for s in systems]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Errors:"] + [f"- {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer messages, runs and seconds")
+    ap.add_argument("--only", help=f"comma-separated systems among: {','.join(SYSTEMS)}")
+    ap.add_argument("--reps", type=int, help="runs per figure (default 3 quick, 5 full)")
+    args = ap.parse_args(argv)
+
+    profile = QUICK if args.quick else FULL
+    if args.reps:
+        profile = Profile(profile.name, args.reps, profile.budget_s, profile.sizes)
+    names = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else list(SYSTEMS)
+    unknown = [x for x in names if x not in SYSTEMS]
+    if unknown:
+        ap.error(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+
+    started = time.monotonic()
+    systems: list[System] = []
+    results: dict[str, dict[tuple[str, str | None], Cell]] = {}
+    versions: list[str] = []
+    notes: list[str] = []
+    for key in names:
+        system = SYSTEMS[key](profile.budget_s)
+        systems.append(system)
+        _log(f"[{key}] {system.name}")
+        try:
+            system.setup()
+            versions.append(system.version())
+            results[system.name] = measure(system, profile, notes)
+        except Exception as exc:  # noqa: BLE001 - report it in the table instead
+            notes.append(f"{system.name} / setup: {type(exc).__name__}: {exc}")
+            results[system.name] = {(row.method, row.key): "err" for row in ROWS if hasattr(system, row.method)}
+        finally:
+            system.teardown()
+    print(render(profile, systems, results, [v for v in versions if v], notes))
+    _log(f"total {time.monotonic() - started:.0f}s")
+    return 1 if notes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

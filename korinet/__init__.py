@@ -1,0 +1,75 @@
+"""KoriNet: reliable, exactly-once, in-order messaging over TCP for Python.
+
+The blocking API of the original KoriNet (``client``, ``server``, ``protocol.v2``)
+sits on an asyncio runtime (``korinet.runtime``) built on a sans-I/O session
+(``korinet.session``). See README.md and docs/.
+"""
+
+from __future__ import annotations
+
+from . import protocol
+from .client import client
+from .codecs.base import Codec
+from .exceptions import (
+    AuthenticationError,
+    CodecError,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    FrameTooLarge,
+    InvalidState,
+    KoriNetError,
+    KoriNetTimeout,
+    LocalProtocolError,
+    MessageRejected,
+    MessageTooLarge,
+    NegotiationError,
+    ProtocolError,
+    RemoteProtocolError,
+    SendBufferFull,
+    SessionExpired,
+)
+from .hookspecs import hookimpl
+from .messages import REALTIME, RELIABLE, Delivery, Message, MessageType
+from .runtime import Client, Hub, Peer, Server, connect, serve
+from .server import server
+from .session import SessionConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REALTIME",
+    "RELIABLE",
+    "AuthenticationError",
+    "Client",
+    "Codec",
+    "CodecError",
+    "ConnectionClosed",
+    "ConnectionClosedError",
+    "ConnectionClosedOK",
+    "Delivery",
+    "FrameTooLarge",
+    "Hub",
+    "InvalidState",
+    "KoriNetError",
+    "KoriNetTimeout",
+    "LocalProtocolError",
+    "Message",
+    "MessageRejected",
+    "MessageTooLarge",
+    "MessageType",
+    "NegotiationError",
+    "Peer",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SendBufferFull",
+    "Server",
+    "SessionConfig",
+    "SessionExpired",
+    "client",
+    "connect",
+    "hookimpl",
+    "protocol",
+    "serve",
+    "server",
+]

@@ -1,0 +1,24 @@
+"""The asyncio runtime: connections, the reconnecting client, the server and its hub."""
+
+from __future__ import annotations
+
+from .backoff import backoff
+from .client import DEFAULT_PORT, Client, connect
+from .connection import Connection
+from .legacy import LegacyPeer
+from .peer import Peer
+from .server import Hub, Server, ServerPeer, serve
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Client",
+    "Connection",
+    "Hub",
+    "LegacyPeer",
+    "Peer",
+    "Server",
+    "ServerPeer",
+    "backoff",
+    "connect",
+    "serve",
+]

@@ -1,0 +1,202 @@
+"""The reconnecting client (docs/ARCHITECTURE.md, "Client").
+
+``await Client.connect(host, port)`` returns once the first handshake is done.
+From then on a background task keeps the session linked: when the connection
+drops it reconnects at once, then with growing jittered delays, and the session
+resumes where it was. Errors that retrying cannot fix (no common version, bad
+credentials, a protocol violation) end the session instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl as ssl_module
+from typing import Any
+
+from ..exceptions import ConnectionClosedError, KoriNetError, KoriNetTimeout
+from ..plugins import PluginManager, default_manager
+from ..session import CLIENT, CloseCode, Session, SessionConfig
+from .backoff import backoff
+from .connection import Connection
+from .peer import Peer
+
+__all__ = ["DEFAULT_PORT", "Client", "connect"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 1235  # the original KoriNet examples' port
+
+
+class Client(Peer):
+    """A Peer that dials, and redials, one server.
+
+    Args:
+        host, port: the server.
+        config: session limits and timings.
+        plugins: the plugin manager (default: installed plugins).
+        ssl: an ``ssl.SSLContext`` for TLS, or None for plaintext.
+        connect_timeout: seconds allowed for one TCP connect attempt.
+        outage_limit: give up (session ends with KoriNetTimeout) after this many
+            seconds without a link; None retries forever.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        config: SessionConfig | None = None,
+        plugins: PluginManager | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connect_timeout: float = 5.0,
+        outage_limit: float | None = None,
+    ) -> None:
+        plugins = plugins or default_manager()
+        session = Session(CLIENT, plugins.codecs(), config)
+        super().__init__(session, plugins)
+        self.host, self.port = host, port
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.outage_limit = outage_limit
+        #: the last connection error, for messages while reconnecting
+        self.last_error: BaseException | None = None
+        #: connection attempts made (a metrics plugin reads it)
+        self.attempts = 0
+        self._runner: asyncio.Task[None] | None = None
+        self._link_down = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.host}:{self.port} {self.session.session_id} {self.session.state.name}>"
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int = DEFAULT_PORT, *, open_timeout: float | None = 10.0, **kwargs: Any
+    ) -> Client:
+        """Create a client and wait for its first handshake.
+
+        Raises:
+            KoriNetTimeout: no session within ``open_timeout`` (the last error is chained).
+            NegotiationError, AuthenticationError, ConnectionClosed: the server refused us.
+        """
+        self = cls(host, port, **kwargs)
+        self.start()
+        try:
+            await self.wait_connected(open_timeout)
+        except KoriNetTimeout:
+            last = self.last_error
+            await self.abort()
+            raise KoriNetTimeout(
+                f"could not open a session with {host}:{port} within {open_timeout}s"
+                + (f" (last error: {last})" if last else "")
+            ) from last
+        except BaseException:
+            await self.abort()
+            raise
+        return self
+
+    def start(self) -> None:
+        if self._runner is None:
+            self._runner = self.loop.create_task(self._run(), name=f"korinet-client-{self.host}:{self.port}")
+
+    async def abort(self) -> None:
+        """Stop at once, without a CLOSE: the server keeps the session until its TTL."""
+        self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
+        if self.conn is not None:
+            self.conn.abort()
+        await self._stop_runner()
+
+    async def close(self, reason: str = "", *, timeout: float = 5.0) -> None:
+        await super().close(reason, timeout=timeout)
+        await self._stop_runner()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _stop_runner(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None and runner is not asyncio.current_task():
+            runner.cancel()
+            try:
+                await runner
+            except asyncio.CancelledError:
+                pass
+
+    def _on_link_lost(self, error: BaseException) -> None:
+        self._link_down.set()
+
+    async def _run(self) -> None:
+        delays = backoff()
+        outage_since: float | None = None
+        while not self.is_closed:
+            opened = await self._one_link()
+            if self.is_closed:
+                return
+            now = self.loop.time()
+            if opened:
+                delays = backoff()  # a success restarts the backoff: immediate retry first
+                outage_since = now
+            elif outage_since is None:
+                outage_since = now
+            if self.outage_limit is not None and now - outage_since > self.outage_limit:
+                self._finish(
+                    KoriNetTimeout(
+                        f"no connection to {self.host}:{self.port} for {self.outage_limit}s"
+                        f" (last error: {self.last_error})"
+                    )
+                )
+                return
+            delay = next(delays)
+            if delay:
+                logger.debug("%r: reconnecting in %.2fs", self, delay)
+                await asyncio.sleep(delay)
+
+    async def _one_link(self) -> bool:
+        """Connect, run the link until it drops; return whether a handshake completed."""
+        self.attempts += 1
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    Connection,
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.server_hostname if self.ssl else None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.last_error = exc
+            if isinstance(exc, ssl_module.SSLCertVerificationError):
+                self._finish(_fatal(exc))
+            return False
+        self._link_down.clear()
+        self._attach(conn)
+        try:
+            self.session.connection_made(self.loop.time())
+        except KoriNetError as exc:  # the session ended meanwhile
+            conn.abort()
+            self.last_error = exc
+            return False
+        opened_before = self.links_opened
+        self._process()
+        await self._link_down.wait()
+        if conn.lost.done() and conn.lost.result() is not None:
+            self.last_error = conn.lost.result()
+        return self.links_opened > opened_before
+
+
+def _fatal(exc: BaseException) -> KoriNetError:
+    error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+async def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> Client:
+    """Shortcut for :meth:`Client.connect`."""
+    return await Client.connect(host, port, **kwargs)

@@ -1,0 +1,136 @@
+"""One TCP (or TLS) connection driving a Session: the I/O edge of the runtime.
+
+``Connection`` is an ``asyncio.Protocol`` (not a stream) because a server holds
+thousands of them and the callback path is the cheapest asyncio offers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+__all__ = ["Connection", "set_nodelay"]
+
+logger = logging.getLogger(__name__)
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    # Small frames must not wait for the peer's delayed ACK (the original's 88 ms).
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class Connection(asyncio.Protocol):
+    """Carries bytes between a transport and whoever owns it.
+
+    Before the handshake the owner is a callback (``on_data``); afterwards it is a
+    :class:`Peer` whose Session parses the bytes. ``lost`` resolves when the
+    transport is gone, with the exception that ended it or ``None``.
+    """
+
+    def __init__(self, on_made: Callable[[Connection], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_made = on_made
+        self.lost: asyncio.Future[BaseException | None] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # -------------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        set_nodelay(transport)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer._link_data(self, data)
+        elif self.on_data is not None:
+            self.on_data(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; the session decides what the loss means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_timer()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        if self.peer is not None:
+            self.peer._link_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # -------------------------------------------------------------- helpers
+
+    @property
+    def write_backlog(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        return self.transport.get_write_buffer_size() if self.transport else 0
+
+    async def drain(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Flush what is written, then close."""
+        self.cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop at once (a dead or hostile peer)."""
+        self.cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def schedule(self, when: float | None, callback: Callable[[], None]) -> None:
+        self.cancel_timer()
+        if when is not None and not self.lost.done():
+            self._timer = self.loop.call_at(when, callback)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    @property
+    def peername(self) -> str:
+        if self.transport is None:
+            return "?"
+        name = self.transport.get_extra_info("peername")
+        if isinstance(name, tuple) and len(name) >= 2:
+            return f"{name[0]}:{name[1]}"
+        return str(name)

@@ -1,0 +1,617 @@
+"""Peer: the application's handle on one session, on either side.
+
+A Peer outlives connections: the Session inside keeps sequence numbers and the
+replay buffer, the Peer keeps what the application waits on (acks, replies, the
+inbox). Links come and go underneath (``_attach`` / ``_link_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import (
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    KoriNetError,
+    KoriNetTimeout,
+    MessageRejected,
+    SendBufferFull,
+    SessionExpired,
+)
+from ..messages import REALTIME, Message, MessageType
+from ..session import (
+    CLOSED,
+    OPEN,
+    CloseCode,
+    LinkFailed,
+    LinkOpened,
+    MessageReceived,
+    MessagesAcked,
+    PeerClosed,
+    PongReceived,
+    RealtimeReceived,
+    Session,
+    SessionExpiredEvent,
+)
+from ..wire.frames import MessageFlags
+
+if TYPE_CHECKING:
+    from ..plugins import PluginManager
+    from .connection import Connection
+
+__all__ = ["Peer"]
+
+logger = logging.getLogger(__name__)
+
+_REQUEST = int(MessageFlags.REQUEST)
+_REPLY = int(MessageFlags.REPLY)
+_ERROR = int(MessageFlags.ERROR)
+_REJECT = int(MessageFlags.REJECT)
+
+#: Realtime messages waiting for recv_realtime(); the oldest is dropped when full.
+REALTIME_INBOX: int = 256
+#: A realtime message is dropped rather than queued behind this many unsent bytes.
+REALTIME_MAX_BACKLOG: int = 64 * 1024
+
+
+class Peer:
+    """One session as the application sees it.
+
+    Sending: :meth:`send` (returns once the peer's application has the message),
+    :meth:`send_nowait` (returns the acknowledgement future), :meth:`request`,
+    :meth:`send_realtime`. Receiving: :meth:`recv`, :meth:`recv_message`,
+    ``async for``. Typed messages with a handler never reach the inbox.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        plugins: PluginManager,
+        *,
+        accept_plain: bool = True,
+        identity: Any = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.session = session
+        self.plugins = plugins
+        self.message_types: dict[str, MessageType] = plugins.message_types()
+        self.accept_plain = accept_plain
+        #: who the peer is (set by authentication; None when anonymous)
+        self.identity = identity
+        #: the round-trip time measured by the last heartbeat, in seconds
+        self.rtt: float | None = None
+        self.conn: Connection | None = None
+        self._inbox: deque[tuple[Message, int]] = deque()
+        self._rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
+        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._rejected: dict[int, str] = {}
+        self._requests: dict[int, tuple[asyncio.Future[Any], int]] = {}
+        self._corr = itertools.count(1)
+        self._space_waiters: list[asyncio.Future[None]] = []
+        self._open_waiters: list[asyncio.Future[None]] = []
+        self._flush_pending = False
+        self._opened_once = False
+        #: handshakes completed on this session (first open and every resume)
+        self.links_opened = 0
+        self._notice: KoriNetError | None = None  # raised once by recv (session expired)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.session.session_id} {self.session.state.name}>"
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.session_id
+
+    @property
+    def is_connected(self) -> bool:
+        return self.conn is not None and self.session.state is OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    @property
+    def queued(self) -> int:
+        """Reliable messages sent but not yet acknowledged."""
+        return self.session.unacked
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until a link is open (raises if the session ends first)."""
+        if self.is_connected:
+            return
+        self._raise_if_closed()
+        waiter = self.loop.create_future()
+        self._open_waiters.append(waiter)
+        await self._wait(waiter, timeout, "waiting for the connection")
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, obj: Any, type: str = "", *, timeout: float | None = None) -> None:
+        """Send a message and wait until the peer's application has it.
+
+        Messages of a realtime type are sent best-effort instead (see
+        :meth:`send_realtime`). Waits for window space first (backpressure).
+
+        Raises:
+            KoriNetTimeout: ``timeout`` passed; the message stays queued and will be
+                delivered exactly once if the session lives.
+            MessageRejected: the peer refused it (unknown type, invalid...).
+            SessionExpired: the peer lost the session before acknowledging it.
+            ConnectionClosed: the session ended.
+        """
+        mtype = self.message_types.get(type) if type else None
+        if mtype is not None and mtype.delivery is REALTIME:
+            self.send_realtime(obj, type)
+            return
+        fut = await self._enqueue(obj, type, 0, 0, timeout)
+        await self._wait(fut, timeout, "waiting for the acknowledgement (the message stays queued)")
+
+    def send_nowait(self, obj: Any, type: str = "") -> asyncio.Future[None]:
+        """Queue a message now and return a future resolved by its acknowledgement.
+
+        Raises:
+            SendBufferFull: the window is full; await :meth:`send` to wait instead.
+        """
+        self._raise_if_closed()
+        return self._queue(obj, type, 0, 0)
+
+    def send_realtime(self, obj: Any, type: str = "") -> bool:
+        """Send a realtime message now, or drop it: no link, or the link already has
+        more than REALTIME_MAX_BACKLOG bytes waiting (a stale frame is worse than none).
+        Returns whether it was sent."""
+        conn = self.conn
+        if conn is None or conn.write_backlog > REALTIME_MAX_BACKLOG:
+            self.session.stats.realtime_dropped += 1
+            return False
+        if not self.session.send_realtime(obj, type):
+            return False
+        conn.write(self.session.data_to_send())
+        return True
+
+    async def request(self, obj: Any, type: str = "", *, timeout: float | None = None) -> Any:
+        """Send a request and return the reply's payload.
+
+        Raises:
+            KoriNetTimeout: no reply within ``timeout``.
+            MessageRejected: the peer rejected the request or its handler failed.
+        """
+        corr = next(self._corr)
+        reply: asyncio.Future[Any] = self.loop.create_future()
+        self._requests[corr] = (reply, 0)
+        try:
+            await self._enqueue(obj, type, _REQUEST, corr, timeout)
+            return await self._wait(reply, timeout, "waiting for the reply")
+        finally:
+            self._requests.pop(corr, None)
+
+    async def reply(self, request: Message, obj: Any) -> None:
+        """Answer a request taken from the inbox."""
+        if not request.corr:
+            raise ValueError("this message is not a request")
+        fut = await self._enqueue(obj, request.type, _REPLY, request.corr, None)
+        await fut
+
+    async def _enqueue(
+        self, obj: Any, type: str, flags: int, corr: int, timeout: float | None
+    ) -> asyncio.Future[None]:
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while True:
+            self._raise_if_closed()
+            if self.session.codec is None:
+                await self.wait_connected(None if deadline is None else deadline - self.loop.time())
+                continue
+            try:
+                return self._queue(obj, type, flags, corr)
+            except SendBufferFull:
+                waiter = self.loop.create_future()
+                self._space_waiters.append(waiter)
+                remaining = None if deadline is None else deadline - self.loop.time()
+                await self._wait(waiter, remaining, "waiting for window space")
+
+    def _queue(self, obj: Any, type: str, flags: int, corr: int) -> asyncio.Future[None]:
+        seq = self.session.send_message(obj, type, flags=flags, corr=corr)
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._acks.append((seq, fut))
+        if flags & _REQUEST and corr in self._requests:
+            self._requests[corr] = (self._requests[corr][0], seq)
+        self._schedule_flush()
+        return fut
+
+    async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
+        if timeout is None:
+            return await fut
+        try:
+            # shield: a timeout abandons the wait, not the message
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise KoriNetTimeout(f"timed out after {timeout:.3g}s {what}") from None
+
+    # ------------------------------------------------------------------ receiving
+
+    async def recv_message(self, timeout: float | None = None) -> Message:
+        """Return the next message (plain or typed without handler). Only now is it
+        acknowledged: the ack means the application has it.
+
+        Raises:
+            SessionExpired: once, when a new session replaced an expired one.
+            ConnectionClosedOK / ConnectionClosedError: the session ended.
+            KoriNetTimeout: nothing arrived within ``timeout``.
+        """
+        deadline = None if timeout is None else self.loop.time() + timeout
+        while not self._inbox:
+            if self._notice is not None:
+                notice, self._notice = self._notice, None
+                raise notice
+            self._raise_if_closed()
+            waiter = self._inbox_waiter = self.loop.create_future()
+            remaining = None if deadline is None else deadline - self.loop.time()
+            try:
+                await self._wait(waiter, remaining, "waiting for a message")
+            finally:
+                self._inbox_waiter = None
+        msg, epoch = self._inbox.popleft()
+        if msg.seq:
+            self.session.message_delivered(msg.seq, epoch)
+            self._schedule_flush()
+        return msg
+
+    async def recv(self, timeout: float | None = None) -> Any:
+        """Return the payload of the next message (see :meth:`recv_message`)."""
+        return (await self.recv_message(timeout)).data
+
+    def recv_realtime_nowait(self) -> Message | None:
+        """The oldest waiting realtime message, or None."""
+        return self._rt_inbox.popleft() if self._rt_inbox else None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosedOK:
+                return
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self, reason: str = "", *, timeout: float = 5.0) -> None:
+        """End the session, after waiting (up to ``timeout``) for every sent message
+        to be acknowledged, so that closing never loses what send_nowait queued."""
+        if self.is_closed:
+            return
+        if self._acks and self.is_connected:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(f for _, f in self._acks), return_exceptions=True), timeout
+                )
+            except TimeoutError:
+                logger.warning("%r: closing with %d message(s) unacknowledged", self, len(self._acks))
+        self.session.close(CloseCode.NORMAL, reason)
+        self._flush()
+        if self.conn is not None:
+            self.conn.close()
+        self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
+
+    def _raise_if_closed(self) -> None:
+        if self.closed.done():
+            raise self.closed.result()
+
+    # ------------------------------------------------------------------ link plumbing
+
+    def _attach(self, conn: Connection) -> None:
+        old = self.conn
+        if old is not None and old is not conn:
+            old.peer = None
+            self.session.connection_lost(self.loop.time())
+            old.abort()
+        self.conn = conn
+        conn.peer = self
+
+    def _link_data(self, conn: Connection, data: bytes) -> None:
+        if conn is not self.conn:
+            return
+        self.session.receive_data(data, self.loop.time())
+        self._process()
+
+    def _link_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        if conn is not self.conn:
+            return
+        conn.peer = None
+        self.conn = None
+        self.session.connection_lost(self.loop.time())
+        error = exc or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+        if not self.is_closed:
+            logger.info("%r: link lost (%s)", self, error)
+            self._spawn(self.plugins.session_lost(self, error))
+        self._on_link_lost(error)
+
+    def _on_link_lost(self, error: BaseException) -> None:
+        """Hook for subclasses (the client reconnects, the server starts a TTL)."""
+
+    def _on_timer(self) -> None:
+        self.session.tick(self.loop.time())
+        self._process()
+
+    def _schedule_timer(self) -> None:
+        if self.conn is not None:
+            self.conn.schedule(self.session.next_deadline(), self._on_timer)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        data = self.session.data_to_send()
+        conn = self.conn
+        if conn is not None:
+            conn.write(data)
+            if self.session.close_expected():
+                conn.abort() if self.session.state is not CLOSED else conn.close()
+
+    def _process(self) -> None:
+        """Act on the session's events, then write what it has to send."""
+        reschedule = False
+        for ev in self.session.events_received():
+            kind = type(ev)
+            if kind is MessageReceived:
+                self._dispatch(ev)  # type: ignore[arg-type]
+            elif kind is MessagesAcked:
+                self._acked(ev.seq)  # type: ignore[attr-defined]
+            elif kind is RealtimeReceived:
+                self._dispatch_realtime(ev)  # type: ignore[arg-type]
+            elif kind is LinkOpened:
+                reschedule = True
+                self._opened(ev)  # type: ignore[arg-type]
+            elif kind is PongReceived:
+                self.rtt = ev.rtt  # type: ignore[attr-defined]
+            elif kind is SessionExpiredEvent:
+                self._expired(ev)  # type: ignore[arg-type]
+            elif kind is PeerClosed:
+                assert self.session.failure is not None
+                self._finish(self.session.failure)
+            elif kind is LinkFailed:
+                ev_f: LinkFailed = ev  # type: ignore[assignment]
+                logger.warning("%r: %s", self, ev_f.error)
+                if ev_f.session_ended:
+                    self._finish(ev_f.error)
+                else:
+                    reschedule = False
+        self._flush()
+        if reschedule or (self.conn is not None and self.conn._timer is None):
+            self._schedule_timer()
+        elif self.conn is not None and self.session.close_expected():
+            self.conn.cancel_timer()
+
+    # ------------------------------------------------------------------ events
+
+    def _opened(self, ev: LinkOpened) -> None:
+        self.links_opened += 1
+        for waiter in self._open_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._open_waiters.clear()
+        self._wake_space()
+        if not self._opened_once:
+            self._opened_once = True
+            self._spawn(self.plugins.session_opened(self))
+        elif ev.resumed:
+            self._spawn(self.plugins.session_resumed(self, ev.replayed))
+        else:
+            self._spawn(self.plugins.session_opened(self))
+
+    def _acked(self, seq: int) -> None:
+        acks = self._acks
+        rejected = self._rejected
+        while acks and acks[0][0] <= seq:
+            s, fut = acks.popleft()
+            if not fut.done():
+                reason = rejected.pop(s, None) if rejected else None
+                if reason is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(MessageRejected(reason))
+        self._wake_space()
+
+    def _expired(self, ev: SessionExpiredEvent) -> None:
+        error = SessionExpired(ev.old_session_id, ev.unconfirmed)
+        logger.warning("%r: %s", self, error)
+        kept: deque[tuple[int, asyncio.Future[None]]] = deque()
+        for seq, fut in self._acks:
+            if seq <= ev.unconfirmed_through:
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()  # a send_nowait caller may never look: no warning
+            else:
+                kept.append((seq - ev.unconfirmed_through, fut))
+        self._acks = kept
+        for _corr, (reply, seq) in list(self._requests.items()):
+            if seq <= ev.unconfirmed_through and not reply.done():
+                reply.set_exception(error)
+        self._rejected.clear()
+        self._notice = error
+        self._wake_inbox()
+        self._spawn(self.plugins.session_closed(self, f"expired: {error}"))
+
+    def _finish(self, error: KoriNetError) -> None:
+        if self.closed.done():
+            return
+        self.closed.set_result(error)
+        for _, fut in self._acks:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()
+        for reply, _ in self._requests.values():
+            if not reply.done():
+                reply.set_exception(error)
+        for waiter in self._space_waiters + self._open_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._wake_inbox()
+        if self.conn is not None:
+            self._flush()
+            self.conn.close()
+        if isinstance(error, ConnectionClosedOK):
+            logger.info("%r closed: %s", self, error)
+        else:
+            logger.warning("%r ended: %s", self, error)
+        self._spawn(self.plugins.session_closed(self, str(error)))
+        self._on_closed(error)
+
+    def _on_closed(self, error: KoriNetError) -> None:
+        """Hook for subclasses (the server forgets the session)."""
+
+    def _wake_space(self) -> None:
+        waiters, self._space_waiters = self._space_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_inbox(self) -> None:
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _spawn(self, awaitables: list[Any]) -> None:
+        for guarded in awaitables:
+            task = self.loop.create_task(guarded.run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _deliver(self, seq: int) -> None:
+        self.session.message_delivered(seq, self.session.epoch)
+
+    def _reject(self, ev: MessageReceived, reason: str) -> None:
+        logger.warning("%r: rejected message %d (type %r): %s", self, ev.seq, ev.type, reason)
+        try:
+            self.session.send_message(
+                {"error": reason}, ev.type, flags=_REJECT | (ev.flags & _REQUEST), corr=ev.corr or ev.seq
+            )
+        except KoriNetError as exc:
+            logger.warning("%r: could not send the rejection: %s", self, exc)
+        self._deliver(ev.seq)
+
+    def _dispatch(self, ev: MessageReceived) -> None:
+        flags = ev.flags
+        if flags & (_REPLY | _REJECT):
+            self._deliver(ev.seq)
+            reason = ev.obj.get("error") if isinstance(ev.obj, dict) else None
+            entry = self._requests.get(ev.corr) if flags & (_REPLY | _REQUEST) else None
+            if flags & _REJECT and not flags & _REQUEST:
+                # corr is the seq of our rejected message
+                self._rejected[ev.corr] = str(reason)
+                logger.warning("%r: the peer rejected our message %d: %s", self, ev.corr, reason)
+                return
+            if entry is not None and not entry[0].done():
+                if flags & (_ERROR | _REJECT):
+                    entry[0].set_exception(MessageRejected(str(reason), message_type=ev.type or None))
+                else:
+                    entry[0].set_result(ev.obj)
+            return
+        msg = Message(
+            ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self, f"{self.session_id}-{ev.seq}"
+        )
+        if not ev.type:
+            if not self.accept_plain:
+                self._reject(ev, "this server accepts only typed messages")
+                return
+            self._to_inbox(msg)
+            return
+        mtype = self.message_types.get(ev.type)
+        if mtype is None:
+            self._reject(ev, f"unknown message type {ev.type!r}")
+            return
+        if mtype.required_role is not None and not _has_role(self.identity, mtype.required_role):
+            self._reject(ev, f"message type {ev.type!r} requires the role {mtype.required_role!r}")
+            return
+        if mtype.validate is not None:
+            try:
+                mtype.validate(ev.obj)
+            except (ValueError, TypeError, KeyError) as exc:
+                self._reject(ev, f"invalid {ev.type!r} message: {exc}")
+                return
+        if mtype.handler is None:
+            self._to_inbox(msg)
+            return
+        self._deliver(ev.seq)  # the handler takes it now
+        self._run_handler(mtype.handler, msg)
+
+    def _to_inbox(self, msg: Message) -> None:
+        self._inbox.append((msg, self.session.epoch))
+        self._wake_inbox()
+
+    def _run_handler(self, handler: Callable[..., Any], msg: Message) -> None:
+        try:
+            result = handler(self, msg)
+        except Exception as exc:
+            logger.exception("%r: handler for %r failed", self, msg.type)
+            self._answer(msg, None, exc)
+            return
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            task = self.loop.create_task(self._await_handler(result, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._answer(msg, result, None)
+
+    async def _await_handler(self, awaitable: Any, msg: Message) -> None:
+        try:
+            result = await awaitable
+        except Exception as exc:
+            logger.exception("%r: handler for %r failed", self, msg.type)
+            self._answer(msg, None, exc)
+        else:
+            self._answer(msg, result, None)
+
+    def _answer(self, msg: Message, result: Any, error: BaseException | None) -> None:
+        if not msg.corr or self.is_closed:
+            return
+        try:
+            if error is None:
+                self.session.send_message(result, msg.type, flags=_REPLY, corr=msg.corr)
+            else:
+                self.session.send_message(
+                    {"error": f"{type(error).__name__}: {error}"},
+                    msg.type,
+                    flags=_REPLY | _ERROR,
+                    corr=msg.corr,
+                )
+        except KoriNetError as exc:
+            logger.warning("%r: could not send the reply: %s", self, exc)
+            return
+        self._schedule_flush()
+
+    def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
+        mtype = self.message_types.get(ev.type) if ev.type else None
+        msg = Message(ev.type, ev.obj, 0, 0, self)
+        if mtype is not None and mtype.validate is not None:
+            try:
+                mtype.validate(ev.obj)
+            except (ValueError, TypeError, KeyError):
+                self.session.stats.realtime_malformed += 1
+                return
+        if mtype is not None and mtype.handler is not None:
+            try:
+                mtype.handler(self, msg)
+            except Exception:
+                logger.exception("%r: realtime handler for %r failed", self, ev.type)
+            return
+        if len(self._rt_inbox) == self._rt_inbox.maxlen:
+            self.session.stats.realtime_dropped += 1
+        self._rt_inbox.append(msg)
+
+
+def _has_role(identity: Any, role: str) -> bool:
+    roles = getattr(identity, "roles", None) or ()
+    return role in roles

@@ -1,0 +1,349 @@
+"""The server side: a Hub (handshakes, the session table, TTLs, limits) and a
+Server (a listening socket feeding the Hub).
+
+The Hub is separate so that the blocking ``server(conn)`` facade, which gets
+sockets the application accepted itself, shares every rule with ``Server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import socket
+import ssl as ssl_module
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..exceptions import ConnectionClosedError, KoriNetError
+from ..plugins import PluginManager, default_manager
+from ..session import (
+    SERVER,
+    CloseCode,
+    HandshakeOutcome,
+    Hello,
+    ServerHandshake,
+    Session,
+    SessionConfig,
+)
+from ..session.handshake import encode_close
+from .client import DEFAULT_PORT
+from .connection import Connection
+from .legacy import LegacyPeer
+from .peer import Peer
+
+__all__ = ["AnyPeer", "Hub", "Server", "ServerPeer", "serve"]
+
+logger = logging.getLogger(__name__)
+
+AnyPeer = Peer | LegacyPeer
+SessionHandler = Callable[[Any], Awaitable[None]]
+
+
+class ServerPeer(Peer):
+    """A server-side session. It stays in the hub's table while detached, until its TTL."""
+
+    def __init__(self, hub: Hub, session: Session, peername: str) -> None:
+        super().__init__(session, hub.plugins, accept_plain=hub.accept_plain)
+        self.hub = hub
+        self.peername = peername
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def _on_link_lost(self, error: BaseException) -> None:
+        if not self.is_closed:
+            self._expiry = self.loop.call_later(self.hub.session_ttl, self._expire)
+
+    def _expire(self) -> None:
+        if self.conn is None and not self.is_closed:
+            logger.info("%r: expired after %.0fs detached", self, self.hub.session_ttl)
+            self.session.close(CloseCode.NORMAL, "expired")
+            self._finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
+
+    def _resumed_on(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._attach(conn)
+        self.peername = conn.peername
+        self.session.resume(hello, self.loop.time(), leftover)
+        self._process()
+
+    def _on_closed(self, error: KoriNetError) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.hub._forget(self)
+
+
+class Hub:
+    """Accepts connections, runs handshakes, keeps the session table.
+
+    Args:
+        plugins: plugin manager (default: installed plugins).
+        config: session limits and timings for every session.
+        handler: ``async def handler(peer)`` run once per new session (and legacy
+            peer); the session is closed when it returns.
+        accept_plain: accept untyped messages into peers' inboxes. A server that
+            only hosts plugins says False, and plain messages are rejected.
+        session_ttl: seconds a detached session is kept for its client to resume.
+        max_sessions: sessions kept at once; beyond, new clients are told to retry later.
+        max_connections: connections at once (handshaking or open).
+        legacy: serve peers speaking the original v2 wire.
+    """
+
+    def __init__(
+        self,
+        *,
+        plugins: PluginManager | None = None,
+        config: SessionConfig | None = None,
+        handler: SessionHandler | None = None,
+        accept_plain: bool = True,
+        session_ttl: float = 120.0,
+        max_sessions: int = 20000,
+        max_connections: int = 20000,
+        legacy: bool = True,
+    ) -> None:
+        self.plugins = plugins or default_manager()
+        self.codecs = self.plugins.codecs()
+        self.plugins.message_types()  # conflicts surface at start-up, not on first message
+        self.config = config or SessionConfig()
+        self.handler = handler
+        self.accept_plain = accept_plain
+        self.session_ttl = session_ttl
+        self.max_sessions = max_sessions
+        self.max_connections = max_connections
+        self.legacy = legacy
+        self.sessions: dict[str, ServerPeer] = {}
+        self.connections: set[Connection] = set()
+        self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._codec_names = tuple(n for n in self.config.codecs if n in self.codecs) + tuple(
+            n for n in self.codecs if n not in self.config.codecs
+        )
+
+    # -------------------------------------------------------------- connections
+
+    def protocol_factory(self) -> Connection:
+        return Connection(on_made=self._connection_made)
+
+    def _connection_made(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        conn.lost.add_done_callback(lambda _: self._connection_gone(conn))
+        if len(self.connections) > self.max_connections:
+            logger.warning("refusing %s: %d connections open", conn.peername, len(self.connections) - 1)
+            conn.write(encode_close(CloseCode.TRY_AGAIN_LATER, "too many connections"))
+            conn.close()
+            return
+        handshake = ServerHandshake(self.config, self._codec_names, legacy=self.legacy)
+        conn.on_data = lambda data: self._handshake_data(conn, handshake, data)
+        conn.schedule(conn.loop.time() + self.config.handshake_timeout, lambda: self._handshake_timeout(conn))
+
+    def _connection_gone(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        fut = self._results.pop(conn, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(
+                ConnectionClosedError(CloseCode.LINK_LOST, "connection lost during the handshake")
+            )
+
+    def _handshake_timeout(self, conn: Connection) -> None:
+        logger.warning("%s: no handshake within %.1fs, closing", conn.peername, self.config.handshake_timeout)
+        conn.write(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
+        conn.abort()
+
+    def _handshake_data(self, conn: Connection, handshake: ServerHandshake, data: bytes) -> None:
+        outcome = handshake.receive_data(data)
+        if outcome is HandshakeOutcome.NEED_DATA:
+            return
+        conn.cancel_timer()
+        conn.on_data = None
+        if outcome is HandshakeOutcome.REJECTED:
+            logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
+            conn.write(handshake.data_to_send())
+            conn.close()
+            self._fail_result(conn, handshake.error or KoriNetError("handshake rejected"))
+        elif outcome is HandshakeOutcome.LEGACY:
+            logger.info("%s: speaks the legacy v2 wire", conn.peername)
+            legacy = LegacyPeer(conn, self.accept_plain)
+            self._set_result(conn, legacy)
+            legacy.receive_data(handshake.leftover)
+            if self.handler is not None:
+                self._run_handler(legacy)
+        else:
+            assert handshake.hello is not None
+            self._hello(conn, handshake.hello, handshake.leftover)
+
+    def _hello(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
+        resume = hello.resume
+        expired = None
+        if resume is not None:
+            peer = self.sessions.get(resume["id"])
+            if (
+                peer is not None
+                and peer.session.token is not None
+                and hmac.compare_digest(peer.session.token, resume["token"])
+                and peer.session.codec is not None
+                and peer.session.codec.name in hello.codecs
+            ):
+                logger.debug("%s: resumes %r", conn.peername, peer)
+                peer._resumed_on(conn, hello, leftover)
+                self._set_result(conn, peer)
+                return
+            expired = resume["id"]
+            logger.info("%s: asked to resume unknown session %s", conn.peername, expired)
+        if len(self.sessions) >= self.max_sessions:
+            logger.warning("refusing a new session from %s: %d sessions", conn.peername, len(self.sessions))
+            conn.write(encode_close(CloseCode.TRY_AGAIN_LATER, "too many sessions"))
+            conn.close()
+            return
+        session = Session(SERVER, self.codecs, self.config)
+        peer = ServerPeer(self, session, conn.peername)
+        peer._attach(conn)
+        session.accept(hello, conn.loop.time(), b"", expired=expired)
+        assert session.session_id is not None
+        self.sessions[session.session_id] = peer
+        self._set_result(conn, peer)
+        if self.handler is not None:
+            self._run_handler(peer)
+        peer._process()
+        if leftover:
+            peer._link_data(conn, leftover)
+
+    def _set_result(self, conn: Connection, peer: AnyPeer) -> None:
+        fut = self._results.pop(conn, None)
+        if fut is not None and not fut.done():
+            fut.set_result(peer)
+
+    def _fail_result(self, conn: Connection, error: BaseException) -> None:
+        fut = self._results.pop(conn, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+
+    def _forget(self, peer: ServerPeer) -> None:
+        if peer.session_id is not None and self.sessions.get(peer.session_id) is peer:
+            del self.sessions[peer.session_id]
+
+    def _run_handler(self, peer: AnyPeer) -> None:
+        task = asyncio.get_running_loop().create_task(self._handle(peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, peer: AnyPeer) -> None:
+        assert self.handler is not None
+        try:
+            await self.handler(peer)
+        except (KoriNetError, ConnectionError):
+            pass  # the session ended under the handler: already logged by the peer
+        except Exception:
+            logger.exception("session handler failed for %r", peer)
+        finally:
+            if not peer.is_closed:
+                await peer.close()
+
+    async def adopt(self, sock: socket.socket, ssl: ssl_module.SSLContext | None = None) -> AnyPeer:
+        """Run the handshake on a socket accepted elsewhere; return its peer (a new
+        session, a resumed one, or a legacy peer)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[AnyPeer] = loop.create_future()
+        holder: list[Connection] = []
+
+        def factory() -> Connection:
+            conn = self.protocol_factory()
+            self._results[conn] = fut
+            holder.append(conn)
+            return conn
+
+        await loop.connect_accepted_socket(factory, sock, ssl=ssl)
+        return await fut
+
+    async def close(self) -> None:
+        """Drop every connection and forget every session (as a crash would, minus
+        the crash: clients learn on reconnect that their session is gone)."""
+        for conn in list(self.connections):
+            conn.abort()
+        for peer in list(self.sessions.values()):
+            peer._finish(ConnectionClosedError(CloseCode.GOING_AWAY, "server stopped"))
+        self.sessions.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+
+
+class Server:
+    """A Hub behind a listening socket. ``async with Server(...)`` starts and stops it.
+
+    Extra keyword arguments go to :class:`Hub`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        backlog: int = 1024,
+        **hub_kwargs: Any,
+    ) -> None:
+        self.host = host
+        self.requested_port = port
+        self.ssl = ssl
+        self.backlog = backlog
+        self.hub = Hub(**hub_kwargs)
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def plugins(self) -> PluginManager:
+        return self.hub.plugins
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port 0)."""
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> Server:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self.hub.protocol_factory,
+            self.host,
+            self.requested_port,
+            ssl=self.ssl,
+            backlog=self.backlog,
+            reuse_address=True,
+        )
+        logger.info("listening on %s:%d", self.host, self.port)
+        for guarded in self.plugins.server_started(self):
+            await guarded.run()
+        return self
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        await self.hub.close()
+        await server.wait_closed()
+        for guarded in self.plugins.server_stopped(self):
+            await guarded.run()
+
+    async def __aenter__(self) -> Server:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def serve(
+    handler: SessionHandler | None, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **kwargs: Any
+) -> Server:
+    """Start a :class:`Server` running ``handler(peer)`` for every new session."""
+    return await Server(host, port, handler=handler, **kwargs).start()

@@ -1,0 +1,263 @@
+"""Handshake frames and the server-side handshake parser (docs/PROTOCOL.md §3).
+
+HELLO, WELCOME and CLOSE bodies are msgpack maps whatever codec the session later
+uses, so they can be read before anything is negotiated. Every field is validated:
+a peer's map never reaches the session unchecked.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any, Final, TypedDict
+
+import msgpack
+
+from ..exceptions import (
+    NegotiationError,
+    RemoteProtocolError,
+)
+from ..wire.buffer import FrameDecoder
+from ..wire.frames import PREFACE, FrameType, encode_frame
+from .negotiation import choose_codec, choose_version
+from .state import CloseCode, SessionConfig
+
+__all__ = [
+    "HANDSHAKE_MAX_FRAME",
+    "HandshakeOutcome",
+    "Hello",
+    "ResumeRequest",
+    "ServerHandshake",
+    "Welcome",
+    "decode_close",
+    "decode_control",
+    "encode_close",
+    "encode_control",
+    "parse_hello",
+    "parse_welcome",
+]
+
+#: Handshake frames are small; a bigger one is hostile.
+HANDSHAKE_MAX_FRAME: Final = 64 * 1024
+
+
+class ResumeRequest(TypedDict):
+    id: str
+    token: str
+    received: int
+
+
+class HelloMap(TypedDict, total=False):
+    versions: list[int]
+    codecs: list[str]
+    heartbeat: float
+    window: int
+    window_bytes: int
+    max_frame: int
+    resume: ResumeRequest | None
+    agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A validated HELLO plus the server's choices."""
+
+    versions: tuple[int, ...]
+    codecs: tuple[str, ...]
+    heartbeat: float
+    window: int
+    window_bytes: int
+    max_frame: int
+    resume: ResumeRequest | None
+    agent: str
+    version: int = 0  # chosen by the server
+    codec: str = ""  # chosen by the server
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    codec: str
+    session: str
+    token: str
+    resumed: bool
+    received: int
+    heartbeat: float
+    window: int
+    window_bytes: int
+    max_frame: int
+    expired: str | None
+
+
+def encode_control(ftype: FrameType, fields: dict[str, Any]) -> bytes:
+    return encode_frame(ftype, msgpack.packb(fields, use_bin_type=True))
+
+
+def decode_control(body: bytes) -> dict[str, Any]:
+    try:
+        value = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise RemoteProtocolError(f"control frame is not valid msgpack: {exc}") from exc
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("control frame body is not a map")
+    return value
+
+
+def encode_close(code: int, reason: str, **extra: Any) -> bytes:
+    return encode_control(FrameType.CLOSE, {"code": int(code), "reason": reason, **extra})
+
+
+def decode_close(body: bytes) -> tuple[int, str, dict[str, Any]]:
+    fields = decode_control(body)
+    code = _field(fields, "code", int)
+    reason = _field(fields, "reason", str, "")
+    return code, reason, fields
+
+
+def _field(fields: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
+    value = fields.get(name, default)
+    if value is ...:
+        raise RemoteProtocolError(f"handshake field {name!r} is missing")
+    if value is None and default is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise RemoteProtocolError(f"handshake field {name!r} has the wrong type")
+    return value
+
+
+def _positive(value: Any, name: str) -> Any:
+    if value <= 0:
+        raise RemoteProtocolError(f"handshake field {name!r} must be positive")
+    return value
+
+
+def _list_of(fields: dict[str, Any], name: str, kind: type) -> tuple[Any, ...]:
+    value = _field(fields, name, list)
+    if (
+        not value
+        or len(value) > 64
+        or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    ):
+        raise RemoteProtocolError(f"handshake field {name!r} must be a short list of {kind.__name__}")
+    return tuple(value)
+
+
+def parse_hello(body: bytes) -> Hello:
+    fields = decode_control(body)
+    resume = fields.get("resume")
+    if resume is not None:
+        if not isinstance(resume, dict):
+            raise RemoteProtocolError("handshake field 'resume' must be a map")
+        resume = ResumeRequest(
+            id=_field(resume, "id", str),
+            token=_field(resume, "token", str),
+            received=_field(resume, "received", int),
+        )
+        if resume["received"] < 0:
+            raise RemoteProtocolError("resume.received must not be negative")
+    return Hello(
+        versions=_list_of(fields, "versions", int),
+        codecs=_list_of(fields, "codecs", str),
+        heartbeat=_positive(_field(fields, "heartbeat", float), "heartbeat"),
+        window=_positive(_field(fields, "window", int), "window"),
+        window_bytes=_positive(_field(fields, "window_bytes", int), "window_bytes"),
+        max_frame=_positive(_field(fields, "max_frame", int), "max_frame"),
+        resume=resume,
+        agent=_field(fields, "agent", str, ""),
+    )
+
+
+def parse_welcome(body: bytes) -> Welcome:
+    fields = decode_control(body)
+    return Welcome(
+        version=_field(fields, "version", int),
+        codec=_field(fields, "codec", str),
+        session=_field(fields, "session", str),
+        token=_field(fields, "token", str),
+        resumed=_field(fields, "resumed", bool),
+        received=_field(fields, "received", int),
+        heartbeat=_positive(_field(fields, "heartbeat", float), "heartbeat"),
+        window=_positive(_field(fields, "window", int), "window"),
+        window_bytes=_positive(_field(fields, "window_bytes", int), "window_bytes"),
+        max_frame=_positive(_field(fields, "max_frame", int), "max_frame"),
+        expired=_field(fields, "expired", str, None),
+    )
+
+
+class HandshakeOutcome(enum.Enum):
+    NEED_DATA = "need-data"
+    HELLO = "hello"  # a valid HELLO: see ServerHandshake.hello
+    LEGACY = "legacy"  # the peer speaks the legacy v2 wire: see ServerHandshake.leftover
+    REJECTED = "rejected"  # see ServerHandshake.error; send data_to_send() then close
+
+
+class ServerHandshake:
+    """Reads the first bytes of an accepted connection (sans-I/O).
+
+    Feed bytes with :meth:`receive_data` until it returns something other than
+    ``NEED_DATA``. ``HELLO``: hand :attr:`hello` and :attr:`leftover` to a Session.
+    ``LEGACY``: hand :attr:`leftover` (every byte so far) to the legacy server.
+    ``REJECTED``: write :meth:`data_to_send` (a CLOSE frame) and close; :attr:`error`
+    is the typed reason.
+    """
+
+    def __init__(self, config: SessionConfig, codecs: tuple[str, ...], *, legacy: bool = True) -> None:
+        self.config = config
+        self.codecs = codecs
+        self.legacy = legacy
+        self.hello: Hello | None = None
+        self.error: RemoteProtocolError | None = None
+        self.leftover = b""
+        self._preface = bytearray()
+        self._decoder: FrameDecoder | None = None
+        self._out = b""
+
+    def data_to_send(self) -> bytes:
+        out, self._out = self._out, b""
+        return out
+
+    def _reject(self, error: RemoteProtocolError, code: CloseCode, **extra: Any) -> HandshakeOutcome:
+        self.error = error
+        self._out = encode_close(code, str(error), **extra)
+        return HandshakeOutcome.REJECTED
+
+    def receive_data(self, data: bytes) -> HandshakeOutcome:
+        if self._decoder is None:
+            self._preface += data
+            if len(self._preface) < len(PREFACE):
+                if PREFACE.startswith(bytes(self._preface)) or self.legacy:
+                    return HandshakeOutcome.NEED_DATA
+                return self._reject(RemoteProtocolError("not a KoriNet peer"), CloseCode.PROTOCOL_ERROR)
+            head = bytes(self._preface[: len(PREFACE)])
+            if head != PREFACE:
+                if self.legacy:
+                    self.leftover = bytes(self._preface)
+                    return HandshakeOutcome.LEGACY
+                return self._reject(
+                    RemoteProtocolError("not a KoriNet peer (bad preface)"), CloseCode.PROTOCOL_ERROR
+                )
+            self._decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
+            data = bytes(self._preface[len(PREFACE) :])
+        self._decoder.feed(data)
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return HandshakeOutcome.NEED_DATA
+            if frame.type is not FrameType.HELLO:
+                raise RemoteProtocolError(f"expected HELLO, got {frame.type.name}")
+            hello = parse_hello(frame.body)
+        except RemoteProtocolError as exc:
+            return self._reject(exc, CloseCode.PROTOCOL_ERROR)
+        try:
+            version = choose_version(self.config.versions, hello.versions)
+        except NegotiationError as exc:
+            return self._reject(exc, CloseCode.UNSUPPORTED_VERSION, versions=list(self.config.versions))
+        try:
+            codec = choose_codec(self.codecs, hello.codecs)
+        except NegotiationError as exc:
+            return self._reject(exc, CloseCode.UNSUPPORTED_CODEC, codecs=list(self.codecs))
+        self.hello = replace(hello, version=version, codec=codec)
+        self.leftover = self._decoder.take_rest()
+        return HandshakeOutcome.HELLO

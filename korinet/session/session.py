@@ -1,0 +1,633 @@
+"""The Session: KoriNet's sans-I/O state machine (docs/PROTOCOL.md §4-§6).
+
+It never sleeps, never touches a socket and never calls a plugin. Its driver:
+
+* calls :meth:`Session.connection_made` when a link is up (client), or
+  :meth:`Session.accept` / :meth:`Session.resume` with a validated HELLO (server);
+* feeds bytes with :meth:`receive_data` and EOF/loss with :meth:`connection_lost`;
+* drains :meth:`events_received` and writes :meth:`data_to_send`;
+* calls :meth:`tick` at :meth:`next_deadline` (heartbeats and timeouts);
+* drops the link when :meth:`close_expected` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import struct
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..codecs.base import Codec
+from ..exceptions import (
+    AuthenticationError,
+    CodecError,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    FrameTooLarge,
+    InvalidState,
+    KoriNetError,
+    KoriNetTimeout,
+    MessageTooLarge,
+    NegotiationError,
+    RemoteProtocolError,
+    SendBufferFull,
+)
+from ..wire.buffer import FrameDecoder
+from ..wire.frames import (
+    PREFACE,
+    FrameType,
+    decode_message,
+    decode_u64,
+    encode_frame,
+    encode_message,
+    encode_u64,
+)
+from .events import (
+    Event,
+    LinkFailed,
+    LinkOpened,
+    MessageReceived,
+    MessagesAcked,
+    PeerClosed,
+    PongReceived,
+    RealtimeReceived,
+    SessionExpiredEvent,
+)
+from .handshake import Hello, decode_close, encode_close, encode_control, parse_welcome
+from .state import (
+    CLIENT,
+    CLOSED,
+    CONNECTING,
+    DETACHED,
+    OPEN,
+    SERVER,
+    CloseCode,
+    SessionConfig,
+    Side,
+    State,
+)
+
+__all__ = ["Session", "SessionStats"]
+
+logger = logging.getLogger(__name__)
+
+_SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(slots=True)
+class SessionStats:
+    """Counters a metrics plugin can read; they only grow."""
+
+    links: int = 0
+    resumes: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    replayed: int = 0
+    duplicates_dropped: int = 0
+    realtime_sent: int = 0
+    realtime_received: int = 0
+    realtime_dropped: int = 0
+    realtime_malformed: int = 0
+    heartbeat_timeouts: int = 0
+
+
+class Session:
+    """One side of a KoriNet session. See the module docstring for the driver's duties."""
+
+    def __init__(
+        self,
+        side: Side,
+        codecs: Mapping[str, Codec],
+        config: SessionConfig | None = None,
+    ) -> None:
+        self.side = side
+        self.config = config or SessionConfig()
+        self.codecs = dict(codecs)
+        self.state: State = DETACHED
+        self.session_id: str | None = None
+        self.token: str | None = None
+        self.version = 0
+        self.codec: Codec | None = None
+        #: increments whenever a new session replaces an expired one (client side)
+        self.epoch = 0
+        self.stats = SessionStats()
+        #: the error that ended the session, if one did
+        self.failure: KoriNetError | None = None
+        # Send side (§5): every reliable message stays in _unacked until acknowledged.
+        self._next_seq = 1
+        self._unacked: deque[tuple[int, bytes, int]] = deque()  # (seq, frame, payload size)
+        self._unacked_bytes = 0
+        self._acked = 0
+        self._sent_high = 0  # highest seq ever handed to a link
+        # Receive side: received >= delivered >= ack_sent.
+        self.received = 0
+        self.delivered = 0
+        self._delivered_early: set[int] = set()
+        self._undelivered_sizes: deque[int] = deque()
+        self._undelivered_bytes = 0
+        self._ack_sent = 0
+        # What the peer told us in the handshake.
+        self._peer_heartbeat = self.config.heartbeat_interval
+        self._peer_window = self.config.window
+        self._peer_window_bytes = self.config.window_bytes
+        self._peer_max_frame = self.config.max_frame_size
+        # The current link.
+        self._decoder: FrameDecoder | None = None
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._link_dead = False
+        self._last_recv = 0.0
+        self._last_ping = 0.0
+        self._ping_nonce = 0
+        self._ping_sent_at = 0.0
+        self._handshake_deadline = 0.0
+
+    # ------------------------------------------------------------------ queries
+
+    def __repr__(self) -> str:
+        return f"<Session {self.side.name} {self.session_id} {self.state.name}>"
+
+    @property
+    def unacked(self) -> int:
+        """Reliable messages sent (or queued) and not yet acknowledged."""
+        return len(self._unacked)
+
+    @property
+    def unacked_bytes(self) -> int:
+        return self._unacked_bytes
+
+    @property
+    def acked(self) -> int:
+        """The highest sequence number the peer acknowledged."""
+        return self._acked
+
+    @property
+    def send_window(self) -> int:
+        return min(self.config.window, self._peer_window)
+
+    def can_send(self, size: int = 0) -> bool:
+        """Whether a message of ``size`` payload bytes fits in the send window now."""
+        return (
+            len(self._unacked) < self.send_window
+            and self._unacked_bytes + size <= min(self.config.window_bytes, self._peer_window_bytes)
+        ) or not self._unacked
+
+    def close_expected(self) -> bool:
+        """True when the driver must drop the current link (after writing data_to_send)."""
+        return self._link_dead or self.state is CLOSED
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must next be called, on the clock passed as ``now``."""
+        if self.state is CONNECTING:
+            return self._handshake_deadline
+        if self.state is OPEN:
+            return min(
+                self._last_recv + self.config.dead_after * self._peer_heartbeat,
+                self._last_ping + self.config.heartbeat_interval,
+            )
+        return None
+
+    # ------------------------------------------------------------------ link lifecycle
+
+    def _new_link(self, now: float) -> None:
+        if self.state is CLOSED:
+            raise InvalidState("the session is closed")
+        if self.state is not DETACHED:
+            raise InvalidState(f"a link is already {self.state.name}; call connection_lost first")
+        self._decoder = FrameDecoder(self.config.max_frame_size)
+        self._out = []
+        self._link_dead = False
+        self._last_recv = now
+        self._last_ping = now
+        self._ack_sent = 0  # re-announce our ack on every link: the last one may be lost
+        self.stats.links += 1
+
+    def connection_made(self, now: float) -> None:
+        """(client) A new link is up: queue the preface and HELLO (§3.1).
+
+        Next: feed the server's bytes to :meth:`receive_data` until ``LinkOpened``.
+        """
+        if self.side is not CLIENT:
+            raise InvalidState("servers call accept() or resume() with the peer's HELLO")
+        self._new_link(now)
+        self.state = CONNECTING
+        self._handshake_deadline = now + self.config.handshake_timeout
+        resume = None
+        if self.session_id is not None:
+            resume = {"id": self.session_id, "token": self.token, "received": self.received}
+        self._out.append(PREFACE)
+        self._out.append(
+            encode_control(
+                FrameType.HELLO,
+                {
+                    "versions": list(self.config.versions),
+                    "codecs": [c for c in self.config.codecs if c in self.codecs],
+                    "heartbeat": self.config.heartbeat_interval,
+                    "window": self.config.window,
+                    "window_bytes": self.config.window_bytes,
+                    "max_frame": self.config.max_frame_size,
+                    "resume": resume,
+                    "agent": "korinet-py",
+                },
+            )
+        )
+
+    def accept(self, hello: Hello, now: float, leftover: bytes = b"", expired: str | None = None) -> None:
+        """(server) Start a new session on this link from a validated HELLO (§3.3).
+
+        ``expired`` names the session the client asked to resume when it is unknown,
+        so that the client learns its old session is gone.
+        """
+        if self.side is not SERVER or self.session_id is not None:
+            raise InvalidState("accept() starts a new server session")
+        self.session_id = secrets.token_hex(8)
+        self.token = secrets.token_urlsafe(24)
+        self.version = hello.version
+        self.codec = self.codecs[hello.codec]
+        self._open_server_link(hello, now, leftover, resumed=False, expired=expired)
+
+    def resume(self, hello: Hello, now: float, leftover: bytes = b"") -> None:
+        """(server) Continue this session on a new link (§6). The driver has checked the
+        resume token and dropped any older link of the session first."""
+        if self.side is not SERVER or self.session_id is None:
+            raise InvalidState("resume() continues an existing server session")
+        assert hello.resume is not None
+        assert self.codec is not None
+        if self.codec.name not in hello.codecs:
+            raise InvalidState(f"the client no longer offers the session's codec {self.codec.name}")
+        self.stats.resumes += 1
+        self._open_server_link(hello, now, leftover, resumed=True, expired=None)
+
+    def _open_server_link(
+        self, hello: Hello, now: float, leftover: bytes, *, resumed: bool, expired: str | None
+    ) -> None:
+        self._new_link(now)
+        self._set_peer_limits(hello.heartbeat, hello.window, hello.window_bytes, hello.max_frame)
+        assert self.codec is not None
+        self._out.append(
+            encode_control(
+                FrameType.WELCOME,
+                {
+                    "version": self.version,
+                    "codec": self.codec.name,
+                    "session": self.session_id,
+                    "token": self.token,
+                    "resumed": resumed,
+                    "received": self.received,
+                    "heartbeat": self.config.heartbeat_interval,
+                    "window": self.config.window,
+                    "window_bytes": self.config.window_bytes,
+                    "max_frame": self.config.max_frame_size,
+                    "expired": expired,
+                },
+            )
+        )
+        self.state = OPEN
+        peer_received = hello.resume["received"] if (resumed and hello.resume) else 0
+        replayed = self._replay_after(peer_received)
+        assert self.session_id is not None
+        self._events.append(LinkOpened(self.session_id, resumed, self.version, self.codec.name, replayed))
+        if leftover:
+            self.receive_data(leftover, now)
+
+    def connection_lost(self, now: float) -> None:
+        """The link is gone (EOF, reset, or the driver dropped it). Unacknowledged
+        messages stay queued for the next link; unsent realtime ones are dropped."""
+        if self.state in (CONNECTING, OPEN):
+            self.state = DETACHED
+        self._decoder = None
+        self._out = []
+        self._link_dead = False
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the session: queue a CLOSE frame if a link is open (§7).
+
+        Next: write :meth:`data_to_send`, then drop the link.
+        """
+        if self.state is CLOSED:
+            return
+        if self.state in (OPEN, CONNECTING):
+            self._out.append(encode_close(code, reason))
+        self.state = CLOSED
+
+    # ------------------------------------------------------------------ sending
+
+    def send_message(self, obj: Any, type: str = "", *, flags: int = 0, corr: int = 0) -> int:
+        """Queue a reliable message and return its sequence number.
+
+        The message is written on the current link if it is open, else on the next
+        one; it stays buffered until acknowledged (§5.1).
+
+        Raises:
+            InvalidState: the session is closed, or (client) never connected.
+            SendBufferFull: the send window is full (see :meth:`can_send`).
+            CodecError: ``obj`` cannot be encoded.
+            MessageTooLarge: the frame would exceed the peer's maximum.
+        """
+        if self.state is CLOSED:
+            raise InvalidState("the session is closed")
+        if self.codec is None:
+            raise InvalidState("no codec yet: the first handshake has not completed")
+        payload = self.codec.encode(obj)
+        if not self.can_send(len(payload)):
+            raise SendBufferFull(
+                f"{len(self._unacked)} messages / {self._unacked_bytes} bytes unacknowledged"
+            )
+        seq = self._next_seq
+        frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
+        if len(frame) - 4 > self._peer_max_frame:
+            raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
+        self._next_seq = seq + 1
+        self._unacked.append((seq, frame, len(payload)))
+        self._unacked_bytes += len(payload)
+        self.stats.messages_sent += 1
+        if self.state is OPEN:
+            self._out.append(frame)
+            self._sent_high = seq
+        return seq
+
+    def send_realtime(self, obj: Any, type: str = "", *, flags: int = 0) -> bool:
+        """Send a realtime message now, or drop it (returns False) when no link is open.
+
+        Realtime messages are never buffered, acknowledged or replayed (§5.4).
+        """
+        if self.state is not OPEN or self.codec is None:
+            self.stats.realtime_dropped += 1
+            return False
+        frame = encode_message(FrameType.RT, 0, flags, 0, type, self.codec.encode(obj))
+        if len(frame) - 4 > self._peer_max_frame:
+            raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
+        self._out.append(frame)
+        self.stats.realtime_sent += 1
+        return True
+
+    def message_delivered(self, seq: int, epoch: int | None = None) -> None:
+        """The application has message ``seq``: it may now be acknowledged (§5.2).
+
+        Deliveries may be reported out of order; the acknowledgement stays cumulative.
+        Reports from an older epoch (an expired session) are ignored.
+        """
+        if epoch is not None and epoch != self.epoch:
+            return
+        if seq <= self.delivered or seq > self.received:
+            return
+        if seq != self.delivered + 1:
+            self._delivered_early.add(seq)
+            return
+        sizes = self._undelivered_sizes
+        self.delivered = seq
+        self._undelivered_bytes -= sizes.popleft()
+        early = self._delivered_early
+        while early and self.delivered + 1 in early:
+            early.remove(self.delivered + 1)
+            self.delivered += 1
+            self._undelivered_bytes -= sizes.popleft()
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write on the link now (possibly empty). Appends a coalesced ACK."""
+        if self.state is OPEN and self.delivered > self._ack_sent:
+            self._out.append(encode_frame(FrameType.ACK, encode_u64(self.delivered)))
+            self._ack_sent = self.delivered
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    def events_received(self) -> list[Event]:
+        """Events since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes from the link. Never raises on bad input: a violation queues a
+        CLOSE, ends the session and reports ``LinkFailed``.
+
+        Next: :meth:`events_received`, :meth:`data_to_send`, :meth:`close_expected`.
+        """
+        if self._decoder is None or self._link_dead or self.state is CLOSED:
+            return
+        self._last_recv = now
+        decoder = self._decoder
+        decoder.feed(data)
+        try:
+            while True:
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                self._handle_frame(frame.type, frame.body, now)
+                if self._decoder is not decoder or self._link_dead or self._closed():
+                    break
+        except FrameTooLarge as exc:
+            self._protocol_error(exc, CloseCode.FRAME_TOO_LARGE)
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc, CloseCode.PROTOCOL_ERROR)
+
+    def _closed(self) -> bool:
+        # a method, so mypy does not narrow self.state across the frame handlers
+        return self.state is CLOSED
+
+    def _protocol_error(self, exc: RemoteProtocolError, code: int) -> None:
+        logger.warning("%s: closing, the peer violated the protocol: %s", self, exc)
+        if self.state in (OPEN, CONNECTING):
+            self._out = [encode_close(code, str(exc))]
+        self.state = CLOSED
+        self.failure = exc
+        self._events.append(LinkFailed(exc, session_ended=True))
+
+    def _handle_frame(self, ftype: FrameType, body: bytes, now: float) -> None:
+        if self.state is CONNECTING:
+            if ftype is FrameType.WELCOME:
+                self._handle_welcome(body, now)
+            elif ftype is FrameType.CLOSE:
+                self._handle_close(body)
+            else:
+                raise RemoteProtocolError(f"expected WELCOME, got {ftype.name}")
+            return
+        if ftype is FrameType.MSG:
+            self._handle_msg(body)
+        elif ftype is FrameType.ACK:
+            self._handle_ack(decode_u64(body))
+        elif ftype is FrameType.RT:
+            self._handle_rt(body)
+        elif ftype is FrameType.PING:
+            self._out.append(encode_frame(FrameType.PONG, body))
+        elif ftype is FrameType.PONG:
+            if body == encode_u64(self._ping_nonce):
+                self._events.append(PongReceived(now - self._ping_sent_at))
+        elif ftype is FrameType.CLOSE:
+            self._handle_close(body)
+        else:
+            raise RemoteProtocolError(f"unexpected {ftype.name} on an open link")
+
+    def _handle_msg(self, body: bytes) -> None:
+        m = decode_message(body)
+        seq = m.seq
+        if seq <= self.received:
+            self.stats.duplicates_dropped += 1  # a replay of what we already have (§5.3)
+            return
+        if seq != self.received + 1:
+            raise RemoteProtocolError(f"sequence gap: expected {self.received + 1}, got {seq}")
+        if seq - self.delivered > self.config.window:
+            raise RemoteProtocolError(f"the peer exceeded our window of {self.config.window} messages")
+        size = len(m.payload)
+        if self._undelivered_bytes + size > self.config.window_bytes and self.delivered < self.received:
+            raise RemoteProtocolError(f"the peer exceeded our window of {self.config.window_bytes} bytes")
+        assert self.codec is not None
+        try:
+            obj = self.codec.decode(m.payload)
+        except CodecError as exc:
+            raise RemoteProtocolError(f"message {seq}: {exc}") from exc
+        self.received = seq
+        self._undelivered_sizes.append(size)
+        self._undelivered_bytes += size
+        self.stats.messages_received += 1
+        self._events.append(MessageReceived(seq, m.flags, m.corr, m.type, obj))
+
+    def _handle_ack(self, seq: int) -> None:
+        if seq >= self._next_seq:
+            raise RemoteProtocolError(f"ACK {seq} for a message never sent (last is {self._next_seq - 1})")
+        if seq <= self._acked:
+            return
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= seq:
+            self._unacked_bytes -= unacked.popleft()[2]
+        self._acked = seq
+        self._events.append(MessagesAcked(seq))
+
+    def _handle_rt(self, body: bytes) -> None:
+        m = decode_message(body)
+        assert self.codec is not None
+        try:
+            obj = self.codec.decode(m.payload)
+        except CodecError:
+            self.stats.realtime_malformed += 1  # realtime is lossy anyway: count, go on
+            return
+        self.stats.realtime_received += 1
+        self._events.append(RealtimeReceived(m.flags, m.type, obj))
+
+    def _handle_close(self, body: bytes) -> None:
+        code, reason, fields = decode_close(body)
+        error: KoriNetError
+        if code == CloseCode.TRY_AGAIN_LATER:
+            # A limit on the server: this link is refused, the session may resume later.
+            self._link_dead = True
+            self.state = DETACHED
+            self._events.append(LinkFailed(ConnectionClosedError(code, reason), session_ended=False))
+            return
+        if code == CloseCode.UNSUPPORTED_VERSION:
+            error = NegotiationError("protocol version", self.config.versions, fields.get("versions") or [])
+        elif code == CloseCode.UNSUPPORTED_CODEC:
+            error = NegotiationError("codec", list(self.codecs), fields.get("codecs") or [])
+        elif code == CloseCode.AUTH_FAILED:
+            error = AuthenticationError(reason)
+        elif code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            error = ConnectionClosedOK(code, reason)
+        else:
+            error = ConnectionClosedError(code, reason)
+        self.state = CLOSED
+        self.failure = error
+        self._events.append(PeerClosed(code, reason))
+
+    def _handle_welcome(self, body: bytes, now: float) -> None:
+        w = parse_welcome(body)
+        if w.version not in self.config.versions:
+            raise RemoteProtocolError(f"the server chose version {w.version}, which we did not offer")
+        if w.codec not in self.codecs or w.codec not in self.config.codecs:
+            raise RemoteProtocolError(f"the server chose codec {w.codec!r}, which we did not offer")
+        new_codec = self.codecs[w.codec]
+        replay_from = w.received
+        if self.session_id is not None and not w.resumed:
+            self._start_over(new_codec)
+            replay_from = 0
+        elif self.session_id is not None and w.session != self.session_id:
+            raise RemoteProtocolError("the server resumed a session we did not ask for")
+        elif self.session_id is None:
+            replay_from = 0
+        if w.resumed:
+            self.stats.resumes += 1
+        self.session_id, self.token = w.session, w.token
+        self.version, self.codec = w.version, new_codec
+        self._set_peer_limits(w.heartbeat, w.window, w.window_bytes, w.max_frame)
+        self.state = OPEN
+        self._last_ping = now
+        replayed = self._replay_after(replay_from)
+        self._events.append(LinkOpened(w.session, w.resumed, w.version, w.codec, replayed))
+
+    def _start_over(self, new_codec: Codec) -> None:
+        """The server lost our session: void what it may have seen, renumber the rest (§6.3)."""
+        old_id = self.session_id or ""
+        unconfirmed = [e for e in self._unacked if e[0] <= self._sent_high]
+        carried = [e for e in self._unacked if e[0] > self._sent_high]
+        self._events.append(SessionExpiredEvent(old_id, self._sent_high, len(unconfirmed)))
+        self.epoch += 1
+        self._unacked = deque()
+        self._unacked_bytes = 0
+        self._next_seq = 1
+        self._acked = self._sent_high = 0
+        self.received = self.delivered = self._ack_sent = 0
+        self._delivered_early.clear()
+        self._undelivered_sizes.clear()
+        self._undelivered_bytes = 0
+        old_codec = self.codec
+        for _seq, frame, size in carried:
+            if old_codec is not None and old_codec.name != new_codec.name:
+                m = decode_message(frame[5:])
+                payload = new_codec.encode(old_codec.decode(m.payload))
+                frame = encode_message(FrameType.MSG, 0, m.flags, m.corr, m.type, payload)
+                size = len(payload)
+            seq = self._next_seq
+            self._next_seq += 1
+            frame = frame[:_SEQ_OFFSET] + _U64.pack(seq) + frame[_SEQ_OFFSET + 8 :]
+            self._unacked.append((seq, frame, size))
+            self._unacked_bytes += size
+
+    def _set_peer_limits(self, heartbeat: float, window: int, window_bytes: int, max_frame: int) -> None:
+        self._peer_heartbeat = heartbeat
+        self._peer_window = window
+        self._peer_window_bytes = window_bytes
+        self._peer_max_frame = max_frame
+
+    def _replay_after(self, peer_received: int) -> int:
+        """Queue every unacknowledged message the peer has not received (§6.2)."""
+        count = 0
+        for seq, frame, _size in self._unacked:
+            if seq > peer_received:
+                self._out.append(frame)
+                if seq <= self._sent_high:
+                    count += 1
+                self._sent_high = max(self._sent_high, seq)
+        self.stats.replayed += count
+        return count
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> None:
+        """Run timers: handshake timeout, dead-peer detection, heartbeats (§4.3)."""
+        if self.state is CONNECTING and now >= self._handshake_deadline:
+            self._link_failed(KoriNetTimeout("the handshake timed out"))
+        elif self.state is OPEN:
+            silence = now - self._last_recv
+            if silence >= self.config.dead_after * self._peer_heartbeat:
+                self.stats.heartbeat_timeouts += 1
+                self._link_failed(
+                    ConnectionClosedError(
+                        CloseCode.HEARTBEAT_TIMEOUT, f"nothing from the peer for {silence:.1f}s"
+                    )
+                )
+            elif now - self._last_ping >= self.config.heartbeat_interval:
+                self._last_ping = now
+                self._ping_nonce = (self._ping_nonce + 1) & 0xFFFFFFFFFFFFFFFF
+                self._ping_sent_at = now
+                self._out.append(encode_frame(FrameType.PING, encode_u64(self._ping_nonce)))
+
+    def _link_failed(self, error: KoriNetError) -> None:
+        self._link_dead = True
+        self.state = DETACHED
+        self._events.append(LinkFailed(error, session_ended=False))
