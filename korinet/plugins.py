@@ -100,7 +100,7 @@ class PluginManager:
         found: dict[str, Any] = {}
         owner: dict[str, str] = {}
         for impl in reversed(hook.get_hookimpls()):  # registration order
-            items: Iterable[Any] = impl.function() or ()
+            items = cast("Iterable[Any]", impl.function() or ())
             for item in items:
                 name = item.name
                 if name in found:
