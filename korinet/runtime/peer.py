@@ -337,6 +337,8 @@ class Peer:
         """Hook for subclasses (the client reconnects, the server starts a TTL)."""
 
     def _on_timer(self) -> None:
+        if self.conn is not None:
+            self.conn._timer = None  # fired: _process schedules the next one
         self.session.tick(self.loop.time())
         self._process()
 
@@ -381,11 +383,10 @@ class Peer:
                 self._finish(self.session.failure)
             elif kind is LinkFailed:
                 ev_f: LinkFailed = ev  # type: ignore[assignment]
-                logger.warning("%r: %s", self, ev_f.error)
                 if ev_f.session_ended:
-                    self._finish(ev_f.error)
+                    self._finish(ev_f.error)  # logs it
                 else:
-                    reschedule = False
+                    logger.warning("%r: dropping the link: %s", self, ev_f.error)
         self._flush()
         if reschedule or (self.conn is not None and self.conn._timer is None):
             self._schedule_timer()
@@ -460,7 +461,7 @@ class Peer:
         if self.conn is not None:
             self._flush()
             self.conn.close()
-        if isinstance(error, ConnectionClosedOK):
+        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) == CloseCode.LINK_LOST:
             logger.info("%r closed: %s", self, error)
         else:
             logger.warning("%r ended: %s", self, error)

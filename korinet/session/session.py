@@ -12,7 +12,6 @@ It never sleeps, never touches a socket and never calls a plugin. Its driver:
 
 from __future__ import annotations
 
-import logging
 import secrets
 import struct
 from collections import deque
@@ -71,8 +70,6 @@ from .state import (
 )
 
 __all__ = ["Session", "SessionStats"]
-
-logger = logging.getLogger(__name__)
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
 _U64 = struct.Struct(">Q")
@@ -434,7 +431,6 @@ class Session:
         return self.state is CLOSED
 
     def _protocol_error(self, exc: RemoteProtocolError, code: int) -> None:
-        logger.warning("%s: closing, the peer violated the protocol: %s", self, exc)
         if self.state in (OPEN, CONNECTING):
             self._out = [encode_close(code, str(exc))]
         self.state = CLOSED

@@ -70,10 +70,10 @@ class MessageFlags(enum.IntFlag):
     REQUEST = 0x01  # a correlation id follows; the peer answers with REPLY
     REPLY = 0x02  # a correlation id follows; answers the request with that id
     ERROR = 0x04  # with REPLY: the request failed, the payload is {"error": reason}
-    REJECT = 0x08  # the peer rejected our message (unknown type...), payload says why
+    REJECT = 0x08  # rejects the message whose seq (or request id) is the correlation id
 
 
-_HAS_CORR: Final = int(MessageFlags.REQUEST | MessageFlags.REPLY)
+_HAS_CORR: Final = int(MessageFlags.REQUEST | MessageFlags.REPLY | MessageFlags.REJECT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,81 @@
+"""A loopback TCP relay for fault injection: it forwards bytes between a client and
+a server and can cut every connection at once, after N more bytes (so mid-frame),
+or stop forwarding without closing (a black hole, as a half-open link)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class Relay:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.cuts = 0
+        self.connections = 0
+        self.black_hole = False
+        self._budget: int | None = None
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> Relay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def cut(self) -> None:
+        """Reset every relayed connection now."""
+        self._budget = None
+        if self.pairs:
+            self.cuts += 1
+        for a, b in list(self.pairs):
+            for w in (a, b):
+                w.transport.abort()
+        self.pairs.clear()
+
+    def cut_after(self, nbytes: int) -> None:
+        """Forward ``nbytes`` more bytes (either direction), then cut: usually mid-frame."""
+        self._budget = nbytes
+
+    async def _accept(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        try:
+            sreader, swriter = await asyncio.open_connection(*self.target)
+        except OSError:
+            cwriter.transport.abort()
+            return
+        self.connections += 1
+        pair = (cwriter, swriter)
+        self.pairs.add(pair)
+        with contextlib.suppress(asyncio.CancelledError):  # the test's loop is closing
+            await asyncio.gather(self._pump(creader, swriter, pair), self._pump(sreader, cwriter, pair))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
+            while pair in self.pairs:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if self.black_hole:
+                    continue  # swallowed: the peers see silence, not a close
+                if self._budget is not None:
+                    if len(data) >= self._budget:
+                        writer.write(data[: self._budget])
+                        self.cut()
+                        return
+                    self._budget -= len(data)
+                writer.write(data)
+        if pair in self.pairs:
+            self.pairs.discard(pair)
+            for w in pair:
+                w.transport.abort()
