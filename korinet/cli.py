@@ -55,7 +55,9 @@ def _port(text: str, whole: str) -> int:
 async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     host, port = parse_address(args.listen)
     config = SessionConfig(heartbeat_interval=args.heartbeat)
-    server = Server(host, port, plugins=plugins, config=config, accept_plain=False, session_ttl=args.session_ttl)
+    server = Server(
+        host, port, plugins=plugins, config=config, accept_plain=False, session_ttl=args.session_ttl
+    )
     try:
         await server.start()
     except OSError as exc:
@@ -86,10 +88,10 @@ async def _ping(args: argparse.Namespace, plugins: PluginManager) -> int:
         print(f"korinet ping: {exc}", file=sys.stderr)
         return 2
     setup = (time.perf_counter() - started) * 1000
+    codec = client.session.codec.name if client.session.codec else "?"
     print(
         f"session {client.session_id} with {host}:{port} "
-        f"(protocol {client.session.version}, codec {client.session.codec.name if client.session.codec else '?'})"
-        f" in {setup:.1f} ms"
+        f"(protocol {client.session.version}, codec {codec}) in {setup:.1f} ms"
     )
     payload = b"x" * args.size
     rtts: list[float] = []
@@ -134,7 +136,9 @@ def _plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
             print(f"  codec         {name}")
         for name in info.message_types:
             mtype = types[name]
-            extra = f" [{mtype.delivery.value}]" + (f" role={mtype.required_role}" if mtype.required_role else "")
+            extra = f" [{mtype.delivery.value}]" + (
+                f" role={mtype.required_role}" if mtype.required_role else ""
+            )
             print(f"  message type  {name}{extra}  {mtype.description}".rstrip())
     return 0
 
@@ -173,7 +177,9 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
     p.add_argument("-c", "--count", type=int, default=5, help="requests to send (default 5)")
     p.add_argument("-i", "--interval", type=float, default=0.2, help="seconds between requests (default 0.2)")
     p.add_argument("-s", "--size", type=int, default=56, help="payload bytes (default 56)")
-    p.add_argument("-t", "--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)")
+    p.add_argument(
+        "-t", "--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=_ping, is_async=True)
 

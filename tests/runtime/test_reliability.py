@@ -6,12 +6,11 @@ import asyncio
 import random
 
 import pytest
+from testutil import TIMEOUT_FACTOR
+from testutil.relay import Relay
 
 from korinet import Client, Server, SessionConfig
 from korinet.plugins import PluginManager
-
-from testutil import TIMEOUT_FACTOR
-from testutil.relay import Relay
 
 N = 10_000
 CUTS = 24
