@@ -23,8 +23,8 @@ def with_id(msg: Message) -> Any:
     """The original's ``recv(giveID=True)`` shape: a dict gets an ``"id"`` key,
     anything else comes back as ``(data, id)``."""
     if isinstance(msg.data, dict):
-        return {**msg.data, "id": msg.id}
-    return (msg.data, msg.id)
+        return {**msg.data, "id": msg.message_id}
+    return (msg.data, msg.message_id)
 
 
 class client:  # noqa: N801 - the original API's name

@@ -24,9 +24,9 @@ RELIABLE: Final = Delivery.RELIABLE
 REALTIME: Final = Delivery.REALTIME
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """A message as the application receives it.
+    """A message as the application receives it (treat it as read-only).
 
     Attributes:
         type: the registered type name, or ``""`` for plain data.
@@ -41,8 +41,15 @@ class Message:
     seq: int = 0
     corr: int = 0
     peer: Any = field(default=None, repr=False, compare=False)
-    #: a stable id: "<session>-<seq>" (the same across reconnects), or the v2 id
+    #: the v2 frame id for legacy peers; see :attr:`message_id`
     id: str = ""
+
+    @property
+    def message_id(self) -> str:
+        """A stable id: ``"<session>-<seq>"`` (the same across reconnects), or the v2 id."""
+        if self.id:
+            return self.id
+        return f"{getattr(self.peer, 'session_id', None)}-{self.seq}"
 
     @property
     def is_request(self) -> bool:

@@ -16,7 +16,7 @@ class JsonCodec:
     def encode(self, obj: Any) -> bytes:
         try:
             return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise CodecError(f"JSON cannot encode {type(obj).__name__}: {exc}") from exc
 
     def decode(self, data: bytes) -> Any:

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
@@ -55,6 +55,8 @@ _REJECT = int(MessageFlags.REJECT)
 
 #: Realtime messages waiting for recv_realtime(); the oldest is dropped when full.
 REALTIME_INBOX: int = 256
+#: Queued messages are written at once after this many, without waiting for the loop.
+FLUSH_EVERY: int = 64
 #: A realtime message is dropped rather than queued behind this many unsent bytes.
 REALTIME_MAX_BACKLOG: int = 64 * 1024
 
@@ -96,6 +98,7 @@ class Peer:
         self._space_waiters: list[asyncio.Future[None]] = []
         self._open_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False
+        self._unflushed = 0
         self._opened_once = False
         #: handshakes completed on this session (first open and every resume)
         self.links_opened = 0
@@ -162,8 +165,39 @@ class Peer:
         Raises:
             SendBufferFull: the window is full; await :meth:`send` to wait instead.
         """
-        self._raise_if_closed()
+        if self.closed.done():
+            raise self.closed.result()
         return self._queue(obj, type, 0, 0)
+
+    def post(self, obj: Any, type: str = "") -> int:
+        """Queue a reliable message without a future and return its sequence number;
+        :meth:`wait_acked` tells when it (and everything before it) is delivered.
+        The cheapest way to stream many messages.
+
+        Raises:
+            SendBufferFull: the window is full; ``await wait_acked(seq)`` on an
+                earlier message first.
+        """
+        if self.closed.done():
+            raise self.closed.result()
+        seq = self.session.send_message(obj, type)
+        self._after_queue()
+        return seq
+
+    async def wait_acked(self, seq: int, timeout: float | None = None) -> None:
+        """Wait until the peer's application has every message up to ``seq``."""
+        if seq <= self.session.acked:
+            return
+        self._raise_if_closed()
+        fut: asyncio.Future[None] = self.loop.create_future()
+        acks = self._acks
+        if not acks or acks[-1][0] <= seq:
+            acks.append((seq, fut))
+        else:  # rare: an older seq than one already awaited
+            entries = sorted([*acks, (seq, fut)], key=lambda e: e[0])
+            acks.clear()
+            acks.extend(entries)
+        await self._wait(fut, timeout, "waiting for the acknowledgement (the message stays queued)")
 
     def send_realtime(self, obj: Any, type: str = "") -> bool:
         """Send a realtime message now, or drop it: no link, or the link already has
@@ -224,8 +258,16 @@ class Peer:
         self._acks.append((seq, fut))
         if flags & _REQUEST and corr in self._requests:
             self._requests[corr] = (self._requests[corr][0], seq)
-        self._schedule_flush()
+        self._after_queue()
         return fut
+
+    def _after_queue(self) -> None:
+        self._unflushed += 1
+        if self._unflushed >= FLUSH_EVERY:
+            self._flush()  # a tight send loop must not starve the peer until it yields
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
 
     async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
         if timeout is None:
@@ -273,12 +315,15 @@ class Peer:
         """The oldest waiting realtime message, or None."""
         return self._rt_inbox.popleft() if self._rt_inbox else None
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        while True:
-            try:
-                yield await self.recv()
-            except ConnectionClosedOK:
-                return
+    def __aiter__(self) -> Peer:
+        return self
+
+    async def __anext__(self) -> Any:
+        """``async for data in peer``: every payload until the session closes normally."""
+        try:
+            return (await self.recv_message()).data
+        except ConnectionClosedOK:
+            raise StopAsyncIteration from None
 
     # ------------------------------------------------------------------ closing
 
@@ -353,6 +398,7 @@ class Peer:
 
     def _flush(self) -> None:
         self._flush_pending = False
+        self._unflushed = 0
         data = self.session.data_to_send()
         conn = self.conn
         if conn is not None:
@@ -421,6 +467,9 @@ class Peer:
                     fut.set_result(None)
                 else:
                     fut.set_exception(MessageRejected(reason))
+        if rejected:  # rejections of posted messages nobody awaits: already logged
+            for s in [s for s in rejected if s <= seq]:
+                del rejected[s]
         self._wake_space()
 
     def _expired(self, ev: SessionExpiredEvent) -> None:
@@ -520,9 +569,7 @@ class Peer:
                 else:
                     entry[0].set_result(ev.obj)
             return
-        msg = Message(
-            ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self, f"{self.session_id}-{ev.seq}"
-        )
+        msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
         if not ev.type:
             if not self.accept_plain:
                 self._reject(ev, "this server accepts only typed messages")

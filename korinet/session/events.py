@@ -1,4 +1,8 @@
-"""Events a Session reports to its driver (docs/PROTOCOL.md §4)."""
+"""Events a Session reports to its driver (docs/PROTOCOL.md §4).
+
+Treat them as read-only. They are not frozen because frozen dataclasses cost a
+microsecond more to build, and one MessageReceived is built per message.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class Event:
     __slots__ = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LinkOpened(Event):
     """The handshake finished; messages flow. ``resumed`` is False for a new session."""
 
@@ -37,7 +41,7 @@ class LinkOpened(Event):
     replayed: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionExpiredEvent(Event):
     """(client) The server no longer knew our session; a new one replaced it.
 
@@ -51,7 +55,7 @@ class SessionExpiredEvent(Event):
     unconfirmed: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageReceived(Event):
     """A reliable message, new (never a duplicate). Call ``message_delivered(seq)``
     once the application has it; only then is it acknowledged."""
@@ -63,7 +67,7 @@ class MessageReceived(Event):
     obj: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RealtimeReceived(Event):
     """A realtime message: unacknowledged, never replayed."""
 
@@ -72,19 +76,19 @@ class RealtimeReceived(Event):
     obj: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessagesAcked(Event):
     """The peer's application has every message up to and including ``seq``."""
 
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PongReceived(Event):
     rtt: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerClosed(Event):
     """The peer ended the session with a CLOSE frame."""
 
@@ -92,7 +96,7 @@ class PeerClosed(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LinkFailed(Event):
     """This link must be dropped: ``error`` says why. If ``session_ended`` the
     session is CLOSED too (protocol violation); otherwise it may resume."""

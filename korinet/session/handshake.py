@@ -8,6 +8,7 @@ a peer's map never reaches the session unchecked.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Final, TypedDict
 
@@ -128,8 +129,9 @@ def _field(fields: dict[str, Any], name: str, kind: type, default: Any = ...) ->
 
 
 def _positive(value: Any, name: str) -> Any:
-    if value <= 0:
-        raise RemoteProtocolError(f"handshake field {name!r} must be positive")
+    # "not value > 0" also refuses NaN; an infinite heartbeat would disable dead-peer detection
+    if not value > 0 or value == math.inf:
+        raise RemoteProtocolError(f"handshake field {name!r} must be positive and finite")
     return value
 
 

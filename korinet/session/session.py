@@ -72,7 +72,9 @@ from .state import (
 __all__ = ["Session", "SessionStats"]
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
+_MSG = int(FrameType.MSG)
 _U64 = struct.Struct(">Q")
+_PLAIN_MSG_HEAD = struct.Struct(">IBQBB")  # length, MSG, seq, flags=0, tlen=0
 
 
 @dataclass(slots=True)
@@ -90,6 +92,12 @@ class SessionStats:
     realtime_dropped: int = 0
     realtime_malformed: int = 0
     heartbeat_timeouts: int = 0
+
+
+def _peer_list(fields: dict[str, Any], name: str) -> list[Any]:
+    """A list the peer put in a CLOSE frame, or [] if it sent something else."""
+    value = fields.get(name)
+    return value if isinstance(value, list) else []
 
 
 class Session:
@@ -132,6 +140,8 @@ class Session:
         self._peer_window = self.config.window
         self._peer_window_bytes = self.config.window_bytes
         self._peer_max_frame = self.config.max_frame_size
+        self._limit_messages = self.config.window
+        self._limit_bytes = self.config.window_bytes
         # The current link.
         self._decoder: FrameDecoder | None = None
         self._out: list[bytes] = []
@@ -164,14 +174,15 @@ class Session:
 
     @property
     def send_window(self) -> int:
-        return min(self.config.window, self._peer_window)
+        """Most messages that may be unacknowledged (ours and the peer's limit)."""
+        return self._limit_messages
 
     def can_send(self, size: int = 0) -> bool:
-        """Whether a message of ``size`` payload bytes fits in the send window now."""
-        return (
-            len(self._unacked) < self.send_window
-            and self._unacked_bytes + size <= min(self.config.window_bytes, self._peer_window_bytes)
-        ) or not self._unacked
+        """Whether a message of ``size`` payload bytes fits in the send window now.
+        (A single message larger than the byte window is let through alone.)"""
+        return not self._unacked or (
+            len(self._unacked) < self._limit_messages and self._unacked_bytes + size <= self._limit_bytes
+        )
 
     def close_expected(self) -> bool:
         """True when the driver must drop the current link (after writing data_to_send)."""
@@ -307,6 +318,11 @@ class Session:
         """
         if self.state is CLOSED:
             return
+        if self.state is OPEN and self.delivered > self._ack_sent:
+            # The application has these messages: say so before the end, or the peer's
+            # senders would see ConnectionClosed for messages that did arrive (§5.2).
+            self._out.append(encode_frame(FrameType.ACK, encode_u64(self.delivered)))
+            self._ack_sent = self.delivered
         if self.state in (OPEN, CONNECTING):
             self._out.append(encode_close(code, reason))
         self.state = CLOSED
@@ -330,17 +346,22 @@ class Session:
         if self.codec is None:
             raise InvalidState("no codec yet: the first handshake has not completed")
         payload = self.codec.encode(obj)
-        if not self.can_send(len(payload)):
-            raise SendBufferFull(
-                f"{len(self._unacked)} messages / {self._unacked_bytes} bytes unacknowledged"
-            )
+        size = len(payload)
+        unacked = self._unacked
+        if unacked and (
+            len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes
+        ):
+            raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
         seq = self._next_seq
-        frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
+        if flags or type:
+            frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
+        else:
+            frame = _PLAIN_MSG_HEAD.pack(size + 11, _MSG, seq, 0, 0) + payload
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._next_seq = seq + 1
-        self._unacked.append((seq, frame, len(payload)))
-        self._unacked_bytes += len(payload)
+        unacked.append((seq, frame, size))
+        self._unacked_bytes += size
         self.stats.messages_sent += 1
         if self.state is OPEN:
             self._out.append(frame)
@@ -414,11 +435,11 @@ class Session:
         decoder = self._decoder
         decoder.feed(data)
         try:
-            while True:
-                frame = decoder.next_frame()
-                if frame is None:
-                    break
-                self._handle_frame(frame.type, frame.body, now)
+            for ftype, body in decoder.frames():
+                if ftype == _MSG and self.state is OPEN:
+                    self._handle_msg(body)  # the hot path: no enum, no dispatch
+                    continue
+                self._handle_frame(FrameType(ftype), body, now)
                 if self._decoder is not decoder or self._link_dead or self._closed():
                     break
         except FrameTooLarge as exc:
@@ -463,28 +484,36 @@ class Session:
             raise RemoteProtocolError(f"unexpected {ftype.name} on an open link")
 
     def _handle_msg(self, body: bytes) -> None:
-        m = decode_message(body)
-        seq = m.seq
-        if seq <= self.received:
+        if len(body) >= 10 and body[8] == 0 and body[9] == 0:
+            # plain message: no flags, no correlation id, no type name (§2.3)
+            seq = _U64.unpack_from(body)[0]
+            flags = corr = 0
+            mtype = ""
+            payload = body[10:]
+        else:
+            m = decode_message(body)
+            seq, flags, corr, mtype, payload = m.seq, m.flags, m.corr, m.type, m.payload
+        received = self.received
+        if seq <= received:
             self.stats.duplicates_dropped += 1  # a replay of what we already have (§5.3)
             return
-        if seq != self.received + 1:
-            raise RemoteProtocolError(f"sequence gap: expected {self.received + 1}, got {seq}")
+        if seq != received + 1:
+            raise RemoteProtocolError(f"sequence gap: expected {received + 1}, got {seq}")
         if seq - self.delivered > self.config.window:
             raise RemoteProtocolError(f"the peer exceeded our window of {self.config.window} messages")
-        size = len(m.payload)
-        if self._undelivered_bytes + size > self.config.window_bytes and self.delivered < self.received:
+        size = len(payload)
+        if self._undelivered_bytes + size > self.config.window_bytes and self.delivered < received:
             raise RemoteProtocolError(f"the peer exceeded our window of {self.config.window_bytes} bytes")
         assert self.codec is not None
         try:
-            obj = self.codec.decode(m.payload)
+            obj = self.codec.decode(payload)
         except CodecError as exc:
             raise RemoteProtocolError(f"message {seq}: {exc}") from exc
         self.received = seq
         self._undelivered_sizes.append(size)
         self._undelivered_bytes += size
         self.stats.messages_received += 1
-        self._events.append(MessageReceived(seq, m.flags, m.corr, m.type, obj))
+        self._events.append(MessageReceived(seq, flags, corr, mtype, obj))
 
     def _handle_ack(self, seq: int) -> None:
         if seq >= self._next_seq:
@@ -518,9 +547,10 @@ class Session:
             self._events.append(LinkFailed(ConnectionClosedError(code, reason), session_ended=False))
             return
         if code == CloseCode.UNSUPPORTED_VERSION:
-            error = NegotiationError("protocol version", self.config.versions, fields.get("versions") or [])
+            error = NegotiationError("protocol version", self.config.versions, _peer_list(fields, "versions"))
         elif code == CloseCode.UNSUPPORTED_CODEC:
-            error = NegotiationError("codec", list(self.codecs), fields.get("codecs") or [])
+            offered = [c for c in self.config.codecs if c in self.codecs]  # what the HELLO listed
+            error = NegotiationError("codec", offered, _peer_list(fields, "codecs"))
         elif code == CloseCode.AUTH_FAILED:
             error = AuthenticationError(reason)
         elif code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
@@ -589,6 +619,8 @@ class Session:
         self._peer_window = window
         self._peer_window_bytes = window_bytes
         self._peer_max_frame = max_frame
+        self._limit_messages = min(self.config.window, window)
+        self._limit_bytes = min(self.config.window_bytes, window_bytes)
 
     def _replay_after(self, peer_received: int) -> int:
         """Queue every unacknowledged message the peer has not received (§6.2)."""

@@ -7,7 +7,9 @@ than one maximum-size frame plus what the last read brought.
 
 from __future__ import annotations
 
-from .frames import HEADER_SIZE, Frame, FrameType
+from collections.abc import Iterator
+
+from .frames import _HEADER, _KNOWN_TYPES, HEADER_SIZE, Frame, FrameType
 
 __all__ = ["FrameDecoder"]
 
@@ -15,21 +17,23 @@ __all__ = ["FrameDecoder"]
 class FrameDecoder:
     """Accumulates bytes and parses frames out of them.
 
-    Feed bytes with :meth:`feed`, then call :meth:`next_frame` until it returns
-    ``None`` (more bytes needed). A malformed header raises a
-    :class:`~korinet.exceptions.RemoteProtocolError`; the decoder is then unusable.
+    Feed bytes with :meth:`feed`, then iterate :meth:`frames` (the fast path, used
+    by the session) or call :meth:`next_frame` until it returns ``None``. A
+    malformed header raises a :class:`~korinet.exceptions.RemoteProtocolError`
+    after every complete frame before it was yielded; the decoder is then unusable.
     """
 
-    __slots__ = ("_buf", "_need", "_pos", "_type", "max_size")
+    __slots__ = ("_buf", "_pos", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._buf = bytearray()
         self._pos = 0
-        self._need = 0  # body length of the frame whose header was parsed, or 0
-        self._type: FrameType | None = None
 
     def feed(self, data: bytes) -> None:
+        if self._pos:
+            del self._buf[: self._pos]  # O(1) at the front of a CPython bytearray
+            self._pos = 0
         self._buf += data
 
     @property
@@ -44,27 +48,31 @@ class FrameDecoder:
         self._pos = 0
         return rest
 
-    def next_frame(self) -> Frame | None:
-        buf = self._buf
-        if self._type is None:
-            if len(buf) - self._pos < HEADER_SIZE:
-                self._compact()
-                return None
-            self._need, self._type = Frame.parse_header(
-                bytes(buf[self._pos : self._pos + HEADER_SIZE]), self.max_size
-            )
-            self._pos += HEADER_SIZE
-        end = self._pos + self._need
-        if len(buf) < end:
-            self._compact()
-            return None
-        frame = Frame(self._type, bytes(buf[self._pos : end]))
-        self._pos = end
-        self._type = None
-        return frame
+    def frames(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(type, body)`` for every complete frame buffered (§2.1).
 
-    def _compact(self) -> None:
-        # Drop consumed bytes once they dominate, keeping del cheap on average.
-        if self._pos and self._pos * 2 >= len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
+        Each header is checked against the limit as soon as its five bytes are in,
+        so an oversized frame is refused before its body arrives.
+        """
+        buf = self._buf
+        size = len(buf)
+        pos = self._pos
+        unpack = _HEADER.unpack_from
+        limit = self.max_size
+        known = _KNOWN_TYPES
+        while size - pos >= HEADER_SIZE:
+            length, ftype = unpack(buf, pos)
+            if length > limit or length == 0 or ftype not in known:
+                Frame.parse_header(bytes(buf[pos : pos + HEADER_SIZE]), limit)  # raises the typed error
+            end = pos + 4 + length
+            if end > size:
+                return
+            body = bytes(buf[pos + HEADER_SIZE : end])
+            pos = self._pos = end
+            yield ftype, body
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None when more bytes are needed."""
+        for ftype, body in self.frames():
+            return Frame(FrameType(ftype), body)
+        return None
