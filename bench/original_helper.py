@@ -22,10 +22,9 @@ import socket
 import sys
 import time
 
-import korinet
+import korinet.client
 import korinet.protocol
-from korinet.client import client as KoriClient
-from korinet.server import server as KoriServer
+import korinet.server
 
 
 def serve(mode: str, max_seconds: float) -> None:
@@ -35,7 +34,7 @@ def serve(mode: str, max_seconds: float) -> None:
     conn, _ = lsock.accept()
     lsock.close()
     conn.settimeout(max_seconds)  # bounded even if the client vanishes silently
-    srv = KoriServer(conn)
+    srv = korinet.server.server(conn)
     end = time.monotonic() + max_seconds
     with contextlib.suppress(korinet.protocol.errors.SocketRecvNone, OSError):
         while time.monotonic() < end:
@@ -48,7 +47,7 @@ def serve(mode: str, max_seconds: float) -> None:
 def client(port: int, mode: str, n: int, size: int, budget_s: float) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # its connect prints "ok"; keep stdout for JSON
         # timeout bounds its reconnect loop, which would otherwise retry for 120 s.
-        cli = KoriClient("127.0.0.1", port, timeout=5)
+        cli = korinet.client.client("127.0.0.1", port, timeout=5)
     payload = os.urandom(size)
     samples: list[int] = []
     cli.send({"seq": -1, "p": payload})  # warm-up exchange

@@ -16,7 +16,6 @@ import time
 from multiprocessing.connection import Connection
 
 import msgpack
-
 from benchutil import (
     ACK_EVERY,
     CHILD_MAX_S,

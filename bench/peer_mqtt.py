@@ -18,8 +18,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from benchutil import (
     ACK_EVERY,
     CHILD_MAX_S,
@@ -31,6 +29,7 @@ from benchutil import (
     spawn_child,
     wait_for_port,
 )
+from paho.mqtt.enums import CallbackAPIVersion
 
 TOPIC = "korinet-bench/t"
 
@@ -53,7 +52,8 @@ class Mosquitto:
 
     @staticmethod
     def version() -> str:
-        out = subprocess.run([Mosquitto.binary(), "-h"], check=False, capture_output=True, text=True, timeout=10)
+        cmd = [Mosquitto.binary(), "-h"]
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10)
         first = (out.stdout or out.stderr).strip().splitlines()
         return first[0].removeprefix("mosquitto version ").strip() if first else "?"
 
@@ -75,10 +75,9 @@ class Mosquitto:
                 "log_type error\n"
                 "log_type warning\n"
             )
-            log = open(Path(self.tmp, "mosquitto.log"), "wb")  # noqa: SIM115 - closed with the process
-            self.proc = subprocess.Popen(
-                [self.binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            log = open(Path(self.tmp, "mosquitto.log"), "wb")  # the child keeps its own copy
+            cmd = [self.binary(), "-c", str(conf)]
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             log.close()
             if wait_for_port(self.port, 10.0) and self.proc.poll() is None:
                 return

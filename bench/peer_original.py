@@ -32,10 +32,10 @@ def _has_pin() -> bool:
     if not venv_python().exists():
         return False
     probe = f"import korinet, sys; sys.exit(korinet.__version__ != {PIN_VERSION!r})"
-    return (
-        subprocess.run([venv_python(), ISOLATED, "-c", probe], check=False, capture_output=True, timeout=60).returncode
-        == 0
+    probed = subprocess.run(
+        [venv_python(), ISOLATED, "-c", probe], check=False, capture_output=True, timeout=60
     )
+    return probed.returncode == 0
 
 
 def ensure_venv() -> Path:

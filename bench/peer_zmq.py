@@ -16,7 +16,6 @@ from multiprocessing.connection import Connection
 
 import msgpack
 import zmq
-
 from benchutil import (
     ACK_EVERY,
     CHILD_MAX_S,

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from typing import ClassVar
 
-import zmq
-
 import peer_asyncio
 import peer_mqtt
 import peer_original
 import peer_zmq
+import zmq
 from benchutil import latency_figures
 
 SMALL = 64

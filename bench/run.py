@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from benchutil import ACK_EVERY, WINDOW
 from peers import ROWS, SIZES_FULL, SIZES_QUICK, SYSTEMS, System
 
-Cell = float | str  # a median, or "err"
+
+@dataclass(frozen=True)
+class Stat:
+    median: float
+    lo: float
+    hi: float
+
+
+Cell = Stat | str  # figures over the runs, or "err"
 MISSING = "—"
 
 
@@ -46,7 +54,7 @@ def _log(msg: str) -> None:
 def _as_dict(result: float | dict[str, float]) -> dict[str | None, float]:
     if isinstance(result, (int, float)):
         return {None: float(result)}
-    return {key: value for key, value in result.items()}
+    return {key: value for key, value in result.items()}  # widen the key type for mypy
 
 
 def measure(system: System, profile: Profile, notes: list[str]) -> dict[tuple[str, str | None], Cell]:
@@ -65,7 +73,7 @@ def measure(system: System, profile: Profile, notes: list[str]) -> dict[tuple[st
                 runs.append(_as_dict(fn(n)))
                 shown = ", ".join(f"{k or 'value'}={v:,.1f}" for k, v in runs[-1].items())
                 _log(f"  {system.name} {method} #{rep + 1}: {shown} ({time.monotonic() - t0:.1f}s)")
-        except Exception as exc:  # noqa: BLE001 - one broken peer must not sink the table
+        except Exception as exc:  # one broken peer must not sink the table
             notes.append(f"{system.name} / {method}: {type(exc).__name__}: {exc}")
             _log(f"  {system.name} {method} FAILED: {exc!r}")
             for row in ROWS:
@@ -73,18 +81,24 @@ def measure(system: System, profile: Profile, notes: list[str]) -> dict[tuple[st
                     cells[(method, row.key)] = "err"
             continue
         for key in runs[0]:
-            cells[(method, key)] = statistics.median(run[key] for run in runs)
+            values = [run[key] for run in runs]
+            cells[(method, key)] = Stat(statistics.median(values), min(values), max(values))
     return cells
 
 
-def fmt(cell: Cell | None) -> str:
+def fmt_number(v: float) -> str:
+    if v >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt(cell: Cell | None, spread: bool) -> str:
     if cell is None:
         return MISSING
     if isinstance(cell, str):
         return cell
-    if cell >= 100:
-        return f"{cell:,.0f}"
-    return f"{cell:.1f}" if cell >= 10 else f"{cell:.2f}"
+    text = fmt_number(cell.median)
+    return f"{text} ({fmt_number(cell.lo)}-{fmt_number(cell.hi)})" if spread else text
 
 
 def cpu_model() -> str:
@@ -104,6 +118,7 @@ def render(
     results: dict[str, dict[tuple[str, str | None], Cell]],
     versions: list[str],
     notes: list[str],
+    spread: bool,
 ) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -112,12 +127,14 @@ def render(
         f"- date: {now}",
         (
             f"- machine: {platform.machine()} (`uname -m`), {cpu_model()}, {os.cpu_count()} CPUs, "
-            f"Linux {platform.release()}, Python {platform.python_version()}"
+            f"Linux {platform.release()}, Python {platform.python_version()}; "
+            f"load average {os.getloadavg()[0]:.2f} at the end"
         ),
         (
             f"- method: TCP on 127.0.0.1, server side in its own process; median of {profile.reps} runs, "
             f"each bounded by a message count and {profile.budget_s:g} s; window {WINDOW}, "
             f"ack every {ACK_EVERY}; MB = 10^6 payload bytes"
+            + ("; cells: median (min-max)" if spread else "")
         ),
     ]
     if versions:
@@ -125,7 +142,7 @@ def render(
     lines += ["", "| figure | " + " | ".join(s.name for s in systems) + " |"]
     lines.append("|---|" + "---:|" * len(systems))
     for row in ROWS:
-        cells = [fmt(results[s.name].get((row.method, row.key))) for s in systems]
+        cells = [fmt(results[s.name].get((row.method, row.key)), spread) for s in systems]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Errors:"] + [f"- {note}" for note in notes]
@@ -137,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer messages, runs and seconds")
     ap.add_argument("--only", help=f"comma-separated systems among: {','.join(SYSTEMS)}")
     ap.add_argument("--reps", type=int, help="runs per figure (default 3 quick, 5 full)")
+    ap.add_argument("--spread", action="store_true", help="show min-max over the runs next to each median")
     args = ap.parse_args(argv)
 
     profile = QUICK if args.quick else FULL
@@ -160,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
             system.setup()
             versions.append(system.version())
             results[system.name] = measure(system, profile, notes)
-        except Exception as exc:  # noqa: BLE001 - report it in the table instead
+        except Exception as exc:  # report it in the table instead
             notes.append(f"{system.name} / setup: {type(exc).__name__}: {exc}")
-            results[system.name] = {(row.method, row.key): "err" for row in ROWS if hasattr(system, row.method)}
+            failed: dict[tuple[str, str | None], Cell] = {
+                (row.method, row.key): "err" for row in ROWS if hasattr(system, row.method)
+            }
+            results[system.name] = failed
         finally:
             system.teardown()
-    print(render(profile, systems, results, [v for v in versions if v], notes))
+    print(render(profile, systems, results, [v for v in versions if v], notes, args.spread))
     _log(f"total {time.monotonic() - started:.0f}s")
     return 1 if notes else 0
 

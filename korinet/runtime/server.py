@@ -129,13 +129,16 @@ class Hub:
         self.connections.add(conn)
         conn.lost.add_done_callback(lambda _: self._connection_gone(conn))
         if len(self.connections) > self.max_connections:
+            # Closed without a CLOSE frame: we cannot know yet whether the peer speaks v3
+            # or v2 (which would misread one); either way it retries later.
             logger.warning("refusing %s: %d connections open", conn.peername, len(self.connections) - 1)
-            conn.write(encode_close(CloseCode.TRY_AGAIN_LATER, "too many connections"))
-            conn.close()
+            conn.abort()
             return
         handshake = ServerHandshake(self.config, self._codec_names, legacy=self.legacy)
         conn.on_data = lambda data: self._handshake_data(conn, handshake, data)
-        conn.schedule(conn.loop.time() + self.config.handshake_timeout, lambda: self._handshake_timeout(conn))
+        conn.schedule(
+            conn.loop.time() + self.config.handshake_timeout, lambda: self._handshake_timeout(conn, handshake)
+        )
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -145,10 +148,12 @@ class Hub:
                 ConnectionClosedError(CloseCode.LINK_LOST, "connection lost during the handshake")
             )
 
-    def _handshake_timeout(self, conn: Connection) -> None:
+    def _handshake_timeout(self, conn: Connection, handshake: ServerHandshake) -> None:
         logger.warning("%s: no handshake within %.1fs, closing", conn.peername, self.config.handshake_timeout)
-        conn.write(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
-        conn.abort()
+        if handshake.saw_preface:
+            # Only a v3 peer can read a CLOSE; a quiet v2 client would take it for an ack.
+            conn.write(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
+        conn.close()
 
     def _handshake_data(self, conn: Connection, handshake: ServerHandshake, data: bytes) -> None:
         outcome = handshake.receive_data(data)

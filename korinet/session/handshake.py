@@ -216,6 +216,11 @@ class ServerHandshake:
         self._decoder: FrameDecoder | None = None
         self._out = b""
 
+    @property
+    def saw_preface(self) -> bool:
+        """Whether the peer sent the v3 preface (so it can read a CLOSE frame)."""
+        return self._decoder is not None
+
     def data_to_send(self) -> bytes:
         out, self._out = self._out, b""
         return out
