@@ -21,6 +21,7 @@ from importlib.metadata import version as dist_version
 from typing import ClassVar
 
 import peer_asyncio
+import peer_korinet
 import peer_mqtt
 import peer_original
 import peer_zmq
@@ -44,6 +45,9 @@ ROWS: tuple[Row, ...] = (
     Row("stop_and_wait_64", None, "stop-and-wait acked 64 B, msgs/s"),
     Row("reqrep_latency", "p50", "req/resp 64 B p50, µs"),
     Row("reqrep_latency", "p99", "req/resp 64 B p99, µs"),
+    Row("blocking_stop_and_wait_64", None, "stop-and-wait acked 64 B, blocking API, msgs/s"),
+    Row("reconnect_ms", None, "first message after a cut (reconnect + resume), median ms"),
+    Row("idle_session_kib", None, "RSS per idle heartbeating session (5,000), KiB"),
 )
 
 # Upper bounds on messages per run (the time budget usually isn't reached).
@@ -52,12 +56,18 @@ SIZES_FULL: dict[str, int] = {
     "pipelined_4k": 40_000,
     "stop_and_wait_64": 10_000,
     "reqrep_latency": 5_000,
+    "blocking_stop_and_wait_64": 10_000,
+    "reconnect_ms": 50,
+    "idle_session_kib": 5_000,
 }
 SIZES_QUICK: dict[str, int] = {
     "pipelined_64": 30_000,
     "pipelined_4k": 8_000,
     "stop_and_wait_64": 2_000,
     "reqrep_latency": 1_000,
+    "blocking_stop_and_wait_64": 2_000,
+    "reconnect_ms": 20,
+    "idle_session_kib": 1_000,
 }
 
 
@@ -163,13 +173,45 @@ class OriginalSystem(System):
         r = peer_original.run("ack", n, SMALL, self.budget_s)
         return msgs_per_s(r["done"], r["elapsed"])
 
+    def blocking_stop_and_wait_64(self, n: int) -> float:
+        return self.stop_and_wait_64(n)  # the original only has a blocking API
+
     def reqrep_latency(self, n: int) -> dict[str, float]:
         r = peer_original.run("reqrep", n, SMALL, self.budget_s)
         return latency_figures(r["samples_ns"])
 
 
+class KorinetSystem(System):
+    name = "KoriNet (this repo)"
+
+    def version(self) -> str:
+        return f"korinet {peer_korinet.korinet.__version__} (msgpack codec)"
+
+    def pipelined_64(self, n: int) -> float:
+        return msgs_per_s(*peer_korinet.pipelined(n, SMALL, self.budget_s))
+
+    def pipelined_4k(self, n: int) -> float:
+        return mb_per_s(*peer_korinet.pipelined(n, LARGE, self.budget_s), LARGE)
+
+    def stop_and_wait_64(self, n: int) -> float:
+        return msgs_per_s(*peer_korinet.stop_and_wait(n, SMALL, self.budget_s))
+
+    def reqrep_latency(self, n: int) -> dict[str, float]:
+        return peer_korinet.reqrep(n, SMALL, self.budget_s)
+
+    def blocking_stop_and_wait_64(self, n: int) -> float:
+        return msgs_per_s(*peer_korinet.blocking_stop_and_wait(n, SMALL, self.budget_s))
+
+    def reconnect_ms(self, n: int) -> float:
+        return peer_korinet.reconnect_ms(n)
+
+    def idle_session_kib(self, n: int) -> float:
+        return peer_korinet.idle_session_kib(n)
+
+
 # Column order in the table; `--only` takes these keys.
 SYSTEMS: dict[str, type[System]] = {
+    "korinet": KorinetSystem,
     "asyncio": AsyncioSystem,
     "zmq": ZmqSystem,
     "mqtt": MqttSystem,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ssl as ssl_module
 from typing import Any
 
-from ._loopthread import run
-from .messages import Message
+from ._loopthread import run, wait_for_future
+from .exceptions import KoriNetTimeout, SendBufferFull
+from .messages import REALTIME, Message
 from .plugins import PluginManager
 from .runtime.client import DEFAULT_PORT, Client
 from .session import SessionConfig
@@ -70,8 +71,24 @@ class client:  # noqa: N801 - the original API's name
         return self._client
 
     def send(self, obj: Any, type: str = "") -> None:
-        """Send ``obj``; return once the server's application has it."""
-        run(self._client.send(obj, type, timeout=self.timeout))
+        """Send ``obj``; return once the server's application has it.
+
+        Raises:
+            KoriNetTimeout: no acknowledgement within ``timeout``; the message stays
+                queued and is delivered exactly once when the link returns.
+        """
+        mtype = self._client.message_types.get(type) if type else None
+        if mtype is not None and mtype.delivery is REALTIME:
+            run(self._client.send(obj, type))
+            return
+        try:
+            wait_for_future(lambda: self._client.send_nowait(obj, type), self.timeout)
+        except SendBufferFull:  # the window is full: wait for space the slow way
+            run(self._client.send(obj, type, timeout=self.timeout))
+        except TimeoutError:
+            raise KoriNetTimeout(
+                f"no acknowledgement within {self.timeout}s (the message stays queued)"
+            ) from None
 
     def recv(self, giveID: bool = False, timeout: float | None = None) -> Any:  # noqa: N803
         """Return the next message from the server (waits for it)."""

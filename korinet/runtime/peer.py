@@ -57,6 +57,8 @@ _REJECT = int(MessageFlags.REJECT)
 REALTIME_INBOX: int = 256
 #: Queued messages are written at once after this many, without waiting for the loop.
 FLUSH_EVERY: int = 64
+#: Longest a lazy acknowledgement (of a request or reply) waits for a frame to ride on.
+LAZY_ACK_DELAY: float = 0.02
 #: A realtime message is dropped rather than queued behind this many unsent bytes.
 REALTIME_MAX_BACKLOG: int = 64 * 1024
 
@@ -99,6 +101,7 @@ class Peer:
         self._open_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False
         self._unflushed = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._opened_once = False
         #: handshakes completed on this session (first open and every resume)
         self.links_opened = 0
@@ -262,12 +265,17 @@ class Peer:
         return fut
 
     def _after_queue(self) -> None:
+        # The first message after a quiet spell goes out at once (latency); the ones
+        # queued behind it in the same loop turn go out together (throughput), and a
+        # tight send loop writes every FLUSH_EVERY so the peer is never starved.
         self._unflushed += 1
-        if self._unflushed >= FLUSH_EVERY:
-            self._flush()  # a tight send loop must not starve the peer until it yields
-        elif not self._flush_pending:
+        if not self._flush_pending:
+            self._flush()
             self._flush_pending = True
             self.loop.call_soon(self._flush)
+        elif self._unflushed >= FLUSH_EVERY:
+            self._flush()
+            self._flush_pending = True  # the scheduled flush is still coming
 
     async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
         if timeout is None:
@@ -303,7 +311,8 @@ class Peer:
                 self._inbox_waiter = None
         msg, epoch = self._inbox.popleft()
         if msg.seq:
-            self.session.message_delivered(msg.seq, epoch)
+            # a request's ack can ride on its reply
+            self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
             self._schedule_flush()
         return msg
 
@@ -399,12 +408,21 @@ class Peer:
     def _flush(self) -> None:
         self._flush_pending = False
         self._unflushed = 0
-        data = self.session.data_to_send()
+        session = self.session
+        data = session.data_to_send()
+        if session.ack_pending and self._ack_timer is None:
+            self._ack_timer = self.loop.call_later(LAZY_ACK_DELAY, self._lazy_ack_due)
         conn = self.conn
         if conn is not None:
             conn.write(data)
             if self.session.close_expected():
                 conn.abort() if self.session.state is not CLOSED else conn.close()
+
+    def _lazy_ack_due(self) -> None:
+        self._ack_timer = None
+        if self.session.ack_pending:
+            self.session.flush_ack()
+            self._flush()
 
     def _process(self) -> None:
         """Act on the session's events, then write what it has to send."""
@@ -510,7 +528,7 @@ class Peer:
         if self.conn is not None:
             self._flush()
             self.conn.close()
-        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) == CloseCode.LINK_LOST:
+        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) in _QUIET_ENDS:
             logger.info("%r closed: %s", self, error)
         else:
             logger.warning("%r ended: %s", self, error)
@@ -539,8 +557,8 @@ class Peer:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _deliver(self, seq: int) -> None:
-        self.session.message_delivered(seq, self.session.epoch)
+    def _deliver(self, seq: int, lazy: bool = False) -> None:
+        self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
 
     def _reject(self, ev: MessageReceived, reason: str) -> None:
         logger.warning("%r: rejected message %d (type %r): %s", self, ev.seq, ev.type, reason)
@@ -555,7 +573,8 @@ class Peer:
     def _dispatch(self, ev: MessageReceived) -> None:
         flags = ev.flags
         if flags & (_REPLY | _REJECT):
-            self._deliver(ev.seq)
+            # lazy: the ack rides on our next frame (or the ack timer), not a write of its own
+            self._deliver(ev.seq, lazy=True)
             reason = ev.obj.get("error") if isinstance(ev.obj, dict) else None
             entry = self._requests.get(ev.corr) if flags & (_REPLY | _REQUEST) else None
             if flags & _REJECT and not flags & _REQUEST:
@@ -592,7 +611,7 @@ class Peer:
         if mtype.handler is None:
             self._to_inbox(msg)
             return
-        self._deliver(ev.seq)  # the handler takes it now
+        self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
         self._run_handler(mtype.handler, msg)
 
     def _to_inbox(self, msg: Message) -> None:
@@ -658,6 +677,10 @@ class Peer:
         if len(self._rt_inbox) == self._rt_inbox.maxlen:
             self.session.stats.realtime_dropped += 1
         self._rt_inbox.append(msg)
+
+
+#: Session ends that are routine, logged at INFO rather than WARNING.
+_QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
 
 
 def _has_role(identity: Any, role: str) -> bool:

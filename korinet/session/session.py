@@ -73,6 +73,8 @@ __all__ = ["Session", "SessionStats"]
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
 _MSG = int(FrameType.MSG)
+#: Lazy deliveries beyond this many are acknowledged without waiting (§5.2).
+LAZY_ACK_MAX = 64
 _U64 = struct.Struct(">Q")
 _PLAIN_MSG_HEAD = struct.Struct(">IBQBB")  # length, MSG, seq, flags=0, tlen=0
 
@@ -135,6 +137,7 @@ class Session:
         self._undelivered_sizes: deque[int] = deque()
         self._undelivered_bytes = 0
         self._ack_sent = 0
+        self._ack_urgent = False
         # What the peer told us in the handshake.
         self._peer_heartbeat = self.config.heartbeat_interval
         self._peer_window = self.config.window
@@ -212,6 +215,7 @@ class Session:
         self._last_recv = now
         self._last_ping = now
         self._ack_sent = 0  # re-announce our ack on every link: the last one may be lost
+        self._ack_urgent = True
         self.stats.links += 1
 
     def connection_made(self, now: float) -> None:
@@ -383,16 +387,21 @@ class Session:
         self.stats.realtime_sent += 1
         return True
 
-    def message_delivered(self, seq: int, epoch: int | None = None) -> None:
+    def message_delivered(self, seq: int, epoch: int | None = None, *, lazy: bool = False) -> None:
         """The application has message ``seq``: it may now be acknowledged (§5.2).
 
         Deliveries may be reported out of order; the acknowledgement stays cumulative.
-        Reports from an older epoch (an expired session) are ignored.
+        Reports from an older epoch (an expired session) are ignored. A ``lazy``
+        delivery (a request or a reply, whose sender waits for an answer, not for the
+        ACK) is acknowledged with the next frame we send, or when the driver calls
+        :meth:`flush_ack`; any other makes the next :meth:`data_to_send` carry an ACK.
         """
         if epoch is not None and epoch != self.epoch:
             return
         if seq <= self.delivered or seq > self.received:
             return
+        if not lazy:
+            self._ack_urgent = True
         if seq != self.delivered + 1:
             self._delivered_early.add(seq)
             return
@@ -405,11 +414,26 @@ class Session:
             self.delivered += 1
             self._undelivered_bytes -= sizes.popleft()
 
+    @property
+    def ack_pending(self) -> bool:
+        """Deliveries not yet acknowledged (lazy ones wait for :meth:`flush_ack`)."""
+        return self.delivered > self._ack_sent
+
+    def flush_ack(self) -> None:
+        """Make the next :meth:`data_to_send` carry the ACK even if nothing else goes."""
+        self._ack_urgent = True
+
     def data_to_send(self) -> bytes:
-        """Bytes to write on the link now (possibly empty). Appends a coalesced ACK."""
-        if self.state is OPEN and self.delivered > self._ack_sent:
+        """Bytes to write on the link now (possibly empty). Appends a coalesced ACK
+        when one is due (§5.2): urgent, or riding along with other frames."""
+        if (
+            self.state is OPEN
+            and self.delivered > self._ack_sent
+            and (self._ack_urgent or self._out or self.delivered - self._ack_sent >= LAZY_ACK_MAX)
+        ):
             self._out.append(encode_frame(FrameType.ACK, encode_u64(self.delivered)))
             self._ack_sent = self.delivered
+            self._ack_urgent = False
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -446,6 +470,8 @@ class Session:
             self._protocol_error(exc, CloseCode.FRAME_TOO_LARGE)
         except RemoteProtocolError as exc:
             self._protocol_error(exc, CloseCode.PROTOCOL_ERROR)
+        if self._link_dead or self._closed():
+            decoder.take_rest()  # this link reads nothing more: free what it buffered
 
     def _closed(self) -> bool:
         # a method, so mypy does not narrow self.state across the frame handlers

@@ -1,0 +1,245 @@
+"""KoriNet itself, measured like the peers: the server in a spawned process, the client
+here. Acks mean "the application has it": the server side consumes every message
+with ``async for`` (pipelined, stop-and-wait) or answers ``korinet.echo`` requests.
+
+Beyond the shared rows: the blocking API's stop-and-wait, the time to the first
+message after a cut (reconnect + resume), and RSS per idle session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from benchutil import (
+    CHILD_MAX_S,
+    DRAIN_S,
+    LOOPBACK,
+    WINDOW,
+    ACK_EVERY,
+    Deadline,
+    latency_figures,
+    spawn_child,
+    stop_requested,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
+
+import korinet  # noqa: E402
+from korinet import Client, Server, SessionConfig  # noqa: E402
+from korinet.builtin import ECHO  # noqa: E402
+
+# --------------------------------------------------------------------------- server
+
+
+async def _serve(conn: Connection, heartbeat: float) -> None:
+    async def consume(peer: korinet.Peer) -> None:
+        async for _ in peer:
+            pass
+
+    config = SessionConfig(heartbeat_interval=heartbeat)
+    server = await Server(LOOPBACK, 0, handler=consume, config=config, max_sessions=100_000).start()
+    conn.send(server.port)
+    deadline = Deadline(CHILD_MAX_S)
+    while not deadline.expired() and not stop_requested(conn):
+        await asyncio.sleep(0.2)
+    await server.close()
+
+
+def server_main(conn: Connection, heartbeat: float = 5.0) -> None:
+    asyncio.run(_serve(conn, heartbeat))
+
+
+def rss_server_main(conn: Connection, heartbeat: float) -> None:
+    """Like server_main, but answers "rss" requests with its RSS in KiB."""
+
+    async def main() -> None:
+        async def consume(peer: korinet.Peer) -> None:
+            async for _ in peer:
+                pass
+
+        config = SessionConfig(heartbeat_interval=heartbeat)
+        server = await Server(LOOPBACK, 0, handler=consume, config=config, max_sessions=100_000).start()
+        conn.send(server.port)
+        deadline = Deadline(CHILD_MAX_S)
+        while not deadline.expired():
+            if conn.poll(0):
+                msg = conn.recv()
+                if msg == "rss":
+                    conn.send((_rss_kib(), len(server.hub.sessions)))
+                    continue
+                break
+            await asyncio.sleep(0.05)
+        await server.close()
+
+    asyncio.run(main())
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def _pipelined(port: int, n: int, size: int, budget_s: float) -> tuple[int, float]:
+    client = await Client.connect(LOOPBACK, port)
+    payload = os.urandom(size)
+    try:
+        await client.send(payload)  # warm-up
+        deadline = Deadline(budget_s)
+        done = 0
+        last = 0
+        t0 = time.perf_counter()
+        while done < n and not deadline.expired():
+            if last - client.session.acked >= WINDOW:
+                await client.wait_acked(last - WINDOW + ACK_EVERY, timeout=DRAIN_S)
+            last = client.post(payload)
+            done += 1
+        await client.wait_acked(last, timeout=DRAIN_S)
+        return done, time.perf_counter() - t0
+    finally:
+        await client.close()
+
+
+async def _stop_and_wait(port: int, n: int, size: int, budget_s: float) -> tuple[int, float]:
+    client = await Client.connect(LOOPBACK, port)
+    payload = os.urandom(size)
+    try:
+        await client.send(payload)
+        deadline = Deadline(budget_s)
+        done = 0
+        t0 = time.perf_counter()
+        while done < n and not deadline.expired():
+            await client.send(payload)
+            done += 1
+        return done, time.perf_counter() - t0
+    finally:
+        await client.close()
+
+
+async def _reqrep(port: int, n: int, size: int, budget_s: float) -> list[int]:
+    client = await Client.connect(LOOPBACK, port)
+    payload = os.urandom(size)
+    samples: list[int] = []
+    try:
+        deadline = Deadline(budget_s)
+        warmup = min(100, max(n // 10, 1))
+        for i in range(warmup + n):
+            if deadline.expired():
+                break
+            t = time.perf_counter_ns()
+            await client.request(payload, ECHO, timeout=DRAIN_S)
+            if i >= warmup:
+                samples.append(time.perf_counter_ns() - t)
+        return samples
+    finally:
+        await client.close()
+
+
+def _blocking_stop_and_wait(port: int, n: int, size: int, budget_s: float) -> tuple[int, float]:
+    c = korinet.client(LOOPBACK, port, timeout=DRAIN_S)
+    payload = os.urandom(size)
+    try:
+        c.send(payload)
+        deadline = Deadline(budget_s)
+        done = 0
+        t0 = time.perf_counter()
+        while done < n and not deadline.expired():
+            c.send(payload)
+            done += 1
+        return done, time.perf_counter() - t0
+    finally:
+        c.close()
+
+
+async def _first_message_after_cut(port: int, cuts: int) -> list[float]:
+    """Cut the client's TCP connection (an RST, as a lost link) while the server stays up;
+    time from the cut until a message sent right after it is acknowledged."""
+    client = await Client.connect(LOOPBACK, port)
+    gaps: list[float] = []
+    try:
+        await client.send(b"warm-up")
+        for _ in range(cuts):
+            conn = client.conn
+            assert conn is not None and conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            t0 = time.perf_counter()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.transport.abort()  # RST to the server, link lost here
+            await client.send(b"after the cut", timeout=DRAIN_S)
+            gaps.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.02)
+        return gaps
+    finally:
+        await client.close()
+
+
+async def _idle_sessions(port: int, count: int) -> list[Client]:
+    clients: list[Client] = []
+    for i in range(0, count, 100):
+        batch = await asyncio.gather(
+            *(Client.connect(LOOPBACK, port, open_timeout=30) for _ in range(min(100, count - i)))
+        )
+        clients.extend(batch)
+    return clients
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def pipelined(n: int, size: int, budget_s: float) -> tuple[int, float]:
+    with spawn_child(server_main) as (_, port):
+        return asyncio.run(_pipelined(port, n, size, budget_s))
+
+
+def stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
+    with spawn_child(server_main) as (_, port):
+        return asyncio.run(_stop_and_wait(port, n, size, budget_s))
+
+
+def blocking_stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
+    with spawn_child(server_main) as (_, port):
+        return _blocking_stop_and_wait(port, n, size, budget_s)
+
+
+def reqrep(n: int, size: int, budget_s: float) -> dict[str, float]:
+    with spawn_child(server_main) as (_, port):
+        return latency_figures(asyncio.run(_reqrep(port, n, size, budget_s)))
+
+
+def reconnect_ms(cuts: int) -> float:
+    with spawn_child(server_main) as (_, port):
+        return statistics.median(asyncio.run(_first_message_after_cut(port, cuts)))
+
+
+def idle_session_kib(count: int) -> float:
+    """Server RSS growth per idle, heartbeating session (KiB), `count` sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count * 2 + 1024)), hard))
+    with spawn_child(rss_server_main, 5.0) as (conn, port):
+
+        async def run() -> float:
+            conn.send("rss")
+            before, _ = conn.recv()
+            clients = await _idle_sessions(port, count)
+            await asyncio.sleep(2.0)  # a heartbeat or so
+            conn.send("rss")
+            after, sessions = conn.recv()
+            assert sessions >= count, f"only {sessions} of {count} sessions open"
+            for c in clients:
+                await c.abort()
+            return (after - before) / count
+
+        return asyncio.run(run())
