@@ -19,11 +19,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from benchutil import (
+    ACK_EVERY,
     CHILD_MAX_S,
     DRAIN_S,
     LOOPBACK,
     WINDOW,
-    ACK_EVERY,
     Deadline,
     latency_figures,
     spawn_child,
@@ -32,9 +32,9 @@ from benchutil import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
 
-import korinet  # noqa: E402
-from korinet import Client, Server, SessionConfig  # noqa: E402
-from korinet.builtin import ECHO  # noqa: E402
+import korinet
+from korinet import Client, Server, SessionConfig
+from korinet.builtin import ECHO
 
 # --------------------------------------------------------------------------- server
 
