@@ -27,7 +27,6 @@ from benchutil import (
     Deadline,
     latency_figures,
     spawn_child,
-    stop_requested,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
@@ -48,38 +47,21 @@ async def _serve(conn: Connection, heartbeat: float) -> None:
     server = await Server(LOOPBACK, 0, handler=consume, config=config, max_sessions=100_000).start()
     conn.send(server.port)
     deadline = Deadline(CHILD_MAX_S)
-    while not deadline.expired() and not stop_requested(conn):
-        await asyncio.sleep(0.2)
+    while not deadline.expired():
+        if conn.poll(0):  # "rss" asks for our memory; anything else (or EOF) means stop
+            try:
+                request = conn.recv()
+            except EOFError:
+                break
+            if request != "rss":
+                break
+            conn.send((_rss_kib(), len(server.hub.sessions)))
+        await asyncio.sleep(0.05)
     await server.close()
 
 
 def server_main(conn: Connection, heartbeat: float = 5.0) -> None:
     asyncio.run(_serve(conn, heartbeat))
-
-
-def rss_server_main(conn: Connection, heartbeat: float) -> None:
-    """Like server_main, but answers "rss" requests with its RSS in KiB."""
-
-    async def main() -> None:
-        async def consume(peer: korinet.Peer) -> None:
-            async for _ in peer:
-                pass
-
-        config = SessionConfig(heartbeat_interval=heartbeat)
-        server = await Server(LOOPBACK, 0, handler=consume, config=config, max_sessions=100_000).start()
-        conn.send(server.port)
-        deadline = Deadline(CHILD_MAX_S)
-        while not deadline.expired():
-            if conn.poll(0):
-                msg = conn.recv()
-                if msg == "rss":
-                    conn.send((_rss_kib(), len(server.hub.sessions)))
-                    continue
-                break
-            await asyncio.sleep(0.05)
-        await server.close()
-
-    asyncio.run(main())
 
 
 def _rss_kib() -> int:
@@ -225,10 +207,10 @@ def reconnect_ms(cuts: int) -> float:
 
 
 def idle_session_kib(count: int) -> float:
-    """Server RSS growth per idle, heartbeating session (KiB), `count` sessions."""
+    """Server RSS growth per idle, heartbeating session (KiB), `count` sessions (heartbeat 5 s)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count * 2 + 1024)), hard))
-    with spawn_child(rss_server_main, 5.0) as (conn, port):
+    with spawn_child(server_main) as (conn, port):
 
         async def run() -> float:
             conn.send("rss")

@@ -15,6 +15,7 @@ class Relay:
         self.cuts = 0
         self.connections = 0
         self.black_hole = False
+        self.refuse = False  # accept and reset at once: the server looks down
         self._budget: int | None = None
         self._server: asyncio.base_events.Server | None = None
 
@@ -49,6 +50,9 @@ class Relay:
         self._budget = nbytes
 
     async def _accept(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            cwriter.transport.abort()
+            return
         try:
             sreader, swriter = await asyncio.open_connection(*self.target)
         except OSError:
