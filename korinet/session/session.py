@@ -215,7 +215,7 @@ class Session:
         self._last_recv = now
         self._last_ping = now
         self._ack_sent = 0  # re-announce our ack on every link: the last one may be lost
-        self._ack_urgent = True
+        self._ack_urgent = self.delivered > 0  # (if there is one; else lazy acks stay lazy)
         self.stats.links += 1
 
     def connection_made(self, now: float) -> None:
