@@ -15,7 +15,7 @@ class JsonCodec:
 
     def encode(self, obj: Any) -> bytes:
         try:
-            return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+            return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise CodecError(f"JSON cannot encode {type(obj).__name__}: {exc}") from exc
 

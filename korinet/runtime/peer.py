@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import (
+    CodecError,
     ConnectionClosedError,
     ConnectionClosedOK,
     KoriNetError,
@@ -493,18 +494,23 @@ class Peer:
     def _expired(self, ev: SessionExpiredEvent) -> None:
         error = SessionExpired(ev.old_session_id, ev.unconfirmed)
         logger.warning("%r: %s", self, error)
+        renumbered = ev.renumbered
+        codec_error = CodecError(f"the new session's codec cannot carry this message: {ev.failure}")
         kept: deque[tuple[int, asyncio.Future[None]]] = deque()
         for seq, fut in self._acks:
-            if seq <= ev.unconfirmed_through:
-                if not fut.done():
-                    fut.set_exception(error)
-                    fut.exception()  # a send_nowait caller may never look: no warning
-            else:
-                kept.append((seq - ev.unconfirmed_through, fut))
+            new_seq = renumbered.get(seq)
+            if new_seq is not None:
+                kept.append((new_seq, fut))
+            elif not fut.done():
+                fut.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
+                fut.exception()  # a send_nowait caller may never look: no warning
         self._acks = kept
-        for _corr, (reply, seq) in list(self._requests.items()):
-            if seq <= ev.unconfirmed_through and not reply.done():
-                reply.set_exception(error)
+        for corr, (reply, seq) in list(self._requests.items()):
+            new_seq = renumbered.get(seq)
+            if new_seq is not None:
+                self._requests[corr] = (reply, new_seq)
+            elif seq and not reply.done():
+                reply.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
         self._rejected.clear()
         self._notice = error
         self._wake_inbox()

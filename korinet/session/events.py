@@ -6,7 +6,7 @@ microsecond more to build, and one MessageReceived is built per message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import KoriNetError
@@ -47,12 +47,16 @@ class SessionExpiredEvent(Event):
 
     Messages up to ``unconfirmed_through`` were sent and never acknowledged: their
     fate is unknown and they are dropped. Later ones were never sent and carry on in
-    the new session.
+    the new session: ``renumbered`` maps their old seq to the new one, and ``failed``
+    lists those the new session's codec cannot carry (dropped with ``failure``).
     """
 
     old_session_id: str
     unconfirmed_through: int
     unconfirmed: int
+    renumbered: dict[int, int] = field(default_factory=dict)
+    failed: tuple[int, ...] = ()
+    failure: str = ""
 
 
 @dataclass(slots=True)

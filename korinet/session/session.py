@@ -73,6 +73,8 @@ __all__ = ["Session", "SessionStats"]
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
 _MSG = int(FrameType.MSG)
+#: Bytes of a partial frame that count as a sign of life (§4.3).
+PROGRESS_BYTES = 64 * 1024
 #: Lazy deliveries beyond this many are acknowledged without waiting (§5.2).
 LAZY_ACK_MAX = 64
 _U64 = struct.Struct(">Q")
@@ -151,6 +153,7 @@ class Session:
         self._events: list[Event] = []
         self._link_dead = False
         self._last_recv = 0.0
+        self._progress_mark = 0
         self._last_ping = 0.0
         self._ping_nonce = 0
         self._ping_sent_at = 0.0
@@ -213,6 +216,7 @@ class Session:
         self._out = []
         self._link_dead = False
         self._last_recv = now
+        self._progress_mark = 0
         self._last_ping = now
         self._ack_sent = 0  # re-announce our ack on every link: the last one may be lost
         self._ack_urgent = self.delivered > 0  # (if there is one; else lazy acks stay lazy)
@@ -455,11 +459,17 @@ class Session:
         """
         if self._decoder is None or self._link_dead or self.state is CLOSED:
             return
-        self._last_recv = now
         decoder = self._decoder
         decoder.feed(data)
+        # Liveness (§4.3) needs a whole frame, or real progress through a large one:
+        # a peer dripping a byte at a time must not keep a link (and its buffer) alive.
+        if decoder.buffered >= self._progress_mark + PROGRESS_BYTES:
+            self._last_recv = now
+            self._progress_mark = decoder.buffered
         try:
             for ftype, body in decoder.frames():
+                self._last_recv = now
+                self._progress_mark = 0
                 if ftype == _MSG and self.state is OPEN:
                     self._handle_msg(body)  # the hot path: no enum, no dispatch
                     continue
@@ -520,6 +530,8 @@ class Session:
             m = decode_message(body)
             seq, flags, corr, mtype, payload = m.seq, m.flags, m.corr, m.type, m.payload
         received = self.received
+        if seq == 0:
+            raise RemoteProtocolError("MSG with sequence number 0 (reliable messages start at 1)")
         if seq <= received:
             self.stats.duplicates_dropped += 1  # a replay of what we already have (§5.3)
             return
@@ -542,8 +554,8 @@ class Session:
         self._events.append(MessageReceived(seq, flags, corr, mtype, obj))
 
     def _handle_ack(self, seq: int) -> None:
-        if seq >= self._next_seq:
-            raise RemoteProtocolError(f"ACK {seq} for a message never sent (last is {self._next_seq - 1})")
+        if seq > self._sent_high:
+            raise RemoteProtocolError(f"ACK {seq} for a message never sent (last sent is {self._sent_high})")
         if seq <= self._acked:
             return
         unacked = self._unacked
@@ -601,6 +613,8 @@ class Session:
         elif self.session_id is not None and w.session != self.session_id:
             raise RemoteProtocolError("the server resumed a session we did not ask for")
         elif self.session_id is None:
+            if w.resumed:
+                raise RemoteProtocolError("the server resumed a session we did not ask for")
             replay_from = 0
         if w.resumed:
             self.stats.resumes += 1
@@ -615,9 +629,9 @@ class Session:
     def _start_over(self, new_codec: Codec) -> None:
         """The server lost our session: void what it may have seen, renumber the rest (§6.3)."""
         old_id = self.session_id or ""
-        unconfirmed = [e for e in self._unacked if e[0] <= self._sent_high]
-        carried = [e for e in self._unacked if e[0] > self._sent_high]
-        self._events.append(SessionExpiredEvent(old_id, self._sent_high, len(unconfirmed)))
+        sent_high = self._sent_high
+        unconfirmed = sum(1 for e in self._unacked if e[0] <= sent_high)
+        carried = [e for e in self._unacked if e[0] > sent_high]
         self.epoch += 1
         self._unacked = deque()
         self._unacked_bytes = 0
@@ -628,20 +642,34 @@ class Session:
         self._undelivered_sizes.clear()
         self._undelivered_bytes = 0
         old_codec = self.codec
-        for _seq, frame, size in carried:
+        renumbered: dict[int, int] = {}
+        failed: list[int] = []
+        failure = ""
+        for old_seq, frame, size in carried:
             if old_codec is not None and old_codec.name != new_codec.name:
+                # The new server chose another codec (it lacks ours): re-encode (§6.3).
                 m = decode_message(frame[5:])
-                payload = new_codec.encode(old_codec.decode(m.payload))
+                try:
+                    payload = new_codec.encode(old_codec.decode(m.payload))
+                except CodecError as exc:
+                    failed.append(old_seq)
+                    failure = str(exc)
+                    continue
                 frame = encode_message(FrameType.MSG, 0, m.flags, m.corr, m.type, payload)
                 size = len(payload)
             seq = self._next_seq
             self._next_seq += 1
+            renumbered[old_seq] = seq
             frame = frame[:_SEQ_OFFSET] + _U64.pack(seq) + frame[_SEQ_OFFSET + 8 :]
             self._unacked.append((seq, frame, size))
             self._unacked_bytes += size
+        self._events.append(
+            SessionExpiredEvent(old_id, sent_high, unconfirmed, renumbered, tuple(failed), failure)
+        )
 
     def _set_peer_limits(self, heartbeat: float, window: int, window_bytes: int, max_frame: int) -> None:
-        self._peer_heartbeat = heartbeat
+        # A peer announcing a huge interval must not make itself undetectable (§4.3).
+        self._peer_heartbeat = min(heartbeat, self.config.max_peer_heartbeat)
         self._peer_window = window
         self._peer_window_bytes = window_bytes
         self._peer_max_frame = max_frame

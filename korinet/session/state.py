@@ -75,6 +75,8 @@ class SessionConfig:
         window: most unacknowledged messages in flight each way. Full: backpressure
             (the runtime's send waits) or SendBufferFull for non-waiting callers.
         window_bytes: most unacknowledged payload bytes in flight each way.
+        max_peer_heartbeat: the longest heartbeat interval we believe from a peer;
+            one announcing more is still declared dead after ``dead_after`` times this.
     """
 
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
@@ -85,6 +87,7 @@ class SessionConfig:
     handshake_timeout: float = 10.0
     window: int = 4096
     window_bytes: int = 64 * 1024 * 1024
+    max_peer_heartbeat: float = 60.0
 
 
 class CloseCode(enum.IntEnum):

@@ -1,0 +1,1261 @@
+"""SyncClient: a blocking client that drives the sans-I/O Session in the caller's thread.
+
+The asyncio runtime costs a blocking caller two thread hand-offs per call. This
+client, like ``websockets.sync``, does the socket I/O itself, in whichever thread
+needs it: ``send()`` writes its frame, then reads until the ACK covering it
+arrives; ``recv()`` reads until a message is in the inbox. No event loop is on
+that path.
+
+Threads and locks
+-----------------
+
+``_mutex`` protects everything: the Session, the inbox, the waiters' records,
+the link fields. It is held only for short, non-blocking work; every socket is
+non-blocking. Writes happen under it (so they are serialized, in the order the
+Session produced them); bytes the kernel refuses wait in ``_outbuf`` for the
+leader to flush.
+
+Reading is a *role*, not a lock: at most one thread, the **leader**
+(``_leader`` holds its thread id), reads the socket, ticks the Session's
+timers, changes the link (drop, reconnect, handshake) and closes sockets. A
+thread that must wait for something (an ACK, a message, a reply, window space,
+the first link) calls :meth:`SyncClient._wait`: if nobody leads it becomes the
+leader and reads until its own condition holds, then resigns; otherwise it is a
+**follower** and sleeps on the condition variable ``_cv``, which the leader
+notifies after processing what it read. A follower whose condition is met
+returns without ever reading; when the leader resigns, a follower takes over.
+While waiting for the socket the leader releases ``_mutex`` and sits in
+``poll()`` on the socket and on a wake-up socketpair; a thread that needs the
+leader to re-plan (the background thread should hand over, the kernel refused
+bytes so the leader must watch for POLLOUT, the session is closing) writes one
+byte to the pair, and only while the leader is actually in ``poll()``
+(``_polling``, set and cleared under ``_mutex``, so no wake-up is lost).
+
+A background daemon thread keeps an idle session alive. It sleeps (a timed
+``Event.wait``) until no application call has run for ``idle_handover``
+seconds (at most 50 ms, and a tenth of the heartbeat interval); only then, and
+only when no thread leads or waits, does it become the leader: it answers PINGs,
+sends its own, takes messages into the inbox (running handlers), detects a dead
+link and reconnects. As soon as an application thread needs to read, it asks the
+background leader to hand over (``_takeover`` plus a wake-up byte) and leads
+itself, so the background thread costs a busy application nothing: in a tight
+send loop it wakes once per ``idle_handover`` to see that the application is
+busy, and goes back to sleep.
+
+Reconnection follows :class:`korinet.runtime.Client`: on EOF, a socket error,
+a heartbeat timeout or CLOSE 1009, the leader drops the link; the next
+connection attempt is made at once, then after jittered exponential delays
+(:func:`~korinet.runtime.backoff.backoff`, restarted after every successful
+handshake), by whichever thread leads, under the same rules. Delays are spent in
+``poll()`` on the wake-up pair, so a hand-over or ``close()`` interrupts them.
+
+A handler (of a typed message) runs in the reading thread, holding the leader
+role but not ``_mutex``: it may call :meth:`send_realtime`, but a blocking call
+on the same client from a handler would wait for itself and raises InvalidState
+instead; a request is answered by the handler's return value. Coroutine
+handlers need the asyncio runtime: here they answer with an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import select
+import socket
+import ssl as ssl_module
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .._loopthread import get_loop
+from ..exceptions import (
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    InvalidState,
+    KoriNetError,
+    KoriNetTimeout,
+    MessageRejected,
+    SendBufferFull,
+    SessionExpired,
+)
+from ..messages import REALTIME, Message, MessageType
+from ..plugins import PluginManager, default_manager
+from ..runtime.backoff import backoff
+from ..session import (
+    CLIENT,
+    CLOSED,
+    OPEN,
+    CloseCode,
+    LinkFailed,
+    LinkOpened,
+    MessageReceived,
+    MessagesAcked,
+    PeerClosed,
+    PongReceived,
+    RealtimeReceived,
+    Session,
+    SessionConfig,
+    SessionExpiredEvent,
+)
+from ..wire.frames import MessageFlags
+
+__all__ = ["DEFAULT_PORT", "SyncClient", "connect"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 1235  # the original KoriNet examples' port (as korinet.runtime.client)
+
+_REQUEST = int(MessageFlags.REQUEST)
+_REPLY = int(MessageFlags.REPLY)
+_ERROR = int(MessageFlags.ERROR)
+_REJECT = int(MessageFlags.REJECT)
+
+#: Realtime messages waiting for recv_realtime_nowait(); the oldest is dropped when full.
+REALTIME_INBOX = 256
+#: Longest a lazy acknowledgement (of a request or reply) waits for a frame to ride on.
+LAZY_ACK_DELAY = 0.02
+#: A realtime message is dropped rather than queued behind this many unsent bytes.
+REALTIME_MAX_BACKLOG = 64 * 1024
+#: The background thread takes over reading once the application has been idle this long.
+IDLE_HANDOVER = 0.05
+#: Bytes asked of the kernel per read.
+READ_SIZE = 256 * 1024
+#: What close() waits for unacknowledged messages, at most.
+CLOSE_TIMEOUT = 5.0
+#: Session ends that are routine, logged at INFO rather than WARNING (as the Peer does).
+_QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
+
+_POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
+_POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
+_POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
+_POLLHUP = select.POLLHUP if hasattr(select, "POLLHUP") else 16
+_READABLE = _POLLIN | _POLLERR | _POLLHUP
+#: Exceptions of a non-blocking socket that mean "not now", not "broken".
+_NOT_NOW = (BlockingIOError, InterruptedError, ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError)
+_BACKGROUND = -1  # _leader value while the background thread leads
+
+
+class _SelectPoller:
+    """``select.poll``'s interface on ``select.select``, for platforms without poll."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def register(self, fd: int, mask: int) -> None:
+        self._fds[fd] = mask
+
+    def modify(self, fd: int, mask: int) -> None:
+        self._fds[fd] = mask
+
+    def unregister(self, fd: int) -> None:
+        self._fds.pop(fd, None)
+
+    def poll(self, timeout_ms: float | None = None) -> list[tuple[int, int]]:
+        rlist = [fd for fd, m in self._fds.items() if m & _POLLIN]
+        wlist = [fd for fd, m in self._fds.items() if m & _POLLOUT]
+        r, w, x = select.select(rlist, wlist, rlist, None if timeout_ms is None else timeout_ms / 1000)
+        ready: dict[int, int] = {}
+        for fd in r:
+            ready[fd] = ready.get(fd, 0) | _POLLIN
+        for fd in w:
+            ready[fd] = ready.get(fd, 0) | _POLLOUT
+        for fd in x:
+            ready[fd] = ready.get(fd, 0) | _POLLERR
+        return list(ready.items())
+
+
+def _new_poller() -> Any:
+    return select.poll() if hasattr(select, "poll") else _SelectPoller()
+
+
+class _Pending:
+    """A send() waiting for the acknowledgement of message ``seq``."""
+
+    __slots__ = ("done", "error", "seq")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.done = False
+        self.error: KoriNetError | None = None
+
+
+class _Reply:
+    """A request() waiting for its reply; ``seq`` is the request's own message."""
+
+    __slots__ = ("done", "error", "result", "seq")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.done = False
+        self.result: Any = None
+        self.error: KoriNetError | None = None
+
+
+class SyncClient:
+    """A blocking, reconnecting KoriNet client (see the module docstring).
+
+    Args:
+        host, port: the server.
+        timeout: seconds each ``send()`` may wait for its acknowledgement (None:
+            forever). A send that times out raises KoriNetTimeout; its message stays
+            queued and is delivered exactly once when the link returns.
+        open_timeout: seconds the first connection may take.
+        config: session limits and timings.
+        plugins: the plugin manager (default: installed plugins).
+        ssl: an ``ssl.SSLContext`` for TLS, or None for plaintext.
+        server_hostname: the name TLS verifies (default: ``host``).
+        connect_timeout: seconds allowed for one TCP (and TLS) connect attempt.
+        outage_limit: give up (the session ends with KoriNetTimeout) after this many
+            seconds without a link; None retries forever.
+
+    Raises (from the constructor):
+        KoriNetTimeout: no session within ``open_timeout`` (the last error chained).
+        NegotiationError, AuthenticationError, ConnectionClosed: the server refused us.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float | None = None,
+        open_timeout: float | None = 10.0,
+        config: SessionConfig | None = None,
+        plugins: PluginManager | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connect_timeout: float = 5.0,
+        outage_limit: float | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.timeout = timeout
+        self.plugins = plugins or default_manager()
+        self.session = Session(CLIENT, self.plugins.codecs(), config)
+        self.message_types: dict[str, MessageType] = self.plugins.message_types()
+        self.accept_plain = True
+        #: who the peer is; a client does not authenticate its server, so None
+        self.identity: Any = None
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.outage_limit = outage_limit
+        #: the round-trip time measured by the last heartbeat, in seconds
+        self.rtt: float | None = None
+        #: the last connection error, for messages while reconnecting
+        self.last_error: BaseException | None = None
+        #: connection attempts made
+        self.attempts = 0
+        #: handshakes completed on this session (first open and every resume)
+        self.links_opened = 0
+        heartbeat = self.session.config.heartbeat_interval
+        #: idle time after which the background thread reads (see the module docstring)
+        self.idle_handover = min(IDLE_HANDOVER, heartbeat / 10)
+
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
+        self._leader: int | None = None  # thread id of the reader, _BACKGROUND, or None
+        self._followers = 0  # threads sleeping on _cv
+        self._takeover = False  # an application thread wants the background leader to resign
+        self._polling = False  # the leader is in poll() without the mutex
+        self._wake_sent = False  # a wake-up byte is in the pair, not yet drained
+        self._last_active = time.monotonic()
+        self._stopping = threading.Event()
+        self._bg_thread: threading.Thread | None = None
+
+        # the link
+        self._sock: socket.socket | None = None
+        self._sock_fd = -1
+        self._poller: Any = None
+        self._poll_mask = 0
+        self._outbuf = bytearray()
+        self._broken: BaseException | None = None  # a write failed; the leader drops the link
+        self._link_error: KoriNetError | None = None  # why the session asked to drop the link
+        self._link_opened = False  # the current link completed its handshake
+        self._delays: Iterator[float] = backoff()
+        self._retry_at = 0.0
+        self._outage_since: float | None = None
+        self._ack_due: float | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+        # what the application waits on
+        self._inbox: deque[tuple[Message, int]] = deque()
+        self._rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
+        self._acks: deque[_Pending] = deque()
+        self._rejected: dict[int, str] = {}
+        self._requests: dict[int, _Reply] = {}
+        self._corr = itertools.count(1)
+        self._opened_once = False
+        self._notice: KoriNetError | None = None  # raised once by recv (session expired)
+        self._finished: KoriNetError | None = None
+        self._deferred: list[Callable[[], Any]] = []  # plugin hooks to call outside the mutex
+
+        deadline = None if open_timeout is None else time.monotonic() + open_timeout
+        try:
+            with self._mutex:
+                self._wait(
+                    lambda: self.links_opened > 0 or self._finished is not None,
+                    deadline,
+                    "opening the session",
+                )
+                if self._finished is not None:
+                    raise self._finished
+        except KoriNetTimeout:
+            last = self.last_error
+            self._abort()
+            raise KoriNetTimeout(
+                f"could not open a session with {host}:{port} within {open_timeout}s"
+                + (f" (last error: {last})" if last else "")
+            ) from last
+        except BaseException:
+            self._abort()
+            raise
+        thread = threading.Thread(
+            target=_background, args=(weakref.ref(self),), name=f"korinet-sync-{host}:{port}", daemon=True
+        )
+        self._bg_thread = thread
+        thread.start()
+
+    def __repr__(self) -> str:
+        return f"<SyncClient {self.host}:{self.port} {self.session.session_id} {self.session.state.name}>"
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.session_id
+
+    @property
+    def is_connected(self) -> bool:
+        return self._sock is not None and self.session.state is OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._finished is not None
+
+    @property
+    def queued(self) -> int:
+        """Reliable messages sent but not yet acknowledged."""
+        return self.session.unacked
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, obj: Any, type: str = "") -> None:
+        """Send a message; return once the server's application has it.
+
+        Messages of a realtime type are sent best-effort instead (see
+        :meth:`send_realtime`). Waits for window space first (backpressure).
+
+        Raises:
+            KoriNetTimeout: no acknowledgement within ``timeout``; the message stays
+                queued and is delivered exactly once when the link returns.
+            MessageRejected: the server refused it (unknown type, invalid...).
+            SessionExpired: the server lost the session before acknowledging it.
+            ConnectionClosed: the session ended.
+        """
+        if type:
+            mtype = self.message_types.get(type)
+            if mtype is not None and mtype.delivery is REALTIME:
+                self.send_realtime(obj, type)
+                return
+        timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._mutex:
+            pending = self._enqueue(obj, type, 0, 0, deadline)
+            if not pending.done:
+                self._wait(
+                    lambda: pending.done,
+                    deadline,
+                    "waiting for the acknowledgement (the message stays queued)",
+                )
+        if pending.error is not None:
+            raise pending.error
+
+    def send_realtime(self, obj: Any, type: str = "") -> bool:
+        """Send a realtime message now, or drop it: no link, or more than
+        REALTIME_MAX_BACKLOG bytes already wait to be written. Returns whether it was sent."""
+        with self._mutex:
+            if self._sock is None or len(self._outbuf) > REALTIME_MAX_BACKLOG:
+                self.session.stats.realtime_dropped += 1
+                return False
+            if not self.session.send_realtime(obj, type):
+                return False
+            self._flush()
+            return True
+
+    def request(self, obj: Any, type: str = "", *, timeout: float | None = None) -> Any:
+        """Send a request and return the reply's payload.
+
+        Raises:
+            KoriNetTimeout: no reply within ``timeout``.
+            MessageRejected: the server rejected the request or its handler failed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        corr = next(self._corr)
+        box = _Reply()
+        with self._mutex:
+            self._requests[corr] = box
+            try:
+                pending = self._enqueue(obj, type, _REQUEST, corr, deadline)
+                box.seq = pending.seq
+                if not box.done:
+                    self._wait(lambda: box.done, deadline, "waiting for the reply")
+            finally:
+                self._requests.pop(corr, None)
+        if box.error is not None:
+            raise box.error
+        return box.result
+
+    def reply(self, request: Message, obj: Any) -> None:
+        """Answer a request taken from the inbox (returns once it is acknowledged)."""
+        if not request.corr:
+            raise ValueError("this message is not a request")
+        timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._mutex:
+            pending = self._enqueue(obj, request.type, _REPLY, request.corr, deadline)
+            if not pending.done:
+                self._wait(lambda: pending.done, deadline, "waiting for the acknowledgement")
+        if pending.error is not None:
+            raise pending.error
+
+    def _enqueue(self, obj: Any, type: str, flags: int, corr: int, deadline: float | None) -> _Pending:
+        """(mutex held) Queue a reliable message, waiting for window space, and write it."""
+        self._check_caller()
+        session = self.session
+        while True:
+            if self._finished is not None:
+                raise self._finished
+            try:
+                seq = session.send_message(obj, type, flags=flags, corr=corr)
+                break
+            except SendBufferFull:
+                self._wait_for_space(deadline)
+        pending = _Pending(seq)
+        self._acks.append(pending)
+        self._flush()
+        return pending
+
+    def _wait_for_space(self, deadline: float | None) -> None:
+        """(mutex held) Wait until an acknowledgement (or an expiry) frees window space."""
+        session = self.session
+        acked, epoch = session.acked, session.epoch
+        self._wait(
+            lambda: session.acked != acked or session.epoch != epoch or self._finished is not None,
+            deadline,
+            "waiting for window space",
+        )
+
+    # ------------------------------------------------------------------ receiving
+
+    def recv_message(self, timeout: float | None = None) -> Message:
+        """Return the next message (plain, or typed without a handler). Only now is it
+        acknowledged: the ack means the application has it.
+
+        Raises:
+            SessionExpired: once, when a new session replaced an expired one.
+            ConnectionClosedOK / ConnectionClosedError: the session ended.
+            KoriNetTimeout: nothing arrived within ``timeout``.
+        """
+        self._check_caller()
+        with self._mutex:
+            inbox = self._inbox
+            if not inbox:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not inbox:
+                    if self._notice is not None:
+                        notice, self._notice = self._notice, None
+                        raise notice
+                    if self._finished is not None:
+                        raise self._finished
+                    self._wait(
+                        lambda: bool(inbox) or self._notice is not None or self._finished is not None,
+                        deadline,
+                        "waiting for a message",
+                    )
+            msg, epoch = inbox.popleft()
+            if msg.seq:
+                # a request's ack can ride on its reply
+                self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
+                self._flush()
+            return msg
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Return the payload of the next message (see :meth:`recv_message`)."""
+        return self.recv_message(timeout).data
+
+    def recv_realtime_nowait(self) -> Message | None:
+        """The oldest waiting realtime message, or None."""
+        with self._mutex:
+            return self._rt_inbox.popleft() if self._rt_inbox else None
+
+    def __iter__(self) -> Iterator[Any]:
+        """``for data in client``: every payload until the session closes normally."""
+        while True:
+            try:
+                yield self.recv_message().data
+            except ConnectionClosedOK:
+                return
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, reason: str = "", *, timeout: float = CLOSE_TIMEOUT) -> None:
+        """End the session, after waiting (up to ``timeout``) for every sent message
+        to be acknowledged, reconnecting if needed, so that closing does not lose
+        what timed-out sends left queued."""
+        self._check_caller()
+        with self._mutex:
+            if self._finished is None:
+                if self.session.unacked:
+                    try:
+                        self._wait(
+                            lambda: not self.session.unacked or self._finished is not None,
+                            time.monotonic() + timeout,
+                            "closing",
+                        )
+                    except KoriNetTimeout:
+                        logger.warning(
+                            "%r: closing with %d message(s) unacknowledged", self, self.session.unacked
+                        )
+                if self._finished is None:
+                    self.session.close(CloseCode.NORMAL, reason)
+                    self._flush()
+                    self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
+            self._shut_down()
+        self._run_deferred()
+        self._join_background()
+
+    def abort(self) -> None:
+        """Stop at once, without a CLOSE: the server keeps the session until its TTL."""
+        self._abort()
+
+    def _abort(self) -> None:
+        with self._mutex:
+            self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
+            self._shut_down()
+        self._run_deferred()
+        self._join_background()
+
+    def _shut_down(self) -> None:
+        """(mutex held, session finished) Wait for the leader to notice, then release
+        the link and the wake-up pair."""
+        self._stopping.set()
+        me = threading.get_ident()
+        if self._leader is not None and self._leader != me:
+            self._wake()
+            deadline = time.monotonic() + CLOSE_TIMEOUT
+            while self._leader is not None and (remaining := deadline - time.monotonic()) > 0:
+                self._followers += 1
+                try:
+                    self._cv.wait(remaining)
+                finally:
+                    self._followers -= 1
+        if self._leader is None:
+            self._drop_socket()
+
+    def _join_background(self) -> None:
+        thread = self._bg_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_TIMEOUT)
+        with self._mutex:
+            if self._leader is None and self._wake_r.fileno() >= 0:
+                self._wake_r.close()
+                self._wake_w.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ waiting and reading
+
+    def _check_caller(self) -> None:
+        if self._leader == threading.get_ident():
+            raise InvalidState(
+                "a handler or plugin hook cannot make blocking calls on its own client "
+                "(it would wait for itself); return the reply instead"
+            )
+
+    def _wait(self, cond: Callable[[], bool], deadline: float | None, what: str) -> None:
+        """(mutex held) Block until ``cond()``: lead (read) if nobody does, else follow.
+
+        ``cond`` must become true when the session finishes.
+
+        Raises:
+            KoriNetTimeout: ``deadline`` passed first.
+        """
+        me = threading.get_ident()
+        while not cond():
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise KoriNetTimeout(f"timed out {what}")
+            leader = self._leader
+            if leader is None:
+                self._leader = me
+                self._takeover = False
+                try:
+                    self._lead(cond, deadline)
+                finally:
+                    self._leader = None
+                    self._last_active = time.monotonic()
+                    if self._followers:
+                        self._cv.notify_all()
+                    if self._deferred:
+                        self._run_deferred_locked()
+                continue
+            if leader == me:
+                raise InvalidState("a handler cannot wait on its own client")
+            if leader == _BACKGROUND and not self._takeover:
+                self._takeover = True
+                self._wake()
+            self._followers += 1
+            try:
+                self._cv.wait(None if deadline is None else deadline - now)
+            finally:
+                self._followers -= 1
+
+    def _lead(self, cond: Callable[[], bool], deadline: float | None) -> None:
+        """(mutex held, leader) Read, tick and reconnect until ``cond()``, the deadline,
+        or the end of the session. Returns with the mutex held."""
+        session = self.session
+        mutex = self._mutex
+        monotonic = time.monotonic
+        while not cond():
+            if self._finished is not None:
+                self._drop_socket()
+                return
+            now = monotonic()
+            if deadline is not None and now >= deadline:
+                return
+            sock = self._sock
+            if sock is None:
+                self._link_step(now, deadline)
+                continue
+            if self._broken is not None:
+                self._link_lost(self._broken)
+                continue
+            wake_at = session.next_deadline()
+            if wake_at is not None and now >= wake_at:
+                session.tick(now)
+                self._after_input()
+                continue
+            ack_due = self._ack_due
+            if ack_due is not None:
+                if now >= ack_due:
+                    self._ack_due = None
+                    if session.ack_pending:
+                        session.flush_ack()
+                        self._flush()
+                    continue
+                if wake_at is None or ack_due < wake_at:
+                    wake_at = ack_due
+            if deadline is not None and (wake_at is None or deadline < wake_at):
+                wake_at = deadline
+            mask = _POLLIN | _POLLOUT if self._outbuf else _POLLIN
+            if mask != self._poll_mask:
+                self._poller.modify(self._sock_fd, mask)
+                self._poll_mask = mask
+            poller = self._poller
+            self._polling = True
+            mutex.release()
+            try:
+                ready = poller.poll(None if wake_at is None else max(0.0, (wake_at - now) * 1000.0))
+            finally:
+                mutex.acquire()
+                self._polling = False
+            sock_events = 0
+            for fd, events in ready:
+                if fd == self._sock_fd:
+                    sock_events = events
+                else:
+                    self._drain_wake()
+            if self._sock is not sock:  # (cannot happen: only the leader changes the link)
+                continue
+            if sock_events & _POLLOUT and self._outbuf:
+                self._flush_outbuf()
+            if sock_events & _READABLE:
+                self._read(sock)
+            if self._followers:
+                self._cv.notify_all()
+
+    def _read(self, sock: socket.socket) -> None:
+        """(mutex held, leader) Read what the socket has and act on it."""
+        try:
+            data = sock.recv(READ_SIZE)
+        except _NOT_NOW:
+            return
+        except OSError as exc:
+            self._link_lost(exc)
+            return
+        if not data:
+            self._link_lost(None)
+            return
+        session = self.session
+        session.receive_data(data, time.monotonic())
+        if self.ssl is not None:
+            # TLS may hold decrypted bytes that poll() cannot see
+            while self._sock is sock and isinstance(sock, ssl_module.SSLSocket) and sock.pending():
+                try:
+                    more = sock.recv(READ_SIZE)
+                except _NOT_NOW:
+                    break
+                except OSError as exc:
+                    self._after_input()
+                    self._link_lost(exc)
+                    return
+                if not more:
+                    break
+                session.receive_data(more, time.monotonic())
+        self._after_input()
+
+    def _after_input(self) -> None:
+        """(mutex held, leader) Act on the session's events, write, drop the link if due."""
+        self._process()
+        self._flush()
+        session = self.session
+        if session.close_expected() and self._sock is not None:
+            if session.state is CLOSED:
+                self._drop_socket()
+            else:
+                error, self._link_error = self._link_error, None
+                self._link_lost(error or ConnectionClosedError(CloseCode.LINK_LOST, "link failed"))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return
+        self._wake_sent = False
+
+    def _wake(self) -> None:
+        """(mutex held) Get the leader out of poll() so that it re-plans."""
+        if self._polling and not self._wake_sent:
+            self._wake_sent = True
+            try:
+                self._wake_w.send(b"\x00")
+            except OSError:
+                self._wake_sent = False
+
+    # ------------------------------------------------------------------ writing
+
+    def _flush(self) -> None:
+        """(mutex held) Write what the session has to send."""
+        data = self.session.data_to_send()
+        if data:
+            self._write(data)
+        if self._ack_due is None and self.session.ack_pending:
+            self._ack_due = time.monotonic() + LAZY_ACK_DELAY
+
+    def _write(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return  # no link: the session replays what matters on the next one
+        if self._outbuf:
+            self._outbuf += data
+            self._flush_outbuf()
+            return
+        try:
+            sent = sock.send(data)
+        except _NOT_NOW:
+            sent = 0
+        except OSError as exc:
+            self._broken = exc
+            self._wake()
+            return
+        if sent < len(data):
+            self._outbuf += data[sent:]
+            self._wake()  # the leader must watch for POLLOUT
+
+    def _flush_outbuf(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sent = sock.send(self._outbuf)
+        except _NOT_NOW:
+            return
+        except OSError as exc:
+            self._broken = exc
+            self._wake()
+            return
+        del self._outbuf[:sent]
+
+    # ------------------------------------------------------------------ the link
+
+    def _link_step(self, now: float, deadline: float | None) -> None:
+        """(mutex held, leader, no link) Wait out the backoff delay, or dial once."""
+        if self._retry_at > now:
+            until = self._retry_at if deadline is None else min(self._retry_at, deadline)
+            self._idle_poll(until - now)
+            return
+        self.attempts += 1
+        limit = self.connect_timeout if deadline is None else min(self.connect_timeout, deadline - now)
+        sock: socket.socket | None = None
+        error: BaseException | None = None
+        self._mutex.release()
+        try:
+            sock = self._open_socket(max(limit, 0.001))
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            error = exc
+        finally:
+            self._mutex.acquire()
+        if sock is None:
+            self.last_error = error
+            if isinstance(error, ssl_module.SSLCertVerificationError):
+                self._finish(_fatal(error))
+            else:
+                self._schedule_retry(opened=False)
+            return
+        if self._finished is not None:
+            sock.close()
+            return
+        try:
+            self.session.connection_made(time.monotonic())
+        except KoriNetError as exc:  # the session ended meanwhile
+            sock.close()
+            self.last_error = exc
+            return
+        self._sock = sock
+        self._sock_fd = sock.fileno()
+        self._outbuf.clear()
+        self._broken = None
+        self._link_opened = False
+        poller = _new_poller()
+        poller.register(self._wake_r.fileno(), _POLLIN)
+        poller.register(self._sock_fd, _POLLIN)
+        self._poller = poller
+        self._poll_mask = _POLLIN
+        self._flush()  # the preface and HELLO
+
+    def _open_socket(self, timeout: float) -> socket.socket:
+        """Connect (TCP_NODELAY, TLS if configured); blocking, bounded by ``timeout``."""
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl is not None:
+                sock = self.ssl.wrap_socket(sock, server_hostname=self.server_hostname or self.host)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _idle_poll(self, seconds: float) -> None:
+        """(mutex held, leader) Wait up to ``seconds`` without a link, waking early for
+        a hand-over or close()."""
+        poller = _new_poller()
+        poller.register(self._wake_r.fileno(), _POLLIN)
+        self._polling = True
+        self._mutex.release()
+        try:
+            ready = poller.poll(max(0.0, seconds * 1000.0))
+        finally:
+            self._mutex.acquire()
+            self._polling = False
+        if ready:
+            self._drain_wake()
+
+    def _schedule_retry(self, *, opened: bool) -> None:
+        """(mutex held) After a failed attempt or a lost link: when to dial next."""
+        now = time.monotonic()
+        if opened:
+            self._delays = backoff()  # a success restarts the backoff: immediate retry first
+            self._outage_since = now
+        elif self._outage_since is None:
+            self._outage_since = now
+        if self.outage_limit is not None and now - self._outage_since > self.outage_limit:
+            self._finish(
+                KoriNetTimeout(
+                    f"no connection to {self.host}:{self.port} for {self.outage_limit}s"
+                    f" (last error: {self.last_error})"
+                )
+            )
+            return
+        delay = next(self._delays)
+        if delay:
+            logger.debug("%r: reconnecting in %.2fs", self, delay)
+        self._retry_at = now + delay
+
+    def _link_lost(self, exc: BaseException | None) -> None:
+        """(mutex held, leader) The link is gone: detach the session, plan a reconnect."""
+        opened = self._link_opened
+        self._drop_socket()
+        self.session.connection_lost(time.monotonic())
+        error = exc or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+        if exc is not None:
+            self.last_error = exc
+        if self._finished is None:
+            logger.info("%r: link lost (%s)", self, error)
+            self._defer_hooks(self.plugins.session_lost, self, error)
+            self._schedule_retry(opened=opened)
+
+    def _drop_socket(self) -> None:
+        """(mutex held, leader or nobody leading) Close the current socket, if any."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._sock_fd = -1
+        self._poller = None
+        self._poll_mask = 0
+        self._broken = None
+        if self._outbuf:
+            try:  # best effort: a CLOSE frame may be in there
+                sock.send(self._outbuf)
+            except OSError:
+                pass
+            self._outbuf.clear()
+        try:
+            # unread bytes would turn the close into an RST, which may discard our CLOSE
+            while sock.recv(READ_SIZE):
+                pass
+        except (OSError, ValueError):
+            pass
+        sock.close()
+
+    # ------------------------------------------------------------------ events
+
+    def _process(self) -> None:
+        """(mutex held, leader) Act on the session's events."""
+        for ev in self.session.events_received():
+            kind = type(ev)
+            if kind is MessagesAcked:
+                self._acked(ev.seq)  # type: ignore[attr-defined]
+            elif kind is MessageReceived:
+                self._dispatch(ev)  # type: ignore[arg-type]
+            elif kind is RealtimeReceived:
+                self._dispatch_realtime(ev)  # type: ignore[arg-type]
+            elif kind is LinkOpened:
+                self._opened(ev)  # type: ignore[arg-type]
+            elif kind is PongReceived:
+                self.rtt = ev.rtt  # type: ignore[attr-defined]
+            elif kind is SessionExpiredEvent:
+                self._expired(ev)  # type: ignore[arg-type]
+            elif kind is PeerClosed:
+                assert self.session.failure is not None
+                self._finish(self.session.failure)
+            elif kind is LinkFailed:
+                ev_f: LinkFailed = ev  # type: ignore[assignment]
+                if ev_f.session_ended:
+                    self._finish(ev_f.error)
+                else:
+                    self._link_error = ev_f.error
+                    logger.warning("%r: dropping the link: %s", self, ev_f.error)
+
+    def _opened(self, ev: LinkOpened) -> None:
+        self.links_opened += 1
+        self._link_opened = True
+        self._delays = backoff()
+        self._retry_at = 0.0
+        self._outage_since = None
+        if not self._opened_once:
+            self._opened_once = True
+            self._defer_hooks(self.plugins.session_opened, self)
+        elif ev.resumed:
+            self._defer_hooks(self.plugins.session_resumed, self, ev.replayed)
+        else:
+            self._defer_hooks(self.plugins.session_opened, self)
+
+    def _acked(self, seq: int) -> None:
+        acks = self._acks
+        rejected = self._rejected
+        while acks and acks[0].seq <= seq:
+            pending = acks.popleft()
+            if not pending.done:
+                reason = rejected.pop(pending.seq, None) if rejected else None
+                if reason is not None:
+                    pending.error = MessageRejected(reason)
+                pending.done = True
+        if rejected:  # rejections of messages nobody waits for: already logged
+            for s in [s for s in rejected if s <= seq]:
+                del rejected[s]
+
+    def _expired(self, ev: SessionExpiredEvent) -> None:
+        error = SessionExpired(ev.old_session_id, ev.unconfirmed)
+        logger.warning("%r: %s", self, error)
+        through = ev.unconfirmed_through
+        kept: deque[_Pending] = deque()
+        for pending in self._acks:
+            if pending.seq <= through:
+                if not pending.done:
+                    pending.error = error
+                    pending.done = True
+            else:
+                pending.seq -= through  # carried into the new session, renumbered
+                kept.append(pending)
+        self._acks = kept
+        for box in self._requests.values():
+            if box.done or not box.seq:
+                continue
+            if box.seq <= through:
+                box.error = error
+                box.done = True
+            else:
+                box.seq -= through
+        self._rejected.clear()
+        self._notice = error
+        self._defer_hooks(self.plugins.session_closed, self, f"expired: {error}")
+
+    def _finish(self, error: KoriNetError) -> None:
+        """(mutex held) The session ended: fail every waiter."""
+        if self._finished is not None:
+            return
+        self._finished = error
+        for pending in self._acks:
+            if not pending.done:
+                pending.error = error
+                pending.done = True
+        for box in self._requests.values():
+            if not box.done:
+                box.error = error
+                box.done = True
+        if self._followers:
+            self._cv.notify_all()
+        self._stopping.set()
+        self._wake()
+        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) in _QUIET_ENDS:
+            logger.info("%r closed: %s", self, error)
+        else:
+            logger.warning("%r ended: %s", self, error)
+        self._defer_hooks(self.plugins.session_closed, self, str(error))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _deliver(self, seq: int, lazy: bool = False) -> None:
+        self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
+
+    def _reject(self, ev: MessageReceived, reason: str) -> None:
+        logger.warning("%r: rejected message %d (type %r): %s", self, ev.seq, ev.type, reason)
+        try:
+            self.session.send_message(
+                {"error": reason}, ev.type, flags=_REJECT | (ev.flags & _REQUEST), corr=ev.corr or ev.seq
+            )
+        except KoriNetError as exc:
+            logger.warning("%r: could not send the rejection: %s", self, exc)
+        self._deliver(ev.seq)
+
+    def _dispatch(self, ev: MessageReceived) -> None:
+        # Mirrors korinet.runtime.peer.Peer._dispatch (same rules, same reasons).
+        flags = ev.flags
+        if flags & (_REPLY | _REJECT):
+            self._deliver(ev.seq, lazy=True)  # the ack rides on our next frame (or the ack timer)
+            reason = ev.obj.get("error") if isinstance(ev.obj, dict) else None
+            if flags & _REJECT and not flags & _REQUEST:
+                # corr is the seq of our rejected message
+                self._rejected[ev.corr] = str(reason)
+                logger.warning("%r: the server rejected our message %d: %s", self, ev.corr, reason)
+                return
+            box = self._requests.get(ev.corr)
+            if box is not None and not box.done:
+                if flags & (_ERROR | _REJECT):
+                    box.error = MessageRejected(str(reason), message_type=ev.type or None)
+                else:
+                    box.result = ev.obj
+                box.done = True
+            return
+        msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
+        if not ev.type:
+            if not self.accept_plain:
+                self._reject(ev, "this client accepts only typed messages")
+                return
+            self._inbox.append((msg, self.session.epoch))
+            return
+        mtype = self.message_types.get(ev.type)
+        if mtype is None:
+            self._reject(ev, f"unknown message type {ev.type!r}")
+            return
+        if mtype.required_role is not None and not _has_role(self.identity, mtype.required_role):
+            self._reject(ev, f"message type {ev.type!r} requires the role {mtype.required_role!r}")
+            return
+        if mtype.validate is not None:
+            try:
+                mtype.validate(ev.obj)
+            except (ValueError, TypeError, KeyError) as exc:
+                self._reject(ev, f"invalid {ev.type!r} message: {exc}")
+                return
+        if mtype.handler is None:
+            self._inbox.append((msg, self.session.epoch))
+            return
+        self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
+        self._run_handler(mtype.handler, msg)
+
+    def _run_handler(self, handler: Callable[..., Any], msg: Message) -> None:
+        """(mutex held, leader) Call a handler without the mutex; answer a request."""
+        error: BaseException | None = None
+        result: Any = None
+        self._mutex.release()
+        try:
+            result = handler(self, msg)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise InvalidState("coroutine handlers need the asyncio runtime (korinet.Client)")
+        except Exception as exc:
+            logger.exception("%r: handler for %r failed", self, msg.type)
+            error = exc
+        finally:
+            self._mutex.acquire()
+        if not msg.corr or self._finished is not None:
+            return
+        try:
+            if error is None:
+                self.session.send_message(result, msg.type, flags=_REPLY, corr=msg.corr)
+            else:
+                self.session.send_message(
+                    {"error": f"{type(error).__name__}: {error}"},
+                    msg.type,
+                    flags=_REPLY | _ERROR,
+                    corr=msg.corr,
+                )
+        except KoriNetError as exc:
+            logger.warning("%r: could not send the reply: %s", self, exc)
+
+    def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
+        mtype = self.message_types.get(ev.type) if ev.type else None
+        msg = Message(ev.type, ev.obj, 0, 0, self)
+        if mtype is not None and mtype.validate is not None:
+            try:
+                mtype.validate(ev.obj)
+            except (ValueError, TypeError, KeyError):
+                self.session.stats.realtime_malformed += 1
+                return
+        if mtype is not None and mtype.handler is not None:
+            handler: Callable[..., Any] = mtype.handler  # handlers take the client as their peer
+            self._mutex.release()
+            try:
+                handler(self, msg)
+            except Exception:
+                logger.exception("%r: realtime handler for %r failed", self, ev.type)
+            finally:
+                self._mutex.acquire()
+            return
+        if len(self._rt_inbox) == self._rt_inbox.maxlen:
+            self.session.stats.realtime_dropped += 1
+        self._rt_inbox.append(msg)
+
+    # ------------------------------------------------------------------ plugin hooks
+
+    def _defer_hooks(self, hook: Callable[..., list[Any]], *args: Any) -> None:
+        """Plugin hooks run after the current step, without the mutex."""
+        self._deferred.append(lambda: _await_in_background(hook(*args)))
+
+    def _run_deferred_locked(self) -> None:
+        """(mutex held) Run deferred hooks without the mutex."""
+        calls, self._deferred = self._deferred, []
+        self._mutex.release()
+        try:
+            _run_calls(calls, self)
+        finally:
+            self._mutex.acquire()
+
+    def _run_deferred(self) -> None:
+        """(mutex not held) Run deferred hooks."""
+        with self._mutex:
+            calls, self._deferred = self._deferred, []
+        _run_calls(calls, self)
+
+    # ------------------------------------------------------------------ background
+
+    def _background_step(self) -> bool:
+        """One step of the background thread; False when it should exit."""
+        with self._mutex:
+            if self._finished is not None or self._stopping.is_set():
+                return False
+            now = time.monotonic()
+            if self._ack_due is not None and now >= self._ack_due and self._leader is None:
+                self._ack_due = None
+                if self.session.ack_pending:
+                    self.session.flush_ack()
+                    self._flush()
+            idle_for = now - self._last_active
+            if (
+                self._leader is None
+                and not self._followers
+                and not self._takeover
+                and idle_for >= self.idle_handover
+            ):
+                self._leader = _BACKGROUND
+                try:
+                    self._lead(
+                        lambda: self._takeover or self._stopping.is_set() or self._finished is not None,
+                        None,
+                    )
+                except Exception:
+                    logger.exception("%r: the background reader failed", self)
+                finally:
+                    self._leader = None
+                    self._takeover = False
+                    if self._followers:
+                        self._cv.notify_all()
+                    if self._deferred:
+                        self._run_deferred_locked()
+                wait = self.idle_handover
+            else:
+                wait = self.idle_handover
+                if self._leader is None:
+                    wait = max(wait - idle_for, 0.001)
+                if self._ack_due is not None:
+                    wait = min(wait, max(self._ack_due - now, 0.001))
+        self._stopping.wait(wait)
+        return True
+
+
+def _background(ref: weakref.ref[SyncClient]) -> None:
+    """The background thread: holds its client only during a step, so an abandoned
+    client can still be collected."""
+    while True:
+        client = ref()
+        if client is None:
+            return
+        try:
+            if not client._background_step():
+                return
+        except Exception:
+            logger.exception("%r: background step failed", client)
+        del client
+
+
+def _await_in_background(awaitables: list[Any]) -> None:
+    """Awaitables returned by async plugin hooks run on the shared asyncio loop
+    (korinet._loopthread), started only if a plugin needs it."""
+    if not awaitables:
+        return
+    import asyncio
+
+    loop = get_loop()
+    for guarded in awaitables:
+        asyncio.run_coroutine_threadsafe(guarded.run(), loop)
+
+
+def _run_calls(calls: list[Callable[[], Any]], client: SyncClient) -> None:
+    for call in calls:
+        try:
+            call()
+        except Exception:  # the manager isolates each plugin; this is a last guard
+            logger.exception("%r: a plugin hook failed", client)
+
+
+def _fatal(exc: BaseException) -> KoriNetError:
+    error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _has_role(identity: Any, role: str) -> bool:
+    roles = getattr(identity, "roles", None) or ()
+    return role in roles
+
+
+def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> SyncClient:
+    """Shortcut for :class:`SyncClient` (``with connect(host, port) as client: ...``)."""
+    return SyncClient(host, port, **kwargs)
