@@ -37,6 +37,8 @@ class Client(Peer):
         plugins: the plugin manager (default: installed plugins).
         ssl: an ``ssl.SSLContext`` for TLS, or None for plaintext.
         connect_timeout: seconds allowed for one TCP connect attempt.
+        backoff_cap: the longest wait between reconnection attempts (seconds); lower
+            it where a link that comes back must be used again within that time.
         outage_limit: give up (session ends with KoriNetTimeout) after this many
             seconds without a link; None retries forever.
     """
@@ -51,6 +53,7 @@ class Client(Peer):
         ssl: ssl_module.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 5.0,
+        backoff_cap: float = 5.0,
         outage_limit: float | None = None,
     ) -> None:
         plugins = plugins or default_manager()
@@ -60,6 +63,7 @@ class Client(Peer):
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
+        self.backoff_cap = backoff_cap
         self.outage_limit = outage_limit
         #: the last connection error, for messages while reconnecting
         self.last_error: BaseException | None = None
@@ -131,7 +135,7 @@ class Client(Peer):
         self._link_down.set()
 
     async def _run(self) -> None:
-        delays = backoff()
+        delays = backoff(cap=self.backoff_cap)
         outage_since: float | None = None
         while not self.is_closed:
             opened = await self._one_link()
@@ -139,7 +143,7 @@ class Client(Peer):
                 return
             now = self.loop.time()
             if opened:
-                delays = backoff()  # a success restarts the backoff: immediate retry first
+                delays = backoff(cap=self.backoff_cap)  # a success restarts it: immediate retry first
                 outage_since = now
             elif outage_since is None:
                 outage_since = now
