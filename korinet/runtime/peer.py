@@ -58,6 +58,8 @@ _REJECT = int(MessageFlags.REJECT)
 REALTIME_INBOX: int = 256
 #: Queued messages are written at once after this many, without waiting for the loop.
 FLUSH_EVERY: int = 64
+#: Longest close() waits for the peer to answer our CLOSE and drop the connection.
+CLOSE_ECHO_TIMEOUT: float = 2.0
 #: Longest a lazy acknowledgement (of a request or reply) waits for a frame to ride on.
 LAZY_ACK_DELAY: float = 0.02
 #: A realtime message is dropped rather than queued behind this many unsent bytes.
@@ -350,9 +352,20 @@ class Peer:
             except TimeoutError:
                 logger.warning("%r: closing with %d message(s) unacknowledged", self, len(self._acks))
         self.session.close(CloseCode.NORMAL, reason)
-        self._flush()
-        if self.conn is not None:
-            self.conn.close()
+        conn = self.conn
+        if conn is not None:
+            conn.write(self.session.data_to_send())
+            # Wait for the peer's echo and its close (§7): dropping the connection at
+            # once could reset it before our last ACK arrives, over a lossy link.
+            conn.peer = None
+            self.conn = None
+            if conn.transport is not None and conn.transport.can_write_eof():
+                conn.transport.write_eof()
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.lost), min(timeout, CLOSE_ECHO_TIMEOUT))
+            except TimeoutError:
+                pass
+            conn.close()
         self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
 
     def _raise_if_closed(self) -> None:

@@ -322,7 +322,8 @@ class Session:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """End the session: queue a CLOSE frame if a link is open (§7).
 
-        Next: write :meth:`data_to_send`, then drop the link.
+        Next: write :meth:`data_to_send`, then wait (briefly) for the peer to echo the
+        CLOSE and drop the connection, then drop the link.
         """
         if self.state is CLOSED:
             return
@@ -595,9 +596,19 @@ class Session:
             error = ConnectionClosedOK(code, reason)
         else:
             error = ConnectionClosedError(code, reason)
+        if self.state is OPEN and code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            # Echo an orderly close (§7): it tells the closer that everything it sent
+            # before, its last ACK included, was read, so it may drop the connection.
+            self._out.append(self._final_ack() + encode_close(code, reason))
         self.state = CLOSED
         self.failure = error
         self._events.append(PeerClosed(code, reason))
+
+    def _final_ack(self) -> bytes:
+        if self.delivered > self._ack_sent:
+            self._ack_sent = self.delivered
+            return encode_frame(FrameType.ACK, encode_u64(self.delivered))
+        return b""
 
     def _handle_welcome(self, body: bytes, now: float) -> None:
         w = parse_welcome(body)

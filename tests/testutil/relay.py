@@ -1,16 +1,22 @@
 """A loopback TCP relay for fault injection: it forwards bytes between a client and
 a server and can cut every connection at once, after N more bytes (so mid-frame),
-or stop forwarding without closing (a black hole, as a half-open link)."""
+stop forwarding without closing (a black hole, as a half-open link), or delay
+every chunk by a random time in a range, keeping each direction in order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 
 
 class Relay:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, delay: tuple[float, float] | None = None, seed: int = 0
+    ) -> None:
         self.target = (target_host, target_port)
+        self.delay = delay
+        self._rng = random.Random(seed)
         self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.cuts = 0
         self.connections = 0
@@ -63,8 +69,15 @@ class Relay:
         self.pairs.add(pair)
         with contextlib.suppress(asyncio.CancelledError):  # the test's loop is closing
             await asyncio.gather(self._pump(creader, swriter, pair), self._pump(sreader, cwriter, pair))
+        if pair in self.pairs:
+            self.pairs.discard(pair)
+            for w in pair:
+                w.transport.abort()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple) -> None:
+        if self.delay is not None:
+            await self._delayed_pump(reader, writer, pair)
+            return
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
             while pair in self.pairs:
                 data = await reader.read(65536)
@@ -83,3 +96,37 @@ class Relay:
             self.pairs.discard(pair)
             for w in pair:
                 w.transport.abort()
+
+    async def _delayed_pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple
+    ) -> None:
+        """Each chunk leaves at arrival + a random delay, never before the previous one;
+        an EOF is passed on (half-close) once everything before it has left."""
+        assert self.delay is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if pair not in self.pairs:
+                    return  # cut meanwhile
+                writer.write(data)
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write_eof()
+
+        sender = asyncio.create_task(deliver())
+        last_due = 0.0
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
+                while pair in self.pairs:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    last_due = max(last_due, loop.time() + self._rng.uniform(*self.delay))
+                    queue.put_nowait((last_due, data))
+            queue.put_nowait(None)
+            await sender
+        finally:
+            sender.cancel()
