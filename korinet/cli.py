@@ -1,4 +1,5 @@
-"""The ``korinet`` command: serve, ping, plugins, and whatever plugins add."""
+"""The ``korinet`` command: serve, ping, plugins, the identity commands (keygen,
+id, authorize), and whatever plugins add."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .builtin import ECHO
@@ -17,6 +19,9 @@ from .exceptions import KoriNetError
 from .plugins import PluginConflict, PluginManager, default_manager
 from .runtime import DEFAULT_PORT, Client, Server
 from .session import SessionConfig
+
+if TYPE_CHECKING:
+    from .security import ClientTLS, Identity, KnownHosts, ServerTLS
 
 __all__ = ["main", "parse_address"]
 
@@ -49,14 +54,109 @@ def _port(text: str, whole: str) -> int:
     return port
 
 
+# ---------------------------------------------------------------------- identity
+
+
+def _identity(command: str) -> Identity:
+    """This node's identity, made on first use (and saying so).
+
+    Raises:
+        OSError, ValueError: the stored one cannot be read (the message says why).
+    """
+    from .security import Identity, korinet_home
+
+    created = not Identity.exists()
+    identity = Identity.load_or_create()
+    if created:
+        print(
+            f"korinet {command}: created a new identity {identity.fingerprint} in {korinet_home()}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return identity
+
+
+def _keygen(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from .security import Identity, korinet_home
+
+    home = korinet_home()
+    if Identity.exists(home) and not args.force:
+        try:
+            old = Identity.load(home).fingerprint
+        except (OSError, ValueError) as exc:
+            old = f"unreadable: {exc}"
+        print(
+            f"korinet keygen: an identity already exists in {home} ({old}); --force replaces it, "
+            "after which servers that authorized it and clients that pinned it refuse the new key",
+            file=sys.stderr,
+        )
+        return 1
+    identity = Identity.generate().save(home, overwrite=True)
+    print(f"{identity.fingerprint}\nnew identity in {home} (key.pem is private: mode 0600)")
+    return 0
+
+
+def _id(args: argparse.Namespace, plugins: PluginManager) -> int:
+    try:
+        identity = _identity("id")
+    except (OSError, ValueError) as exc:
+        print(f"korinet id: {exc}", file=sys.stderr)
+        return 1
+    print(identity.fingerprint)
+    return 0
+
+
+def _authorize(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from .security import AuthorizedKeys
+
+    keys = AuthorizedKeys()
+    try:
+        added = keys.authorize(args.fingerprint, args.name, args.role)
+    except (OSError, ValueError) as exc:
+        print(f"korinet authorize: {exc}", file=sys.stderr)
+        return 1
+    roles = ", ".join(sorted(set(args.role))) or "none"
+    print(f"{'authorized' if added else 'updated'} {args.name} ({args.fingerprint.strip()}), roles: {roles}")
+    print(f"in {keys.path}; delete the line to revoke it")
+    return 0
+
+
+def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
+    if not args.tls:
+        return None
+    from .security import AuthorizedKeys, ServerTLS
+
+    return ServerTLS(_identity("serve"), authorized=None if args.no_client_auth else AuthorizedKeys())
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
+    if not args.tls:
+        return None
+    from .security import ClientTLS
+
+    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
+        print(
+            f"first connection to {address}: its key {fingerprint} is now pinned in {known_hosts.path}\n"
+            "(compare it with what `korinet id` prints on the server)",
+            flush=True,
+        )
+
+    return ClientTLS(_identity("ping"), on_first_use=first_use)
+
+
 # ---------------------------------------------------------------------- serve
 
 
 async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     host, port = parse_address(args.listen)
     config = SessionConfig(heartbeat_interval=args.heartbeat)
+    try:
+        tls = _server_tls(args)
+    except (OSError, ValueError) as exc:
+        print(f"korinet serve: {exc}", file=sys.stderr)
+        return 1
     server = Server(
-        host, port, plugins=plugins, config=config, accept_plain=False, session_ttl=args.session_ttl
+        host, port, plugins=plugins, config=config, accept_plain=False, session_ttl=args.session_ttl, tls=tls
     )
     try:
         await server.start()
@@ -65,6 +165,22 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
         return 1
     types = ", ".join(sorted(plugins.message_types())) or "none"
     print(f"korinet {__version__} serving on {host}:{server.port} (message types: {types})", flush=True)
+    if tls is not None:
+        print(f"TLS 1.3, server key {tls.identity.fingerprint}", flush=True)
+        if tls.authorized is None:
+            print("any client may connect (--no-client-auth): clients are not authenticated", flush=True)
+        else:
+            try:
+                count = len(tls.authorized.entries())
+            except ValueError as exc:
+                print(f"korinet serve: {exc}", file=sys.stderr)
+                await server.close()
+                return 1
+            print(
+                f"clients must be authorized: {count} key(s) in {tls.authorized.path} "
+                "(add one with: korinet authorize FINGERPRINT --name NAME)",
+                flush=True,
+            )
     print("Press Ctrl-C to stop.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,9 +197,14 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
 
 async def _ping(args: argparse.Namespace, plugins: PluginManager) -> int:
     host, port = parse_address(args.address)
+    try:
+        tls = _client_tls(args)
+    except (OSError, ValueError) as exc:
+        print(f"korinet ping: {exc}", file=sys.stderr)
+        return 1
     started = time.perf_counter()
     try:
-        client = await Client.connect(host, port, plugins=plugins, open_timeout=args.timeout)
+        client = await Client.connect(host, port, plugins=plugins, open_timeout=args.timeout, tls=tls)
     except KoriNetError as exc:
         print(f"korinet ping: {exc}", file=sys.stderr)
         return 2
@@ -170,6 +291,16 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         default=120.0,
         help="seconds a disconnected session is kept for its client (default 120)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS 1.3 with this node's identity; only clients in authorized_keys may connect",
+    )
+    p.add_argument(
+        "--no-client-auth",
+        action="store_true",
+        help="with --tls: let any client connect (encrypted, but not authenticated)",
+    )
     p.set_defaults(func=_serve, is_async=True)
 
     p = sub.add_parser("ping", help="open a session and measure request/reply round trips")
@@ -181,10 +312,28 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         "-t", "--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS 1.3: pin the server's key on first use, present this node's identity",
+    )
     p.set_defaults(func=_ping, is_async=True)
 
     p = sub.add_parser("plugins", help="list plugins with their codecs and message types")
     p.set_defaults(func=_plugins, is_async=False)
+
+    p = sub.add_parser("keygen", help="create this node's identity (key pair and certificate)")
+    p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p.set_defaults(func=_keygen, is_async=False)
+
+    p = sub.add_parser("id", help="print this node's fingerprint (creating the identity on first use)")
+    p.set_defaults(func=_id, is_async=False)
+
+    p = sub.add_parser("authorize", help="let a client's key connect to this node's servers")
+    p.add_argument("fingerprint", help="the client's fingerprint, as `korinet id` prints it there")
+    p.add_argument("--name", required=True, help="who the key belongs to (one word)")
+    p.add_argument("--role", action="append", default=[], help="a role to grant (repeat for several)")
+    p.set_defaults(func=_authorize, is_async=False)
 
     plugins.add_cli_commands(sub)
     return parser

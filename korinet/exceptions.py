@@ -18,7 +18,8 @@
     │   └── ConnectionClosedError     ... by an error or a lost link
     ├── SessionExpired                the peer no longer knows our session; unacked messages are void
     ├── SendBufferFull                a bounded buffer is full and the caller asked not to wait
-    ├── AuthenticationError
+    ├── AuthenticationError           the peer refused our identity, or we refused the peer's
+    │   └── HostKeyChanged            a server's key differs from the one pinned in known_hosts
     └── KoriNetTimeout                a deadline set by the caller passed (also TimeoutError)
 
 Data lives in attributes, not only in the message, so callers can act on it.
@@ -35,6 +36,7 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionClosedOK",
     "FrameTooLarge",
+    "HostKeyChanged",
     "InvalidState",
     "KoriNetError",
     "KoriNetTimeout",
@@ -161,7 +163,28 @@ class SendBufferFull(KoriNetError):
 
 
 class AuthenticationError(KoriNetError):
-    """The peer could not be authenticated, or refused our credentials."""
+    """The peer could not be authenticated, or refused our credentials (CLOSE 1007)."""
+
+
+class HostKeyChanged(AuthenticationError):
+    """The server presented a key other than the one pinned for its address.
+
+    Either someone is in the middle, or the server's key was replaced. Retrying cannot
+    help: the session ends. ``path`` and ``line`` locate the pinned entry to delete
+    once the change is known to be legitimate.
+    """
+
+    def __init__(self, address: str, pinned: str, offered: str, path: str, line: int) -> None:
+        super().__init__(
+            f"the key of {address} CHANGED: pinned {pinned}, offered {offered}. Someone may be "
+            f"intercepting the connection, or the server's key was replaced. If the change is "
+            f"expected, delete line {line} of {path} and connect again to pin the new key."
+        )
+        self.address = address
+        self.pinned = pinned
+        self.offered = offered
+        self.path = path
+        self.line = line
 
 
 class KoriNetTimeout(KoriNetError, TimeoutError):

@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionClosedError, KoriNetError, KoriNetTimeout
+from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, KoriNetTimeout
 from ..plugins import PluginManager, default_manager
 from ..session import CLIENT, CloseCode, Session, SessionConfig
 from .backoff import backoff
 from .connection import Connection
 from .peer import Peer
+
+if TYPE_CHECKING:
+    from ..security import ClientTLS
 
 __all__ = ["DEFAULT_PORT", "Client", "connect"]
 
@@ -35,7 +38,12 @@ class Client(Peer):
         host, port: the server.
         config: session limits and timings.
         plugins: the plugin manager (default: installed plugins).
-        ssl: an ``ssl.SSLContext`` for TLS, or None for plaintext.
+        tls: TLS 1.3 with server pinning and, given an identity, mutual TLS
+            (:class:`~korinet.security.ClientTLS`); None is plaintext. The server's
+            key is checked before the HELLO is sent, on every connection; a
+            mismatch ends the session (``HostKeyChanged``).
+        ssl: a ready ``ssl.SSLContext`` instead of ``tls`` (its own verification,
+            no pinning).
         connect_timeout: seconds allowed for one TCP connect attempt.
         backoff_cap: the longest wait between reconnection attempts (seconds); lower
             it where a link that comes back must be used again within that time.
@@ -50,16 +58,22 @@ class Client(Peer):
         *,
         config: SessionConfig | None = None,
         plugins: PluginManager | None = None,
+        tls: ClientTLS | None = None,
         ssl: ssl_module.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 5.0,
         backoff_cap: float = 5.0,
         outage_limit: float | None = None,
     ) -> None:
+        if tls is not None:
+            if ssl is not None:
+                raise ValueError("give tls= or ssl=, not both")
+            ssl = tls.context()
         plugins = plugins or default_manager()
         session = Session(CLIENT, plugins.codecs(), config)
         super().__init__(session, plugins)
         self.host, self.port = host, port
+        self.tls = tls
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
@@ -89,6 +103,9 @@ class Client(Peer):
         self.start()
         try:
             await self.wait_connected(open_timeout)
+            # wait_connected also returns when the session ended (refused: bad key,
+            # no common version...): that is an error here, not a session.
+            self._raise_if_closed()
         except KoriNetTimeout:
             last = self.last_error
             await self.abort()
@@ -179,6 +196,14 @@ class Client(Peer):
             if isinstance(exc, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(exc))
             return False
+        if self.tls is not None:
+            try:
+                self._verify_server(conn)
+            except AuthenticationError as exc:
+                conn.abort()
+                self.last_error = exc
+                self._finish(exc)  # retrying cannot make the key match
+                return False
         self._link_down.clear()
         self._attach(conn)
         try:
@@ -193,6 +218,18 @@ class Client(Peer):
         if conn.lost.done() and conn.lost.result() is not None:
             self.last_error = conn.lost.result()
         return self.links_opened > opened_before
+
+    def _verify_server(self, conn: Connection) -> None:
+        """Check the server's key against the pin before anything is sent (§3.1 comes
+        after TLS): sets :attr:`identity` to the server's."""
+        from ..security.known_hosts import host_address
+
+        assert self.tls is not None
+        address = host_address(self.host, self.port)
+        try:
+            self.identity = self.tls.verify_server(address, conn.transport)
+        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
+            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
 
 
 def _fatal(exc: BaseException) -> KoriNetError:

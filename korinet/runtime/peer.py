@@ -142,6 +142,7 @@ class Peer:
         waiter = self.loop.create_future()
         self._open_waiters.append(waiter)
         await self._wait(waiter, timeout, "waiting for the connection")
+        self._raise_if_closed()  # woken because the session ended, not because it opened
 
     # ------------------------------------------------------------------ sending
 

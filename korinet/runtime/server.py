@@ -3,6 +3,12 @@ Server (a listening socket feeding the Hub).
 
 The Hub is separate so that the blocking ``server(conn)`` facade, which gets
 sockets the application accepted itself, shares every rule with ``Server``.
+
+Authentication (docs/SECURITY.md): a Hub given ``authorized`` keys checks the
+client certificate of each TLS connection as soon as the TLS handshake is done,
+before it reads the HELLO; an unknown or missing key is answered CLOSE 1007
+instead of a WELCOME. The identity found becomes ``peer.identity``, and a session
+can only be resumed by the identity that opened it.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ import logging
 import socket
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionClosedError, KoriNetError
+from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
 from ..plugins import PluginManager, default_manager
 from ..session import (
     SERVER,
@@ -32,6 +38,9 @@ from .connection import Connection
 from .legacy import LegacyPeer
 from .peer import Peer
 
+if TYPE_CHECKING:
+    from ..security import AuthorizedKeys, PeerIdentity, ServerTLS
+
 __all__ = ["AnyPeer", "Hub", "Server", "ServerPeer", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -43,8 +52,10 @@ SessionHandler = Callable[[Any], Awaitable[None]]
 class ServerPeer(Peer):
     """A server-side session. It stays in the hub's table while detached, until its TTL."""
 
-    def __init__(self, hub: Hub, session: Session, peername: str) -> None:
-        super().__init__(session, hub.plugins, accept_plain=hub.accept_plain)
+    def __init__(
+        self, hub: Hub, session: Session, peername: str, identity: PeerIdentity | None = None
+    ) -> None:
+        super().__init__(session, hub.plugins, accept_plain=hub.accept_plain, identity=identity)
         self.hub = hub
         self.peername = peername
         self._expiry: asyncio.TimerHandle | None = None
@@ -88,6 +99,8 @@ class Hub:
         max_sessions: sessions kept at once; beyond, new clients are told to retry later.
         max_connections: connections at once (handshaking or open).
         legacy: serve peers speaking the original v2 wire.
+        authorized: admit only TLS clients whose certificate's key is listed there
+            (see :class:`~korinet.security.AuthorizedKeys`); None admits anyone.
     """
 
     def __init__(
@@ -101,6 +114,7 @@ class Hub:
         max_sessions: int = 20000,
         max_connections: int = 20000,
         legacy: bool = True,
+        authorized: AuthorizedKeys | None = None,
     ) -> None:
         self.plugins = plugins or default_manager()
         self.codecs = self.plugins.codecs()
@@ -112,6 +126,7 @@ class Hub:
         self.max_sessions = max_sessions
         self.max_connections = max_connections
         self.legacy = legacy
+        self.authorized = authorized
         self.sessions: dict[str, ServerPeer] = {}
         self.connections: set[Connection] = set()
         self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
@@ -135,7 +150,8 @@ class Hub:
             conn.abort()
             return
         handshake = ServerHandshake(self.config, self._codec_names, legacy=self.legacy)
-        conn.on_data = lambda data: self._handshake_data(conn, handshake, data)
+        identity, refusal = self._authenticate(conn)
+        conn.on_data = lambda data: self._handshake_data(conn, handshake, data, identity, refusal)
         conn.schedule(
             conn.loop.time() + self.config.handshake_timeout, lambda: self._handshake_timeout(conn, handshake)
         )
@@ -155,13 +171,58 @@ class Hub:
             conn.write(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
         conn.close()
 
-    def _handshake_data(self, conn: Connection, handshake: ServerHandshake, data: bytes) -> None:
+    def _authenticate(self, conn: Connection) -> tuple[PeerIdentity | None, str | None]:
+        """Check the client's certificate against the authorized keys, right after the
+        TLS handshake. Returns the identity, or the reason to refuse the client."""
+        if self.authorized is None:
+            return None, None
+        from ..security.tls import peer_fingerprint  # TLS users only pay for cryptography
+
+        try:
+            fingerprint = peer_fingerprint(conn.transport)
+        except ValueError:  # OpenSSL accepted it, so this should not happen
+            fingerprint = None
+        if fingerprint is None:
+            logger.warning("%s: refused: no client certificate", conn.peername)
+            return None, (
+                "this server admits only authorized keys, and the client presented none "
+                "(connect with TLS and an identity)"
+            )
+        entry = self.authorized.lookup(fingerprint)
+        if entry is None:
+            logger.warning("%s: refused: key %s is not authorized", conn.peername, fingerprint)
+            return None, (
+                f"key {fingerprint} is not authorized on this server "
+                f"(its operator can run: korinet authorize {fingerprint} --name NAME)"
+            )
+        logger.info("%s: authenticated as %s (%s)", conn.peername, entry.name, fingerprint)
+        return entry.identity(), None
+
+    def _refuse(self, conn: Connection, reason: str, *, can_read_close: bool = True) -> None:
+        if can_read_close:
+            conn.write(encode_close(CloseCode.AUTH_FAILED, reason))
+        conn.close()
+        self._fail_result(conn, AuthenticationError(reason))
+
+    def _handshake_data(
+        self,
+        conn: Connection,
+        handshake: ServerHandshake,
+        data: bytes,
+        identity: PeerIdentity | None = None,
+        refusal: str | None = None,
+    ) -> None:
         outcome = handshake.receive_data(data)
         if outcome is HandshakeOutcome.NEED_DATA:
             return
         conn.cancel_timer()
         conn.on_data = None
-        if outcome is HandshakeOutcome.REJECTED:
+        if refusal is not None:
+            # Refused before anything of the HELLO is acted on. We waited for it only so
+            # that the client reads our CLOSE (written earlier, it could be lost to the
+            # reset that its late HELLO would cause on a closed socket).
+            self._refuse(conn, refusal, can_read_close=handshake.saw_preface)
+        elif outcome is HandshakeOutcome.REJECTED:
             logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
             conn.write(handshake.data_to_send())
             conn.close()
@@ -175,9 +236,11 @@ class Hub:
                 self._run_handler(legacy)
         else:
             assert handshake.hello is not None
-            self._hello(conn, handshake.hello, handshake.leftover)
+            self._hello(conn, handshake.hello, handshake.leftover, identity)
 
-    def _hello(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
+    def _hello(
+        self, conn: Connection, hello: Hello, leftover: bytes, identity: PeerIdentity | None = None
+    ) -> None:
         resume = hello.resume
         expired = None
         if resume is not None:
@@ -189,6 +252,19 @@ class Hub:
                 and peer.session.codec is not None
                 and peer.session.codec.name in hello.codecs
             ):
+                if _fingerprint(peer.identity) != _fingerprint(identity):
+                    # A resume token is bound to the identity that opened the session:
+                    # a stolen one is useless to anyone else (docs/SECURITY.md).
+                    logger.warning(
+                        "%s: refused: %s presented the resume token of %r, which belongs to %s",
+                        conn.peername,
+                        _fingerprint(identity) or "an anonymous client",
+                        peer,
+                        _fingerprint(peer.identity) or "an anonymous client",
+                    )
+                    self._refuse(conn, "this session belongs to another identity")
+                    return
+                peer.identity = identity  # the same key, with the roles the file gives now
                 logger.debug("%s: resumes %r", conn.peername, peer)
                 peer._resumed_on(conn, hello, leftover)
                 self._set_result(conn, peer)
@@ -201,7 +277,7 @@ class Hub:
             conn.close()
             return
         session = Session(SERVER, self.codecs, self.config)
-        peer = ServerPeer(self, session, conn.peername)
+        peer = ServerPeer(self, session, conn.peername, identity)
         peer._attach(conn)
         session.accept(hello, conn.loop.time(), b"", expired=expired)
         assert session.session_id is not None
@@ -276,7 +352,14 @@ class Hub:
 class Server:
     """A Hub behind a listening socket. ``async with Server(...)`` starts and stops it.
 
-    Extra keyword arguments go to :class:`Hub`.
+    Args:
+        host, port: where to listen (port 0: any free port, see :attr:`port`).
+        tls: TLS 1.3 with this server's identity, and the clients it admits
+            (:class:`~korinet.security.ServerTLS`); None serves plaintext.
+        ssl: a ready ``ssl.SSLContext`` instead of ``tls`` (no pinning, no
+            authentication unless ``authorized`` is given too).
+        backlog: the listening socket's backlog.
+        hub_kwargs: go to :class:`Hub`.
     """
 
     def __init__(
@@ -284,12 +367,19 @@ class Server:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         *,
+        tls: ServerTLS | None = None,
         ssl: ssl_module.SSLContext | None = None,
         backlog: int = 1024,
         **hub_kwargs: Any,
     ) -> None:
+        if tls is not None:
+            if ssl is not None or "authorized" in hub_kwargs:
+                raise ValueError("give tls= alone: it holds the context and the authorized keys")
+            ssl = tls.context()
+            hub_kwargs["authorized"] = tls.authorized
         self.host = host
         self.requested_port = port
+        self.tls = tls
         self.ssl = ssl
         self.backlog = backlog
         self.hub = Hub(**hub_kwargs)
@@ -298,6 +388,11 @@ class Server:
     @property
     def plugins(self) -> PluginManager:
         return self.hub.plugins
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The fingerprint clients pin (None without ``tls``)."""
+        return self.tls.identity.fingerprint if self.tls is not None else None
 
     @property
     def port(self) -> int:
@@ -316,7 +411,12 @@ class Server:
             backlog=self.backlog,
             reuse_address=True,
         )
-        logger.info("listening on %s:%d", self.host, self.port)
+        logger.info(
+            "listening on %s:%d (%s)",
+            self.host,
+            self.port,
+            f"TLS 1.3, key {self.fingerprint}" if self.tls else ("TLS" if self.ssl else "plaintext"),
+        )
         for guarded in self.plugins.server_started(self):
             await guarded.run()
         return self
@@ -352,3 +452,7 @@ async def serve(
 ) -> Server:
     """Start a :class:`Server` running ``handler(peer)`` for every new session."""
     return await Server(host, port, handler=handler, **kwargs).start()
+
+
+def _fingerprint(identity: Any) -> str | None:
+    return getattr(identity, "fingerprint", None)
