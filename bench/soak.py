@@ -1,6 +1,6 @@
 """Soak: traffic both ways for a long time with a connection cut every few seconds.
 
-    python bench/soak.py [--minutes 30] [--cut-every 3] [--png bench/soak.png]
+    python bench/soak.py [--minutes 30] [--cut-every 3] [--rate 5000] [--png bench/soak.png]
 
 The server runs in its own process. Every 10 s the script samples throughput and
 the RSS and open file descriptors of both processes; at the end it checks that
@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, float]]:
                         raise
                     await client.wait_acked(client.session.acked + 1)
                 if sent % 100 == 0:
-                    await asyncio.sleep(0.005)  # a steady stream, not a flood
+                    await asyncio.sleep(100 / args.rate)  # a steady stream, not a flood
 
         async def receiver() -> None:
             nonlocal received
@@ -180,6 +180,7 @@ def main() -> None:
     )
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--cut-every", type=float, default=3.0, help="mean seconds between cuts")
+    parser.add_argument("--rate", type=float, default=5000, help="messages per second at most")
     parser.add_argument("--png", type=Path, default=Path(__file__).with_name("soak.png"))
     args = parser.parse_args()
     report(asyncio.run(run(args)), args.png)
