@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..dispatch import admit, queue_answer, queue_rejection, rejection_reason
 from ..exceptions import (
     CodecError,
     ConnectionClosedError,
@@ -317,7 +318,10 @@ class Peer:
         if msg.seq:
             # a request's ack can ride on its reply
             self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
-            self._schedule_flush()
+            if self._inbox:
+                self._schedule_flush()  # more to take this turn: one ACK for all of them
+            else:
+                self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
         return msg
 
     async def recv(self, timeout: float | None = None) -> Any:
@@ -580,55 +584,30 @@ class Peer:
     def _deliver(self, seq: int, lazy: bool = False) -> None:
         self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
 
-    def _reject(self, ev: MessageReceived, reason: str) -> None:
-        logger.warning("%r: rejected message %d (type %r): %s", self, ev.seq, ev.type, reason)
-        try:
-            self.session.send_message(
-                {"error": reason}, ev.type, flags=_REJECT | (ev.flags & _REQUEST), corr=ev.corr or ev.seq
-            )
-        except KoriNetError as exc:
-            logger.warning("%r: could not send the rejection: %s", self, exc)
-        self._deliver(ev.seq)
-
     def _dispatch(self, ev: MessageReceived) -> None:
         flags = ev.flags
         if flags & (_REPLY | _REJECT):
             # lazy: the ack rides on our next frame (or the ack timer), not a write of its own
             self._deliver(ev.seq, lazy=True)
-            reason = ev.obj.get("error") if isinstance(ev.obj, dict) else None
-            entry = self._requests.get(ev.corr) if flags & (_REPLY | _REQUEST) else None
+            reason = rejection_reason(ev)
             if flags & _REJECT and not flags & _REQUEST:
                 # corr is the seq of our rejected message
-                self._rejected[ev.corr] = str(reason)
+                self._rejected[ev.corr] = reason
                 logger.warning("%r: the peer rejected our message %d: %s", self, ev.corr, reason)
                 return
+            entry = self._requests.get(ev.corr)
             if entry is not None and not entry[0].done():
                 if flags & (_ERROR | _REJECT):
-                    entry[0].set_exception(MessageRejected(str(reason), message_type=ev.type or None))
+                    entry[0].set_exception(MessageRejected(reason, message_type=ev.type or None))
                 else:
                     entry[0].set_result(ev.obj)
             return
+        mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
+        if refusal is not None:
+            queue_rejection(self.session, ev, refusal, self)
+            return
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
-        if not ev.type:
-            if not self.accept_plain:
-                self._reject(ev, "this server accepts only typed messages")
-                return
-            self._to_inbox(msg)
-            return
-        mtype = self.message_types.get(ev.type)
-        if mtype is None:
-            self._reject(ev, f"unknown message type {ev.type!r}")
-            return
-        if mtype.required_role is not None and not _has_role(self.identity, mtype.required_role):
-            self._reject(ev, f"message type {ev.type!r} requires the role {mtype.required_role!r}")
-            return
-        if mtype.validate is not None:
-            try:
-                mtype.validate(ev.obj)
-            except (ValueError, TypeError, KeyError) as exc:
-                self._reject(ev, f"invalid {ev.type!r} message: {exc}")
-                return
-        if mtype.handler is None:
+        if mtype is None or mtype.handler is None:
             self._to_inbox(msg)
             return
         self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
@@ -664,20 +643,8 @@ class Peer:
     def _answer(self, msg: Message, result: Any, error: BaseException | None) -> None:
         if not msg.corr or self.is_closed:
             return
-        try:
-            if error is None:
-                self.session.send_message(result, msg.type, flags=_REPLY, corr=msg.corr)
-            else:
-                self.session.send_message(
-                    {"error": f"{type(error).__name__}: {error}"},
-                    msg.type,
-                    flags=_REPLY | _ERROR,
-                    corr=msg.corr,
-                )
-        except KoriNetError as exc:
-            logger.warning("%r: could not send the reply: %s", self, exc)
-            return
-        self._schedule_flush()
+        if queue_answer(self.session, msg.type, msg.corr, result, error, self):
+            self._schedule_flush()
 
     def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
         mtype = self.message_types.get(ev.type) if ev.type else None
@@ -701,8 +668,3 @@ class Peer:
 
 #: Session ends that are routine, logged at INFO rather than WARNING.
 _QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
-
-
-def _has_role(identity: Any, role: str) -> bool:
-    roles = getattr(identity, "roles", None) or ()
-    return role in roles

@@ -10,37 +10,48 @@ Threads and locks
 -----------------
 
 ``_mutex`` protects everything: the Session, the inbox, the waiters' records,
-the link fields. It is held only for short, non-blocking work; every socket is
-non-blocking. Writes happen under it (so they are serialized, in the order the
-Session produced them); bytes the kernel refuses wait in ``_outbuf`` for the
-leader to flush.
+the link fields. It is never held across a blocking call. Every write happens
+under it, without blocking (``MSG_DONTWAIT``, or a non-blocking TLS socket), so
+writes are serialized in the order the Session produced them; bytes the kernel
+refuses wait in ``_outbuf`` for the leader to flush.
 
-Reading is a *role*, not a lock: at most one thread, the **leader**
-(``_leader`` holds its thread id), reads the socket, ticks the Session's
-timers, changes the link (drop, reconnect, handshake) and closes sockets. A
-thread that must wait for something (an ACK, a message, a reply, window space,
-the first link) calls :meth:`SyncClient._wait`: if nobody leads it becomes the
-leader and reads until its own condition holds, then resigns; otherwise it is a
-**follower** and sleeps on the condition variable ``_cv``, which the leader
-notifies after processing what it read. A follower whose condition is met
-returns without ever reading; when the leader resigns, a follower takes over.
-While waiting for the socket the leader releases ``_mutex`` and sits in
-``poll()`` on the socket and on a wake-up socketpair; a thread that needs the
-leader to re-plan (the background thread should hand over, the kernel refused
-bytes so the leader must watch for POLLOUT, the session is closing) writes one
-byte to the pair, and only while the leader is actually in ``poll()``
-(``_polling``, set and cleared under ``_mutex``, so no wake-up is lost).
+Reading is a *role*, not a lock: at most one thread, the **leader** (``_leader``
+holds its thread id), reads the socket, ticks the Session's timers, changes the
+link (drop, reconnect, handshake) and closes sockets. A thread that must wait for
+something (an ACK, a message, a reply, window space, the first link) calls
+:meth:`SyncClient._wait`: if nobody leads it becomes the leader and reads until
+its own condition holds, then resigns; otherwise it is a **follower** and sleeps
+on the condition variable ``_cv``, which the leader notifies after each read. A
+follower whose condition is met returns without ever reading; when the leader
+resigns, a follower takes over. So a thread blocked in ``recv()`` never keeps
+another thread's ``send()`` from going out, and no two threads read at once.
+
+The leader releases ``_mutex`` while it waits for the socket. An application
+thread on a plain TCP socket waits inside a blocking ``recv_into()`` bounded by
+``SO_RCVTIMEO`` (at most BLOCKING_SLICE, less when a timer or the caller's
+deadline is nearer): one system call per read, the fast path of a stop-and-wait
+``send()`` (written out in :meth:`SyncClient._read_until_acked`). The background
+thread, and every thread on TLS (whose decrypted bytes ``poll()`` cannot see),
+waits in ``poll()`` on the socket and on a wake-up socketpair instead. A thread
+that needs that leader to re-plan (the kernel refused bytes so the leader must
+watch for POLLOUT, the session is closing) writes one byte to the pair, only
+while the leader is in ``poll()`` (``_poll_thread``, set and cleared under
+``_mutex``, so no wake-up is lost); a leader blocked in ``recv_into()`` notices
+within BLOCKING_SLICE at the latest.
 
 A background daemon thread keeps an idle session alive. It sleeps (a timed
 ``Event.wait``) until no application call has run for ``idle_handover``
-seconds (at most 50 ms, and a tenth of the heartbeat interval); only then, and
-only when no thread leads or waits, does it become the leader: it answers PINGs,
-sends its own, takes messages into the inbox (running handlers), detects a dead
-link and reconnects. As soon as an application thread needs to read, it asks the
-background leader to hand over (``_takeover`` plus a wake-up byte) and leads
-itself, so the background thread costs a busy application nothing: in a tight
-send loop it wakes once per ``idle_handover`` to see that the application is
-busy, and goes back to sleep.
+seconds (at most IDLE_HANDOVER, and a tenth of the heartbeat interval); only
+then, and only when no thread leads or waits, does it become the leader: it
+answers PINGs, sends its own, takes messages into the inbox (running handlers),
+detects a dead link and reconnects. As soon as an application thread needs to
+read, it takes the role: at once if the background leader is parked in
+``poll()`` (that leader re-checks the role under ``_mutex`` before it touches
+anything, and is sent a wake-up byte so that it leaves), else by asking it to
+hand over (``_takeover`` plus a wake-up byte) and following until it has. The
+background thread thus adds nothing to a busy application's calls: in a tight
+send loop it wakes once per ``idle_handover``, sees that the application is
+busy, and sleeps again.
 
 Reconnection follows :class:`korinet.runtime.Client`: on EOF, a socket error,
 a heartbeat timeout or CLOSE 1009, the leader drops the link; the next
@@ -50,29 +61,36 @@ handshake), by whichever thread leads, under the same rules. Delays are spent in
 ``poll()`` on the wake-up pair, so a hand-over or ``close()`` interrupts them.
 
 A handler (of a typed message) runs in the reading thread, holding the leader
-role but not ``_mutex``: it may call :meth:`send_realtime`, but a blocking call
-on the same client from a handler would wait for itself and raises InvalidState
-instead; a request is answered by the handler's return value. Coroutine
-handlers need the asyncio runtime: here they answer with an error.
+role but not ``_mutex``; a request is answered by its return value. A blocking
+call on the same client from a handler would wait for itself: it raises
+InvalidState instead. Coroutine handlers need the asyncio runtime: here they
+answer with an error. Plugin hooks run after the read that caused them, in the
+same thread, without the mutex; awaitables they return go to KoriNet's shared
+asyncio loop thread, which is started only if some plugin returns one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import logging
 import select
 import socket
 import ssl as ssl_module
+import struct
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._loopthread import get_loop
+from ..dispatch import admit, queue_answer, queue_rejection, rejection_reason
 from ..exceptions import (
+    AuthenticationError,
+    CodecError,
     ConnectionClosedError,
     ConnectionClosedOK,
     InvalidState,
@@ -90,6 +108,7 @@ from ..session import (
     CLOSED,
     OPEN,
     CloseCode,
+    Event,
     LinkFailed,
     LinkOpened,
     MessageReceived,
@@ -102,6 +121,9 @@ from ..session import (
     SessionExpiredEvent,
 )
 from ..wire.frames import MessageFlags
+
+if TYPE_CHECKING:
+    from ..security import ClientTLS
 
 __all__ = ["DEFAULT_PORT", "SyncClient", "connect"]
 
@@ -122,10 +144,19 @@ LAZY_ACK_DELAY = 0.02
 REALTIME_MAX_BACKLOG = 64 * 1024
 #: The background thread takes over reading once the application has been idle this long.
 IDLE_HANDOVER = 0.05
-#: Bytes asked of the kernel per read.
-READ_SIZE = 256 * 1024
+#: Longest the background thread reads in one go before it lets go of its client (so
+#: that a client the application dropped without close() can be collected).
+BACKGROUND_STEP = 1.0
+#: Bytes asked of the kernel per read, into a buffer allocated once: a fresh 256 KiB
+#: ``recv()`` buffer per read costs more than the rest of a round trip's client work.
+READ_SIZE = 64 * 1024
+#: Longest an application thread stays in one blocking recv() (SO_RCVTIMEO): it then
+#: re-checks timers and flushes bytes other threads could not write at once.
+BLOCKING_SLICE = 0.05
 #: What close() waits for unacknowledged messages, at most.
 CLOSE_TIMEOUT = 5.0
+#: Longest close() waits for the server to answer our CLOSE and drop the connection (§7).
+CLOSE_ECHO_TIMEOUT = 2.0
 #: Session ends that are routine, logged at INFO rather than WARNING (as the Peer does).
 _QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
 
@@ -136,7 +167,9 @@ _POLLHUP = select.POLLHUP if hasattr(select, "POLLHUP") else 16
 _READABLE = _POLLIN | _POLLERR | _POLLHUP
 #: Exceptions of a non-blocking socket that mean "not now", not "broken".
 _NOT_NOW = (BlockingIOError, InterruptedError, ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError)
-_BACKGROUND = -1  # _leader value while the background thread leads
+#: Per-call non-blocking I/O on a blocking socket (Linux, BSD, macOS); 0 elsewhere.
+_MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
+_TIMEVAL = struct.Struct("@ll")
 
 
 class _SelectPoller:
@@ -206,9 +239,14 @@ class SyncClient:
         open_timeout: seconds the first connection may take.
         config: session limits and timings.
         plugins: the plugin manager (default: installed plugins).
-        ssl: an ``ssl.SSLContext`` for TLS, or None for plaintext.
+        tls: TLS 1.3 with server pinning and, given an identity, mutual TLS
+            (:class:`~korinet.security.ClientTLS`), as the asyncio Client: the
+            server's key is checked before the HELLO, on every connection; a
+            mismatch ends the session. None is plaintext.
+        ssl: a ready ``ssl.SSLContext`` instead of ``tls`` (its own verification).
         server_hostname: the name TLS verifies (default: ``host``).
         connect_timeout: seconds allowed for one TCP (and TLS) connect attempt.
+        backoff_cap: the longest wait between reconnection attempts (seconds).
         outage_limit: give up (the session ends with KoriNetTimeout) after this many
             seconds without a link; None retries forever.
 
@@ -226,22 +264,30 @@ class SyncClient:
         open_timeout: float | None = 10.0,
         config: SessionConfig | None = None,
         plugins: PluginManager | None = None,
+        tls: ClientTLS | None = None,
         ssl: ssl_module.SSLContext | None = None,
         server_hostname: str | None = None,
         connect_timeout: float = 5.0,
+        backoff_cap: float = 5.0,
         outage_limit: float | None = None,
     ) -> None:
+        if tls is not None:
+            if ssl is not None:
+                raise ValueError("give tls= or ssl=, not both")
+            ssl = tls.context()
         self.host, self.port = host, port
         self.timeout = timeout
         self.plugins = plugins or default_manager()
         self.session = Session(CLIENT, self.plugins.codecs(), config)
         self.message_types: dict[str, MessageType] = self.plugins.message_types()
         self.accept_plain = True
-        #: who the peer is; a client does not authenticate its server, so None
+        #: who the server is: its pinned key with ``tls``, else None
         self.identity: Any = None
+        self.tls = tls
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
+        self.backoff_cap = backoff_cap
         self.outage_limit = outage_limit
         #: the round-trip time measured by the last heartbeat, in seconds
         self.rtt: float | None = None
@@ -257,10 +303,11 @@ class SyncClient:
 
         self._mutex = threading.Lock()
         self._cv = threading.Condition(self._mutex)
-        self._leader: int | None = None  # thread id of the reader, _BACKGROUND, or None
+        self._leader: int | None = None  # thread id of the reader, or None
+        self._bg_ident: int | None = None  # the background thread's id
         self._followers = 0  # threads sleeping on _cv
         self._takeover = False  # an application thread wants the background leader to resign
-        self._polling = False  # the leader is in poll() without the mutex
+        self._poll_thread: int | None = None  # the thread in poll() without the mutex
         self._wake_sent = False  # a wake-up byte is in the pair, not yet drained
         self._last_active = time.monotonic()
         self._stopping = threading.Event()
@@ -269,16 +316,28 @@ class SyncClient:
         # the link
         self._sock: socket.socket | None = None
         self._sock_fd = -1
-        self._poller: Any = None
-        self._poll_mask = 0
+        # One poll object per link for application threads, one for the background
+        # thread: a relieved background leader may still be inside its poll() (see
+        # _claim) when an application thread polls, and a poll object refuses that.
+        self._pollers: list[Any] = []  # [application's, background's]
+        self._poll_masks = [0, 0]
         self._outbuf = bytearray()
+        # plain TCP with MSG_DONTWAIT: a blocking socket, written without blocking, read
+        # in blocking recv() by application threads; else a non-blocking socket + poll()
+        self._plain = ssl is None and _MSG_DONTWAIT != 0
+        self._send_flags = _MSG_DONTWAIT if self._plain else 0
+        self._recv_flags = _MSG_DONTWAIT if self._plain else 0
+        self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO, in seconds (0: none set)
+        self._rbuf = bytearray(READ_SIZE)
+        self._rview = memoryview(self._rbuf)
         self._broken: BaseException | None = None  # a write failed; the leader drops the link
         self._link_error: KoriNetError | None = None  # why the session asked to drop the link
         self._link_opened = False  # the current link completed its handshake
-        self._delays: Iterator[float] = backoff()
+        self._delays: Iterator[float] = backoff(cap=backoff_cap)
         self._retry_at = 0.0
         self._outage_since: float | None = None
         self._ack_due: float | None = None
+        self._tick_at: float | None = None  # when the session's timers are next due (cached)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -293,6 +352,7 @@ class SyncClient:
         self._opened_once = False
         self._notice: KoriNetError | None = None  # raised once by recv (session expired)
         self._finished: KoriNetError | None = None
+        self._closing = False  # close() drops the link itself, after the server's echo
         self._deferred: list[Callable[[], Any]] = []  # plugin hooks to call outside the mutex
 
         deadline = None if open_timeout is None else time.monotonic() + open_timeout
@@ -366,15 +426,106 @@ class SyncClient:
         timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._mutex:
-            pending = self._enqueue(obj, type, 0, 0, deadline)
+            # the common case written out: window space, nobody else reading
+            if self._leader is not None:
+                self._check_caller()
+            if self._finished is not None:
+                raise self._finished
+            session = self.session
+            try:
+                seq = session.send_message(obj, type)
+            except SendBufferFull:
+                pending = self._enqueue(obj, type, 0, 0, deadline)
+            else:
+                pending = _Pending(seq)
+                self._acks.append(pending)
+                out = session.data_to_send()
+                if out:
+                    self._write(out)
+                else:
+                    self._flush()
             if not pending.done:
-                self._wait(
-                    lambda: pending.done,
-                    deadline,
-                    "waiting for the acknowledgement (the message stays queued)",
-                )
+                if self._plain and self._claim():
+                    self._read_until_acked(pending, deadline)
+                if not pending.done:
+                    self._wait(
+                        lambda: pending.done,
+                        deadline,
+                        "waiting for the acknowledgement (the message stays queued)",
+                    )
         if pending.error is not None:
             raise pending.error
+
+    def _read_until_acked(self, pending: _Pending, deadline: float | None) -> None:
+        """(mutex held, role claimed) The stop-and-wait fast path of :meth:`send`:
+        lead, and read in blocking recv() until the ACK for ``pending`` arrives.
+
+        It handles only the common case (an OPEN plain link, no timer due before the
+        next SO_RCVTIMEO slice ends, nothing waiting to be written) and returns as soon
+        as anything else comes up, for the general loop (:meth:`_wait`) to handle;
+        what it does is the same as :meth:`_lead` does.
+        """
+        sock = self._sock
+        session = self.session
+        if sock is None or session.state is not OPEN or self._rcvtimeo != BLOCKING_SLICE:
+            return  # (a claimed role is simply not taken: _wait claims it again)
+        mutex = self._mutex
+        monotonic = time.monotonic
+        rbuf, rview = self._rbuf, self._rview
+        self._leader = threading.get_ident()
+        self._takeover = False
+        try:
+            while not pending.done:
+                if self._outbuf or self._finished is not None or self._broken is not None:
+                    return
+                wake_at = self._tick_at
+                if deadline is not None and (wake_at is None or deadline < wake_at):
+                    wake_at = deadline
+                if (
+                    wake_at is None
+                    or self._ack_due is not None
+                    or wake_at - monotonic() < BLOCKING_SLICE
+                    or self._sock is not sock
+                ):
+                    return
+                mutex.release()
+                try:
+                    size = sock.recv_into(rbuf)
+                except (BlockingIOError, InterruptedError):
+                    size = -1  # SO_RCVTIMEO passed: the general loop sees to the timers
+                except OSError as exc:
+                    size = -1
+                    if self._sock is sock:
+                        self._broken = exc  # the general loop drops the link
+                finally:
+                    mutex.acquire()
+                if size <= 0 or self._sock is not sock:
+                    if size == 0 and self._sock is sock:
+                        self._link_lost(None)
+                    return
+                session.receive_data(bytes(rview[:size]), monotonic())
+                events_in = session.events_received()
+                if len(events_in) == 1 and type(events_in[0]) is MessagesAcked:
+                    self._acked(events_in[0].seq)
+                else:
+                    self._process(events_in)
+                out = session.data_to_send()
+                if out:
+                    self._write(out)
+                elif self._ack_due is None and session.ack_pending:
+                    self._ack_due = monotonic() + LAZY_ACK_DELAY
+                if session.close_expected():
+                    self._close_link()
+                    return
+                if self._followers:
+                    self._cv.notify_all()
+        finally:
+            self._leader = None
+            self._last_active = monotonic()
+            if self._followers:
+                self._cv.notify_all()
+            if self._deferred:
+                self._run_deferred_locked()
 
     def send_realtime(self, obj: Any, type: str = "") -> bool:
         """Send a realtime message now, or drop it: no link, or more than
@@ -507,9 +658,12 @@ class SyncClient:
     def close(self, reason: str = "", *, timeout: float = CLOSE_TIMEOUT) -> None:
         """End the session, after waiting (up to ``timeout``) for every sent message
         to be acknowledged, reconnecting if needed, so that closing does not lose
-        what timed-out sends left queued."""
+        what timed-out sends left queued. Then the orderly close of §7: our last ACK
+        and CLOSE go out, and the connection is dropped once the server echoes the
+        CLOSE and closes its side (or after CLOSE_ECHO_TIMEOUT)."""
         self._check_caller()
         with self._mutex:
+            echo = 0.0
             if self._finished is None:
                 if self.session.unacked:
                     try:
@@ -523,10 +677,19 @@ class SyncClient:
                             "%r: closing with %d message(s) unacknowledged", self, self.session.unacked
                         )
                 if self._finished is None:
+                    linked = self._sock is not None and self.session.state is OPEN
                     self.session.close(CloseCode.NORMAL, reason)
-                    self._flush()
+                    self._flush()  # our pending ACK, then the CLOSE
+                    self._closing = True  # the leader leaves the socket to us
                     self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
-            self._shut_down()
+                    if linked:
+                        echo = min(timeout, CLOSE_ECHO_TIMEOUT)
+                        if self._plain and self._sock is not None and not self._outbuf:
+                            try:  # nothing more from us: the server sees EOF after the CLOSE
+                                self._sock.shutdown(socket.SHUT_WR)
+                            except OSError:
+                                pass
+            self._shut_down(echo)
         self._run_deferred()
         self._join_background()
 
@@ -537,17 +700,17 @@ class SyncClient:
     def _abort(self) -> None:
         with self._mutex:
             self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
-            self._shut_down()
+            self._shut_down(0.0)
         self._run_deferred()
         self._join_background()
 
-    def _shut_down(self) -> None:
-        """(mutex held, session finished) Wait for the leader to notice, then release
-        the link and the wake-up pair."""
+    def _shut_down(self, echo: float) -> None:
+        """(mutex held, session finished) Wait for the leader to resign, wait up to
+        ``echo`` seconds for the server to close its side, then drop the link."""
         self._stopping.set()
         me = threading.get_ident()
         if self._leader is not None and self._leader != me:
-            self._wake()
+            self._wake()  # a leader in poll(); one in recv() wakes within BLOCKING_SLICE
             deadline = time.monotonic() + CLOSE_TIMEOUT
             while self._leader is not None and (remaining := deadline - time.monotonic()) > 0:
                 self._followers += 1
@@ -555,8 +718,31 @@ class SyncClient:
                     self._cv.wait(remaining)
                 finally:
                     self._followers -= 1
-        if self._leader is None:
-            self._drop_socket()
+        if self._leader is not None:
+            return  # stuck in a handler: it drops the link when it returns
+        if echo > 0 and self._sock is not None:
+            self._leader = me
+            try:
+                self._await_eof(time.monotonic() + echo)
+            finally:
+                self._leader = None
+        self._drop_socket()
+
+    def _await_eof(self, deadline: float) -> None:
+        """(mutex held, leader, session closed) Read and discard until the server
+        closes the connection (its echo of our CLOSE came first), or the deadline."""
+        sock = self._sock
+        while sock is not None and self._sock is sock:
+            now = time.monotonic()
+            if now >= deadline or not self._wait_readable(now, deadline):
+                return
+            try:
+                if not sock.recv_into(self._rbuf, 0, self._recv_flags):
+                    return
+            except _NOT_NOW:
+                continue
+            except OSError:
+                return
 
     def _join_background(self) -> None:
         thread = self._bg_thread
@@ -582,6 +768,19 @@ class SyncClient:
                 "(it would wait for itself); return the reply instead"
             )
 
+    def _claim(self) -> bool:
+        """(mutex held) Whether the caller may take the reader role now: nobody has it,
+        or the background thread has it and is parked in poll(). Such a leader
+        re-checks the role under the mutex before it touches anything, so taking the
+        role from it is safe, and the caller does not wait for it to wake up."""
+        leader = self._leader
+        if leader is None:
+            return True
+        if leader == self._bg_ident and self._poll_thread == leader:
+            self._wake()  # it leaves poll() now and finds itself relieved
+            return True
+        return False
+
     def _wait(self, cond: Callable[[], bool], deadline: float | None, what: str) -> None:
         """(mutex held) Block until ``cond()``: lead (read) if nobody does, else follow.
 
@@ -590,14 +789,12 @@ class SyncClient:
         Raises:
             KoriNetTimeout: ``deadline`` passed first.
         """
-        me = threading.get_ident()
         while not cond():
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise KoriNetTimeout(f"timed out {what}")
-            leader = self._leader
-            if leader is None:
-                self._leader = me
+            if self._claim():
+                self._leader = threading.get_ident()
                 self._takeover = False
                 try:
                     self._lead(cond, deadline)
@@ -609,9 +806,10 @@ class SyncClient:
                     if self._deferred:
                         self._run_deferred_locked()
                 continue
-            if leader == me:
+            leader = self._leader
+            if leader == threading.get_ident():
                 raise InvalidState("a handler cannot wait on its own client")
-            if leader == _BACKGROUND and not self._takeover:
+            if leader == self._bg_ident and not self._takeover:
                 self._takeover = True
                 self._wake()
             self._followers += 1
@@ -622,13 +820,30 @@ class SyncClient:
 
     def _lead(self, cond: Callable[[], bool], deadline: float | None) -> None:
         """(mutex held, leader) Read, tick and reconnect until ``cond()``, the deadline,
-        or the end of the session. Returns with the mutex held."""
+        or the end of the session. Returns with the mutex held.
+
+        The hot path (an OPEN link, one frame in) is written out inline: this loop
+        runs once per message of a stop-and-wait sender. ``_tick_at`` caches the
+        session's next deadline: receiving only moves that deadline later, so a
+        stale value wakes us early, never late.
+        """
         session = self.session
         mutex = self._mutex
         monotonic = time.monotonic
+        rbuf, rview = self._rbuf, self._rview
+        # An application thread on a plain socket waits inside recv() itself (one
+        # system call, not poll() then recv()); the background thread, which must
+        # hand over at once when asked, and TLS, whose buffered bytes poll() cannot
+        # see, wait in poll() with the wake-up pair.
+        me = self._leader
+        may_block = me != self._bg_ident
+        error: OSError | None = None
         while not cond():
+            if self._leader != me:
+                return  # (the background thread, relieved by an application thread)
             if self._finished is not None:
-                self._drop_socket()
+                if not self._closing:
+                    self._drop_socket()
                 return
             now = monotonic()
             if deadline is not None and now >= deadline:
@@ -640,9 +855,10 @@ class SyncClient:
             if self._broken is not None:
                 self._link_lost(self._broken)
                 continue
-            wake_at = session.next_deadline()
+            wake_at = self._tick_at
             if wake_at is not None and now >= wake_at:
                 session.tick(now)
+                self._tick_at = session.next_deadline()
                 self._after_input()
                 continue
             ack_due = self._ack_due
@@ -657,74 +873,143 @@ class SyncClient:
                     wake_at = ack_due
             if deadline is not None and (wake_at is None or deadline < wake_at):
                 wake_at = deadline
-            mask = _POLLIN | _POLLOUT if self._outbuf else _POLLIN
-            if mask != self._poll_mask:
-                self._poller.modify(self._sock_fd, mask)
-                self._poll_mask = mask
-            poller = self._poller
-            self._polling = True
-            mutex.release()
-            try:
-                ready = poller.poll(None if wake_at is None else max(0.0, (wake_at - now) * 1000.0))
-            finally:
-                mutex.acquire()
-                self._polling = False
-            sock_events = 0
-            for fd, events in ready:
-                if fd == self._sock_fd:
-                    sock_events = events
-                else:
-                    self._drain_wake()
-            if self._sock is not sock:  # (cannot happen: only the leader changes the link)
-                continue
-            if sock_events & _POLLOUT and self._outbuf:
-                self._flush_outbuf()
-            if sock_events & _READABLE:
-                self._read(sock)
-            if self._followers:
-                self._cv.notify_all()
-
-    def _read(self, sock: socket.socket) -> None:
-        """(mutex held, leader) Read what the socket has and act on it."""
-        try:
-            data = sock.recv(READ_SIZE)
-        except _NOT_NOW:
-            return
-        except OSError as exc:
-            self._link_lost(exc)
-            return
-        if not data:
-            self._link_lost(None)
-            return
-        session = self.session
-        session.receive_data(data, time.monotonic())
-        if self.ssl is not None:
-            # TLS may hold decrypted bytes that poll() cannot see
-            while self._sock is sock and isinstance(sock, ssl_module.SSLSocket) and sock.pending():
+            # every wake_at above is later than now: the timeouts below are positive
+            blocking = may_block and self._plain and not self._outbuf
+            if blocking:
+                wait = BLOCKING_SLICE if wake_at is None else min(wake_at - now, BLOCKING_SLICE)
+                if wait < self._rcvtimeo or wait > 2 * self._rcvtimeo:
+                    if wait < 0.002:  # below what SO_RCVTIMEO resolves: poll() instead
+                        blocking = False
+                    else:
+                        self._set_rcvtimeo(sock, wait)
+            if blocking:
+                mutex.release()
                 try:
-                    more = sock.recv(READ_SIZE)
-                except _NOT_NOW:
-                    break
+                    size = sock.recv_into(rbuf)
+                except (BlockingIOError, InterruptedError):
+                    size = -1  # SO_RCVTIMEO passed: see to the timers
                 except OSError as exc:
-                    self._after_input()
-                    self._link_lost(exc)
-                    return
-                if not more:
-                    break
-                session.receive_data(more, time.monotonic())
-        self._after_input()
+                    size = -2
+                    error = exc
+                finally:
+                    mutex.acquire()
+            else:
+                if not self._wait_readable(now, wake_at):
+                    continue
+                try:
+                    size = sock.recv_into(rbuf, 0, self._recv_flags)
+                except _NOT_NOW:
+                    size = -1
+                except OSError as exc:
+                    size = -2
+                    error = exc
+            if size > 0:
+                if self._sock is not sock:  # close() took the link meanwhile
+                    continue
+                session.receive_data(bytes(rview[:size]), monotonic())
+                if not self._plain:
+                    self._read_tls_pending(sock)
+                events_in = session.events_received()
+                if len(events_in) == 1 and type(events_in[0]) is MessagesAcked:
+                    self._acked(events_in[0].seq)
+                else:
+                    self._process(events_in)
+                out = session.data_to_send()
+                if out:
+                    self._write(out)
+                elif self._ack_due is None and session.ack_pending:
+                    self._ack_due = monotonic() + LAZY_ACK_DELAY
+                if session.close_expected():
+                    self._close_link()
+                if self._followers:
+                    self._cv.notify_all()
+            elif size == 0:
+                if self._sock is sock:
+                    self._link_lost(None)
+            elif size == -2:
+                if self._sock is sock:
+                    self._link_lost(error)
+                error = None
+
+    def _wait_readable(self, now: float, wake_at: float | None) -> bool:
+        """(mutex held, leader) poll() the socket and the wake-up pair until ``wake_at``,
+        without the mutex; flush ``_outbuf`` if writable. Returns whether the socket
+        is readable."""
+        me = self._poll_thread = threading.get_ident()
+        which = 1 if me == self._bg_ident else 0
+        poller = self._update_poll_mask(which)
+        self._mutex.release()
+        try:
+            ready = poller.poll(None if wake_at is None else max((wake_at - now) * 1000.0, 0.0))
+        finally:
+            self._mutex.acquire()
+            if self._poll_thread == me:
+                self._poll_thread = None
+        if self._leader != me:
+            if ready:
+                self._drain_wake()
+            return False  # relieved while parked here (see _claim): leave the socket alone
+        sock_events = 0
+        for fd, events in ready:
+            if fd == self._sock_fd:
+                sock_events = events
+            else:
+                self._drain_wake()
+        if sock_events & _POLLOUT and self._outbuf:
+            self._flush_outbuf()
+        return bool(sock_events & _READABLE)
+
+    def _set_rcvtimeo(self, sock: socket.socket, seconds: float) -> None:
+        whole = int(seconds)
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
+            )
+        except OSError:
+            pass  # the link is failing: the read reports it
+        self._rcvtimeo = seconds
+
+    def _update_poll_mask(self, which: int) -> Any:
+        """(mutex held, leader) Poll object ``which`` (0: application threads, 1: the
+        background thread), watching for POLLOUT while bytes wait in ``_outbuf``."""
+        poller = self._pollers[which]
+        mask = _POLLIN | _POLLOUT if self._outbuf else _POLLIN
+        if mask != self._poll_masks[which]:
+            poller.modify(self._sock_fd, mask)
+            self._poll_masks[which] = mask
+        return poller
+
+    def _read_tls_pending(self, sock: socket.socket) -> None:
+        """(mutex held, leader) TLS may hold decrypted bytes that poll() cannot see."""
+        while self._sock is sock and isinstance(sock, ssl_module.SSLSocket) and sock.pending():
+            try:
+                size = sock.recv_into(self._rbuf)
+            except _NOT_NOW:
+                return
+            except OSError as exc:
+                self._broken = exc  # the leader drops the link after this batch
+                return
+            if not size:
+                self._broken = ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+                return
+            self.session.receive_data(bytes(self._rview[:size]), time.monotonic())
 
     def _after_input(self) -> None:
         """(mutex held, leader) Act on the session's events, write, drop the link if due."""
-        self._process()
+        self._process(self.session.events_received())
         self._flush()
-        session = self.session
-        if session.close_expected() and self._sock is not None:
-            if session.state is CLOSED:
-                self._drop_socket()
-            else:
-                error, self._link_error = self._link_error, None
-                self._link_lost(error or ConnectionClosedError(CloseCode.LINK_LOST, "link failed"))
+        if self.session.close_expected():
+            self._close_link()
+
+    def _close_link(self) -> None:
+        """(mutex held, leader) The session wants the link dropped (its data is written)."""
+        if self._sock is None:
+            return
+        if self.session.state is CLOSED:
+            self._drop_socket()
+        else:
+            error, self._link_error = self._link_error, None
+            self._link_lost(error or ConnectionClosedError(CloseCode.LINK_LOST, "link failed"))
 
     def _drain_wake(self) -> None:
         try:
@@ -738,7 +1023,7 @@ class SyncClient:
 
     def _wake(self) -> None:
         """(mutex held) Get the leader out of poll() so that it re-plans."""
-        if self._polling and not self._wake_sent:
+        if self._poll_thread is not None and not self._wake_sent:
             self._wake_sent = True
             try:
                 self._wake_w.send(b"\x00")
@@ -764,7 +1049,7 @@ class SyncClient:
             self._flush_outbuf()
             return
         try:
-            sent = sock.send(data)
+            sent = sock.send(data, self._send_flags)
         except _NOT_NOW:
             sent = 0
         except OSError as exc:
@@ -780,7 +1065,7 @@ class SyncClient:
         if sock is None:
             return
         try:
-            sent = sock.send(self._outbuf)
+            sent = sock.send(self._outbuf, self._send_flags)
         except _NOT_NOW:
             return
         except OSError as exc:
@@ -798,19 +1083,28 @@ class SyncClient:
             self._idle_poll(until - now)
             return
         self.attempts += 1
-        limit = self.connect_timeout if deadline is None else min(self.connect_timeout, deadline - now)
+        limit = self.connect_timeout
+        if deadline is not None and self._leader != self._bg_ident:  # (the caller's deadline)
+            limit = min(limit, deadline - now)
         sock: socket.socket | None = None
         error: BaseException | None = None
         self._mutex.release()
         try:
             sock = self._open_socket(max(limit, 0.001))
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            if self.tls is not None:
+                self._verify_server(sock)
+        except (OSError, TimeoutError, AuthenticationError) as exc:  # ssl.SSLError is an OSError
             error = exc
+            if sock is not None:
+                sock.close()
+                sock = None
         finally:
             self._mutex.acquire()
         if sock is None:
             self.last_error = error
-            if isinstance(error, ssl_module.SSLCertVerificationError):
+            if isinstance(error, AuthenticationError):
+                self._finish(error)  # retrying cannot make the key match
+            elif isinstance(error, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(error))
             else:
                 self._schedule_retry(opened=False)
@@ -829,11 +1123,15 @@ class SyncClient:
         self._outbuf.clear()
         self._broken = None
         self._link_opened = False
-        poller = _new_poller()
-        poller.register(self._wake_r.fileno(), _POLLIN)
-        poller.register(self._sock_fd, _POLLIN)
-        self._poller = poller
-        self._poll_mask = _POLLIN
+        self._rcvtimeo = 0.0
+        self._pollers = []
+        for _ in range(2):
+            poller = _new_poller()
+            poller.register(self._wake_r.fileno(), _POLLIN)
+            poller.register(self._sock_fd, _POLLIN)
+            self._pollers.append(poller)
+        self._poll_masks = [_POLLIN, _POLLIN]
+        self._tick_at = self.session.next_deadline()  # the handshake timeout
         self._flush()  # the preface and HELLO
 
     def _open_socket(self, timeout: float) -> socket.socket:
@@ -844,24 +1142,39 @@ class SyncClient:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl is not None:
                 sock = self.ssl.wrap_socket(sock, server_hostname=self.server_hostname or self.host)
-            sock.setblocking(False)
+            # see _plain: blocking (each write says MSG_DONTWAIT), or non-blocking
+            sock.setblocking(self._plain)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _verify_server(self, sock: socket.socket) -> None:
+        """Check the server's key against the pin before anything is sent, as
+        :meth:`korinet.runtime.Client._verify_server` does; sets :attr:`identity`."""
+        from ..security.known_hosts import host_address
+
+        assert self.tls is not None
+        address = host_address(self.host, self.port)
+        view = asyncio.BaseTransport({"ssl_object": sock})  # what verify_server reads
+        try:
+            self.identity = self.tls.verify_server(address, view)
+        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
+            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
 
     def _idle_poll(self, seconds: float) -> None:
         """(mutex held, leader) Wait up to ``seconds`` without a link, waking early for
         a hand-over or close()."""
         poller = _new_poller()
         poller.register(self._wake_r.fileno(), _POLLIN)
-        self._polling = True
+        me = self._poll_thread = threading.get_ident()
         self._mutex.release()
         try:
             ready = poller.poll(max(0.0, seconds * 1000.0))
         finally:
             self._mutex.acquire()
-            self._polling = False
+            if self._poll_thread == me:
+                self._poll_thread = None
         if ready:
             self._drain_wake()
 
@@ -869,7 +1182,7 @@ class SyncClient:
         """(mutex held) After a failed attempt or a lost link: when to dial next."""
         now = time.monotonic()
         if opened:
-            self._delays = backoff()  # a success restarts the backoff: immediate retry first
+            self._delays = backoff(cap=self.backoff_cap)  # a success restarts it: immediate retry first
             self._outage_since = now
         elif self._outage_since is None:
             self._outage_since = now
@@ -906,28 +1219,29 @@ class SyncClient:
             return
         self._sock = None
         self._sock_fd = -1
-        self._poller = None
-        self._poll_mask = 0
+        self._pollers = []
+        self._poll_masks = [0, 0]
         self._broken = None
         if self._outbuf:
             try:  # best effort: a CLOSE frame may be in there
-                sock.send(self._outbuf)
+                sock.send(self._outbuf, self._send_flags)
             except OSError:
                 pass
             self._outbuf.clear()
         try:
             # unread bytes would turn the close into an RST, which may discard our CLOSE
-            while sock.recv(READ_SIZE):
-                pass
+            for _ in range(16):
+                if not sock.recv_into(self._rbuf, 0, self._recv_flags):
+                    break
         except (OSError, ValueError):
             pass
         sock.close()
 
     # ------------------------------------------------------------------ events
 
-    def _process(self) -> None:
+    def _process(self, events: list[Event]) -> None:
         """(mutex held, leader) Act on the session's events."""
-        for ev in self.session.events_received():
+        for ev in events:
             kind = type(ev)
             if kind is MessagesAcked:
                 self._acked(ev.seq)  # type: ignore[attr-defined]
@@ -953,9 +1267,10 @@ class SyncClient:
                     logger.warning("%r: dropping the link: %s", self, ev_f.error)
 
     def _opened(self, ev: LinkOpened) -> None:
+        self._tick_at = self.session.next_deadline()  # heartbeats now
         self.links_opened += 1
         self._link_opened = True
-        self._delays = backoff()
+        self._delays = backoff(cap=self.backoff_cap)
         self._retry_at = 0.0
         self._outage_since = None
         if not self._opened_once:
@@ -981,27 +1296,30 @@ class SyncClient:
                 del rejected[s]
 
     def _expired(self, ev: SessionExpiredEvent) -> None:
+        # As korinet.runtime.peer.Peer._expired: waiters follow the session's renumbering.
         error = SessionExpired(ev.old_session_id, ev.unconfirmed)
         logger.warning("%r: %s", self, error)
-        through = ev.unconfirmed_through
+        renumbered = ev.renumbered
+        codec_error = CodecError(f"the new session's codec cannot carry this message: {ev.failure}")
         kept: deque[_Pending] = deque()
         for pending in self._acks:
-            if pending.seq <= through:
-                if not pending.done:
-                    pending.error = error
-                    pending.done = True
-            else:
-                pending.seq -= through  # carried into the new session, renumbered
+            new_seq = renumbered.get(pending.seq)
+            if new_seq is not None:
+                pending.seq = new_seq  # never sent: it carries on in the new session
                 kept.append(pending)
+            elif not pending.done:
+                pending.error = error if pending.seq <= ev.unconfirmed_through else codec_error
+                pending.done = True
         self._acks = kept
         for box in self._requests.values():
             if box.done or not box.seq:
                 continue
-            if box.seq <= through:
-                box.error = error
-                box.done = True
+            new_seq = renumbered.get(box.seq)
+            if new_seq is not None:
+                box.seq = new_seq
             else:
-                box.seq -= through
+                box.error = error if box.seq <= ev.unconfirmed_through else codec_error
+                box.done = True
         self._rejected.clear()
         self._notice = error
         self._defer_hooks(self.plugins.session_closed, self, f"expired: {error}")
@@ -1034,56 +1352,31 @@ class SyncClient:
     def _deliver(self, seq: int, lazy: bool = False) -> None:
         self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
 
-    def _reject(self, ev: MessageReceived, reason: str) -> None:
-        logger.warning("%r: rejected message %d (type %r): %s", self, ev.seq, ev.type, reason)
-        try:
-            self.session.send_message(
-                {"error": reason}, ev.type, flags=_REJECT | (ev.flags & _REQUEST), corr=ev.corr or ev.seq
-            )
-        except KoriNetError as exc:
-            logger.warning("%r: could not send the rejection: %s", self, exc)
-        self._deliver(ev.seq)
-
     def _dispatch(self, ev: MessageReceived) -> None:
-        # Mirrors korinet.runtime.peer.Peer._dispatch (same rules, same reasons).
+        # The same rules as korinet.runtime.peer.Peer._dispatch (korinet.dispatch).
         flags = ev.flags
         if flags & (_REPLY | _REJECT):
             self._deliver(ev.seq, lazy=True)  # the ack rides on our next frame (or the ack timer)
-            reason = ev.obj.get("error") if isinstance(ev.obj, dict) else None
+            reason = rejection_reason(ev)
             if flags & _REJECT and not flags & _REQUEST:
                 # corr is the seq of our rejected message
-                self._rejected[ev.corr] = str(reason)
+                self._rejected[ev.corr] = reason
                 logger.warning("%r: the server rejected our message %d: %s", self, ev.corr, reason)
                 return
             box = self._requests.get(ev.corr)
             if box is not None and not box.done:
                 if flags & (_ERROR | _REJECT):
-                    box.error = MessageRejected(str(reason), message_type=ev.type or None)
+                    box.error = MessageRejected(reason, message_type=ev.type or None)
                 else:
                     box.result = ev.obj
                 box.done = True
             return
+        mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
+        if refusal is not None:
+            queue_rejection(self.session, ev, refusal, self)
+            return
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
-        if not ev.type:
-            if not self.accept_plain:
-                self._reject(ev, "this client accepts only typed messages")
-                return
-            self._inbox.append((msg, self.session.epoch))
-            return
-        mtype = self.message_types.get(ev.type)
-        if mtype is None:
-            self._reject(ev, f"unknown message type {ev.type!r}")
-            return
-        if mtype.required_role is not None and not _has_role(self.identity, mtype.required_role):
-            self._reject(ev, f"message type {ev.type!r} requires the role {mtype.required_role!r}")
-            return
-        if mtype.validate is not None:
-            try:
-                mtype.validate(ev.obj)
-            except (ValueError, TypeError, KeyError) as exc:
-                self._reject(ev, f"invalid {ev.type!r} message: {exc}")
-                return
-        if mtype.handler is None:
+        if mtype is None or mtype.handler is None:
             self._inbox.append((msg, self.session.epoch))
             return
         self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
@@ -1107,18 +1400,7 @@ class SyncClient:
             self._mutex.acquire()
         if not msg.corr or self._finished is not None:
             return
-        try:
-            if error is None:
-                self.session.send_message(result, msg.type, flags=_REPLY, corr=msg.corr)
-            else:
-                self.session.send_message(
-                    {"error": f"{type(error).__name__}: {error}"},
-                    msg.type,
-                    flags=_REPLY | _ERROR,
-                    corr=msg.corr,
-                )
-        except KoriNetError as exc:
-            logger.warning("%r: could not send the reply: %s", self, exc)
+        queue_answer(self.session, msg.type, msg.corr, result, error, self)
 
     def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
         mtype = self.message_types.get(ev.type) if ev.type else None
@@ -1184,21 +1466,27 @@ class SyncClient:
                 and not self._takeover
                 and idle_for >= self.idle_handover
             ):
-                self._leader = _BACKGROUND
+                self._leader = self._bg_ident
                 try:
+                    # bounded, so that the thread lets go of its client now and then
                     self._lead(
                         lambda: self._takeover or self._stopping.is_set() or self._finished is not None,
-                        None,
+                        now + BACKGROUND_STEP,
                     )
                 except Exception:
                     logger.exception("%r: the background reader failed", self)
                 finally:
-                    self._leader = None
+                    relieved = self._leader != self._bg_ident  # an application thread took over
+                    taken_over = relieved or self._takeover
+                    if not relieved:
+                        self._leader = None
+                        if self._followers:
+                            self._cv.notify_all()
                     self._takeover = False
-                    if self._followers:
-                        self._cv.notify_all()
                     if self._deferred:
                         self._run_deferred_locked()
+                if not taken_over:
+                    return True  # (the step's time was up) read on at once
                 wait = self.idle_handover
             else:
                 wait = self.idle_handover
@@ -1213,6 +1501,11 @@ class SyncClient:
 def _background(ref: weakref.ref[SyncClient]) -> None:
     """The background thread: holds its client only during a step, so an abandoned
     client can still be collected."""
+    first = ref()
+    if first is None:
+        return
+    first._bg_ident = threading.get_ident()
+    del first
     while True:
         client = ref()
         if client is None:
@@ -1249,11 +1542,6 @@ def _fatal(exc: BaseException) -> KoriNetError:
     error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _has_role(identity: Any, role: str) -> bool:
-    roles = getattr(identity, "roles", None) or ()
-    return role in roles
 
 
 def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> SyncClient:
