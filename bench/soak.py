@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--cut-every", type=float, default=3.0, help="mean seconds between cuts")
     parser.add_argument("--rate", type=float, default=5000, help="messages per second at most")
-    parser.add_argument("--png", type=Path, default=Path(__file__).with_name("soak.png"))
+    parser.add_argument("--png", type=Path, default=Path(__file__).parent / "results" / "soak.png")
     args = parser.parse_args()
     report(asyncio.run(run(args)), args.png)
 
