@@ -166,3 +166,16 @@ async def test_outage_limit_ends_the_session(plugins: PluginManager) -> None:
     with pytest.raises(KoriNetTimeout):
         await asyncio.wait_for(client.send("nobody there"), 10)
     await client.close()
+
+
+@pytest.mark.timeout(30 * TIMEOUT_FACTOR)
+async def test_a_replys_lazy_ack_still_leaves_when_nothing_else_does(plugins: PluginManager) -> None:
+    async with Server("127.0.0.1", 0, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        assert await client.request("hi", "korinet.echo", timeout=5) == "hi"
+        peer = next(iter(server.hub.sessions.values()))
+        # The reply waits in the server's replay buffer until the client acks it; the
+        # client sends nothing more, so its lazy ACK must leave on its own timer.
+        await asyncio.sleep(0.3)
+        assert peer.session.unacked == 0, "the reply was never acknowledged"
+        await client.close()
