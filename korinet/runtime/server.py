@@ -98,6 +98,7 @@ class Hub:
         session_ttl: seconds a detached session is kept for its client to resume.
         max_sessions: sessions kept at once; beyond, new clients are told to retry later.
         max_connections: connections at once (handshaking or open).
+        max_connections_per_address: connections at once from one IP address.
         legacy: serve peers speaking the original v2 wire.
         authorized: admit only TLS clients whose certificate's key is listed there
             (see :class:`~korinet.security.AuthorizedKeys`); None admits anyone.
@@ -113,6 +114,7 @@ class Hub:
         session_ttl: float = 120.0,
         max_sessions: int = 20000,
         max_connections: int = 20000,
+        max_connections_per_address: int = 256,
         legacy: bool = True,
         authorized: AuthorizedKeys | None = None,
     ) -> None:
@@ -125,6 +127,11 @@ class Hub:
         self.session_ttl = session_ttl
         self.max_sessions = max_sessions
         self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        self._per_address: dict[str, int] = {}
+        self._address_of: dict[Connection, str] = {}
+        #: failed authentications per address: (count, time of the last one)
+        self._auth_failures: dict[str, tuple[int, float]] = {}
         self.legacy = legacy
         self.authorized = authorized
         self.sessions: dict[str, ServerPeer] = {}
@@ -149,6 +156,15 @@ class Hub:
             logger.warning("refusing %s: %d connections open", conn.peername, len(self.connections) - 1)
             conn.abort()
             return
+        address = _host_of(conn)
+        if self._per_address.get(address, 0) >= self.max_connections_per_address:
+            logger.warning(
+                "refusing %s: %d connections open from %s", conn.peername, self._per_address[address], address
+            )
+            conn.abort()
+            return
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        self._address_of[conn] = address
         handshake = ServerHandshake(self.config, self._codec_names, legacy=self.legacy)
         identity, refusal = self._authenticate(conn)
         conn.on_data = lambda data: self._handshake_data(conn, handshake, data, identity, refusal)
@@ -158,6 +174,13 @@ class Hub:
 
     def _connection_gone(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        address = self._address_of.pop(conn, None)
+        if address is not None:
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
         fut = self._results.pop(conn, None)
         if fut is not None and not fut.done():
             fut.set_exception(
@@ -196,13 +219,34 @@ class Hub:
                 f"(its operator can run: korinet authorize {fingerprint} --name NAME)"
             )
         logger.info("%s: authenticated as %s (%s)", conn.peername, entry.name, fingerprint)
+        self._auth_failures.pop(_host_of(conn), None)  # a success clears the address
         return entry.identity(), None
 
     def _refuse(self, conn: Connection, reason: str, *, can_read_close: bool = True) -> None:
-        if can_read_close:
-            conn.write(encode_close(CloseCode.AUTH_FAILED, reason))
-        conn.close()
-        self._fail_result(conn, AuthenticationError(reason))
+        """Refuse an authentication, after a delay that doubles with every failure from
+        the same address (reset by a success, forgotten after AUTH_FAILURE_MEMORY):
+        with the per-address connection limit, it bounds the rate of guesses."""
+        address = _host_of(conn)
+        now = conn.loop.time()
+        count, last = self._auth_failures.get(address, (0, now))
+        if now - last > AUTH_FAILURE_MEMORY:
+            count = 0
+        self._auth_failures[address] = (count + 1, now)
+        delay = min(AUTH_DELAY_FIRST * 2 ** (count - 1), AUTH_DELAY_MAX) if count else 0.0
+        if delay:
+            logger.warning("%s: failed authentication #%d from %s, answering in %.1fs", conn.peername,
+                           count + 1, address, delay)  # fmt: skip
+
+        def answer() -> None:
+            if can_read_close:
+                conn.write(encode_close(CloseCode.AUTH_FAILED, reason))
+            conn.close()
+            self._fail_result(conn, AuthenticationError(reason))
+
+        if delay:
+            conn.loop.call_later(delay, answer)
+        else:
+            answer()
 
     def _handshake_data(
         self,
@@ -456,3 +500,18 @@ async def serve(
 
 def _fingerprint(identity: Any) -> str | None:
     return getattr(identity, "fingerprint", None)
+
+
+#: The delay after a second failed authentication from one address; it doubles after
+#: each further one, up to AUTH_DELAY_MAX.
+AUTH_DELAY_FIRST = 0.5
+AUTH_DELAY_MAX = 30.0
+#: Failures older than this (seconds) are forgotten.
+AUTH_FAILURE_MEMORY = 600.0
+
+
+def _host_of(conn: Connection) -> str:
+    if conn.transport is None:
+        return "?"
+    name = conn.transport.get_extra_info("peername")
+    return str(name[0]) if isinstance(name, tuple) and name else str(name)

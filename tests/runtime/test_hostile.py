@@ -191,3 +191,28 @@ async def test_unknown_message_type_is_rejected_not_fatal(setting) -> None:
     await client.send("still fine")
     assert await asyncio.wait_for(client.recv(), 5) == "still fine"
     await client.close()
+
+
+async def test_connections_per_address_are_capped_and_others_still_served() -> None:
+    plugins = PluginManager.load(entry_points=False)
+
+    async def echo(peer) -> None:
+        async for msg in peer:
+            await peer.send(msg)
+
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins, max_connections_per_address=3) as server:
+        held = []
+        for _ in range(3):  # silent connections from 127.0.0.2 use up that address's share
+            held.append(await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0)))
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(100), 2) == b"", "a 4th connection was kept"
+        writer.close()
+        # another address is not affected
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        await client.send("still served")
+        assert await client.recv() == "still served"
+        await client.close()
+        for _, w in held:
+            w.close()

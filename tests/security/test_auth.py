@@ -272,3 +272,26 @@ def test_server_tls_settings_are_given_once(server_identity: Identity, authorize
 
 def test_known_hosts_default_follows_home(home: Path) -> None:
     assert ClientTLS().known_hosts.path == KnownHosts().path == home / "known_hosts"
+
+
+async def test_failed_authentications_from_one_address_are_answered_ever_later(
+    plugins: PluginManager, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    import time
+
+    stranger = Identity.generate()
+    tls = ServerTLS(server_identity, authorized=authorized)
+    async with Server("127.0.0.1", 0, tls=tls, handler=echo, plugins=plugins) as server:
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(AuthenticationError):
+                await connect(server.port, plugins, ClientTLS(stranger))
+            took.append(time.monotonic() - started)
+        assert took[0] < 0.5, took  # the first failure is answered at once
+        assert took[1] >= 0.5 and took[2] >= 1.0 and took[2] > took[1], took  # then 0.5 s, 1 s, ...
+        # An authorized key still gets in (and clears the address's record).
+        client = await connect(server.port, plugins, ClientTLS(alice))
+        await client.send("in")
+        assert await client.recv() == "in"
+        await client.close()
