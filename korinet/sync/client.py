@@ -504,18 +504,8 @@ class SyncClient:
                         self._link_lost(None)
                     return
                 session.receive_data(bytes(rview[:size]), monotonic())
-                events_in = session.events_received()
-                if len(events_in) == 1 and type(events_in[0]) is MessagesAcked:
-                    self._acked(events_in[0].seq)
-                else:
-                    self._process(events_in)
-                out = session.data_to_send()
-                if out:
-                    self._write(out)
-                elif self._ack_due is None and session.ack_pending:
-                    self._ack_due = monotonic() + LAZY_ACK_DELAY
-                if session.close_expected():
-                    self._close_link()
+                self._after_input()
+                if self._sock is not sock:  # the link was dropped
                     return
                 if self._followers:
                     self._cv.notify_all()
@@ -909,18 +899,7 @@ class SyncClient:
                 session.receive_data(bytes(rview[:size]), monotonic())
                 if not self._plain:
                     self._read_tls_pending(sock)
-                events_in = session.events_received()
-                if len(events_in) == 1 and type(events_in[0]) is MessagesAcked:
-                    self._acked(events_in[0].seq)
-                else:
-                    self._process(events_in)
-                out = session.data_to_send()
-                if out:
-                    self._write(out)
-                elif self._ack_due is None and session.ack_pending:
-                    self._ack_due = monotonic() + LAZY_ACK_DELAY
-                if session.close_expected():
-                    self._close_link()
+                self._after_input()
                 if self._followers:
                     self._cv.notify_all()
             elif size == 0:
@@ -996,7 +975,11 @@ class SyncClient:
 
     def _after_input(self) -> None:
         """(mutex held, leader) Act on the session's events, write, drop the link if due."""
-        self._process(self.session.events_received())
+        events = self.session.events_received()
+        if len(events) == 1 and type(events[0]) is MessagesAcked:
+            self._acked(events[0].seq)  # the stop-and-wait fast path
+        else:
+            self._process(events)
         self._flush()
         if self.session.close_expected():
             self._close_link()
