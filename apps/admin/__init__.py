@@ -1,0 +1,1 @@
+"""korinet-admin: a reference app on the KoriNet runtime (see README)."""

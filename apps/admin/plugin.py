@@ -1,0 +1,1 @@
+"""The korinet-admin plugin: its message types and hooks."""

@@ -1,0 +1,1 @@
+"""korinet-audio: a reference app on the KoriNet runtime (see README)."""

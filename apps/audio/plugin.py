@@ -1,0 +1,1 @@
+"""The korinet-audio plugin: its message types and hooks."""

@@ -1,0 +1,1 @@
+"""korinet-chat: a reference app on the KoriNet runtime (see README)."""

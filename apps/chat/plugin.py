@@ -1,0 +1,1 @@
+"""The korinet-chat plugin: its message types and hooks."""
