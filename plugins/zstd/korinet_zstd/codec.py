@@ -136,7 +136,9 @@ class ZstdMsgpackCodec:
             raise CodecError(f"not a zstd frame: {exc}") from exc
         if declared > self.max_output:
             # refused on the header: nothing is allocated
-            raise CodecError(f"zstd payload declares {declared} bytes, more than the limit of {self.max_output}")
+            raise CodecError(
+                f"zstd payload declares {declared} bytes, more than the limit of {self.max_output}"
+            )
         try:
             # With a declared size zstd allocates exactly that (checked above) and fails
             # if the frame produces more; without one, max_output_size is the bound.

@@ -17,7 +17,9 @@ from korinet import Client, ConnectionClosedError, Server, SessionConfig, hookim
 from korinet.plugins import DISABLE_ENV, PluginManager
 
 T = 10 * TIMEOUT_FACTOR
-ADMIN_OUTPUT = "".join(f"Nov 26 23:{i % 60:02d}:01 host kernel: [{i}.000] eth0: link up\n" for i in range(400))
+ADMIN_OUTPUT = "".join(
+    f"Nov 26 23:{i % 60:02d}:01 host kernel: [{i}.000] eth0: link up\n" for i in range(400)
+)
 
 
 def installed(*keep: str, disabled: tuple[str, ...] = ()) -> PluginManager:
