@@ -1,8 +1,368 @@
-"""The korinet-chat command."""
+"""The korinet-chat command.
 
+    korinet-chat                         find a hub on the LAN, or start one here
+    korinet-chat HOST[:PORT] [--nick N]  connect to a hub
+    korinet-chat serve [--host --port --db]
+
+Settings come from flags, then ``chat.toml`` in KoriNet's configuration directory
+(``$KORINET_HOME`` or ``~/.config/korinet``), then defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import re
+import signal
 import sys
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import protocol
+from .hub import DEFAULT_PORT
+
+if TYPE_CHECKING:
+    from korinet import Server
+    from korinet.security import ClientTLS, KnownHosts, ServerTLS
+
+    from .discovery import Announcement
+    from .hub import ChatHub
+
+__all__ = ["load_config", "main"]
+
+CONFIG_KEYS = {
+    "nick": str,
+    "room": str,
+    "host": str,
+    "port": int,
+    "db": str,
+    "insecure_plaintext": bool,
+    "discover_timeout": (int, float),
+    "bell": bool,
+    "rate": (int, float),
+    "burst": (int, float),
+}
+
+
+class UsageError(Exception):
+    """A mistake of the user's: printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def config_dir() -> Path:
+    override = os.environ.get("KORINET_HOME")
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("korinet", appauthor=False))
+
+
+def default_db() -> Path:
+    if os.environ.get("KORINET_HOME"):
+        return config_dir() / "chat.sqlite3"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("korinet", appauthor=False)) / "chat.sqlite3"
+
+
+def load_config(path: Path | None = None) -> dict[str, Any]:
+    """The settings in chat.toml (``{}`` when there is no file).
+
+    Raises:
+        UsageError: the file is not valid TOML, or a key is unknown or of the wrong type.
+    """
+    path = path or config_dir() / "chat.toml"
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    for key, value in data.items():
+        expected = CONFIG_KEYS.get(key)
+        if expected is None:
+            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise UsageError(f"{path}: {key!r} has the wrong type ({type(value).__name__})")
+    return data
+
+
+def default_nick() -> str:
+    """The login name, made into a valid nick."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "guest"
+    name = re.sub(r"[^\w\-\[\]{}|^`]", "_", name)[: protocol.MAX_NICK] or "guest"
+    try:
+        return protocol.normalize_nick(name)
+    except ValueError:
+        return "guest"
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    from korinet.cli import parse_address as parse
+
+    try:
+        return parse(text, default_port)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------- parsers
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="korinet-chat",
+        description="A LAN terminal chat where nobody loses a message. With no address it looks for a hub "
+        "on the LAN (mDNS) and, finding none, starts one in this process that others find.",
+        epilog="Also: korinet-chat serve --help (a standalone hub). Settings: chat.toml in "
+        f"{config_dir()} (keys: {', '.join(CONFIG_KEYS)}); flags win.",
+    )
+    p.add_argument("address", nargs="?", help=f"the hub, HOST[:PORT] (default port {DEFAULT_PORT})")
+    p.add_argument("--nick", "-n", help="your nick (default: your login name)")
+    p.add_argument("--room", "-r", help="the room to join first (default: general)")
+    p.add_argument(
+        "--insecure-plaintext", action="store_true", default=None, help="no TLS (the hub must agree)"
+    )
+    p.add_argument(
+        "--discover-timeout", type=float, help="seconds to look for a hub on the LAN (default 1.5)"
+    )
+    p.add_argument("--no-bell", action="store_true", help="no terminal bell on mentions")
+    p.add_argument("--verbose", "-v", action="store_true", help="log the runtime's events")
+    return p
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="korinet-chat serve", description="Run a standalone chat hub.")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0: the whole LAN)")
+    p.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--db", help=f"history database (default {default_db()}; ':memory:' keeps none)")
+    p.add_argument("--insecure-plaintext", action="store_true", default=None, help="no TLS: anyone can read")
+    p.add_argument("--no-announce", action="store_true", help="do not announce the hub on the LAN (mDNS)")
+    p.add_argument("--session-ttl", type=float, default=120.0, help="seconds a dropped client keeps its nick")
+    p.add_argument("--rate", type=float, help="messages per second per user after a burst (0: no limit)")
+    p.add_argument("--burst", type=float, help="messages a user may send at once (default 20)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every session event")
+    return p
+
+
+def _warn_plaintext(what: str) -> None:
+    print(f"korinet-chat {what}: WARNING: --insecure-plaintext: messages cross the network unencrypted",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _server_tls(plaintext: bool) -> ServerTLS | None:
+    if plaintext:
+        return None
+    from korinet.security import Identity, ServerTLS
+
+    created = not Identity.exists()
+    identity = Identity.load_or_create()
+    if created:
+        print(f"korinet-chat: created the identity {identity.fingerprint} in {config_dir()}", file=sys.stderr)
+    return ServerTLS(identity, authorized=None)  # anyone may chat: nicks, not keys
+
+
+def _client_tls(plaintext: bool, fingerprint: str | None = None) -> ClientTLS | None:
+    if plaintext:
+        return None
+    from korinet.security import ClientTLS
+
+    def first_use(address: str, fp: str, known_hosts: KnownHosts) -> None:
+        print(f"first connection to {address}: its key {fp} is now pinned in {known_hosts.path}", flush=True)
+
+    return ClientTLS(fingerprint=fingerprint, on_first_use=first_use)
+
+
+# ---------------------------------------------------------------------- hub
+
+
+async def start_hub(
+    host: str, port: int, db: str | Path, *, plaintext: bool, session_ttl: float = 120.0,
+    rate: float | None = None, burst: float | None = None,
+) -> tuple[ChatHub, Server]:  # fmt: skip
+    """A hub listening on ``host:port`` (``port`` busy and the default: any free one)."""
+    from .hub import ChatHub, HubSettings
+
+    settings = HubSettings()
+    if rate is not None:
+        settings.rate = rate
+    if burst is not None:
+        settings.burst = burst
+    hub = ChatHub(db, settings=settings)
+    tls = _server_tls(plaintext)
+    server = hub.server(host, port, tls=tls, session_ttl=session_ttl)
+    try:
+        await server.start()
+    except OSError:
+        if port != DEFAULT_PORT:
+            hub.close()
+            raise
+        server = hub.server(host, 0, tls=tls, session_ttl=session_ttl)
+        await server.start()
+    return hub, server
+
+
+async def _announce(server: Server, plaintext: bool) -> Announcement | None:
+    from .discovery import announce
+
+    try:
+        host = server.host
+        addresses = None if host in ("0.0.0.0", "", "::") else [host]
+        return await announce(
+            server.port, addresses=addresses, fingerprint=server.fingerprint, tls=not plaintext
+        )
+    except Exception as exc:  # no multicast here: the hub works, it is only not found
+        print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
+        return None
+
+
+async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    host = args.host or "0.0.0.0"
+    port = args.port if args.port is not None else int(cfg.get("port", DEFAULT_PORT))
+    db = args.db or cfg.get("db") or default_db()
+    plaintext = bool(args.insecure_plaintext or cfg.get("insecure_plaintext"))
+    if plaintext:
+        _warn_plaintext("serve")
+    try:
+        hub, server = await start_hub(
+            host, port, db, plaintext=plaintext, session_ttl=args.session_ttl,
+            rate=args.rate if args.rate is not None else cfg.get("rate"),
+            burst=args.burst if args.burst is not None else cfg.get("burst"),
+        )  # fmt: skip
+    except OSError as exc:
+        print(f"korinet-chat serve: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # sqlite3.Error, an unreadable identity...
+        print(f"korinet-chat serve: {exc}", file=sys.stderr)
+        return 1
+    print(f"korinet-chat hub on {host}:{server.port}, history in {db}", flush=True)
+    if server.fingerprint:
+        print(
+            f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
+            flush=True,
+        )
+    announcement = None if args.no_announce else await _announce(server, plaintext)
+    if announcement is not None:
+        print(f"announced on the LAN as {announcement.name!r}", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print(f"stopping ({len(hub.nicks)} user(s) connected)", flush=True)
+    if announcement is not None:
+        await announcement.close()
+    await server.close()
+    hub.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- chat
+
+
+async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    from korinet import KoriNetError
+
+    from .client import ChatClient, ChatError
+    from .ui import ChatUI
+
+    nick = args.nick or cfg.get("nick") or default_nick()
+    room = args.room or cfg.get("room") or "general"
+    plaintext = bool(args.insecure_plaintext or cfg.get("insecure_plaintext"))
+    try:
+        protocol.normalize_nick(nick)
+        protocol.normalize_room(room)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if plaintext:
+        _warn_plaintext("client")
+    address = args.address or cfg.get("host")
+    hub = server = announcement = None
+    pinned: str | None = None
+    if address:
+        host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
+    else:
+        from .discovery import browse
+
+        timeout = (
+            args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
+        )
+        print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
+        try:
+            found = await browse(float(timeout))
+        except Exception as exc:  # no multicast at all
+            print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
+            found = []
+        usable = [h for h in found if h.tls != plaintext]
+        if usable:
+            hub_found = usable[0]
+            host, port = hub_found.host, hub_found.port
+            others = f" (and {len(usable) - 1} more)" if len(usable) > 1 else ""
+            print(f"found {hub_found.name!r} at {host}:{port}{others}", flush=True)
+        else:
+            try:
+                hub, server = await start_hub("0.0.0.0", DEFAULT_PORT, cfg.get("db") or default_db(),
+                                              plaintext=plaintext)  # fmt: skip
+            except OSError as exc:
+                print(f"korinet-chat: cannot start a hub here: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            host, port, pinned = "127.0.0.1", server.port, server.fingerprint
+            announcement = await _announce(server, plaintext)
+            print(f"no hub on the LAN: started one here on port {port}"
+                  + (", announced: others who run korinet-chat will join it" if announcement else ""),
+                  flush=True)  # fmt: skip
+    try:
+        client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned))
+        ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
+        try:
+            await client.start()
+        except (ChatError, KoriNetError, OSError) as exc:
+            print(f"korinet-chat: cannot join the hub at {host}:{port}: {exc}", file=sys.stderr)
+            return 1
+        await ui.run()
+        await client.close()
+        return 0
+    finally:
+        if announcement is not None:
+            await announcement.close()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.close()
+        if hub is not None:
+            hub.close()
+
+
+def _logging(verbose: bool, interactive: bool) -> None:
+    level = logging.INFO if verbose else (logging.ERROR if interactive else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("korinet-chat is being built", file=sys.stderr)
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config()
+        if argv and argv[0] == "serve":
+            args = _serve_parser().parse_args(argv[1:])
+            _logging(args.verbose, interactive=False)
+            return asyncio.run(_serve(args, cfg))
+        args = _client_parser().parse_args(argv)
+        _logging(args.verbose, interactive=True)
+        return asyncio.run(_chat(args, cfg))
+    except UsageError as exc:
+        print(f"korinet-chat: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,868 @@
+"""The chat client without a screen: ChatClient, used by the terminal UI, the tests
+and the benchmark alike.
+
+It turns what the hub sends into :class:`Line` objects (every string from a peer is
+sanitised on the way in) and what the user types into requests. The rules that make
+"nobody loses a message" hold on this side:
+
+* **in order, once**: each room's messages carry the hub's sequence number. One at
+  or below the last shown is a duplicate and dropped; one beyond it waits until the
+  gap is filled (the client asks the hub for the gap).
+* **offline typing**: a line typed while the link is down goes into the session's
+  replay buffer at once (the runtime sends it when the link is back, exactly once)
+  and stays in :attr:`ChatClient.pending` until the hub's copy comes back.
+* **hub restart** (the session expired): the client says hello again, rejoins its
+  rooms "since" the last sequence number it showed, and re-sends what is still
+  pending under the same message ids, which the hub recognises.
+* **"— N new while away —"**: when the link returns, the client asks the hub for the
+  rooms' heads before showing what the session replayed, and puts the marker first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from korinet import (
+    Client,
+    ConnectionClosed,
+    KoriNetError,
+    MessageRejected,
+    SendBufferFull,
+    SessionConfig,
+    SessionExpired,
+)
+
+from . import protocol, watch
+from .hub import chat_plugins
+from .sanitize import clean
+
+if TYPE_CHECKING:
+    from korinet.plugins import PluginManager
+    from korinet.security import ClientTLS
+
+__all__ = ["COMMANDS", "ChatClient", "ChatError", "Line", "Pending"]
+
+logger = logging.getLogger(__name__)
+
+#: A dead link is noticed within about 2.5 heartbeats: keep them short on a LAN.
+CLIENT_CONFIG = SessionConfig(heartbeat_interval=2.0)
+
+#: Slash commands and their one-line help (the UI completes these).
+COMMANDS: dict[str, str] = {
+    "/join": "/join #room          join (or create) a room and make it current",
+    "/part": "/part [#room]        leave a room (default: the current one)",
+    "/nick": "/nick NAME           change your nick",
+    "/msg": "/msg NICK TEXT       a direct message",
+    "/me": "/me ACTION           an action (* alice waves)",
+    "/who": "/who [#room]         who is in a room, and their state",
+    "/rooms": "/rooms               the rooms of this hub",
+    "/history": "/history [N]         the last N messages of the current room",
+    "/search": "/search WORDS        search the history of your rooms",
+    "/away": "/away [MESSAGE]      mark yourself away (no message: back)",
+    "/help": "/help                this list",
+    "/quit": "/quit                leave",
+}
+
+
+class ChatError(Exception):
+    """A request the hub refused, or a command the user got wrong (text for the user)."""
+
+    def __init__(self, text: str, code: str = "") -> None:
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Line:
+    """One line for the screen. Every string in it is already sanitised.
+
+    kind: "msg" (a room message), "history" (a room message from the past), "dm",
+    "event" (presence, membership), "marker" ("— 3 new while away —"), "info",
+    "error".
+    """
+
+    kind: str
+    text: str
+    room: str | None = None
+    nick: str | None = None
+    ts: float | None = None
+    seq: int | None = None
+    me: bool = False  # an action (/me)
+    own: bool = False  # written by this client
+    mention: bool = False  # mentions this client's nick
+
+
+@dataclass(slots=True)
+class Pending:
+    """A line typed but not yet confirmed by the hub."""
+
+    mid: str
+    text: str
+    room: str | None
+    to: str | None = None
+    kind: str = "say"
+    rid: int = 0
+
+
+@dataclass
+class _Waiting:
+    future: asyncio.Future[dict[str, Any]]
+    op: str
+    mid: str | None = None
+
+
+@dataclass
+class _RoomView:
+    seen: int = 0  # the last sequence number shown
+    held: dict[int, dict[str, Any]] = field(default_factory=dict)  # beyond a gap
+    asked: int = 0  # the gap start already asked for
+
+
+class ChatClient:
+    """A chat session with a hub.
+
+    Args:
+        host, port: the hub.
+        nick: the nick wanted (a taken one gets ``_`` appended, and a line says so).
+        room: the room joined first (and current).
+        tls: TLS settings (None: plaintext).
+        plugins: plugin manager (the chat plugin is added if missing).
+        on_line: called with every new :class:`Line`.
+        on_status: called when the status line would change.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        nick: str,
+        *,
+        room: str | None = "general",
+        tls: ClientTLS | None = None,
+        plugins: PluginManager | None = None,
+        config: SessionConfig | None = None,
+        on_line: Callable[[Line], None] | None = None,
+        on_status: Callable[[], None] | None = None,
+        backoff_cap: float = 2.0,
+        keep_lines: int = 5000,
+    ) -> None:
+        self.host, self.port = host, port
+        self.nick = protocol.normalize_nick(nick)
+        self.wanted_rooms = [protocol.normalize_room(room)] if room else []
+        self.current: str | None = self.wanted_rooms[0] if self.wanted_rooms else None
+        self.tls = tls
+        self.plugins = chat_plugins(plugins)
+        self.config = config or CLIENT_CONFIG
+        self.backoff_cap = backoff_cap
+        self.listeners: list[Callable[[Line], None]] = [on_line] if on_line else []
+        self.on_status = on_status
+        self.peer: Client | None = None
+        self.rooms: dict[str, _RoomView] = {}
+        self.members: dict[str, set[str]] = {}  # room -> nicks, for completion
+        self.pending: OrderedDict[str, Pending] = OrderedDict()
+        self.lines: deque[Line] = deque(maxlen=keep_lines)
+        self.lines_total = 0
+        self.duplicates_dropped = 0
+        self.state = "connecting"
+        self.away: str | None = None
+        self._client_id = secrets.token_hex(6)
+        self._mids = itertools.count(1)
+        self._rids = itertools.count(1)
+        self._waiting: dict[int, _Waiting] = {}
+        self._backlog: deque[dict[str, Any]] = deque()
+        self._pump: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._changed = asyncio.Event()
+        self._holding: list[dict[str, Any]] | None = None  # msgs held until the "away" marker
+        self._mark: dict[str, int] = {}
+        self._registering = False
+        self._mention_re = self._mention_pattern()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, open_timeout: float = 10.0) -> None:
+        """Connect, say hello, join the first room.
+
+        Raises:
+            KoriNetError: no session could be opened (the message says why).
+            ChatError: the hub refused us.
+        """
+        self.peer = await Client.connect(
+            self.host,
+            self.port,
+            plugins=self.plugins,
+            tls=self.tls,
+            config=self.config,
+            backoff_cap=self.backoff_cap,
+            open_timeout=open_timeout,
+        )
+        watch.add(self)
+        self.state = "connected"
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        await self._register(first=True)
+
+    async def close(self) -> None:
+        watch.remove(self)
+        if self.peer is not None:
+            await self.peer.close("bye", timeout=2.0)
+        for task in (self._reader, self._pump, *self._tasks):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        self.state = "closed"
+        self._status()
+
+    @property
+    def queued(self) -> int:
+        """Lines typed and not yet confirmed by the hub."""
+        return len(self.pending)
+
+    @property
+    def status(self) -> str:
+        """``#general · alice · connected`` or ``... · reconnecting… 3 queued``."""
+        room = protocol.display_room(self.current) if self.current else "(no room)"
+        state = "reconnecting…" if self.state == "reconnecting" else self.state
+        if self.away and self.state == "connected":
+            state = "away"
+        queued = f" {self.queued} queued" if self.queued else ""
+        return f"{clean(room)} · {clean(self.nick)} · {state}{queued}"
+
+    def session_event(self, event: str, session: Any) -> None:
+        """From the plugin's hooks (watch.py)."""
+        if session is not self.peer or self.peer is None:
+            return
+        if event == "lost":
+            self.state = "reconnecting"
+            if not self._mark:
+                self._mark = {room: view.seen for room, view in self.rooms.items()}
+        elif event == "resumed":
+            self.state = "connected"
+            if self._mark and not self._registering:
+                # Hold what the session replays (it comes right after this hook, before
+                # any task runs) until the marker is out.
+                mark, self._mark = self._mark, {}
+                if self._holding is None:
+                    self._holding = []
+                self._spawn(self._after_resume(mark))
+        elif event == "opened":
+            self.state = "connected"
+        elif event == "closed" and self.peer.is_closed:
+            self.state = "closed"
+        self._status()
+
+    # ------------------------------------------------------------------ output
+
+    def _emit(self, line: Line) -> None:
+        self.lines.append(line)
+        self.lines_total += 1
+        for listener in self.listeners:
+            try:
+                listener(line)
+            except Exception:
+                logger.exception("a line listener failed")
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _info(self, text: str, kind: str = "info", room: str | None = None) -> None:
+        self._emit(Line(kind, text, room=room))
+
+    def _status(self) -> None:
+        if self.on_status is not None:
+            self.on_status()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[ChatClient], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate(self)`` holds (checked after every line or status change).
+
+        Raises:
+            TimeoutError: it did not within ``timeout``.
+        """
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                await self._changed.wait()
+
+    def _mention_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"(?<![\w]){re.escape(self.nick)}(?![\w])", re.IGNORECASE)
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, op: str, mid: str | None = None, **args: Any) -> asyncio.Future[dict[str, Any]]:
+        rid = next(self._rids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = _Waiting(future, op, mid)
+        payload = {"rid": rid, "op": op, **args}
+        if mid is not None:
+            payload["mid"] = mid
+            self.pending[mid].rid = rid
+        self._send(payload)
+        return future
+
+    async def _ask(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send a request and return the hub's answer.
+
+        Raises:
+            ChatError: the hub refused it (the text says why).
+        """
+        result = await self._request(op, **args)
+        if not result.get("ok"):
+            raise ChatError(clean(result.get("error") or "refused"), str(result.get("code", "")))
+        return result
+
+    def _send(self, payload: dict[str, Any]) -> None:
+        """Hand a request to the session now (it queues while the link is down), or to
+        our own backlog when the session's window is full (sent in order later)."""
+        if self._backlog:
+            self._backlog.append(payload)
+            return
+        assert self.peer is not None
+        try:
+            ack = self.peer.send_nowait(payload, protocol.REQUEST)
+        except SendBufferFull:
+            self._backlog.append(payload)
+            if self._pump is None or self._pump.done():
+                self._pump = asyncio.get_running_loop().create_task(self._drain_backlog())
+            return
+        except KoriNetError as exc:
+            self._fail(payload["rid"], exc)
+            return
+        rid = payload["rid"]
+        ack.add_done_callback(lambda f: self._acked(rid, f))
+
+    async def _drain_backlog(self) -> None:
+        assert self.peer is not None
+        peer = self.peer
+        try:
+            while self._backlog:
+                await peer.wait_acked(peer.session.acked + 1)  # room for at least one
+                while self._backlog:
+                    payload = self._backlog[0]
+                    try:
+                        ack = peer.send_nowait(payload, protocol.REQUEST)
+                    except SendBufferFull:
+                        break
+                    self._backlog.popleft()
+                    rid = payload["rid"]
+                    ack.add_done_callback(lambda f, rid=rid: self._acked(rid, f))
+        except KoriNetError:
+            pass
+
+    def _acked(self, rid: int, ack: asyncio.Future[None]) -> None:
+        if ack.cancelled():
+            return
+        error = ack.exception()
+        if error is None:
+            return
+        if isinstance(error, SessionExpired):
+            return  # the hub may or may not have it: re-registration re-sends what is pending
+        self._fail(rid, error)
+
+    def _fail(self, rid: int, error: BaseException) -> None:
+        waiting = self._waiting.pop(rid, None)
+        if waiting is None:
+            return
+        text = error.reason if isinstance(error, MessageRejected) else str(error)
+        if waiting.mid is not None:
+            pending = self.pending.pop(waiting.mid, None)
+            if pending is not None:
+                self._info(f"not sent ({clean(text)}): {clean(pending.text, 80)}", "error")
+                self._status()
+        if not waiting.future.done():
+            waiting.future.set_result({"rid": rid, "ok": False, "error": text, "code": "failed"})
+
+    # ------------------------------------------------------------------ registration
+
+    async def _register(self, first: bool) -> None:
+        """hello, then the rooms (again, after a hub restart), then what is pending."""
+        self._registering = True
+        try:
+            wanted = self.nick
+            for attempt in range(6):
+                nick = wanted if attempt == 0 else f"{wanted}{'_' * attempt}"
+                result = await self._request("hello", nick=nick)
+                if result.get("ok"):
+                    if nick != self.nick or attempt:
+                        self._info(f"the nick {clean(wanted)} is taken: you are {clean(nick)}")
+                    self._set_nick(nick)
+                    break
+                if result.get("code") != "nick_taken":
+                    raise ChatError(clean(result.get("error") or "refused"), str(result.get("code", "")))
+            else:
+                raise ChatError(f"the nick {clean(wanted)} and its variants are taken; pick another")
+            if self.away:
+                self._request("away", message=self.away)
+            for room in list(self.wanted_rooms):
+                await self._join(room, announce=first)
+            self._mark = {}
+            if not first:
+                for pending in list(self.pending.values()):
+                    self._resend(pending)
+        finally:
+            self._registering = False
+            self._release_held()
+
+    def _resend(self, pending: Pending) -> None:
+        waiting = self._waiting.pop(pending.rid, None)
+        if pending.to is not None:
+            future = self._request("dm", mid=pending.mid, to=pending.to, text=pending.text, kind=pending.kind)
+        else:
+            future = self._request(
+                "say", mid=pending.mid, room=pending.room, text=pending.text, kind=pending.kind
+            )
+        if waiting is not None and not waiting.future.done():
+            future.add_done_callback(lambda f: waiting.future.set_result(f.result()))
+
+    async def _join(self, room: str, *, announce: bool) -> dict[str, Any]:
+        view = self.rooms.get(room)
+        since = view.seen if view is not None else None
+        if since is None and room in self._mark:
+            since = self._mark[room]
+        result = await self._ask("join", room=room, **({"since": since} if since is not None else {}))
+        room = result["room"]
+        if room not in self.wanted_rooms:
+            self.wanted_rooms.append(room)
+        head = int(result["head"])
+        history = [m for m in result.get("history", ()) if _valid_msg(m)]
+        self.members[room] = {str(m.get("nick")) for m in result.get("members", ()) if isinstance(m, dict)}
+        if since is None:
+            view = self.rooms[room] = _RoomView(seen=head)
+            if announce:
+                who = len(self.members[room])
+                verb = "created" if result.get("created") else "joined"
+                self._info(
+                    f"— {verb} {clean(protocol.display_room(room))} ({who} here) —",
+                    room=room,
+                )
+            for m in history:
+                self._emit(self._msg_line(m, "history"))
+            return result
+        if view is None:
+            view = self.rooms[room] = _RoomView(seen=since)
+        if head < view.seen:  # an in-memory hub restarted: its numbers start again
+            self._info(f"— the hub's history of {protocol.display_room(room)} restarted —", room=room)
+            view.seen = 0
+            view.held.clear()
+        missed = head - view.seen
+        if missed > 0:
+            self._info(f"— {missed} new while away —", "marker", room=room)
+        if result.get("skipped"):
+            self._info(f"({result['skipped']} older messages not shown: /history for more)", room=room)
+            view.seen = max(view.seen, history[0]["seq"] - 1 if history else head)
+        for m in history:
+            self._room_msg(m)
+        return result
+
+    async def _after_resume(self, mark: dict[str, int]) -> None:
+        """The link is back on the same session: put "— N new while away —" before the
+        messages the session replays (they are held until the hub tells the heads)."""
+        # Our own lines queued while away reach the hub before this request: not news.
+        own: dict[str, int] = {}
+        for pending in self.pending.values():
+            if pending.room is not None:
+                own[pending.room] = own.get(pending.room, 0) + 1
+        try:
+            result = await self._ask("rooms")
+        except ChatError:
+            self._release_held()
+            return
+        heads = {r["room"]: r["head"] for r in result.get("rooms", ()) if isinstance(r, dict)}
+        for room, seen in mark.items():
+            head = heads.get(room)
+            missed = head - seen - own.get(room, 0) if isinstance(head, int) else 0
+            if missed > 0 and room in self.rooms:
+                self._info(f"— {missed} new while away —", "marker", room=room)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._holding = self._holding, None
+        for m in held or ():
+            self._room_msg(m)
+
+    def _set_nick(self, nick: str) -> None:
+        self.nick = nick
+        self._mention_re = self._mention_pattern()
+        self._status()
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read(self) -> None:
+        assert self.peer is not None
+        peer = self.peer
+        while True:
+            try:
+                msg = await peer.recv_message()
+            except SessionExpired:
+                self._info("the hub lost our session (it restarted?): joining again")
+                self._spawn(self._reregister())
+                continue
+            except ConnectionClosed as exc:
+                self.state = "closed"
+                self._info(f"disconnected: {clean(exc)}", "error")
+                for rid in list(self._waiting):
+                    self._fail(rid, exc)
+                self._status()
+                return
+            try:
+                self._received(msg.type, msg.data)
+            except Exception:  # a bad message must not end the session
+                logger.exception("could not handle a %r message", msg.type)
+
+    async def _reregister(self) -> None:
+        self._mark = self._mark or {room: view.seen for room, view in self.rooms.items()}
+        self.rooms = {}
+        try:
+            await self._register(first=False)
+        except (ChatError, KoriNetError) as exc:
+            self._info(f"could not join again: {clean(exc)}", "error")
+
+    def _received(self, type_: str, data: dict[str, Any]) -> None:
+        if type_ == protocol.RESULT:
+            self._result(data)
+        elif type_ == protocol.MSG:
+            if self._holding is not None:
+                self._holding.append(data)
+            else:
+                self._room_msg(data)
+        elif type_ == protocol.EVENT:
+            self._event(data)
+        elif type_ == protocol.DM:
+            self._dm(data)
+
+    def _result(self, data: dict[str, Any]) -> None:
+        rid = data["rid"]
+        waiting = self._waiting.get(rid)
+        if waiting is None:
+            return
+        if not data.get("ok") and data.get("code") == "unregistered" and waiting.mid is not None:
+            return  # sent before our new hello reached the restarted hub: re-sent after it
+        del self._waiting[rid]
+        if waiting.mid is not None:
+            pending = self.pending.pop(waiting.mid, None)
+            if pending is not None and not data.get("ok"):
+                self._info(f"not sent ({clean(data.get('error'))}): {clean(pending.text, 80)}", "error")
+            self._status()
+        if not waiting.future.done():
+            waiting.future.set_result(data)
+
+    def _room_msg(self, data: dict[str, Any]) -> None:
+        """Show a room message once, in sequence order (see the module docstring)."""
+        room = data["room"]
+        view = self.rooms.get(room)
+        if view is None:
+            return  # a room we left (or not yet joined again): its messages wait in history
+        seq = data["seq"]
+        if seq <= view.seen or seq in view.held:
+            self.duplicates_dropped += 1
+            return
+        if seq > view.seen + 1:
+            view.held[seq] = data
+            if view.asked != view.seen:
+                view.asked = view.seen
+                self._spawn(self._fill_gap(room, view.seen, seq - view.seen - 1))
+            return
+        self._show(data)
+        view.seen = seq
+        while view.seen + 1 in view.held:
+            view.seen += 1
+            self._show(view.held.pop(view.seen))
+
+    async def _fill_gap(self, room: str, since: int, count: int) -> None:
+        try:
+            result = await self._ask(
+                "history", room=room, since=since, limit=min(count, protocol.MAX_HISTORY)
+            )
+        except ChatError:
+            return
+        for m in result.get("messages", ()):
+            if _valid_msg(m):
+                self._room_msg(m)
+
+    def _show(self, data: dict[str, Any]) -> None:
+        mid = data.get("mid")
+        if mid is not None and mid in self.pending:
+            del self.pending[mid]
+            self._status()
+        self._emit(self._msg_line(data, "msg"))
+
+    def _msg_line(self, data: dict[str, Any], kind: str) -> Line:
+        nick = str(data.get("nick", "?"))
+        own = protocol.nick_key(nick) == protocol.nick_key(self.nick) or data.get("mid", "").startswith(
+            self._client_id
+        )
+        text = str(data.get("text", ""))
+        return Line(
+            kind,
+            clean(text),
+            room=clean(data.get("room")),
+            nick=clean(nick, protocol.MAX_NICK + 8),
+            ts=data.get("ts"),
+            seq=data.get("seq"),
+            me=data.get("kind") == "me",
+            own=own,
+            mention=kind == "msg" and not own and bool(self._mention_re.search(text)),
+        )
+
+    def _event(self, data: dict[str, Any]) -> None:
+        kind = data["kind"]
+        nick = clean(data.get("nick") or "?", protocol.MAX_NICK + 8)
+        room = data.get("room")
+        where = f" {clean(protocol.display_room(room))}" if room else ""
+        raw_nick = str(data.get("nick") or "")
+        if kind == "joined" and room:
+            self.members.setdefault(room, set()).add(raw_nick)
+            text = f"{nick} joined{where}"
+        elif kind == "left":
+            for names in [self.members.get(room, set())] if room else self.members.values():
+                names.discard(raw_nick)
+            text = f"{nick} left{where}"
+        elif kind == "reconnecting":
+            text = f"{nick} is reconnecting…"
+        elif kind == "online":
+            text = f"{nick} is back"
+        elif kind == "away":
+            text = f"{nick} is away" + (f": {clean(data['text'], 200)}" if data.get("text") else "")
+        elif kind == "nick":
+            new = str(data.get("new") or "?")
+            for names in self.members.values():
+                if raw_nick in names:
+                    names.discard(raw_nick)
+                    names.add(new)
+            text = f"{nick} is now known as {clean(new, protocol.MAX_NICK + 8)}"
+        else:  # notice
+            text = f"hub: {clean(data.get('text', ''), 500)}"
+        self._emit(Line("event", text, room=clean(room) if room else None, nick=nick))
+
+    def _dm(self, data: dict[str, Any]) -> None:
+        text = str(data.get("text", ""))
+        self._emit(
+            Line(
+                "dm",
+                clean(text),
+                nick=clean(data.get("from"), protocol.MAX_NICK + 8),
+                ts=data.get("ts"),
+                me=data.get("kind") == "me",
+                mention=True,
+            )
+        )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ user actions
+
+    def say(self, text: str, room: str | None = None, kind: str = "say") -> Pending:
+        """Queue a room message (returns at once; it is pending until the hub's copy is back).
+
+        Raises:
+            ChatError: too long, or no room.
+        """
+        room = protocol.normalize_room(room) if room else self.current
+        if room is None:
+            raise ChatError("you are in no room: /join #general first")
+        if room not in self.rooms:
+            raise ChatError(
+                f"you are not in {protocol.display_room(room)} (/join {protocol.display_room(room)})"
+            )
+        _check_length(text)
+        pending = Pending(f"{self._client_id}-{next(self._mids)}", text, room, kind=kind)
+        self.pending[pending.mid] = pending
+        self._request("say", mid=pending.mid, room=room, text=text, kind=kind)
+        self._status()
+        return pending
+
+    def dm(self, to: str, text: str, kind: str = "say") -> asyncio.Future[dict[str, Any]]:
+        """Queue a direct message; the future gets the hub's answer."""
+        to = protocol.normalize_nick(to)
+        _check_length(text)
+        pending = Pending(f"{self._client_id}-{next(self._mids)}", text, None, to=to, kind=kind)
+        self.pending[pending.mid] = pending
+        future = self._request("dm", mid=pending.mid, to=to, text=text, kind=kind)
+        self._status()
+        return future
+
+    async def join(self, room: str) -> None:
+        room = protocol.normalize_room(room)
+        if room in self.rooms:
+            self.current = room
+            self._info(f"— now in {protocol.display_room(room)} —", room=room)
+            self._status()
+            return
+        if room not in self.wanted_rooms:
+            self.wanted_rooms.append(room)
+        try:
+            await self._join(room, announce=True)
+        except ChatError:
+            self.wanted_rooms.remove(room)
+            raise
+        self.current = room
+        self._status()
+
+    async def part(self, room: str | None = None) -> None:
+        room = protocol.normalize_room(room) if room else self.current
+        if room is None or room not in self.rooms:
+            raise ChatError(f"you are not in {protocol.display_room(room) if room else 'any room'}")
+        await self._ask("part", room=room)
+        self.rooms.pop(room, None)
+        if room in self.wanted_rooms:
+            self.wanted_rooms.remove(room)
+        self._info(f"— left {protocol.display_room(room)} —", room=room)
+        if self.current == room:
+            self.current = self.wanted_rooms[0] if self.wanted_rooms else None
+            if self.current:
+                self._info(f"— now in {protocol.display_room(self.current)} —", room=self.current)
+        self._status()
+
+    async def set_nick(self, nick: str) -> None:
+        nick = protocol.normalize_nick(nick)
+        result = await self._ask("nick", nick=nick)
+        self._set_nick(result["nick"])
+        self._info(f"you are now known as {clean(self.nick)}")
+
+    async def who(self, room: str | None = None) -> list[dict[str, Any]]:
+        room = protocol.normalize_room(room) if room else self.current
+        if room is None:
+            raise ChatError("who in which room? (/who #room)")
+        result = await self._ask("who", room=room)
+        members = [m for m in result.get("members", ()) if isinstance(m, dict)]
+        self.members[result["room"]] = {str(m.get("nick")) for m in members}
+        names = ", ".join(
+            clean(m.get("nick"), 40)
+            + ("" if m.get("state") == "online" else f" ({clean(m.get('state'), 20)})")
+            for m in members
+        )
+        self._info(f"{clean(protocol.display_room(result['room']))}: {names or 'nobody'}")
+        return members
+
+    async def list_rooms(self) -> list[dict[str, Any]]:
+        result = await self._ask("rooms")
+        rooms = [r for r in result.get("rooms", ()) if isinstance(r, dict)]
+        for r in rooms:
+            self._info(
+                f"{clean(protocol.display_room(str(r.get('room'))))}  "
+                f"{r.get('members', 0)} here, {r.get('head', 0)} messages"
+            )
+        if not rooms:
+            self._info("no rooms yet: /join #general")
+        return rooms
+
+    async def history(self, count: int = 20, room: str | None = None) -> None:
+        room = protocol.normalize_room(room) if room else self.current
+        if room is None:
+            raise ChatError("history of which room? (/join one first)")
+        result = await self._ask("history", room=room, limit=count)
+        messages = [m for m in result.get("messages", ()) if _valid_msg(m)]
+        self._info(f"— last {len(messages)} of {protocol.display_room(room)} —", room=room)
+        for m in messages:
+            self._emit(self._msg_line(m, "history"))
+
+    async def search(self, query: str) -> None:
+        result = await self._ask("search", query=query)
+        messages = [m for m in result.get("messages", ()) if _valid_msg(m)]
+        self._info(f"— {len(messages)} found for {clean(query, 60)!r} —")
+        for m in messages:
+            self._emit(self._msg_line(m, "history"))
+
+    async def set_away(self, message: str | None) -> None:
+        result = await self._ask("away", message=message or "")
+        self.away = message or None
+        self._info("you are away" if result.get("state") == "away" else "you are back")
+        self._status()
+
+    async def handle_input(self, text: str) -> bool:
+        """Act on one line the user typed. Returns False when the user wants to quit.
+        Mistakes become "error" lines, never exceptions."""
+        text = text.rstrip("\n")
+        if not text.strip():
+            return True
+        try:
+            if text.startswith("/") and not text.startswith("//"):
+                return await self._command(text)
+            self.say(text[1:] if text.startswith("//") else text)
+        except (ChatError, ValueError) as exc:
+            self._info(str(exc), "error")
+        except KoriNetError as exc:
+            self._info(f"not possible now: {clean(exc)}", "error")
+        return True
+
+    async def _command(self, text: str) -> bool:
+        name, _, rest = text.partition(" ")
+        name = name.lower()
+        rest = rest.strip()
+        matches = [c for c in COMMANDS if c.startswith(name)]
+        if name not in COMMANDS and len(matches) == 1:
+            name = matches[0]  # an unambiguous prefix: /j #dev
+        if name == "/quit":
+            return False
+        if name == "/help":
+            for usage in COMMANDS.values():
+                self._info(usage)
+        elif name == "/join":
+            if not rest:
+                raise ChatError("usage: /join #room")
+            await self.join(rest.split()[0])
+        elif name == "/part":
+            await self.part(rest.split()[0] if rest else None)
+        elif name == "/nick":
+            if not rest:
+                raise ChatError(f"you are {self.nick}; usage: /nick NAME")
+            await self.set_nick(rest.split()[0])
+        elif name == "/msg":
+            to, _, body = rest.partition(" ")
+            if not to or not body.strip():
+                raise ChatError("usage: /msg NICK TEXT")
+            result = await self.dm(to, body)
+            if result.get("ok"):
+                self._emit(
+                    Line("dm", clean(body), nick=f"→ {clean(result.get('to'))}", ts=time.time(), own=True)
+                )
+        elif name == "/me":
+            if not rest:
+                raise ChatError("usage: /me ACTION")
+            self.say(rest, kind="me")
+        elif name == "/who":
+            await self.who(rest.split()[0] if rest else None)
+        elif name == "/rooms":
+            await self.list_rooms()
+        elif name == "/history":
+            count = 20
+            if rest:
+                try:
+                    count = max(1, min(int(rest.split()[0]), protocol.MAX_HISTORY))
+                except ValueError:
+                    raise ChatError("usage: /history [N]") from None
+            await self.history(count)
+        elif name == "/search":
+            if not rest:
+                raise ChatError("usage: /search WORDS")
+            await self.search(rest)
+        elif name == "/away":
+            await self.set_away(rest or None)
+        else:
+            raise ChatError(
+                f"unknown command {clean(name, 30)} (/help lists them; // sends a line starting with /)"
+            )
+        return True
+
+
+def _check_length(text: str) -> None:
+    if len(text) > protocol.MAX_TEXT:
+        raise ChatError(f"message too long ({len(text)} > {protocol.MAX_TEXT} characters): not sent")
+
+
+def _valid_msg(data: Any) -> bool:
+    try:
+        protocol.validate_msg(data)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,158 @@
+"""Finding a hub on the LAN, and being found: DNS-SD over mDNS (``zeroconf``).
+
+A hub announces ``<name>._korinet-chat._tcp.local.`` with its port, addresses and,
+in the TXT record, its key's fingerprint and whether it speaks TLS. mDNS is not
+authenticated: the fingerprint there is only shown to the user; the client pins
+the key it meets on first use (known_hosts), as for any other address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zeroconf import IPVersion, ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "announce", "browse"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_korinet-chat._tcp.local."
+
+
+@dataclass(frozen=True, slots=True)
+class FoundHub:
+    name: str
+    host: str
+    port: int
+    tls: bool
+    fingerprint: str | None
+
+
+def _interfaces(interfaces: Sequence[str] | None) -> Any:
+    from zeroconf import InterfaceChoice
+
+    return list(interfaces) if interfaces else InterfaceChoice.All
+
+
+def _decode(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+async def browse(timeout: float = 1.5, *, interfaces: Sequence[str] | None = None) -> list[FoundHub]:
+    """Hubs that answer within ``timeout`` seconds, in the order they answered.
+
+    Args:
+        interfaces: addresses to use (``["127.0.0.1"]`` in tests); default: all.
+    """
+    azc = AsyncZeroconf(interfaces=_interfaces(interfaces), ip_version=IPVersion.V4Only)
+    names: list[str] = []
+    seen = asyncio.Event()
+
+    def on_change(zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is not ServiceStateChange.Removed and name not in names:
+            names.append(name)
+            seen.set()
+
+    browser = AsyncServiceBrowser(azc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
+    found: list[FoundHub] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Stop at the first answer (plus a moment for others on the same LAN).
+        try:
+            await asyncio.wait_for(seen.wait(), timeout)
+            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+        except TimeoutError:
+            pass
+        for name in names:
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            if not await info.async_request(azc.zeroconf, 1000):
+                continue
+            addresses = info.parsed_addresses(IPVersion.V4Only)
+            if not addresses or info.port is None:
+                continue
+            props = info.properties or {}
+            found.append(
+                FoundHub(
+                    name=name.removesuffix("." + SERVICE_TYPE),
+                    host=addresses[0],
+                    port=info.port,
+                    tls=_decode(props.get(b"tls")) != "0",
+                    fingerprint=_decode(props.get(b"fp")),
+                )
+            )
+    finally:
+        await browser.async_cancel()
+        await azc.async_close()
+    return found
+
+
+class Announcement:
+    """A hub's DNS-SD record, published until :meth:`close`."""
+
+    def __init__(self, azc: AsyncZeroconf, info: AsyncServiceInfo) -> None:
+        self.azc = azc
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.name.removesuffix("." + SERVICE_TYPE)
+
+    async def close(self) -> None:
+        try:
+            await self.azc.async_unregister_service(self.info)
+        finally:
+            await self.azc.async_close()
+
+
+async def announce(
+    port: int,
+    *,
+    name: str | None = None,
+    addresses: Sequence[str] | None = None,
+    fingerprint: str | None = None,
+    tls: bool = True,
+    interfaces: Sequence[str] | None = None,
+) -> Announcement:
+    """Publish a hub listening on ``port`` at ``addresses`` (default: this host's LAN address).
+
+    A name already taken on the LAN gets a suffix (zeroconf's ``allow_name_change``).
+    """
+    if not addresses:
+        addresses = [lan_address()]
+    label = name or f"korinet-chat on {socket.gethostname()}"
+    props = {"tls": "1" if tls else "0", "v": "1"}
+    if fingerprint:
+        props["fp"] = fingerprint
+    info = AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"{label}.{SERVICE_TYPE}",
+        addresses=[socket.inet_aton(a) for a in addresses],
+        port=port,
+        properties=props,
+        server=f"{socket.gethostname()}.local.",
+    )
+    azc = AsyncZeroconf(interfaces=_interfaces(interfaces), ip_version=IPVersion.V4Only)
+    try:
+        await azc.async_register_service(info, allow_name_change=True)
+    except BaseException:
+        await azc.async_close()
+        raise
+    return Announcement(azc, info)
+
+
+def lan_address() -> str:
+    """This host's address on the LAN (the one a default route would use); 127.0.0.1
+    when there is none. No packet is sent: connecting a UDP socket only picks a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed further than the table
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"

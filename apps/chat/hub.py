@@ -1,0 +1,517 @@
+"""The chat hub: nicks, rooms, presence, fan-out, history and flood control.
+
+Theory of operation (docs/CHAT.md):
+
+* A **member** is a KoriNet session, not a socket. When its link drops, the
+  runtime keeps the session (``session_ttl``) and the hub tells the others "bob is
+  reconnecting"; the nick stays bob's. Only when the session ends does the hub say
+  "bob left" and free the nick.
+* Every room message gets the room's next sequence number and is stored (SQLite)
+  before it is fanned out. Fan-out never waits: each member's session gets a
+  non-blocking ``post()``. A member whose bounded send buffer is full (slow, or
+  detached for long) is marked *lagging*: it gets nothing more live, and a drain
+  task feeds it from history, in order, as its acknowledgements free space, until
+  it is level with the room again.
+* Requests from one member are taken one at a time, at most ``rate`` per second
+  after a ``burst``: a flooder is slowed down, by backpressure on its own session,
+  and nobody else waits for it. A lagging member's requests wait until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from korinet import KoriNetError, SendBufferFull, Server, SessionConfig
+from korinet.plugins import PluginManager, default_manager
+
+from . import plugin, protocol, watch
+from .limits import TokenBucket
+from .store import History, StoredMessage
+
+if TYPE_CHECKING:
+    from korinet.runtime.peer import Peer
+    from korinet.security import ServerTLS
+
+__all__ = ["DEFAULT_PORT", "ChatHub", "HubSettings", "chat_plugins"]
+
+logger = logging.getLogger(__name__)
+
+#: The chat's port (KoriNet's own default is 1235).
+DEFAULT_PORT = 1236
+
+#: Hub sessions: a modest window bounds the memory a detached member can pin
+#: (messages beyond it come from history when the member is back).
+HUB_CONFIG = SessionConfig(window=1024, heartbeat_interval=2.0)
+
+
+def chat_plugins(plugins: PluginManager | None = None) -> PluginManager:
+    """``plugins`` (default: the installed ones) with the chat plugin registered."""
+    plugins = plugins or default_manager()
+    if not plugins.pm.is_registered(plugin):
+        plugins.register(plugin, name="chat")
+    return plugins
+
+
+@dataclass
+class HubSettings:
+    """Tunables of a hub.
+
+    Attributes:
+        rate, burst: requests per second per member after a burst (0: no limit).
+        history_on_join: messages shown to someone joining a room afresh.
+        max_catchup: most missed messages sent on a rejoin ("since N"); older ones
+            are counted, not sent.
+        max_rooms: rooms the hub keeps; joining a new one beyond is refused.
+        batch: messages a drain posts before waiting for acknowledgements.
+    """
+
+    rate: float = 5.0
+    burst: float = 20.0
+    history_on_join: int = 20
+    max_catchup: int = protocol.MAX_HISTORY
+    max_rooms: int = 1000
+    batch: int = 256
+
+
+@dataclass(eq=False)
+class Member:
+    """One session on the hub (registered once it said hello)."""
+
+    peer: Peer
+    bucket: TokenBucket
+    nick: str | None = None
+    linked: bool = True
+    away: str | None = None
+    #: room -> the last sequence number this member was sent
+    rooms: dict[str, int] = field(default_factory=dict)
+    lagging: bool = False
+    last_post: int = 0
+    outbox: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    throttled: bool = False
+
+    @property
+    def state(self) -> str:
+        if not self.linked:
+            return "reconnecting"
+        return "away" if self.away else "online"
+
+
+class RequestError(Exception):
+    """A request the hub refuses; the text is for the user."""
+
+    def __init__(self, text: str, code: str = "refused") -> None:
+        super().__init__(text)
+        self.code = code
+
+
+class ChatHub:
+    """The chat's server-side application. Run it with :meth:`server` (a KoriNet
+    ``Server`` whose session handler is :meth:`session`), or hand :meth:`session`
+    to a ``Hub`` you build yourself."""
+
+    def __init__(
+        self, db: str | Path = ":memory:", *, settings: HubSettings | None = None, clock: Any = time.time
+    ) -> None:
+        self.settings = settings or HubSettings()
+        self.history = History(db)
+        self.clock = clock
+        self.members: dict[Peer, Member] = {}
+        self.nicks: dict[str, Member] = {}
+        #: room -> members in it (rooms nobody is in still exist in history)
+        self.rooms: dict[str, set[Member]] = {}
+        self._dm_mids: OrderedDict[str, None] = OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        watch.add(self)
+
+    def server(
+        self,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        tls: ServerTLS | None = None,
+        plugins: PluginManager | None = None,
+        config: SessionConfig | None = None,
+        session_ttl: float = 120.0,
+        **kwargs: Any,
+    ) -> Server:
+        """A KoriNet Server running this hub (start it with ``await server.start()``)."""
+        return Server(
+            host,
+            port,
+            tls=tls,
+            plugins=chat_plugins(plugins),
+            config=config or HUB_CONFIG,
+            handler=self.session,
+            accept_plain=False,
+            legacy=False,
+            session_ttl=session_ttl,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        """Stop taking part (the Server closes the sessions) and close the database."""
+        self.closing = True
+        watch.remove(self)
+        for task in self._tasks:
+            task.cancel()
+        self.history.close()
+
+    # ------------------------------------------------------------------ sessions
+
+    async def session(self, peer: Peer) -> None:
+        """The KoriNet session handler: take this session's requests until it ends."""
+        loop = asyncio.get_running_loop()
+        member = Member(peer, TokenBucket(self.settings.rate, self.settings.burst, loop.time()))
+        self.members[peer] = member
+        try:
+            while not peer.is_closed:
+                if member.lagging:
+                    await _first(member.drained.wait(), peer.closed)
+                    continue
+                await self._pace(member)
+                msg = await peer.recv_message()
+                member.bucket.take(loop.time())
+                if msg.type == protocol.REQUEST:
+                    self._request(member, msg.data)
+                # other chat types travel hub -> client: a client sending one is ignored
+        except KoriNetError:
+            pass  # the session ended: already logged by the runtime
+        finally:
+            self._remove(member)
+
+    async def _pace(self, member: Member) -> None:
+        """Wait for the member's next token before taking its next request."""
+        loop = asyncio.get_running_loop()
+        bucket = member.bucket
+        if bucket.rate <= 0:
+            return
+        wait = bucket.delay(loop.time())
+        if wait <= 0:
+            member.throttled = False
+            return
+        session = member.peer.session
+        if not member.throttled and session.received > session.delivered:
+            member.throttled = True
+            self._post(member, protocol.EVENT, {
+                "kind": "notice",
+                "text": f"slow down: {self.settings.rate:g} messages per second at most here "
+                "(what you sent is queued, not lost)",
+            })  # fmt: skip
+        await asyncio.sleep(wait)  # the flood control itself: this member's requests wait
+
+    def session_event(self, event: str, session: Any) -> None:
+        """From the plugin's hooks (watch.py): links of our members drop and return."""
+        member = self.members.get(session)
+        if member is None or self.closing:
+            return
+        if event == "lost":
+            member.linked = False
+            self._presence(member, "reconnecting")
+        elif event in ("resumed", "opened"):
+            if not member.linked:
+                member.linked = True
+                self._presence(member, member.state)
+        elif event == "closed":
+            self._remove(member)
+
+    def _remove(self, member: Member) -> None:
+        if self.members.pop(member.peer, None) is None:
+            return
+        member.drained.set()
+        if member.nick is not None and not self.closing:
+            self._presence(member, "left")
+        for room in member.rooms:
+            self.rooms.get(room, set()).discard(member)
+        if member.nick is not None and self.nicks.get(protocol.nick_key(member.nick)) is member:
+            del self.nicks[protocol.nick_key(member.nick)]
+
+    # ------------------------------------------------------------------ sending
+
+    def _post(self, member: Member, type_: str, data: dict[str, Any]) -> None:
+        """Queue a message for a member without ever waiting (see the module docstring)."""
+        if member.lagging:
+            member.outbox.append((type_, data))
+            return
+        try:
+            member.last_post = member.peer.post(data, type_)
+        except SendBufferFull:
+            member.outbox.append((type_, data))
+            self._start_lagging(member)
+        except KoriNetError:
+            pass  # the session ended; _remove follows from its handler
+
+    def _fan_out(self, room: str, stored: StoredMessage) -> None:
+        payload = _msg_payload(stored)
+        seq = stored["seq"]
+        for member in list(self.rooms.get(room, ())):
+            if member.lagging:
+                continue  # its drain will read this one from history
+            try:
+                member.last_post = member.peer.post(payload, protocol.MSG)
+                member.rooms[room] = seq
+            except SendBufferFull:
+                self._start_lagging(member)
+            except KoriNetError:
+                pass
+
+    def _start_lagging(self, member: Member) -> None:
+        logger.info("%s lags behind: catching it up from history", member.nick)
+        member.lagging = True
+        member.drained.clear()
+        task = asyncio.get_running_loop().create_task(self._drain(member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, member: Member) -> None:
+        peer = member.peer
+        batch = max(1, min(self.settings.batch, self.config_window(peer) // 2))
+        try:
+            while member.lagging and not peer.is_closed:
+                if member.last_post:
+                    await peer.wait_acked(member.last_post)  # the buffer is empty now
+                budget = batch
+                while member.outbox and budget > 0:
+                    type_, data = member.outbox[0]
+                    member.last_post = peer.post(data, type_)
+                    member.outbox.popleft()
+                    budget -= 1
+                for room, through in list(member.rooms.items()):
+                    if budget <= 0:
+                        break
+                    for row in self.history.since(room, through, budget):
+                        member.last_post = peer.post(_msg_payload(row), protocol.MSG)
+                        member.rooms[room] = row["seq"]
+                        budget -= 1
+                if budget > 0 and not member.outbox and self._level(member):
+                    member.lagging = False
+                    member.drained.set()
+                    logger.info("%s caught up", member.nick)
+        except SendBufferFull:
+            member.lagging = False  # cannot happen with an empty buffer; retry via a new drain
+            self._start_lagging(member)
+        except KoriNetError:
+            member.drained.set()  # the session ended
+
+    @staticmethod
+    def config_window(peer: Peer) -> int:
+        return int(peer.session.config.window)
+
+    def _level(self, member: Member) -> bool:
+        return all(through >= (self.history.head(room) or 0) for room, through in member.rooms.items())
+
+    def _companions(self, member: Member) -> set[Member]:
+        """Members sharing a room with ``member`` (not itself)."""
+        found: set[Member] = set()
+        for room in member.rooms:
+            found |= self.rooms.get(room, set())
+        found.discard(member)
+        return found
+
+    def _presence(self, member: Member, kind: str, **extra: Any) -> None:
+        event = {"kind": kind, "nick": member.nick, **extra}
+        if kind == "away" and member.away:
+            event["text"] = member.away
+        for other in self._companions(member):
+            self._post(other, protocol.EVENT, event)
+
+    # ------------------------------------------------------------------ requests
+
+    def _request(self, member: Member, data: dict[str, Any]) -> None:
+        rid = data["rid"]
+        op = data["op"]
+        try:
+            if member.nick is None and op != "hello":
+                raise RequestError("say hello first (the hub does not know this session)", "unregistered")
+            answer = getattr(self, f"_op_{op}")(member, data)
+        except RequestError as exc:
+            self._post(
+                member, protocol.RESULT, {"rid": rid, "ok": False, "error": str(exc), "code": exc.code}
+            )
+            return
+        except ValueError as exc:  # from normalize_*: already user-facing text
+            self._post(
+                member, protocol.RESULT, {"rid": rid, "ok": False, "error": str(exc), "code": "invalid"}
+            )
+            return
+        self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
+
+    def _known_room(self, room: str) -> str:
+        name = protocol.normalize_room(room)
+        if self.history.head(name) is None:
+            known = ", ".join(protocol.display_room(r) for r in sorted(self.history.rooms())[:20]) or "none"
+            raise RequestError(
+                f"no room {protocol.display_room(name)} (rooms: {known}; /join creates one)", "unknown_room"
+            )
+        return name
+
+    def _claim(self, member: Member, nick: str) -> None:
+        key = protocol.nick_key(nick)
+        holder = self.nicks.get(key)
+        if holder is not None and holder is not member:
+            extra = " (its owner is reconnecting; the nick is kept for them)" if not holder.linked else ""
+            raise RequestError(f"the nick {nick!r} is taken{extra}", "nick_taken")
+        if member.nick is not None:
+            self.nicks.pop(protocol.nick_key(member.nick), None)
+        self.nicks[key] = member
+        member.nick = nick
+
+    def _op_hello(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        nick = protocol.normalize_nick(data["nick"])
+        if member.nick is not None:
+            raise RequestError(f"already here as {member.nick}; use /nick to change", "registered")
+        self._claim(member, nick)
+        return {"nick": nick, "rooms": self.history.rooms()}
+
+    def _op_join(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = protocol.normalize_room(data["room"])
+        created = False
+        if self.history.head(room) is None:
+            if len(self.history.rooms()) >= self.settings.max_rooms:
+                raise RequestError(
+                    f"this hub keeps at most {self.settings.max_rooms} rooms", "too_many_rooms"
+                )
+            created = self.history.create_room(room, self.clock())
+        head = self.history.head(room) or 0
+        since = data.get("since")
+        if since is not None and since > head:
+            since = 0  # the hub's history restarted (an in-memory hub): send what there is
+        if since is None:
+            rows = self.history.last(room, self.settings.history_on_join)
+            skipped = 0
+        else:
+            first = max(since, head - self.settings.max_catchup)
+            rows = self.history.since(room, first, self.settings.max_catchup)
+            skipped = first - since
+        was_in = room in member.rooms
+        member.rooms[room] = head
+        self.rooms.setdefault(room, set()).add(member)
+        if not was_in:
+            for other in self.rooms[room] - {member}:
+                self._post(other, protocol.EVENT, {"kind": "joined", "room": room, "nick": member.nick})
+        return {
+            "room": room,
+            "head": head,
+            "created": created,
+            "history": [_msg_payload(r) for r in rows],
+            "skipped": skipped,
+            "members": self._who(room),
+        }
+
+    def _op_part(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = protocol.normalize_room(data["room"])
+        if room not in member.rooms:
+            raise RequestError(f"you are not in {protocol.display_room(room)}", "not_in_room")
+        del member.rooms[room]
+        members = self.rooms.get(room, set())
+        members.discard(member)
+        for other in members:
+            self._post(other, protocol.EVENT, {"kind": "left", "room": room, "nick": member.nick})
+        return {"room": room}
+
+    def _op_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = self._known_room(data["room"])
+        if room not in member.rooms:
+            raise RequestError(
+                f"you are not in {protocol.display_room(room)} (/join {protocol.display_room(room)} first)",
+                "not_in_room",
+            )
+        assert member.nick is not None
+        stored, duplicate = self.history.append(
+            room, member.nick, data["text"], data.get("kind", "say"), data["mid"], self.clock()
+        )
+        if not duplicate:
+            self._fan_out(room, stored)
+        return {"room": stored["room"], "seq": stored["seq"], "duplicate": duplicate}
+
+    def _op_dm(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        to = protocol.normalize_nick(data["to"])
+        target = self.nicks.get(protocol.nick_key(to))
+        if target is None:
+            raise RequestError(f"nobody called {to!r} is here", "unknown_nick")
+        mid = data["mid"]
+        if mid in self._dm_mids:
+            return {"to": target.nick, "duplicate": True}
+        self._dm_mids[mid] = None
+        if len(self._dm_mids) > 10_000:
+            self._dm_mids.popitem(last=False)
+        dm = {"from": member.nick, "to": target.nick, "text": data["text"], "kind": data.get("kind", "say"),
+              "ts": self.clock(), "mid": mid}  # fmt: skip
+        self._post(target, protocol.DM, dm)
+        return {"to": target.nick, "duplicate": False, "state": target.state}
+
+    def _op_nick(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        nick = protocol.normalize_nick(data["nick"])
+        old = member.nick
+        if old == nick:
+            return {"nick": nick}
+        self._claim(member, nick)
+        self._presence(member, "nick", nick=old, new=nick)
+        return {"nick": nick, "old": old}
+
+    def _who(self, room: str) -> list[dict[str, Any]]:
+        return sorted(
+            ({"nick": m.nick, "state": m.state, "away": m.away} for m in self.rooms.get(room, ()) if m.nick),
+            key=lambda e: str(e["nick"]).casefold(),
+        )
+
+    def _op_who(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = self._known_room(data["room"])
+        return {"room": room, "members": self._who(room)}
+
+    def _op_rooms(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "rooms": [
+                {"room": room, "head": head, "members": len(self.rooms.get(room, ()))}
+                for room, head in sorted(self.history.rooms().items())
+            ]
+        }
+
+    def _op_history(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = self._known_room(data["room"])
+        limit = min(data.get("limit") or 20, protocol.MAX_HISTORY)
+        rows = self.history.last(room, limit)
+        return {"room": room, "messages": [_msg_payload(r) for r in rows]}
+
+    def _op_search(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        rooms = [self._known_room(data["room"])] if data.get("room") else list(member.rooms)
+        query = data["query"].strip()
+        if not query:
+            raise RequestError("search for what? (/search WORDS)", "invalid")
+        limit = min(data.get("limit") or 20, protocol.MAX_HISTORY)
+        return {
+            "query": query,
+            "messages": [_msg_payload(r) for r in self.history.search(query, rooms, limit)],
+        }
+
+    def _op_away(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        message = (data.get("message") or "").strip() or None
+        member.away = message
+        self._presence(member, member.state)
+        return {"state": member.state}
+
+
+def _msg_payload(row: StoredMessage) -> dict[str, Any]:
+    payload: dict[str, Any] = {"room": row["room"], "seq": row["seq"], "ts": row["ts"], "nick": row["nick"],
+                               "text": row["text"], "kind": row["kind"]}  # fmt: skip
+    if row["mid"] is not None:
+        payload["mid"] = row["mid"]
+    return payload
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of ``aws`` (coroutines or futures) is done; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for original, task in zip(aws, tasks, strict=True):
+            if task is not original:  # a task we made; never cancel the caller's future
+                task.cancel()

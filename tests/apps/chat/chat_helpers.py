@@ -1,0 +1,98 @@
+"""Shared pieces of the chat tests: a hub on loopback, scripted clients behind relays."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testutil import TIMEOUT_FACTOR
+from testutil.relay import Relay
+
+from korinet import Server, SessionConfig
+from korinet.plugins import PluginManager
+from korinet_chat.client import ChatClient, Line
+from korinet_chat.hub import ChatHub, HubSettings, chat_plugins
+
+#: Every wait in the chat tests is bounded by this many seconds (scaled).
+WAIT = 10.0 * TIMEOUT_FACTOR
+
+
+def fresh_plugins() -> PluginManager:
+    return chat_plugins(PluginManager.load(entry_points=False))
+
+
+@dataclass
+class Rig:
+    """A hub and the clients a test made, each behind its own relay."""
+
+    plugins: PluginManager
+    hub: ChatHub
+    server: Server
+    db: str | Path = ":memory:"
+    settings: HubSettings = field(default_factory=HubSettings)
+    hub_config: SessionConfig | None = None
+    relays: dict[str, Relay] = field(default_factory=dict)
+    clients: dict[str, ChatClient] = field(default_factory=dict)
+
+    async def client(self, nick: str, room: str | None = "general", **kwargs: object) -> ChatClient:
+        relay = await Relay("127.0.0.1", self.server.port).start()
+        client = ChatClient("127.0.0.1", relay.port, nick, room=room, plugins=self.plugins, **kwargs)  # type: ignore[arg-type]
+        await client.start(open_timeout=WAIT)
+        self.relays[client.nick] = relay
+        self.clients[client.nick] = client
+        return client
+
+    async def restart_hub(self) -> None:
+        """Stop the hub (every session is forgotten, as in a crash) and start a new one
+        on the same database; the relays are pointed at it."""
+        await self.server.close()
+        self.hub.close()
+        self.hub = ChatHub(self.db, settings=self.settings)
+        self.server = self.hub.server("127.0.0.1", 0, plugins=self.plugins, config=self.hub_config)
+        await self.server.start()
+        for relay in self.relays.values():
+            relay.target = ("127.0.0.1", self.server.port)
+            relay.cut()
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        for relay in self.relays.values():
+            await relay.close()
+        await self.server.close()
+        self.hub.close()
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    db: str | Path = ":memory:",
+    settings: HubSettings | None = None,
+    hub_config: SessionConfig | None = None,
+    session_ttl: float = 120.0,
+) -> AsyncIterator[Rig]:
+    plugins = fresh_plugins()
+    settings = settings or HubSettings(rate=0)
+    hub = ChatHub(db, settings=settings)
+    server = hub.server("127.0.0.1", 0, plugins=plugins, config=hub_config, session_ttl=session_ttl)
+    await server.start()
+    r = Rig(plugins, hub, server, db, settings, hub_config)
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+def room_texts(client: ChatClient, room: str = "general") -> list[str]:
+    """The live messages a client showed in ``room``, in order."""
+    return [line.text for line in client.lines if line.kind == "msg" and line.room == room]
+
+
+def lines_of(client: ChatClient, kind: str) -> list[Line]:
+    return [line for line in client.lines if line.kind == kind]
+
+
+def has_line(kind: str, text: str) -> Callable[[ChatClient], bool]:
+    return lambda c: any(line.kind == kind and text in line.text for line in c.lines)
