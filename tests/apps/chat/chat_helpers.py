@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from korinet_chat.client import ChatClient, Line
+from korinet_chat.hub import ChatHub, HubSettings, chat_plugins
 from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
 from korinet import Server, SessionConfig
 from korinet.plugins import PluginManager
-from korinet_chat.client import ChatClient, Line
-from korinet_chat.hub import ChatHub, HubSettings, chat_plugins
 
 #: Every wait in the chat tests is bounded by this many seconds (scaled).
 WAIT = 10.0 * TIMEOUT_FACTOR

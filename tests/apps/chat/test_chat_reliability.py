@@ -8,10 +8,10 @@ import random
 
 import pytest
 from chat_helpers import WAIT, has_line, lines_of, rig, room_texts
+from korinet_chat.hub import HubSettings
 from testutil import TIMEOUT_FACTOR
 
 from korinet import SessionConfig
-from korinet_chat.hub import HubSettings
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
 
