@@ -1,0 +1,528 @@
+"""A call: one talker's client session, its sender, its receiver, and the audio clock.
+
+* :class:`Sender` turns captured frames into audio frames on the realtime lane. A
+  frame older than the deadline when it is about to leave is dropped, not sent late
+  (:func:`past_deadline`); while the link is down the runtime drops frames at once.
+  With push-to-talk it also posts each utterance, a part per half second, on the
+  reliable lane.
+* :class:`Receiver` keeps a jitter buffer and a decoder per talker heard, mixes
+  them into one 20 ms frame per tick of the playback clock, and plays utterances
+  missed while the link was down, once, before rejoining live.
+* :class:`Call` wires both to a KoriNet client, a capture and a playback (devices or
+  WAV files), and runs the clock: every 5 ms it sends what was captured and tops up
+  the playback. After a reconnect every jitter buffer restarts at the live edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from korinet import Client, KoriNetError
+
+from . import codecs as codec_registry
+from .codecs import AudioCodec, CodecUnavailable, PayloadError
+from .frames import FRAME_SAMPLES, PART_FRAMES, AudioFrame, MalformedFrame, UtterancePart
+from .jitter import JitterBuffer, PlayoutKind, PushResult
+from .plugin import FRAME, JOIN, UTTERANCE, receivers
+
+__all__ = ["Call", "CallStats", "Capture", "Playback", "Receiver", "Sender", "level_dbfs", "past_deadline"]
+
+logger = logging.getLogger(__name__)
+
+Samples = npt.NDArray[np.int16]
+
+#: A captured frame this old when it is about to be sent is dropped instead.
+DEADLINE_MS: Final = 60
+#: The audio clock's tick: capture is drained and playback topped up this often.
+TICK: Final = 0.005
+#: Talkers a listener keeps state for; more are ignored (and counted).
+MAX_SOURCES: Final = 16
+#: Received seqs remembered per talker, to tell whether an utterance was heard live.
+HEARD_MEMORY: Final = 1500
+#: An utterance part is replayed if less than this share of it was received live.
+HEARD_ENOUGH: Final = 0.5
+
+
+def past_deadline(captured: float, now: float, deadline_ms: float = DEADLINE_MS) -> bool:
+    """Whether a frame captured at ``captured`` is too old to send at ``now``."""
+    return (now - captured) * 1000 > deadline_ms
+
+
+def level_dbfs(samples: Samples) -> float:
+    """RMS level in dBFS (-90 for silence)."""
+    if not len(samples):
+        return -90.0
+    rms = math.sqrt(float(np.mean(np.square(samples.astype(np.float32)))))
+    return max(-90.0, 20 * math.log10(rms / 32768)) if rms > 0 else -90.0
+
+
+class Capture(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def read(self, now: float) -> list[tuple[Samples, float]]: ...
+
+
+class Playback(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wanted(self, now: float) -> int: ...
+    def delay(self) -> float: ...
+    def write(self, samples: Samples) -> None: ...
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames_captured: int = 0
+    frames_sent: int = 0
+    dropped_deadline: int = 0
+    dropped_offline: int = 0  # the runtime had no link (or a backed-up one)
+    parts_sent: int = 0
+    parts_dropped: int = 0
+    frames_received: int = 0
+    malformed: int = 0
+    undecodable: int = 0
+    ignored_sources: int = 0
+    missed_parts_played: int = 0
+    missed_parts_heard: int = 0  # arrived reliably but were already heard live
+    reconnects: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=500))
+
+
+# ---------------------------------------------------------------------- sending
+
+
+class Sender:
+    """Captured frames in, audio frames out (see the module docstring)."""
+
+    def __init__(
+        self,
+        send_realtime: Callable[[Any, str], bool],
+        post: Callable[[Any, str], Any],
+        stats: CallStats,
+        *,
+        codec: str = codec_registry.PCM16,
+        ptt: bool = False,
+        deadline_ms: float = DEADLINE_MS,
+    ) -> None:
+        self._send_realtime = send_realtime
+        self._post = post
+        self.stats = stats
+        self.ptt = ptt
+        self.deadline_ms = deadline_ms
+        #: in push-to-talk mode, whether the key is down; otherwise always sending
+        self.talking = not ptt
+        self.muted = False
+        self.stream = secrets.randbits(32)
+        self.seq = 0
+        self.level = -90.0
+        self.codec_name = codec
+        self._encoder: AudioCodec = codec_registry.create(codec)
+        self._utterance = 0
+        self._part: list[bytes] = []
+        self._part_first = 0
+        self._part_capture = 0
+
+    def use_codec(self, name: str) -> None:
+        """Switch codec (the roster said so); an open utterance part is sent first."""
+        if name == self.codec_name:
+            return
+        try:
+            encoder = codec_registry.create(name)
+        except CodecUnavailable as exc:
+            logger.warning("cannot switch to codec %s: %s", name, exc)
+            return
+        self._flush_part(final=False)
+        self.codec_name, self._encoder = name, encoder
+
+    def set_talking(self, talking: bool) -> None:
+        if self.talking and not talking and self.ptt:
+            self._flush_part(final=True)
+            self._utterance += 1
+        self.talking = talking
+
+    def capture(self, samples: Samples, captured: float, now: float) -> AudioFrame | None:
+        """One captured frame; returns the frame sent, or None (not talking, too old,
+        or no link). Every captured frame takes a seq: a gap means time passed."""
+        seq = self.seq
+        self.seq += 1
+        self.stats.frames_captured += 1
+        self.level = level_dbfs(samples)
+        if not self.talking or self.muted:
+            return None
+        if past_deadline(captured, now, self.deadline_ms):
+            self.stats.dropped_deadline += 1
+            return None
+        payload = self._encoder.encode(samples)
+        frame = AudioFrame(self.stream, seq, int(captured * 1e6), self.codec_name, payload)
+        if self._send_realtime(frame.to_wire(), FRAME):
+            self.stats.frames_sent += 1
+        else:
+            self.stats.dropped_offline += 1
+        if self.ptt:
+            self._add_to_part(frame)
+        return frame
+
+    def _add_to_part(self, frame: AudioFrame) -> None:
+        if self._part and frame.seq != self._part_first + len(self._part):
+            self._flush_part(final=False)  # a hole (deadline drop): parts are contiguous
+        if not self._part:
+            self._part_first, self._part_capture = frame.seq, frame.capture_us
+        self._part.append(frame.payload)
+        if len(self._part) >= PART_FRAMES:
+            self._flush_part(final=False)
+
+    def _flush_part(self, *, final: bool) -> None:
+        if not self._part:
+            return
+        part = UtterancePart(
+            self.stream, self._utterance, self._part_first, self._part_capture, self.codec_name,
+            tuple(self._part), final,
+        )  # fmt: skip
+        self._part = []
+        try:
+            self._post(part.to_wire(), UTTERANCE)
+            self.stats.parts_sent += 1
+        except KoriNetError as exc:  # window full after a long outage, or closed
+            self.stats.parts_dropped += 1
+            logger.warning("an utterance part could not be queued: %s", exc)
+
+
+# ---------------------------------------------------------------------- receiving
+
+
+@dataclass(slots=True)
+class _Source:
+    """What a listener keeps per talker."""
+
+    name: str
+    jitter: JitterBuffer
+    decoders: dict[str, AudioCodec] = field(default_factory=dict)
+    last_codec: str | None = None
+    heard: set[tuple[int, int]] = field(default_factory=set)
+    heard_order: deque[tuple[int, int]] = field(default_factory=deque)
+    last_heard: float = 0.0
+
+    def remember(self, stream: int, seq: int) -> None:
+        key = (stream, seq)
+        if key in self.heard:
+            return
+        self.heard.add(key)
+        self.heard_order.append(key)
+        if len(self.heard_order) > HEARD_MEMORY:
+            self.heard.discard(self.heard_order.popleft())
+
+
+class Receiver:
+    """Jitter buffers, decoders, the mix, and missed utterances (module docstring).
+
+    Args:
+        stats: where counters go.
+        clock: the wall clock, in the unit of capture times (seconds).
+        target_ms, max_ms: for each talker's jitter buffer.
+        on_roster: called with the hub's roster (members, codec to send with).
+    """
+
+    def __init__(
+        self,
+        stats: CallStats,
+        *,
+        clock: Callable[[], float] = time.time,
+        target_ms: int = 40,
+        max_ms: int = 120,
+        on_roster: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.clock = clock
+        self.target_ms, self.max_ms = target_ms, max_ms
+        self.on_roster_cb = on_roster
+        self.sources: dict[str, _Source] = {}
+        self.members: list[str] = []
+        self.level = -90.0
+        #: who is being replayed from the missed queue ("" when live)
+        self.replaying = ""
+        #: (heard_at, capture_time) of the last minute of frames played live
+        self.history: deque[tuple[float, float]] = deque(maxlen=3000)
+        self._missed: deque[tuple[str, Samples]] = deque()
+        self._missed_pos = 0
+        self._mix = np.zeros(FRAME_SAMPLES, np.int32)
+        self._out = np.zeros(FRAME_SAMPLES, np.int16)
+
+    # -- from the network (handlers of plugin.py, in the event loop)
+
+    def on_frame(self, obj: Any) -> None:
+        try:
+            frame = AudioFrame.parse(obj)
+        except MalformedFrame:
+            self.stats.malformed += 1
+            return
+        source = self._source(frame.src)
+        if source is None:
+            return
+        self.stats.frames_received += 1
+        now = self.clock()
+        source.last_heard = now
+        result = source.jitter.push(frame, now)
+        if result is PushResult.ACCEPTED or result is PushResult.DUPLICATE:
+            source.remember(frame.stream, frame.seq)
+
+    def on_utterance(self, obj: Any) -> None:
+        try:
+            part = UtterancePart.parse(obj)
+        except MalformedFrame:
+            self.stats.malformed += 1
+            return
+        source = self._source(part.src)
+        if source is None:
+            return
+        heard = sum((part.stream, s) in source.heard for s in part.seqs)
+        if heard >= HEARD_ENOUGH * len(part.payloads):
+            self.stats.missed_parts_heard += 1
+            return
+        try:
+            decoder = codec_registry.create(part.codec)
+            audio = np.concatenate([self._decode_or_conceal(decoder, p) for p in part.payloads])
+        except CodecUnavailable:
+            self.stats.undecodable += 1
+            return
+        self.stats.missed_parts_played += 1
+        self._missed.append((part.src, audio))
+
+    def on_roster(self, obj: Any) -> None:
+        self.members = [str(m) for m in obj.get("members", [])]
+        if self.on_roster_cb is not None:
+            self.on_roster_cb(obj)
+
+    def _source(self, name: str) -> _Source | None:
+        source = self.sources.get(name)
+        if source is None:
+            if len(self.sources) >= MAX_SOURCES:
+                self._forget_quiet()
+                if len(self.sources) >= MAX_SOURCES:
+                    self.stats.ignored_sources += 1
+                    return None
+            source = self.sources[name] = _Source(
+                name, JitterBuffer(target_ms=self.target_ms, max_ms=self.max_ms)
+            )
+        return source
+
+    def _forget_quiet(self) -> None:
+        now = self.clock()
+        for name in [n for n, s in self.sources.items() if now - s.last_heard > 30]:
+            del self.sources[name]
+
+    def go_live(self) -> None:
+        """After a reconnect: drop whatever was buffered, restart at the live edge."""
+        for source in self.sources.values():
+            source.jitter.go_live()
+
+    # -- to the speaker (the audio clock, in the event loop)
+
+    def next_frame(self, heard_at: float) -> Samples:
+        """The next 20 ms to play; ``heard_at`` is when it reaches the ear."""
+        mix = self._mix
+        mix.fill(0)
+        for source in self.sources.values():
+            playout = source.jitter.pop(heard_at)
+            if playout.kind is PlayoutKind.SILENCE:
+                continue
+            samples = self._render(source, playout.frame)
+            if playout.frame is not None and source.jitter.last_latency is not None:
+                self.stats.latencies.append(source.jitter.last_latency)
+                self.history.append((heard_at, playout.frame.capture_time))
+            if not self.replaying:
+                mix += samples
+        if self._missed:
+            self._play_missed(mix)  # live frames were taken above: we stay at the live edge
+        else:
+            self.replaying = ""
+        np.clip(mix, -32768, 32767, out=mix)
+        self._out[:] = mix
+        self.level = level_dbfs(self._out)
+        return self._out
+
+    def _render(self, source: _Source, frame: AudioFrame | None) -> Samples:
+        if frame is None:  # conceal with the decoder that played last
+            decoder = source.decoders.get(source.last_codec) if source.last_codec else None
+            return decoder.conceal() if decoder is not None else self._out * 0
+        decoder = source.decoders.get(frame.codec)
+        if decoder is None:
+            try:
+                decoder = source.decoders[frame.codec] = codec_registry.create(frame.codec)
+            except CodecUnavailable:
+                self.stats.undecodable += 1
+                return self._out * 0
+        source.last_codec = frame.codec
+        return self._decode_or_conceal(decoder, frame.payload)
+
+    def _decode_or_conceal(self, decoder: AudioCodec, payload: bytes) -> Samples:
+        try:
+            return decoder.decode(payload)
+        except PayloadError:
+            self.stats.undecodable += 1
+            return decoder.conceal()
+
+    def _play_missed(self, mix: npt.NDArray[np.int32]) -> None:
+        src, audio = self._missed[0]
+        self.replaying = src
+        chunk = audio[self._missed_pos : self._missed_pos + FRAME_SAMPLES]
+        mix[: len(chunk)] += chunk
+        self._missed_pos += FRAME_SAMPLES
+        if self._missed_pos >= len(audio):
+            self._missed.popleft()
+            self._missed_pos = 0
+
+    @property
+    def missed_pending(self) -> int:
+        return len(self._missed)
+
+    @property
+    def depth_ms(self) -> float:
+        playing = [s.jitter.depth_ms for s in self.sources.values() if s.jitter.playing]
+        return max(playing, default=0.0)
+
+    @property
+    def concealed(self) -> int:
+        return sum(s.jitter.stats.concealed for s in self.sources.values())
+
+    @property
+    def late(self) -> int:
+        return sum(s.jitter.stats.late + s.jitter.stats.stale for s in self.sources.values())
+
+
+# ---------------------------------------------------------------------- the call
+
+
+class Call:
+    """A talker in a channel: joins, runs the audio clock, rejoins after an expiry.
+
+    Args:
+        client: a connected KoriNet client (its plugins must include korinet_audio).
+        channel, name: where to talk and as whom (the hub may add a suffix).
+        capture: the microphone or a WAV file; None listens only.
+        playback: the speaker or a WAV file; None talks only.
+        ptt: push-to-talk (:meth:`set_talking`) instead of always sending.
+        codecs: the codecs offered, best first (default: every available one).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        channel: str,
+        name: str,
+        capture: Capture | None,
+        playback: Playback | None,
+        *,
+        ptt: bool = False,
+        codecs: Sequence[str] | None = None,
+        deadline_ms: float = DEADLINE_MS,
+        target_ms: int = 40,
+        max_ms: int = 120,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.name = name
+        self.capture = capture
+        self.playback = playback
+        self.clock = clock
+        self.codecs = list(codecs) if codecs is not None else codec_registry.available()
+        self.stats = CallStats()
+        self.sender = Sender(
+            client.send_realtime, client.post, self.stats, ptt=ptt, deadline_ms=deadline_ms,
+            codec=codec_registry.PCM16,
+        )  # fmt: skip
+        self.receiver = Receiver(
+            self.stats, clock=clock, target_ms=target_ms, max_ms=max_ms, on_roster=self._roster
+        )
+        self.joined_as = ""
+        self.joined_session: str | None = None
+        self._links_seen = 0
+        self._stopping = asyncio.Event()
+        receivers[client] = self.receiver
+
+    @property
+    def codec(self) -> str:
+        return self.sender.codec_name
+
+    def _roster(self, roster: dict[str, Any]) -> None:
+        codec = roster.get("codec")
+        if isinstance(codec, str):
+            self.sender.use_codec(codec)
+
+    async def join(self, timeout: float = 10.0) -> None:
+        """Join the channel (again, after the session expired).
+
+        Raises:
+            MessageRejected: the hub refused (the message says why).
+            KoriNetTimeout: no answer.
+        """
+        reply = await self.client.request(
+            {"channel": self.channel, "name": self.name, "codecs": self.codecs}, JOIN, timeout=timeout
+        )
+        self.joined_as = str(reply.get("name", self.name))
+        self.joined_session = self.client.session_id
+        self._links_seen = self.client.links_opened
+        self.receiver.on_roster(reply)
+
+    def set_talking(self, talking: bool) -> None:
+        self.sender.set_talking(talking)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Run the audio clock until :meth:`stop`, ``duration`` seconds, or the session ends."""
+        loop = asyncio.get_running_loop()
+        end = None if duration is None else loop.time() + duration
+        for device in (self.capture, self.playback):
+            if device is not None:
+                device.start()
+        try:
+            while not self._stopping.is_set() and not self.client.is_closed:
+                if end is not None and loop.time() >= end:
+                    break
+                self.tick()
+                if self.client.links_opened != self._links_seen:
+                    await self._after_reconnect()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), TICK)
+        finally:
+            self.sender.set_talking(False)  # a push-to-talk utterance in progress is posted
+            for device in (self.capture, self.playback):
+                if device is not None:
+                    device.stop()
+
+    def tick(self) -> None:
+        """Send what was captured, play what is due."""
+        now = self.clock()
+        if self.capture is not None:
+            for samples, captured in self.capture.read(now):
+                self.sender.capture(samples, captured, now)
+        playback = self.playback
+        if playback is not None:
+            for _ in range(10):  # bounded: a stalled loop catches up a little, not in a burst
+                if playback.wanted(now) <= 0:
+                    break
+                playback.write(self.receiver.next_frame(now + playback.delay()))
+
+    async def _after_reconnect(self) -> None:
+        self._links_seen = self.client.links_opened
+        self.stats.reconnects += 1
+        self.receiver.go_live()
+        if self.client.session_id != self.joined_session:  # a new session: the hub forgot us
+            try:
+                await self.join()
+            except KoriNetError as exc:
+                logger.warning("could not rejoin #%s: %s", self.channel, exc)

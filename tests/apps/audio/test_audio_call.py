@@ -1,0 +1,189 @@
+"""Calls through a real hub on loopback: the tone gets across, a 2 s cut leaves no
+backlog, malformed frames are counted and dropped, push-to-talk replays what a
+listener missed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import korinet_audio.plugin as audio_plugin
+import numpy as np
+import pytest
+from korinet_audio.frames import SAMPLE_RATE, AudioFrame
+from korinet_audio.plugin import FRAME, audio_hub
+from korinet_audio.talk import Call
+from korinet_audio.wavio import FileCapture, FilePlayback
+from testutil import TIMEOUT_FACTOR
+from testutil.relay import Relay
+
+from korinet import Client, Server
+from korinet.plugins import PluginManager
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
+
+
+def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (np.sin(2 * np.pi * freq * t) * 8000).astype(np.int16)
+
+
+def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float = 5.0) -> float:
+    """Share of 100 ms windows whose dominant frequency is ``freq`` ± ``tolerance``."""
+    audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
+    win = SAMPLE_RATE // 10
+    hits = total = 0
+    for i in range(0, len(audio) - win + 1, win):
+        w = audio[i : i + win].astype(np.float64)
+        total += 1
+        spectrum = np.abs(np.fft.rfft(w * np.hanning(win), n=win * 8))
+        peak = np.argmax(spectrum) * SAMPLE_RATE / (win * 8)
+        hits += np.abs(w).max() > 500 and abs(peak - freq) <= tolerance
+    return hits / total if total else 0.0
+
+
+@pytest.fixture
+def plugins() -> PluginManager:
+    return PluginManager.load(entry_points=False, extra=[audio_plugin])
+
+
+@pytest.fixture
+async def server(plugins: PluginManager) -> AsyncIterator[Server]:
+    async with Server("127.0.0.1", 0, plugins=plugins, accept_plain=False) as srv:
+        yield srv
+
+
+async def open_call(
+    port: int, plugins: PluginManager, name: str, *, capture: Any = None, ptt: bool = False
+) -> tuple[Call, FilePlayback]:
+    client = await Client.connect("127.0.0.1", port, plugins=plugins, backoff_cap=0.2)
+    playback = FilePlayback(None)
+    call = Call(client, "lobby", name, capture, playback, ptt=ptt)
+    await call.join()
+    return call, playback
+
+
+async def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_tone_goes_from_talker_through_the_hub_to_the_listener(
+    server: Server, plugins: PluginManager
+) -> None:
+    listener, heard = await open_call(server.port, plugins, "bob")
+    talker, _ = await open_call(server.port, plugins, "alice", capture=FileCapture(tone(1.5)))
+    assert talker.codec == listener.codec  # negotiated: the best both have
+    await asyncio.gather(talker.run(1.6), listener.run(1.8))
+    assert tone_share(heard.recorded) >= 0.6, "the listener did not hear the tone"
+    lat = sorted(listener.stats.latencies)
+    assert len(lat) >= 60
+    assert lat[len(lat) // 2] <= 0.080 and lat[int(len(lat) * 0.99)] <= 0.120
+    assert listener.receiver.members == ["bob", "alice"]
+    hub = audio_hub(next(iter(server.hub.sessions.values())))
+    assert hub is not None and hub.stats.frames_out >= 70 and hub.stats.frames_malformed == 0
+    await talker.client.close()
+    await listener.client.close()
+
+
+@pytest.mark.parametrize("side", ["listener", "talker"])
+async def test_a_2s_cut_mid_call_leaves_no_backlog_and_latency_recovers_within_1s(
+    server: Server, plugins: PluginManager, side: str
+) -> None:
+    relay = await Relay("127.0.0.1", server.port).start()
+    listener, _ = await open_call(relay.port if side == "listener" else server.port, plugins, "bob")
+    talker, _ = await open_call(
+        relay.port if side == "talker" else server.port, plugins, "alice", capture=FileCapture(tone(6.0))
+    )
+    cut_call = listener if side == "listener" else talker
+    runs = asyncio.gather(talker.run(5.5), listener.run(5.7))
+    await asyncio.sleep(1.5)
+    links = cut_call.client.links_opened
+    relay.refuse = True
+    relay.cut()
+    cut_at = time.time()
+    await asyncio.sleep(2.0)
+    relay.refuse = False
+    await wait_for(lambda: cut_call.client.links_opened > links, 2.0, "the reconnect")
+    back_at = time.time()
+    await runs
+    history = list(listener.receiver.history)
+    # no backlog: nothing captured while the link was down was played afterwards
+    during = [(h, c) for h, c in history if cut_at + 0.15 < c < back_at - 0.15]
+    assert not during, f"{len(during)} frames of the outage were played late"
+    after = [h - c for h, c in history if h > back_at]
+    settled = [h - c for h, c in history if h > back_at + 1.0]
+    assert after, "nothing played after the reconnect"
+    assert after[0] <= 0.120, "the first frame after the reconnect was stale"
+    assert settled and max(settled) <= 0.080, f"latency still {max(settled) * 1000:.0f} ms 1 s after"
+    assert cut_call.stats.reconnects == 1
+    if side == "talker":
+        assert talker.stats.dropped_offline > 50  # dropped at the source, not queued
+    await talker.client.close()
+    await listener.client.close()
+    await relay.close()
+
+
+async def test_malformed_frames_are_counted_and_dropped_at_hub_and_listener(
+    server: Server, plugins: PluginManager
+) -> None:
+    listener, heard = await open_call(server.port, plugins, "bob")
+    rogue = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+    await rogue.request({"channel": "lobby", "name": "mallory", "codecs": ["pcm16"]}, "audio.join")
+    garbage: list[Any] = [None, 5, "x", [1, 2, 3], {"seq": 1}, [1, -1, 0, 0, "pcm16", b"", ""], [9] * 7]
+    for obj in garbage:
+        assert rogue.send_realtime(obj, FRAME)
+    hub = audio_hub(next(p for p in server.hub.sessions.values() if p.session_id == rogue.session_id))
+    assert hub is not None
+    await wait_for(lambda: hub.stats.frames_malformed == len(garbage), 2.0, "the hub to count them")
+    assert hub.stats.frames_out == 0
+
+    # a hub that forwards well-formed frames with junk payloads: the listener conceals
+    now_us = int(time.time() * 1e6)
+    for seq, (codec, payload) in enumerate([("pcm16", b"\x00" * 7), ("nosuch", b"x"), ("opus", b"\xff")] * 3):
+        frame = AudioFrame(1, seq, now_us + seq * 20000, codec, payload, "mallory")
+        assert rogue.send_realtime(frame.to_wire(), FRAME)
+    # and malformed frames straight to the listener's session, as a rogue hub would
+    sessions = server.hub.sessions.values()
+    listener_peer = next(p for p in sessions if p.session_id == listener.client.session_id)
+    for obj in garbage:
+        listener_peer.send_realtime(obj, FRAME)
+    await listener.run(0.5)
+    assert listener.stats.malformed == len(garbage)
+    assert listener.stats.undecodable >= 3
+    assert heard.written >= 15, "playback stopped"
+    await rogue.close()
+    await listener.client.close()
+
+
+async def test_push_to_talk_replays_what_a_listener_missed_exactly_once(
+    server: Server, plugins: PluginManager
+) -> None:
+    relay = await Relay("127.0.0.1", server.port).start()
+    away, away_heard = await open_call(relay.port, plugins, "bob")
+    present, present_heard = await open_call(server.port, plugins, "carol")
+    talker, _ = await open_call(server.port, plugins, "alice", capture=FileCapture(tone(5.0)), ptt=True)
+    runs = asyncio.gather(talker.run(3.2), away.run(5.0), present.run(5.0))
+    relay.refuse = True
+    relay.cut()  # bob is away for the whole utterance
+    talker.set_talking(True)
+    await asyncio.sleep(1.2)  # a 1.2 s utterance: three parts on the reliable lane
+    talker.set_talking(False)
+    await asyncio.sleep(0.5)
+    relay.refuse = False
+    await runs
+    assert talker.stats.parts_sent == 3
+    assert away.stats.missed_parts_played == 3, "bob did not get the utterance he missed, once"
+    assert away.stats.missed_parts_heard == 0
+    assert present.stats.missed_parts_played == 0 and present.stats.missed_parts_heard == 3
+    # bob's speaker played the missed tone (about 1.2 s), marked as a replay while it did
+    assert tone_share(away_heard.recorded) * len(away_heard.recorded) * 0.02 >= 0.9
+    assert tone_share(present_heard.recorded) * len(present_heard.recorded) * 0.02 >= 0.9
+    for call in (talker, away, present):
+        await call.client.close()
+    await relay.close()
