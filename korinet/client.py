@@ -9,12 +9,15 @@ and ``send()`` returns once the server's application has the message.
 from __future__ import annotations
 
 import ssl as ssl_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .messages import Message
 from .plugins import PluginManager
 from .session import SessionConfig
 from .sync.client import DEFAULT_PORT, SyncClient
+
+if TYPE_CHECKING:
+    from .security import ClientTLS
 
 __all__ = ["client", "with_id"]
 
@@ -36,7 +39,10 @@ class client:  # noqa: N801 - the original API's name
             retried for 120 s) and each ``send()`` may wait for its acknowledgement.
             A send that times out raises KoriNetTimeout but its message stays queued:
             it is delivered exactly once when the link returns.
-        ssl: an ``ssl.SSLContext`` for TLS; plaintext by default, as the original.
+        tls: TLS 1.3 with server pinning and, given an identity, mutual TLS
+            (:class:`~korinet.security.ClientTLS`); plaintext by default, as the original.
+        passphrase: prove this pre-shared passphrase (challenge-response).
+        ssl: a ready ``ssl.SSLContext`` instead of ``tls``.
         outage_limit: give up after this many seconds without a connection.
     """
 
@@ -46,6 +52,8 @@ class client:  # noqa: N801 - the original API's name
         port: int = DEFAULT_PORT,
         timeout: float | None = None,
         *,
+        tls: ClientTLS | None = None,
+        passphrase: str | None = None,
         ssl: ssl_module.SSLContext | None = None,
         config: SessionConfig | None = None,
         plugins: PluginManager | None = None,
@@ -57,6 +65,8 @@ class client:  # noqa: N801 - the original API's name
             port,
             timeout=timeout,
             open_timeout=120.0 if timeout is None else timeout,
+            tls=tls,
+            passphrase=passphrase,
             ssl=ssl,
             config=config,
             plugins=plugins,

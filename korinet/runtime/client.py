@@ -49,6 +49,10 @@ class Client(Peer):
             it where a link that comes back must be used again within that time.
         outage_limit: give up (session ends with KoriNetTimeout) after this many
             seconds without a link; None retries forever.
+        passphrase: prove this pre-shared passphrase to the server by
+            challenge-response, and require the server to prove it back
+            (docs/PROTOCOL.md §3.4); a wrong one ends the session
+            (``AuthenticationError``).
     """
 
     def __init__(
@@ -64,13 +68,14 @@ class Client(Peer):
         connect_timeout: float = 5.0,
         backoff_cap: float = 5.0,
         outage_limit: float | None = None,
+        passphrase: str | None = None,
     ) -> None:
         if tls is not None:
             if ssl is not None:
                 raise ValueError("give tls= or ssl=, not both")
             ssl = tls.context()
         plugins = plugins or default_manager()
-        session = Session(CLIENT, plugins.codecs(), config)
+        session = Session(CLIENT, plugins.codecs(), config, passphrase=passphrase)
         super().__init__(session, plugins)
         self.host, self.port = host, port
         self.tls = tls

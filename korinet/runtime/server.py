@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
 from ..plugins import PluginManager, default_manager
+from ..security.passphrase import PassphraseVerifier
 from ..session import (
     SERVER,
     CloseCode,
@@ -102,6 +103,9 @@ class Hub:
         legacy: serve peers speaking the original v2 wire.
         authorized: admit only TLS clients whose certificate's key is listed there
             (see :class:`~korinet.security.AuthorizedKeys`); None admits anyone.
+        passphrase: admit only clients that prove this pre-shared passphrase by
+            challenge-response (it never crosses the wire; docs/PROTOCOL.md §3.4).
+            Legacy v2 peers cannot, so they are refused.
     """
 
     def __init__(
@@ -117,8 +121,11 @@ class Hub:
         max_connections_per_address: int = 256,
         legacy: bool = True,
         authorized: AuthorizedKeys | None = None,
+        passphrase: str | None = None,
     ) -> None:
         self.plugins = plugins or default_manager()
+        # derived once (scrypt): an unauthenticated client never makes the server run it
+        self._passphrase = PassphraseVerifier(passphrase) if passphrase is not None else None
         self.codecs = self.plugins.codecs()
         self.plugins.message_types()  # conflicts surface at start-up, not on first message
         self.config = config or SessionConfig()
@@ -165,7 +172,9 @@ class Hub:
             return
         self._per_address[address] = self._per_address.get(address, 0) + 1
         self._address_of[conn] = address
-        handshake = ServerHandshake(self.config, self._codec_names, legacy=self.legacy)
+        handshake = ServerHandshake(
+            self.config, self._codec_names, legacy=self.legacy, passphrase=self._passphrase
+        )
         identity, refusal = self._authenticate(conn)
         conn.on_data = lambda data: self._handshake_data(conn, handshake, data, identity, refusal)
         conn.schedule(
@@ -258,7 +267,13 @@ class Hub:
     ) -> None:
         outcome = handshake.receive_data(data)
         if outcome is HandshakeOutcome.NEED_DATA:
-            return
+            challenge = handshake.data_to_send()  # a passphrase CHALLENGE after the HELLO
+            if not challenge:
+                return
+            if refusal is None:
+                conn.write(challenge)
+                return
+            # else the HELLO is in: refuse now (below), the client can read our CLOSE
         conn.cancel_timer()
         conn.on_data = None
         if refusal is not None:
@@ -266,6 +281,9 @@ class Hub:
             # that the client reads our CLOSE (written earlier, it could be lost to the
             # reset that its late HELLO would cause on a closed socket).
             self._refuse(conn, refusal, can_read_close=handshake.saw_preface)
+        elif outcome is HandshakeOutcome.REJECTED and isinstance(handshake.error, AuthenticationError):
+            logger.warning("%s: refused: %s", conn.peername, handshake.error)
+            self._refuse(conn, str(handshake.error))
         elif outcome is HandshakeOutcome.REJECTED:
             logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
             conn.write(handshake.data_to_send())
@@ -280,6 +298,8 @@ class Hub:
                 self._run_handler(legacy)
         else:
             assert handshake.hello is not None
+            if self._passphrase is not None:
+                self._auth_failures.pop(_host_of(conn), None)  # a success clears the address
             self._hello(conn, handshake.hello, handshake.leftover, identity)
 
     def _hello(

@@ -15,9 +15,12 @@ from typing import Any, Final, TypedDict
 import msgpack
 
 from ..exceptions import (
+    AuthenticationError,
+    KoriNetError,
     NegotiationError,
     RemoteProtocolError,
 )
+from ..security.passphrase import NONCE_SIZE, PROOF_SIZE, KdfParams, PassphraseVerifier
 from ..wire.buffer import FrameDecoder
 from ..wire.frames import PREFACE, FrameType, encode_frame
 from .negotiation import choose_codec, choose_version
@@ -25,6 +28,7 @@ from .state import CloseCode, SessionConfig
 
 __all__ = [
     "HANDSHAKE_MAX_FRAME",
+    "Challenge",
     "HandshakeOutcome",
     "Hello",
     "ResumeRequest",
@@ -34,6 +38,7 @@ __all__ = [
     "decode_control",
     "encode_close",
     "encode_control",
+    "parse_challenge",
     "parse_hello",
     "parse_welcome",
 ]
@@ -71,8 +76,10 @@ class Hello:
     max_frame: int
     resume: ResumeRequest | None
     agent: str
+    auth_nonce: bytes | None = None  # the client has a passphrase (§3.4)
     version: int = 0  # chosen by the server
     codec: str = ""  # chosen by the server
+    server_proof: bytes | None = None  # the server's passphrase proof, for the WELCOME
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,16 @@ class Welcome:
     window_bytes: int
     max_frame: int
     expired: str | None
+    auth: bytes | None = None  # the server's passphrase proof (§3.4)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A server's CHALLENGE: prove the passphrase for this nonce (§3.4)."""
+
+    nonce: bytes
+    salt: bytes
+    params: KdfParams
 
 
 def encode_control(ftype: FrameType, fields: dict[str, Any]) -> bytes:
@@ -159,6 +176,14 @@ def parse_hello(body: bytes) -> Hello:
         )
         if resume["received"] < 0:
             raise RemoteProtocolError("resume.received must not be negative")
+    auth = fields.get("auth")
+    auth_nonce = None
+    if auth is not None:
+        if not isinstance(auth, dict):
+            raise RemoteProtocolError("handshake field 'auth' must be a map")
+        auth_nonce = _field(auth, "nonce", bytes)
+        if len(auth_nonce) != NONCE_SIZE:
+            raise RemoteProtocolError(f"auth.nonce must be {NONCE_SIZE} bytes")
     return Hello(
         versions=_list_of(fields, "versions", int),
         codecs=_list_of(fields, "codecs", str),
@@ -168,6 +193,7 @@ def parse_hello(body: bytes) -> Hello:
         max_frame=_positive(_field(fields, "max_frame", int), "max_frame"),
         resume=resume,
         agent=_field(fields, "agent", str, ""),
+        auth_nonce=auth_nonce,
     )
 
 
@@ -185,6 +211,19 @@ def parse_welcome(body: bytes) -> Welcome:
         window_bytes=_positive(_field(fields, "window_bytes", int), "window_bytes"),
         max_frame=_positive(_field(fields, "max_frame", int), "max_frame"),
         expired=_field(fields, "expired", str, None),
+        auth=_field(fields, "auth", bytes, None),
+    )
+
+
+def parse_challenge(body: bytes) -> Challenge:
+    fields = decode_control(body)
+    kdf = _field(fields, "kdf", dict)
+    if kdf.get("name") != "scrypt":
+        raise RemoteProtocolError(f"unknown passphrase key derivation {kdf.get('name')!r}")
+    return Challenge(
+        nonce=_field(fields, "nonce", bytes),
+        salt=_field(fields, "salt", bytes),
+        params=KdfParams(_field(kdf, "n", int), _field(kdf, "r", int), _field(kdf, "p", int)),
     )
 
 
@@ -202,19 +241,34 @@ class ServerHandshake:
     ``NEED_DATA``. ``HELLO``: hand :attr:`hello` and :attr:`leftover` to a Session.
     ``LEGACY``: hand :attr:`leftover` (every byte so far) to the legacy server.
     ``REJECTED``: write :meth:`data_to_send` (a CLOSE frame) and close; :attr:`error`
-    is the typed reason.
+    is the typed reason (an :class:`AuthenticationError` for a missing or wrong
+    passphrase, which a server answers after its failed-authentication delay).
+
+    With a ``passphrase`` verifier, a valid HELLO is answered with a CHALLENGE
+    (write :meth:`data_to_send` whenever it has bytes) and the outcome is ``HELLO``
+    only once the client's AUTH proves the passphrase (§3.4). The v2 wire cannot
+    prove one, so it is refused.
     """
 
-    def __init__(self, config: SessionConfig, codecs: tuple[str, ...], *, legacy: bool = True) -> None:
+    def __init__(
+        self,
+        config: SessionConfig,
+        codecs: tuple[str, ...],
+        *,
+        legacy: bool = True,
+        passphrase: PassphraseVerifier | None = None,
+    ) -> None:
         self.config = config
         self.codecs = codecs
-        self.legacy = legacy
+        self.legacy = legacy and passphrase is None
+        self.passphrase = passphrase
         self.hello: Hello | None = None
-        self.error: RemoteProtocolError | None = None
+        self.error: KoriNetError | None = None
         self.leftover = b""
         self._preface = bytearray()
         self._decoder: FrameDecoder | None = None
         self._out = b""
+        self._challenged: tuple[Hello, bytes] | None = None  # (HELLO, server nonce) awaiting AUTH
 
     @property
     def saw_preface(self) -> bool:
@@ -225,7 +279,7 @@ class ServerHandshake:
         out, self._out = self._out, b""
         return out
 
-    def _reject(self, error: RemoteProtocolError, code: CloseCode, **extra: Any) -> HandshakeOutcome:
+    def _reject(self, error: KoriNetError, code: CloseCode, **extra: Any) -> HandshakeOutcome:
         self.error = error
         self._out = encode_close(code, str(error), **extra)
         return HandshakeOutcome.REJECTED
@@ -252,6 +306,10 @@ class ServerHandshake:
             frame = self._decoder.next_frame()
             if frame is None:
                 return HandshakeOutcome.NEED_DATA
+            if self._challenged is not None:
+                if frame.type is not FrameType.AUTH:
+                    raise RemoteProtocolError(f"expected AUTH, got {frame.type.name}")
+                return self._check_proof(_field(decode_control(frame.body), "proof", bytes))
             if frame.type is not FrameType.HELLO:
                 raise RemoteProtocolError(f"expected HELLO, got {frame.type.name}")
             hello = parse_hello(frame.body)
@@ -265,6 +323,32 @@ class ServerHandshake:
             codec = choose_codec(self.codecs, hello.codecs)
         except NegotiationError as exc:
             return self._reject(exc, CloseCode.UNSUPPORTED_CODEC, codecs=list(self.codecs))
-        self.hello = replace(hello, version=version, codec=codec)
+        hello = replace(hello, version=version, codec=codec)
+        if self.passphrase is not None:
+            if hello.auth_nonce is None:
+                return self._reject(
+                    AuthenticationError("this server requires a passphrase, and the client offered none"),
+                    CloseCode.AUTH_FAILED,
+                )
+            nonce, fields = self.passphrase.challenge()
+            self._challenged = (hello, nonce)
+            self._out = encode_control(FrameType.CHALLENGE, fields)
+            return self.receive_data(b"") if self._decoder.buffered else HandshakeOutcome.NEED_DATA
+        return self._accept(hello)
+
+    def _check_proof(self, proof: bytes) -> HandshakeOutcome:
+        assert self._challenged is not None and self.passphrase is not None
+        hello, server_nonce = self._challenged
+        assert hello.auth_nonce is not None
+        server_proof = None
+        if len(proof) == PROOF_SIZE:
+            server_proof = self.passphrase.check(hello.auth_nonce, server_nonce, proof)
+        if server_proof is None:
+            return self._reject(AuthenticationError("wrong passphrase"), CloseCode.AUTH_FAILED)
+        return self._accept(replace(hello, server_proof=server_proof))
+
+    def _accept(self, hello: Hello) -> HandshakeOutcome:
+        assert self._decoder is not None
+        self.hello = hello
         self.leftover = self._decoder.take_rest()
         return HandshakeOutcome.HELLO

@@ -34,6 +34,7 @@ from ..exceptions import (
     RemoteProtocolError,
     SendBufferFull,
 )
+from ..security.passphrase import PassphraseProver
 from ..wire.buffer import FrameDecoder
 from ..wire.frames import (
     PREFACE,
@@ -55,7 +56,7 @@ from .events import (
     RealtimeReceived,
     SessionExpiredEvent,
 )
-from .handshake import Hello, decode_close, encode_close, encode_control, parse_welcome
+from .handshake import Hello, decode_close, encode_close, encode_control, parse_challenge, parse_welcome
 from .state import (
     CLIENT,
     CLOSED,
@@ -112,8 +113,13 @@ class Session:
         side: Side,
         codecs: Mapping[str, Codec],
         config: SessionConfig | None = None,
+        *,
+        passphrase: str | None = None,
     ) -> None:
+        """``passphrase`` (client side): prove it to the server, and require the server
+        to prove it back (§3.4). A server's passphrase lives in its ServerHandshake."""
         self.side = side
+        self._prover = PassphraseProver(passphrase) if passphrase is not None else None
         self.config = config or SessionConfig()
         self.codecs = dict(codecs)
         self.state: State = DETACHED
@@ -248,6 +254,7 @@ class Session:
                     "max_frame": self.config.max_frame_size,
                     "resume": resume,
                     "agent": "korinet-py",
+                    **({"auth": {"nonce": self._prover.new_nonce()}} if self._prover else {}),
                 },
             )
         )
@@ -299,6 +306,7 @@ class Session:
                     "window_bytes": self.config.window_bytes,
                     "max_frame": self.config.max_frame_size,
                     "expired": expired,
+                    **({"auth": hello.server_proof} if hello.server_proof else {}),
                 },
             )
         )
@@ -499,6 +507,8 @@ class Session:
         if self.state is CONNECTING:
             if ftype is FrameType.WELCOME:
                 self._handle_welcome(body, now)
+            elif ftype is FrameType.CHALLENGE:
+                self._handle_challenge(body)
             elif ftype is FrameType.CLOSE:
                 self._handle_close(body)
             else:
@@ -610,8 +620,34 @@ class Session:
             return encode_frame(FrameType.ACK, encode_u64(self.delivered))
         return b""
 
+    def _auth_failed(self, reason: str) -> None:
+        """We refuse the server (§3.4): no point in retrying, the session ends."""
+        error = AuthenticationError(reason)
+        self._out = [encode_close(CloseCode.AUTH_FAILED, reason)]
+        self.state = CLOSED
+        self.failure = error
+        self._events.append(LinkFailed(error, session_ended=True))
+
+    def _handle_challenge(self, body: bytes) -> None:
+        challenge = parse_challenge(body)
+        if self._prover is None:
+            self._auth_failed("the server requires a passphrase (give one with passphrase=...)")
+            return
+        try:
+            proof = self._prover.answer(challenge.nonce, challenge.salt, challenge.params)
+        except ValueError as exc:
+            self._auth_failed(str(exc))
+            return
+        self._out.append(encode_control(FrameType.AUTH, {"proof": proof}))
+
     def _handle_welcome(self, body: bytes, now: float) -> None:
         w = parse_welcome(body)
+        if self._prover is not None and not self._prover.server_proved(w.auth):
+            self._auth_failed(
+                "the server did not prove that it knows the passphrase "
+                "(it has none, or another one): refusing it"
+            )
+            return
         if w.version not in self.config.versions:
             raise RemoteProtocolError(f"the server chose version {w.version}, which we did not offer")
         if w.codec not in self.codecs or w.codec not in self.config.codecs:

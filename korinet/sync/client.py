@@ -249,6 +249,8 @@ class SyncClient:
         backoff_cap: the longest wait between reconnection attempts (seconds).
         outage_limit: give up (the session ends with KoriNetTimeout) after this many
             seconds without a link; None retries forever.
+        passphrase: prove this pre-shared passphrase by challenge-response, and
+            require the server to prove it back (docs/PROTOCOL.md §3.4).
 
     Raises (from the constructor):
         KoriNetTimeout: no session within ``open_timeout`` (the last error chained).
@@ -270,6 +272,7 @@ class SyncClient:
         connect_timeout: float = 5.0,
         backoff_cap: float = 5.0,
         outage_limit: float | None = None,
+        passphrase: str | None = None,
     ) -> None:
         if tls is not None:
             if ssl is not None:
@@ -278,7 +281,7 @@ class SyncClient:
         self.host, self.port = host, port
         self.timeout = timeout
         self.plugins = plugins or default_manager()
-        self.session = Session(CLIENT, self.plugins.codecs(), config)
+        self.session = Session(CLIENT, self.plugins.codecs(), config, passphrase=passphrase)
         self.message_types: dict[str, MessageType] = self.plugins.message_types()
         self.accept_plain = True
         #: who the server is: its pinned key with ``tls``, else None

@@ -58,6 +58,8 @@ class FrameType(enum.IntEnum):
     PING = 0x06
     PONG = 0x07
     CLOSE = 0x08
+    CHALLENGE = 0x09  # server -> client: prove the passphrase (§3.4)
+    AUTH = 0x0A  # client -> server: the proof
 
 
 _KNOWN_TYPES: Final = frozenset(int(t) for t in FrameType)

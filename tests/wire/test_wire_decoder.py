@@ -131,7 +131,7 @@ def test_zero_length_is_a_remote_error() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("ftype", [0, 9, 200, 255])
+@pytest.mark.parametrize("ftype", [0, 0x0B, 200, 255])
 def test_unknown_frame_type(ftype: int) -> None:
     decoder = FrameDecoder(1000)
     decoder.feed(b"\x00\x00\x00\x01" + bytes([ftype]))

@@ -60,6 +60,8 @@ def test_frame_type_values_are_the_documented_bytes() -> None:
         "PING": 6,
         "PONG": 7,
         "CLOSE": 8,
+        "CHALLENGE": 9,
+        "AUTH": 10,
     }
 
 
@@ -84,7 +86,7 @@ def test_parse_header_rejects_zero_length() -> None:
         Frame.parse_header(b"\x00\x00\x00\x00\x06", max_size=100)
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x09, 0x7F, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x0B, 0x7F, 0xFF])
 def test_parse_header_rejects_unknown_types(ftype: int) -> None:
     with pytest.raises(UnknownFrameType) as info:
         Frame.parse_header(struct.pack(">IB", 5, ftype), max_size=100)
