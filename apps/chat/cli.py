@@ -138,6 +138,9 @@ def _client_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--discover-timeout", type=float, help="seconds to look for a hub on the LAN (default 1.5)"
     )
+    p.add_argument(
+        "--connect-timeout", type=float, default=10.0, help="seconds to wait for the hub (default 10)"
+    )
     p.add_argument("--no-bell", action="store_true", help="no terminal bell on mentions")
     p.add_argument("--verbose", "-v", action="store_true", help="log the runtime's events")
     return p
@@ -328,7 +331,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned))
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
         try:
-            await client.start()
+            await client.start(open_timeout=args.connect_timeout)
         except (ChatError, KoriNetError, OSError) as exc:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {exc}", file=sys.stderr)
             return 1
