@@ -64,6 +64,7 @@ class ServerPeer(Peer):
     def _on_link_lost(self, error: BaseException) -> None:
         if not self.is_closed:
             self._expiry = self.loop.call_later(self.hub.session_ttl, self._expire)
+            self.hub._note_detached(self)
 
     def _expire(self) -> None:
         if self.conn is None and not self.is_closed:
@@ -72,6 +73,7 @@ class ServerPeer(Peer):
             self._finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
 
     def _resumed_on(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
+        self.hub._detached.pop(self, None)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -98,6 +100,8 @@ class Hub:
             only hosts plugins says False, and plain messages are rejected.
         session_ttl: seconds a detached session is kept for its client to resume.
         max_sessions: sessions kept at once; beyond, new clients are told to retry later.
+        max_detached: detached sessions kept at once (clients that vanish must not
+            fill the table); beyond, the one detached longest is expired early.
         max_connections: connections at once (handshaking or open).
         max_connections_per_address: connections at once from one IP address.
         legacy: serve peers speaking the original v2 wire.
@@ -117,6 +121,7 @@ class Hub:
         accept_plain: bool = True,
         session_ttl: float = 120.0,
         max_sessions: int = 20000,
+        max_detached: int = 10000,
         max_connections: int = 20000,
         max_connections_per_address: int = 256,
         legacy: bool = True,
@@ -133,6 +138,9 @@ class Hub:
         self.accept_plain = accept_plain
         self.session_ttl = session_ttl
         self.max_sessions = max_sessions
+        self.max_detached = max_detached
+        #: detached sessions, the one detached longest first (a dict keeps insertion order)
+        self._detached: dict[ServerPeer, None] = {}
         self.max_connections = max_connections
         self.max_connections_per_address = max_connections_per_address
         self._per_address: dict[str, int] = {}
@@ -363,7 +371,18 @@ class Hub:
         if fut is not None and not fut.done():
             fut.set_exception(error)
 
+    def _note_detached(self, peer: ServerPeer) -> None:
+        self._detached[peer] = None
+        while len(self._detached) > self.max_detached:
+            oldest = next(iter(self._detached))
+            del self._detached[oldest]
+            logger.warning(
+                "%r: expired early: more than %d detached sessions (max_detached)", oldest, self.max_detached
+            )
+            oldest._expire()
+
     def _forget(self, peer: ServerPeer) -> None:
+        self._detached.pop(peer, None)
         if peer.session_id is not None and self.sessions.get(peer.session_id) is peer:
             del self.sessions[peer.session_id]
 
