@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
 import signal
 import statistics
 import sys
@@ -144,6 +146,26 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     return ClientTLS(_identity("ping"), on_first_use=first_use)
 
 
+PASSPHRASE_ENV = "KORINET_PASSPHRASE"
+
+
+def read_passphrase(command: str) -> str:
+    """The passphrase for ``--passphrase``: from $KORINET_PASSPHRASE, else asked on the
+    terminal (never an argument: other users can read a command line in ps).
+
+    Raises:
+        ValueError: neither is available, or it is empty.
+    """
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    if passphrase is None:
+        if not sys.stdin.isatty():
+            raise ValueError(f"--passphrase: set {PASSPHRASE_ENV}, or run {command} in a terminal to type it")
+        passphrase = getpass.getpass("passphrase: ")
+    if not passphrase:
+        raise ValueError("--passphrase: the passphrase is empty")
+    return passphrase
+
+
 # ---------------------------------------------------------------------- serve
 
 
@@ -152,11 +174,19 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     config = SessionConfig(heartbeat_interval=args.heartbeat)
     try:
         tls = _server_tls(args)
+        passphrase = read_passphrase("korinet serve") if args.passphrase else None
     except (OSError, ValueError) as exc:
         print(f"korinet serve: {exc}", file=sys.stderr)
         return 1
     server = Server(
-        host, port, plugins=plugins, config=config, accept_plain=False, session_ttl=args.session_ttl, tls=tls
+        host,
+        port,
+        plugins=plugins,
+        config=config,
+        accept_plain=False,
+        session_ttl=args.session_ttl,
+        tls=tls,
+        passphrase=passphrase,
     )
     try:
         await server.start()
@@ -181,6 +211,8 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
                 "(add one with: korinet authorize FINGERPRINT --name NAME)",
                 flush=True,
             )
+    if passphrase is not None:
+        print("clients must prove the passphrase (challenge-response; it is never sent)", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -199,12 +231,15 @@ async def _ping(args: argparse.Namespace, plugins: PluginManager) -> int:
     host, port = parse_address(args.address)
     try:
         tls = _client_tls(args)
+        passphrase = read_passphrase("korinet ping") if args.passphrase else None
     except (OSError, ValueError) as exc:
         print(f"korinet ping: {exc}", file=sys.stderr)
         return 1
     started = time.perf_counter()
     try:
-        client = await Client.connect(host, port, plugins=plugins, open_timeout=args.timeout, tls=tls)
+        client = await Client.connect(
+            host, port, plugins=plugins, open_timeout=args.timeout, tls=tls, passphrase=passphrase
+        )
     except KoriNetError as exc:
         print(f"korinet ping: {exc}", file=sys.stderr)
         return 2
@@ -267,6 +302,12 @@ def _plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
 # ---------------------------------------------------------------------- main
 
 
+PASSPHRASE_HELP = (
+    f"require a pre-shared passphrase (proven by challenge-response, never sent), "
+    f"read from ${PASSPHRASE_ENV} or typed at a prompt"
+)
+
+
 def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="korinet",
@@ -301,6 +342,7 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         action="store_true",
         help="with --tls: let any client connect (encrypted, but not authenticated)",
     )
+    p.add_argument("--passphrase", action="store_true", help=PASSPHRASE_HELP)
     p.set_defaults(func=_serve, is_async=True)
 
     p = sub.add_parser("ping", help="open a session and measure request/reply round trips")
@@ -317,6 +359,7 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         action="store_true",
         help="TLS 1.3: pin the server's key on first use, present this node's identity",
     )
+    p.add_argument("--passphrase", action="store_true", help=PASSPHRASE_HELP)
     p.set_defaults(func=_ping, is_async=True)
 
     p = sub.add_parser("plugins", help="list plugins with their codecs and message types")

@@ -89,3 +89,46 @@ def test_serve_on_a_port_in_use_says_so() -> None:
         result = korinet("serve", f"127.0.0.1:{busy.getsockname()[1]}")
     assert result.returncode == 1
     assert "cannot listen" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_serve_and_ping_with_a_passphrase_from_the_environment() -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "korinet.cli", "serve", f"127.0.0.1:{port}", "--passphrase"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**ENV, "KORINET_PASSPHRASE": "open sesame"},
+    )
+    try:
+        assert server.stdout is not None
+        assert f"serving on 127.0.0.1:{port}" in server.stdout.readline()
+        assert "prove the passphrase" in server.stdout.readline()
+        good = subprocess.run(
+            [sys.executable, "-m", "korinet.cli", "ping", f"127.0.0.1:{port}", "-c", "1", "--passphrase"],
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+            env={**ENV, "KORINET_PASSPHRASE": "open sesame"},
+        )  # fmt: skip
+        assert good.returncode == 0, good.stderr
+        bad = subprocess.run(
+            [sys.executable, "-m", "korinet.cli", "ping", f"127.0.0.1:{port}", "-c", "1", "--passphrase"],
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+            env={**ENV, "KORINET_PASSPHRASE": "open barley"},
+        )  # fmt: skip
+        assert bad.returncode == 2 and "wrong passphrase" in bad.stderr
+        none = korinet("ping", f"127.0.0.1:{port}", "-c", "1")
+        assert none.returncode == 2 and "requires a passphrase" in none.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=10)
+
+
+def test_passphrase_without_a_source_says_where_to_put_it() -> None:
+    env = {k: v for k, v in ENV.items() if k != "KORINET_PASSPHRASE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "korinet.cli", "ping", "127.0.0.1:1", "--passphrase"],
+        capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1 and "set KORINET_PASSPHRASE" in result.stderr
