@@ -1,8 +1,596 @@
-"""The korinet-admin command."""
+"""The korinet-admin command: ``agent`` on managed hosts; ``exec``, ``attach``, ``jobs``,
+``status``, ``put`` and ``get`` from anywhere (docs/ADMIN.md).
 
+Start-up time matters here (``exec host -- true`` is compared with ssh): modules
+are imported where they are needed, not at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from korinet.security import ClientTLS
+
+    from .execclient import AdminConnection, Target
+
+__all__ = ["main"]
+
+PROG = "korinet-admin"
+#: ssh's code for "the remote command did not run because of the tool itself".
+FAILURE = 255
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("korinet-admin is being built", file=sys.stderr)
-    return 2
+def _err(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- shared client bits
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
+    if args.insecure_plaintext:
+        _err("WARNING: --insecure-plaintext: no encryption, no server key check; use on loopback only")
+        return None
+    from korinet.security import ClientTLS, Identity, KnownHosts, korinet_home
+
+    created = not Identity.exists()
+    identity = Identity.load_or_create()
+    if created:
+        _err(
+            f"created this client's identity {identity.fingerprint} in {korinet_home()}; on each agent "
+            f"run: korinet authorize {identity.fingerprint} --name NAME --role admin"
+        )
+
+    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
+        _err(f"first connection to {address}: its key {fingerprint} is now pinned in {known_hosts.path}")
+
+    return ClientTLS(identity, on_first_use=first_use)
+
+
+async def _connect(args: argparse.Namespace, target: Target, tls: ClientTLS | None) -> AdminConnection | None:
+    from korinet import KoriNetError
+
+    from .execclient import AdminConnection
+
+    try:
+        return await AdminConnection.open(target, tls=tls, open_timeout=args.connect_timeout)
+    except (KoriNetError, OSError) as exc:
+        _err(f"{target.label}: {exc}")
+        return None
+
+
+def _one_target(text: str) -> Target:
+    from .execclient import parse_targets
+
+    targets = parse_targets(text)
+    if len(targets) != 1:
+        raise ValueError("give one host here")
+    return targets[0]
+
+
+# ---------------------------------------------------------------------- exec
+
+
+async def _exec(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from .execclient import PrefixSink, StdSink, parse_targets
+    from .runner import HostResult, run_on_host
+
+    targets = parse_targets(args.hosts)
+    several = len(targets) > 1
+    if args.tty and several:
+        _err("--tty works with one host only")
+        return 2
+    tls = _client_tls(args)
+    loop = asyncio.get_running_loop()
+    runs: list[Any] = []
+    signalling: set[asyncio.Task[None]] = set()
+    presses = 0
+
+    def interrupt() -> None:
+        nonlocal presses
+        presses += 1
+        sig = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[min(presses, 3) - 1]
+        if presses > 3:
+            _err("interrupted again: leaving; the job keeps running (see: korinet-admin jobs HOST)")
+            for task in tasks:
+                task.cancel()
+            return
+        nxt = {1: " (Ctrl-C again: SIGTERM)", 2: " (Ctrl-C again: SIGKILL)", 3: " (Ctrl-C again: quit)"}
+        _err(f"sending {sig.name} to the remote command{nxt[presses]}")
+        for run in runs:
+            signalling.add(loop.create_task(_quiet(run.signal(sig))))
+
+    results: dict[Target, HostResult] = {}
+    semaphore = asyncio.Semaphore(max(1, args.fanout))
+
+    async def one(target: Target) -> None:
+        async with semaphore:
+            sink = PrefixSink(target.label) if several else StdSink()
+            try:
+                results[target] = await run_on_host(
+                    target,
+                    args.command,
+                    sink,
+                    tls=tls,
+                    connect_timeout=args.connect_timeout,
+                    shell=args.shell,
+                    tty=args.tty,
+                    timeout=args.timeout,
+                    stdin=not (args.no_stdin or several),
+                    job_id=args.job,
+                    on_started=runs.append,
+                    report=_err,
+                    label=target.label if several else None,
+                )
+            finally:
+                sink.close()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    tasks = [loop.create_task(one(t)) for t in targets]
+    for target, outcome in zip(targets, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
+        if isinstance(outcome, BaseException):  # a bug: say so rather than exit quietly
+            _err(f"{target.label}: internal error: {outcome!r}")
+            results.setdefault(target, HostResult(FAILURE, f"internal error: {outcome!r}"))
+    loop.remove_signal_handler(signal.SIGINT)
+    for target in targets:
+        results.setdefault(target, HostResult(FAILURE, "abandoned (the job may still be running)"))
+    if several:
+        width = max(len("HOST"), *(len(t.label) for t in targets))
+        lines = [f"{'HOST':<{width}}  EXIT  NOTE"]
+        lines += [f"{t.label:<{width}}  {results[t].code:>4}  {results[t].note}".rstrip() for t in targets]
+        failed = sum(1 for t in targets if results[t].code)
+        lines.append(f"{len(targets)} host(s), {failed} failed")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return max(r.code for r in results.values())
+
+
+async def _quiet(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        _err(f"could not signal the job: {exc}")
+
+
+# ---------------------------------------------------------------------- attach, jobs, status
+
+
+async def _attach(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from korinet import KoriNetError, MessageRejected
+
+    from .execclient import StdSink
+    from .protocol import exit_status
+
+    target = _one_target(args.host)
+    offsets = None
+    if args.offsets:
+        try:
+            out, err = (int(x) for x in args.offsets.split(","))
+            offsets = [out, err]
+        except ValueError:
+            _err("--from takes STDOUT,STDERR byte offsets, e.g. --from 1024,0")
+            return 2
+    conn = await _connect(args, target, _client_tls(args))
+    if conn is None:
+        return FAILURE
+    loop = asyncio.get_running_loop()
+    try:
+        run = await conn.attach(args.job, StdSink(), offsets)
+        presses = 0
+
+        def interrupt() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                _err("detached; the job keeps running")
+            run._fail(KeyboardInterrupt())
+
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        try:
+            notice = await run.wait()
+        except KeyboardInterrupt:
+            return 130
+        return exit_status(notice)
+    except MessageRejected as exc:
+        _err(f"{target.label}: {exc}")
+        return FAILURE
+    except KoriNetError as exc:
+        _err(f"{target.label}: {exc}")
+        return FAILURE
+    finally:
+        await conn.close()
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    import time
+
+    from korinet import KoriNetError
+
+    from .protocol import JOBS, exit_status
+
+    target = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args))
+    if conn is None:
+        return FAILURE
+    try:
+        jobs = await conn.request({}, JOBS)
+    except KoriNetError as exc:
+        _err(f"{target.label}: {exc}")
+        return FAILURE
+    finally:
+        await conn.close()
+    if not jobs:
+        print("no jobs")
+        return 0
+    print(f"{'JOB':<32}  {'STATE':<9} {'EXIT':>4}  {'STARTED':<19}  {'OUTPUT':>10}  COMMAND")
+    for job in sorted(jobs, key=lambda j: j["started"]):
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["started"]))
+        code = "" if job["exit"] is None else str(exit_status(job["exit"]))
+        state = job["state"] + ("" if job["state"] != "exited" or job["collected"] else "*")
+        output = _size(job["stdout"] + job["stderr"])
+        print(f"{job['job']:<32}  {state:<9} {code:>4}  {started}  {output:>10}  {_command(job['argv'])}")
+    if any(j["state"] == "exited" and not j["collected"] for j in jobs):
+        print("* nobody has collected its exit yet: korinet-admin attach HOST JOB")
+    return 0
+
+
+def _command(argv: list[str]) -> str:
+    import shlex
+
+    text = shlex.join(argv)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from korinet import KoriNetError
+
+    from .protocol import STATUS
+
+    target = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args))
+    if conn is None:
+        return FAILURE
+    try:
+        st = await conn.request({}, STATUS)
+    except KoriNetError as exc:
+        _err(f"{target.label}: {exc}")
+        return FAILURE
+    finally:
+        await conn.close()
+    up = int(st["uptime"])
+    days, rest = divmod(up, 86400)
+    hours, rest = divmod(rest, 3600)
+    print(f"{st['hostname']} ({st['system']}, {st['cpus']} CPUs)")
+    print(f"up      {days}d {hours:02d}:{rest // 60:02d}   load {' '.join(f'{x:.2f}' for x in st['load'])}")
+    mem = st["memory"]
+    used = _size(mem["total"] - mem["available"])
+    print(
+        f"memory  {used} used of {_size(mem['total'])} ({mem['percent']:.0f}%)"
+        f", swap {_size(st['swap']['used'])} of {_size(st['swap']['total'])}"
+    )
+    for disk in st["disks"]:
+        print(
+            f"disk    {disk['mount']:<20} {_size(disk['used']):>10} of {_size(disk['total']):>10} "
+            f"({disk['percent']:.0f}%) {disk['fstype']}"
+        )
+    print(f"jobs    {st['jobs']} held by the agent")
+    return 0
+
+
+# ---------------------------------------------------------------------- put, get
+
+
+async def _put(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from korinet import KoriNetError
+
+    from .transfer import TransferError, put_file
+
+    source = Path(args.source)
+    if not source.is_file():
+        _err(f"{source}: not a readable file")
+        return 1
+    remote = args.destination
+    if remote.endswith("/"):
+        remote += source.name
+    target = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args))
+    if conn is None:
+        return FAILURE
+    try:
+        done = await put_file(conn.client, source, remote)
+    except (KoriNetError, TransferError, OSError) as exc:
+        _err(f"put {source} -> {target.label}:{remote}: {exc}")
+        return FAILURE
+    finally:
+        await conn.close()
+    print(f"{source} -> {target.label}:{done['path']} (sha256 {done['sha256'][:16]}..., verified)")
+    return 0
+
+
+async def _get(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from korinet import KoriNetError
+
+    from .transfer import TransferError, get_file
+
+    destination = Path(args.destination)
+    if destination.is_dir():
+        destination = destination / Path(args.source).name
+    target = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args))
+    if conn is None:
+        return FAILURE
+    try:
+        info = await get_file(conn.client, args.source, destination)
+    except (KoriNetError, TransferError, OSError) as exc:
+        _err(f"get {target.label}:{args.source} -> {destination}: {exc}")
+        return FAILURE
+    finally:
+        await conn.close()
+    print(f"{target.label}:{info['path']} -> {destination} (sha256 {info['sha256'][:16]}..., verified)")
+    return 0
+
+
+# ---------------------------------------------------------------------- agent
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+    from pathlib import Path
+
+    from korinet.cli import parse_address
+    from korinet.runtime import Server
+    from korinet.security import AuthorizedKeys, Identity, ServerTLS, korinet_home
+
+    from .agent import DEFAULT_AGENT_PORT, Agent
+    from .audit import AuditLog
+    from .execclient import admin_plugins
+    from .policy import DEFAULT_POLICY, Policy
+
+    try:
+        host, port = parse_address(args.listen, DEFAULT_AGENT_PORT)
+    except argparse.ArgumentTypeError as exc:
+        _err(str(exc))
+        return 2
+    state_dir = Path(args.state_dir) if args.state_dir else korinet_home() / "admin"
+    try:
+        policy = Policy.load(Path(args.policy)) if args.policy else DEFAULT_POLICY
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        audit = AuditLog(Path(args.audit_log) if args.audit_log else state_dir / "audit.log")
+        tls = None
+        if not args.insecure_plaintext:
+            tls = ServerTLS(Identity.load_or_create(), authorized=AuthorizedKeys())
+    except (OSError, ValueError) as exc:
+        _err(f"agent: {exc}")
+        return 1
+    agent = Agent(state_dir, policy=policy, audit=audit, insecure=args.insecure_plaintext)
+    server = Server(
+        host,
+        port,
+        tls=tls,
+        plugins=admin_plugins(),
+        accept_plain=False,
+        session_ttl=args.session_ttl,
+        handler=agent.session,
+        legacy=False,
+    )
+    agent.bind(server)
+    try:
+        await server.start()
+    except OSError as exc:
+        _err(f"agent: cannot listen on {host}:{port}: {exc.strerror or exc}")
+        await agent.close()
+        return 1
+    say = print
+    say(f"{PROG} agent on {host}:{server.port}", flush=True)
+    if tls is None:
+        _err(
+            "WARNING: --insecure-plaintext: no TLS and no authentication: ANYONE who can reach "
+            f"{host}:{server.port} can run commands as this user"
+        )
+    else:
+        assert tls.authorized is not None
+        try:
+            count = len(tls.authorized.entries())
+        except ValueError as exc:
+            _err(f"agent: {exc}")
+            await server.close()
+            await agent.close()
+            return 1
+        say(f"TLS 1.3, agent key {tls.identity.fingerprint}")
+        say(f"{count} authorized key(s) in {tls.authorized.path}; clients need the role 'admin'")
+    say(
+        f"policy: {policy.source}"
+        + ("  (the admin role may run anything)" if policy is DEFAULT_POLICY else "")
+    )
+    say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
+    audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("stopping")
+    running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
+    say(f"stopping ({running} running job(s) killed)", flush=True)
+    audit.record("agent-stopped", running_jobs=running)
+    await server.close()
+    await agent.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Remote execution that survives a dropped network: run commands on hosts "
+        "running `korinet-admin agent`, over TLS 1.3 with KoriNet identities.",
+        epilog="Quick start: `korinet id` here; on the host `korinet authorize FINGERPRINT --name you "
+        "--role admin` and `korinet-admin agent 0.0.0.0`; then `korinet-admin exec HOST -- uptime`. "
+        "See docs/ADMIN.md.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+
+    def client_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--connect-timeout", type=_positive, default=10.0, metavar="S",
+                       help="seconds to open a session with an agent (default 10)")  # fmt: skip
+        p.add_argument("--insecure-plaintext", action="store_true",
+                       help="for an agent run with --insecure-plaintext (no TLS; loopback only)")  # fmt: skip
+
+    p = sub.add_parser(
+        "exec",
+        help="run a command on one or more hosts",
+        description="Run CMD on each host's agent. Output streams live; the exit code is the remote "
+        "one (255: korinet-admin failed; 128+N: killed by signal N; 124: --timeout; several hosts: the "
+        "largest). Ctrl-C sends SIGINT to the remote command, again SIGTERM, again SIGKILL.",
+    )
+    p.add_argument("hosts", metavar="HOST[:PORT][,HOST...]", help="agent(s), default port 1237")
+    p.add_argument("--timeout", type=_positive, metavar="S", help="kill the command after S seconds")
+    p.add_argument("--fanout", type=int, default=32, metavar="N", help="hosts at once (default 32)")
+    p.add_argument("--shell", action="store_true", help="run CMD through /bin/sh -c (if your role allows)")
+    p.add_argument("-t", "--tty", action="store_true", help="give the command a pseudo-terminal")
+    p.add_argument("-n", "--no-stdin", action="store_true", help="do not forward stdin (fan-out never does)")
+    p.add_argument(
+        "--job", metavar="ID", help="the job id (32 hex digits) to use, e.g. to retry a submission"
+    )
+    client_options(p)
+    p.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]", help="the command (after --)")
+    p.set_defaults(func=_exec)
+
+    p = sub.add_parser("attach", help="re-join a job: its output from where you left, then its exit")
+    p.add_argument("host", metavar="HOST[:PORT]")
+    p.add_argument("job", metavar="JOB", help="the job id (korinet-admin jobs HOST lists them)")
+    p.add_argument("--from", dest="offsets", metavar="OUT,ERR",
+                   help="stdout,stderr bytes already received (default: all the agent holds)")  # fmt: skip
+    client_options(p)
+    p.set_defaults(func=_attach)
+
+    p = sub.add_parser("jobs", help="list your jobs on a host")
+    p.add_argument("host", metavar="HOST[:PORT]")
+    client_options(p)
+    p.set_defaults(func=_jobs)
+
+    p = sub.add_parser("status", help="uptime, load, memory and disks of a host")
+    p.add_argument("host", metavar="HOST[:PORT]")
+    client_options(p)
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("put", help="copy a local file to a host (checksummed, resumable)")
+    p.add_argument("host", metavar="HOST[:PORT]")
+    p.add_argument("source", metavar="SRC", help="local file")
+    p.add_argument("destination", metavar="DST", help="remote path (ending in / : into that directory)")
+    client_options(p)
+    p.set_defaults(func=_put)
+
+    p = sub.add_parser("get", help="copy a file from a host (checksummed, resumable)")
+    p.add_argument("host", metavar="HOST[:PORT]")
+    p.add_argument("source", metavar="SRC", help="remote file")
+    p.add_argument("destination", metavar="DST", help="local path or directory")
+    client_options(p)
+    p.set_defaults(func=_get)
+
+    p = sub.add_parser(
+        "agent",
+        help="run the agent on this host",
+        description="Serve korinet-admin requests: TLS 1.3, only keys in authorized_keys with the role "
+        "'admin', what the policy allows, everything in the audit log.",
+    )
+    p.add_argument("listen", nargs="?", default="127.0.0.1", metavar="HOST[:PORT]",
+                   help="where to listen (default 127.0.0.1:1237; 0.0.0.0 for the network)")  # fmt: skip
+    p.add_argument("--policy", metavar="FILE", help="TOML policy: what each role may run (docs/ADMIN.md)")
+    p.add_argument("--state-dir", metavar="DIR", help="job output and ids (default: KORINET_HOME/admin)")
+    p.add_argument("--audit-log", metavar="FILE", help="default: STATE_DIR/audit.log")
+    p.add_argument("--session-ttl", type=_positive, default=600.0, metavar="S",
+                   help="seconds a disconnected client's session is kept (default 600)")  # fmt: skip
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="no TLS, no authentication: anyone reaching the port is admin (tests)")  # fmt: skip
+    p.set_defaults(func=_agent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    after: list[str] | None = None
+    if "exec" in args_list and "--" in args_list[args_list.index("exec") :]:
+        # everything after the first -- is the command, options included
+        cut = args_list.index("--", args_list.index("exec"))
+        args_list, after = args_list[:cut], args_list[cut + 1 :]
+    args = parser.parse_args(args_list)
+    if after is not None:
+        if args.command:
+            parser.error(f"unexpected argument(s) before --: {' '.join(args.command)}")
+        args.command = ["--", *after]
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.func is _exec:
+        command = list(args.command)
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            parser.error("exec needs a command: korinet-admin exec HOST -- CMD [ARGS...]")
+        args.command = command
+        if args.fanout < 1:
+            parser.error("--fanout must be at least 1")
+        if args.job is not None:
+            import re
+
+            if not re.fullmatch(r"[0-9a-f]{32}", args.job):
+                parser.error("--job takes 32 lowercase hex digits")
+    import asyncio
+    import logging
+
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    if args.func is _agent:
+        level = min(level, logging.INFO) if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose and args.func is not _agent:
+        # the client reports failures itself; the runtime's warnings would say it twice
+        logging.getLogger("korinet").setLevel(logging.ERROR)
+    try:
+        return int(asyncio.run(args.func(args)) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:  # a malformed HOST list, mostly
+        _err(str(exc))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

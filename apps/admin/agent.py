@@ -1,0 +1,373 @@
+"""The agent: a KoriNet server hosting the admin plugin on a managed host.
+
+Every request arrives through a handler of the plugin (plugin.py) after the runtime
+has checked TLS, the client's key and the ``admin`` role; here the policy decides
+what that identity may run, and every decision goes to the audit log.
+
+A job's output reaches a client through an *attachment*: a task that posts the
+job's bytes from the client's offsets, at most ``MAX_INFLIGHT_BYTES`` unacknowledged
+at a time (flow control: a slow client slows the stream, the job spills to disk),
+then the exit notice once everything before it was sent. The runtime's
+acknowledgement of each message tells the job which bytes it may forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from korinet import ConnectionClosed, KoriNetError, Message
+
+from . import protocol as p
+from .audit import AuditLog, RefusalTap
+from .jobs import MAX_RETAINED, MEMORY_LIMIT, Job, JobSpec, JobTable, UnknownJob
+from .policy import DEFAULT_POLICY, Policy
+from .transfer import AgentTransfers
+
+__all__ = ["DEFAULT_AGENT_PORT", "Agent"]
+
+DEFAULT_AGENT_PORT = p.DEFAULT_AGENT_PORT
+
+logger = logging.getLogger(__name__)
+
+#: Output bytes posted to one client and not yet acknowledged, at most.
+MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
+MAX_INFLIGHT_MESSAGES: Final = 512
+#: Bytes of output in one message.
+OUTPUT_CHUNK: Final = 256 * 1024
+
+
+class _Anonymous:
+    """The identity of every client of an agent started with --insecure-plaintext."""
+
+    name = "anonymous"
+    fingerprint = "anonymous"
+    roles = frozenset({p.ADMIN_ROLE})
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+
+ANONYMOUS: Final = _Anonymous()
+
+
+class Agent:
+    """Jobs, policy and audit behind one or more KoriNet servers.
+
+    Args:
+        state_dir: where job output spills and job ids are recorded.
+        policy: what each role may run.
+        audit: the audit log.
+        insecure: the server is plaintext: every client is the ``anonymous`` admin.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        policy: Policy = DEFAULT_POLICY,
+        audit: AuditLog | None = None,
+        insecure: bool = False,
+        memory_limit: int = MEMORY_LIMIT,
+        max_retained: int = MAX_RETAINED,
+    ) -> None:
+        self.state_dir = state_dir
+        self.policy = policy
+        self.audit = audit or AuditLog(state_dir / "audit.log")
+        self.insecure = insecure
+        self.jobs = JobTable(state_dir, memory_limit=memory_limit, max_retained=max_retained)
+        self.jobs.on_finished = self._job_finished
+        self.transfers = AgentTransfers(self.policy, self.audit)
+        self._attachments: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._tap = RefusalTap(self.audit).install()
+        self._hubs: list[Any] = []
+        self._handlers: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
+            p.EXEC: self._exec,
+            p.ATTACH: self._attach_request,
+            p.STDIN: self._stdin,
+            p.SIGNAL: self._signal,
+            p.RESIZE: self._resize,
+            p.JOBS: self._jobs,
+            p.STATUS: self._status,
+            p.PUT_OPEN: self.transfers.put_open,
+            p.PUT_CHUNK: self.transfers.put_chunk,
+            p.PUT_CLOSE: self.transfers.put_close,
+            p.GET_OPEN: self.transfers.get_open,
+            p.GET_CHUNK: self.transfers.get_chunk,
+        }
+
+    # ------------------------------------------------------------------ wiring
+
+    def bind(self, server: Any) -> None:
+        """Serve admin requests arriving at ``server`` (a korinet Server or Hub)."""
+        from .plugin import bind_agent
+
+        hub = getattr(server, "hub", server)
+        bind_agent(hub, self)
+        self._hubs.append(hub)
+
+    async def session(self, peer: Any) -> None:
+        """The Hub's per-session handler: runs before the session's first message."""
+        if self.insecure and getattr(peer, "identity", None) is None:
+            peer.identity = ANONYMOUS
+        # Clients never send output or exit notices; anything in the inbox is dropped.
+        async for _ in peer:
+            pass
+
+    async def close(self) -> None:
+        from .plugin import unbind_agent
+
+        for hub in self._hubs:
+            unbind_agent(hub)
+        for task in list(self._attachments.values()):
+            task.cancel()
+        self._attachments.clear()
+        self.jobs.close()
+        self.transfers.close()
+        self._tap.uninstall()
+        self.audit.close()
+
+    def handle(self, peer: Any, msg: Message) -> Awaitable[Any]:
+        handler = self._handlers[msg.type]
+        return handler(peer, msg.data)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _who(self, peer: Any) -> dict[str, Any]:
+        identity = getattr(peer, "identity", None)
+        return {
+            "who": getattr(identity, "name", None),
+            "fingerprint": getattr(identity, "fingerprint", None),
+            "peer": getattr(peer, "peername", None),
+        }
+
+    def _owned_job(self, peer: Any, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job.spec.owner != _fingerprint(peer):
+            raise PermissionError(f"job {job_id} belongs to another identity")
+        return job
+
+    # ------------------------------------------------------------------ exec / attach
+
+    async def _exec(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
+        job_id: str = req["job"]
+        offsets = [int(o) for o in req.get("offsets", [0, 0])]
+        existing = self.jobs.jobs.get(job_id)
+        if existing is not None:
+            job = self._owned_job(peer, job_id)
+            self.audit.record("exec", job=job_id, resubmitted=True, decision="attached", **self._who(peer))
+            return self._job_reply(job, created=False, offsets=self._attach(peer, job, offsets))
+        identity = getattr(peer, "identity", None)
+        roles = getattr(identity, "roles", ()) or ()
+        argv: list[str] = req["argv"]
+        shell = bool(req.get("shell", False))
+        decision = self.policy.check_command(roles, argv, shell)
+        self.audit.record(
+            "exec",
+            job=job_id,
+            argv=argv,
+            shell=shell,
+            tty=bool(req.get("tty")),
+            decision="allowed" if decision.allowed else "denied",
+            reason=decision.reason,
+            **self._who(peer),
+        )
+        if not decision.allowed:
+            raise PermissionError(decision.reason)
+        if shell:
+            argv = ["/bin/sh", "-c", " ".join(argv)]
+        spec = JobSpec(
+            job_id=job_id,
+            argv=argv,
+            owner=_fingerprint(peer),
+            owner_name=getattr(identity, "name", "anonymous"),
+            tty=bool(req.get("tty", False)),
+            timeout=req.get("timeout"),
+            stdin=bool(req.get("stdin", True)),
+            cols=int(req.get("cols", 0)),
+            rows=int(req.get("rows", 0)),
+            shell=shell,
+        )
+        try:
+            job, created = await self.jobs.submit(spec)
+        except UnknownJob as exc:
+            raise LookupError(str(exc)) from None
+        if not created:  # submitted meanwhile by a concurrent copy of this request
+            self._owned_job(peer, job_id)
+        return self._job_reply(job, created=created, offsets=self._attach(peer, job, offsets))
+
+    def _job_reply(self, job: Job, *, created: bool, offsets: list[int] | None = None) -> dict[str, Any]:
+        return {
+            "job": job.id,
+            "created": created,
+            "pid": job.pid,
+            "stdin_offset": job.stdin_offset,
+            "offsets": offsets,
+            "collected": job.exit_delivered,
+        }
+
+    async def _attach_request(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            job = self._owned_job(peer, req["job"])
+        except UnknownJob as exc:
+            self.audit.record("attach", job=req["job"], decision="unknown job", **self._who(peer))
+            raise LookupError(str(exc)) from None
+        offsets = req.get("offsets")
+        if offsets is None:
+            offsets = [job.out.start, job.err.start]
+        self.audit.record("attach", job=job.id, offsets=offsets, decision="attached", **self._who(peer))
+        return self._job_reply(job, created=False, offsets=self._attach(peer, job, [int(o) for o in offsets]))
+
+    def _attach(self, peer: Any, job: Job, offsets: list[int]) -> list[int]:
+        """Stream ``job`` to ``peer`` from ``offsets``, replacing an earlier attachment
+        of the same session to the same job (the client filters what it already has).
+
+        Bytes below a stream's start were acknowledged by some session already and are
+        gone: the stream then starts there, and the reply tells the client so.
+        Returns the offsets actually used.
+        """
+        offsets = list(offsets)
+        for index, buffer in enumerate(job.stream_buffers):
+            if offsets[index] > buffer.end:
+                raise ValueError(
+                    f"offset {offsets[index]} of stream {index + 1} is beyond its end ({buffer.end})"
+                )
+            offsets[index] = max(offsets[index], buffer.start)
+        key = (id(peer), job.id)
+        old = self._attachments.pop(key, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(self._pump(peer, job, offsets))
+        self._attachments[key] = task
+        task.add_done_callback(lambda t: self._attachment_done(key, t))
+        return offsets
+
+    def _attachment_done(self, key: tuple[int, str], task: asyncio.Task[None]) -> None:
+        if self._attachments.get(key) is task:
+            del self._attachments[key]
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, ConnectionClosed | KoriNetError):
+                logger.error("attachment %s failed", key[1], exc_info=exc)
+
+    async def _pump(self, peer: Any, job: Job, offsets: list[int]) -> None:
+        inflight: deque[tuple[int, int, int, int]] = deque()  # (seq, stream, end offset, size)
+        inflight_bytes = 0
+        buffers = job.stream_buffers
+        session = peer.session
+        while True:
+            acked = session.acked
+            while inflight and inflight[0][0] <= acked:
+                _, stream, end, size = inflight.popleft()
+                inflight_bytes -= size
+                job.acknowledge(stream, end)
+            for index, buffer in enumerate(buffers):
+                while (
+                    offsets[index] < buffer.end
+                    and inflight_bytes < MAX_INFLIGHT_BYTES
+                    and len(inflight) < MAX_INFLIGHT_MESSAGES
+                ):
+                    offset = offsets[index]
+                    data = buffer.read(offset, OUTPUT_CHUNK)
+                    seq = peer.post(
+                        {"job": job.id, "stream": index + 1, "offset": offset, "data": data}, p.OUTPUT
+                    )
+                    offsets[index] = offset + len(data)
+                    inflight.append((seq, index + 1, offsets[index], len(data)))
+                    inflight_bytes += len(data)
+            if inflight_bytes >= MAX_INFLIGHT_BYTES or len(inflight) >= MAX_INFLIGHT_MESSAGES:
+                await peer.wait_acked(inflight[0][0])
+                continue
+            if job.done.done() and offsets[0] == buffers[0].end and offsets[1] == buffers[1].end:
+                seq = peer.post(job.exit_notice(), p.EXIT)
+                await peer.wait_acked(seq)
+                for _, stream, end, _size in inflight:
+                    job.acknowledge(stream, end)
+                if not job.exit_delivered:
+                    self.audit.record("collected", job=job.id, **self._who(peer))
+                self.jobs.collected(job)
+                return
+            waits: list[asyncio.Future[Any]] = [job.changed.wait(), peer.closed]
+            if inflight:
+                waits.append(asyncio.ensure_future(peer.wait_acked(inflight[-1][0])))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if len(waits) > 2 and not waits[2].done():
+                    waits[2].cancel()
+            if peer.closed.done():
+                return
+
+    def _job_finished(self, job: Job) -> None:
+        self.audit.record(
+            "exit",
+            job=job.id,
+            who=job.spec.owner_name,
+            argv=job.spec.argv,
+            seconds=round((job.finished or time.time()) - job.started, 3),
+            **{k: v for k, v in job.exit_notice().items() if k != "job"},
+        )
+
+    # ------------------------------------------------------------------ control
+
+    async def _stdin(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
+        job = self._owned_job(peer, req["job"])
+        taken = await job.write_stdin(int(req["offset"]), req["data"], bool(req.get("eof", False)))
+        return {"offset": taken}
+
+    async def _signal(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
+        job = self._owned_job(peer, req["job"])
+        delivered = job.send_signal(int(req["signal"]))
+        self.audit.record("signal", job=job.id, signal=req["signal"], delivered=delivered, **self._who(peer))
+        return {"delivered": delivered}
+
+    async def _resize(self, peer: Any, req: dict[str, Any]) -> None:
+        self._owned_job(peer, req["job"]).resize(int(req["cols"]), int(req["rows"]))
+
+    async def _jobs(self, peer: Any, req: Any) -> list[dict[str, Any]]:
+        mine = _fingerprint(peer)
+        return [job.info() for job in self.jobs.jobs.values() if job.spec.owner == mine]
+
+    async def _status(self, peer: Any, req: Any) -> dict[str, Any]:
+        self.audit.record("status", **self._who(peer))
+        return await asyncio.to_thread(host_status, len(self.jobs.jobs))
+
+
+def _fingerprint(peer: Any) -> str:
+    return str(getattr(getattr(peer, "identity", None), "fingerprint", None) or "anonymous")
+
+
+def host_status(jobs: int = 0) -> dict[str, Any]:
+    """Uptime, load, memory and disks of this host (psutil)."""
+    import platform
+
+    import psutil
+
+    vm = psutil.virtual_memory()
+    swap = psutil.swap_memory()
+    disks = []
+    for part in psutil.disk_partitions(all=False):
+        with contextlib.suppress(OSError):
+            usage = psutil.disk_usage(part.mountpoint)
+            disks.append(
+                {"mount": part.mountpoint, "device": part.device, "fstype": part.fstype,
+                 "total": usage.total, "used": usage.used, "free": usage.free, "percent": usage.percent}
+            )  # fmt: skip
+    return {
+        "hostname": platform.node(),
+        "system": f"{platform.system()} {platform.release()}",
+        "uptime": time.time() - psutil.boot_time(),
+        "load": list(os.getloadavg()),
+        "cpus": psutil.cpu_count(),
+        "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
+        "swap": {"total": swap.total, "used": swap.used},
+        "disks": disks,
+        "jobs": jobs,
+    }

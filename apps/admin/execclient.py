@@ -1,0 +1,445 @@
+"""The client side of exec, attach, status, jobs, put and get.
+
+:class:`AdminConnection` is one KoriNet session with one agent. It reads the
+session's inbox and hands each job's output and exit to its :class:`JobRun`. The
+runtime resumes the session by itself after a dropped connection (nothing lost,
+nothing repeated); if the session itself is gone (the agent's TTL passed, the
+laptop slept), the connection re-attaches every job from the bytes it already has.
+A :class:`JobRun` drops any byte below its offsets, so output is never repeated
+whatever the agent re-sends, and takes the first exit notice only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from korinet import ConnectionClosed, KoriNetError, KoriNetTimeout, MessageRejected, SessionExpired
+from korinet.runtime.client import Client
+
+from . import protocol as p
+
+if TYPE_CHECKING:
+    from korinet.plugins import PluginManager
+    from korinet.security import ClientTLS
+
+__all__ = ["AdminConnection", "JobRun", "Sink", "Target", "admin_plugins", "new_job_id", "parse_targets"]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of stdin per request.
+STDIN_CHUNK: Final = 256 * 1024
+
+#: Where output goes: ``sink(stream, data)`` with stream 1 (stdout) or 2 (stderr).
+Sink = Callable[[int, bytes], None]
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        return self.host if self.port == _default_port() else f"{self.host}:{self.port}"
+
+
+def _default_port() -> int:
+    return p.DEFAULT_AGENT_PORT
+
+
+def parse_targets(text: str) -> list[Target]:
+    """``HOST[:PORT][,HOST[:PORT]...]`` to targets (``[V6]:PORT`` for IPv6).
+
+    Raises:
+        ValueError: an empty or malformed item.
+    """
+    from korinet.cli import parse_address
+
+    targets = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty host in {text!r}")
+        try:
+            host, port = parse_address(item, _default_port())
+        except Exception as exc:  # argparse.ArgumentTypeError
+            raise ValueError(str(exc)) from None
+        targets.append(Target(host, port))
+    return targets
+
+
+def admin_plugins() -> PluginManager:
+    """A plugin manager with the built-ins and this app only: a client needs no other
+    app, and loading them all costs start-up time."""
+    from korinet.plugins import PluginManager
+
+    from . import plugin
+
+    return PluginManager.load(entry_points=False, extra=[plugin])
+
+
+class JobError(KoriNetError):
+    """The agent refused or lost a job (the message says why)."""
+
+
+class JobRun:
+    """A job seen from the client: the bytes received so far per stream, the exit."""
+
+    def __init__(
+        self, conn: AdminConnection, job_id: str, sink: Sink, offsets: list[int] | None = None
+    ) -> None:
+        self.conn = conn
+        self.id = job_id
+        self.sink = sink
+        self.offsets = list(offsets) if offsets is not None else [0, 0]
+        self.exit: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        #: the agent confirmed the job exists (the exec or attach reply arrived)
+        self.confirmed = False
+        self.request: dict[str, Any] | None = None  # the exec request, re-sent if never confirmed
+        self.stdin_offset = 0
+        self.reply: dict[str, Any] = {}
+        #: bytes of each stream that another session acknowledged and that we never got
+        self.skipped = [0, 0]
+
+    def _output(self, data: dict[str, Any]) -> None:
+        index = data["stream"] - 1
+        have = self.offsets[index]
+        offset = data["offset"]
+        chunk: bytes = data["data"]
+        if offset > have:
+            self._fail(
+                JobError(f"job {self.id}: output of stream {index + 1} skipped from {have} to {offset}")
+            )
+            return
+        skip = have - offset
+        if skip >= len(chunk):
+            return  # already have it (sent again after a re-attach)
+        if skip:
+            chunk = chunk[skip:]
+        self.offsets[index] = have + len(chunk)
+        self.sink(index + 1, chunk)
+
+    def _exited(self, notice: dict[str, Any]) -> None:
+        if not self.exit.done():
+            self.exit.set_result(notice)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.exit.done():
+            self.exit.set_exception(error)
+
+    def _confirm(self, reply: dict[str, Any]) -> None:
+        self.confirmed = True
+        self.reply = reply
+        self.stdin_offset = int(reply.get("stdin_offset") or 0)
+        offsets = reply.get("offsets")
+        if offsets is not None:
+            # the agent starts a stream later than asked when another session already
+            # acknowledged those bytes (or, for attach without offsets, at what it holds)
+            skipped = [max(0, int(o) - have) for o, have in zip(offsets, self.offsets, strict=True)]
+            self.skipped = [a + b for a, b in zip(self.skipped, skipped, strict=True)]
+            self.offsets = [max(int(o), have) for o, have in zip(offsets, self.offsets, strict=True)]
+
+    async def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """The exit notice (see protocol.ExitNotice)."""
+        return await asyncio.wait_for(asyncio.shield(self.exit), timeout)
+
+    async def signal(self, sig: int) -> bool:
+        reply = await self.conn.client.request({"job": self.id, "signal": int(sig)}, p.SIGNAL, timeout=10)
+        return bool(reply.get("delivered"))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self.conn.client.request({"job": self.id, "cols": cols, "rows": rows}, p.RESIZE, timeout=10)
+
+    async def send_stdin(self, data: bytes, eof: bool = False) -> None:
+        """Send stdin bytes (and the EOF); waits until the agent took them. Survives a
+        new session: the agent skips bytes it already has."""
+        offset = self.stdin_offset
+        request = {"job": self.id, "offset": offset, "data": data, "eof": eof}
+        for _ in range(100):
+            try:
+                reply = await self.conn.client.request(request, p.STDIN)
+                break
+            except SessionExpired:
+                await self.conn.reattached.wait()
+        else:
+            raise JobError("could not send stdin")
+        self.stdin_offset = max(offset + len(data), int(reply.get("offset", 0)))
+
+    async def forward_stdin(self, fd: int = 0) -> None:
+        """Forward ``fd`` until its EOF (then close the remote stdin)."""
+        queue = _read_in_thread(fd, STDIN_CHUNK)
+        while True:
+            data = await queue.get()
+            await self.send_stdin(data, eof=not data)
+            if not data:
+                return
+
+
+def _read_in_thread(fd: int, size: int) -> asyncio.Queue[bytes]:
+    """Chunks read from ``fd`` by a daemon thread (files, pipes and terminals alike),
+    at most a few ahead of the consumer; ``b""`` at EOF."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(fd, size)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            except (RuntimeError, asyncio.CancelledError, Exception):
+                return  # the loop is gone: we are exiting
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="korinet-admin-stdin", daemon=True).start()
+    return queue
+
+
+class AdminConnection:
+    """One session with one agent.
+
+    Open with :meth:`open`; :meth:`exec`, :meth:`attach`, :meth:`request`; :meth:`close`.
+    """
+
+    def __init__(self, client: Client, target: Target) -> None:
+        self.client = client
+        self.target = target
+        self.runs: dict[str, JobRun] = {}
+        self.reattached = asyncio.Event()
+        self.reattached.set()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: called with a line to tell the user about the connection (lost, back, re-attached)
+        self.notify: Callable[[str], None] = lambda line: None
+
+    @classmethod
+    async def open(
+        cls,
+        target: Target,
+        *,
+        tls: ClientTLS | None,
+        plugins: PluginManager | None = None,
+        open_timeout: float = 10.0,
+        **client_kwargs: Any,
+    ) -> AdminConnection:
+        """Connect to an agent.
+
+        Raises:
+            KoriNetError: no session (refused key, no agent, timeout: the message says).
+        """
+        client = Client(
+            target.host, target.port, plugins=plugins or admin_plugins(), tls=tls, **client_kwargs
+        )
+        client.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + open_timeout
+        try:
+            while True:
+                try:
+                    # short waits: a refused connection is reported at once, as ssh does,
+                    # while other errors (a host still booting, a lossy link) are retried
+                    await client.wait_connected(min(0.1, max(0.0, deadline - loop.time())))
+                    client._raise_if_closed()  # woken because the session was refused
+                    break
+                except KoriNetTimeout:
+                    if isinstance(client.last_error, ConnectionRefusedError):
+                        raise KoriNetError(
+                            f"connection to {target.host}:{target.port} refused (is the agent running?)"
+                        ) from None
+                    if loop.time() >= deadline:
+                        raise KoriNetTimeout(
+                            f"no session with {target.host}:{target.port} within {open_timeout:g}s"
+                            + (f" (last error: {client.last_error})" if client.last_error else "")
+                        ) from None
+        except BaseException:
+            await client.abort()
+            raise
+        return cls(client, target)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, KoriNetError):
+            await self._reader
+        with contextlib.suppress(KoriNetError, OSError):
+            await self.client.close(timeout=2.0)
+
+    async def request(self, obj: Any, mtype: str, timeout: float | None = 30.0) -> Any:
+        return await self.client.request(obj, mtype, timeout=timeout)
+
+    async def exec(
+        self,
+        argv: list[str],
+        sink: Sink,
+        *,
+        job_id: str | None = None,
+        shell: bool = False,
+        tty: bool = False,
+        timeout: float | None = None,
+        stdin: bool = True,
+        size: tuple[int, int] = (0, 0),
+        offsets: list[int] | None = None,
+    ) -> JobRun:
+        """Start a job (or, for an id the agent knows, attach to it).
+
+        Raises:
+            MessageRejected: the agent refused (policy, role, a bad request).
+        """
+        run = JobRun(self, job_id or new_job_id(), sink, offsets)
+        run.request = {
+            "job": run.id,
+            "argv": list(argv),
+            "shell": shell,
+            "tty": tty,
+            "timeout": timeout,
+            "stdin": stdin,
+            "cols": size[0],
+            "rows": size[1],
+            "offsets": list(run.offsets),
+        }
+        self.runs[run.id] = run
+        try:
+            reply = await self._send_exec(run)
+        except BaseException:
+            self.runs.pop(run.id, None)
+            raise
+        run._confirm(reply)
+        return run
+
+    async def _send_exec(self, run: JobRun) -> dict[str, Any]:
+        assert run.request is not None
+        for _ in range(100):
+            try:
+                return dict(await self.client.request({**run.request, "offsets": list(run.offsets)}, p.EXEC))
+            except SessionExpired:
+                continue  # the request may not have reached the agent: the same id is safe to resend
+        raise JobError("the session kept expiring")
+
+    async def attach(self, job_id: str, sink: Sink, offsets: list[int] | None = None) -> JobRun:
+        """Re-join a job; ``offsets`` None starts from the oldest bytes the agent holds.
+
+        Raises:
+            MessageRejected: unknown job, another identity's job, discarded offsets.
+        """
+        run = JobRun(self, job_id, sink, offsets)
+        self.runs[job_id] = run
+        try:
+            reply = await self.client.request({"job": job_id, "offsets": offsets}, p.ATTACH, timeout=30)
+        except BaseException:
+            self.runs.pop(job_id, None)
+            raise
+        run._confirm(dict(reply))
+        return run
+
+    async def _read(self) -> None:
+        client = self.client
+        while True:
+            try:
+                msg = await client.recv_message()
+            except SessionExpired:
+                self.notify("the session expired; re-attaching from the bytes already received")
+                self._spawn(self._reattach_all())
+                continue
+            except (ConnectionClosed, KoriNetError) as exc:
+                for run in self.runs.values():
+                    run._fail(exc)
+                return
+            data = msg.data
+            run = self.runs.get(data.get("job")) if isinstance(data, dict) else None
+            if run is None:
+                continue
+            if msg.type == p.OUTPUT:
+                run._output(data)
+            elif msg.type == p.EXIT:
+                run._exited(data)
+
+    async def _reattach_all(self) -> None:
+        self.reattached.clear()
+        try:
+            for run in list(self.runs.values()):
+                if run.exit.done():
+                    continue
+                try:
+                    if run.confirmed:
+                        reply = await self.client.request(
+                            {"job": run.id, "offsets": list(run.offsets)}, p.ATTACH, timeout=30
+                        )
+                    else:
+                        reply = await self._send_exec(run)
+                    run._confirm(dict(reply))
+                except MessageRejected as exc:
+                    run._fail(JobError(f"cannot re-attach job {run.id}: {exc}"))
+                except KoriNetError as exc:
+                    run._fail(exc)
+        finally:
+            self.reattached.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+# ---------------------------------------------------------------------- sinks
+
+
+class StdSink:
+    """Writes stream 1 to our stdout and 2 to our stderr, bytes as they are."""
+
+    def __init__(self) -> None:
+        self.out = sys.stdout.buffer
+        self.err = sys.stderr.buffer
+
+    def __call__(self, stream: int, data: bytes) -> None:
+        target = self.out if stream == 1 else self.err
+        target.write(data)
+        target.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class PrefixSink:
+    """Prefixes every line with ``label: `` (fan-out); a last line without a newline
+    is completed at :meth:`close`."""
+
+    def __init__(self, label: str, write: Callable[[int, bytes], None] | None = None) -> None:
+        self.prefix = f"{label}: ".encode()
+        self.write = write or _write_std
+        self._partial: dict[int, bytes] = {1: b"", 2: b""}
+
+    def __call__(self, stream: int, data: bytes) -> None:
+        data = self._partial[stream] + data
+        lines = data.split(b"\n")
+        self._partial[stream] = lines.pop()
+        if lines:
+            self.write(stream, b"".join(self.prefix + line + b"\n" for line in lines))
+
+    def close(self) -> None:
+        for stream, rest in self._partial.items():
+            if rest:
+                self.write(stream, self.prefix + rest + b"\n")
+        self._partial = {1: b"", 2: b""}
+
+
+def _write_std(stream: int, data: bytes) -> None:
+    target = sys.stdout.buffer if stream == 1 else sys.stderr.buffer
+    target.write(data)
+    target.flush()

@@ -1,0 +1,277 @@
+"""exec through the client API against real agents on loopback, over TLS: exit codes,
+streams, stdin, signals, timeouts, job ids, refusals and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Collector, connect, running_agent
+from korinet_admin.policy import Policy
+from korinet_admin.protocol import exit_status
+from testutil import TIMEOUT_FACTOR
+
+from korinet import AuthenticationError, MessageRejected
+from korinet.security import AuthorizedKeys, Identity
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
+
+WAIT = 10 * TIMEOUT_FACTOR
+
+
+async def run(conn, argv: list[str], **kwargs) -> tuple[int, Collector, dict]:  # type: ignore[no-untyped-def]
+    sink = Collector()
+    job = await conn.exec(argv, sink, stdin=kwargs.pop("stdin", False), **kwargs)
+    notice = await job.wait(WAIT)
+    return exit_status(notice), sink, notice
+
+
+async def test_exit_codes_and_separate_streams(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            for code in (0, 1, 42):
+                status, sink, _ = await run(conn, ["sh", "-c", f"echo out; echo err >&2; exit {code}"])
+                assert status == code
+                assert sink.out == b"out\n" and sink.err == b"err\n"
+            status, _, notice = await run(conn, ["sh", "-c", "kill -KILL $$"])
+            assert status == 128 + signal.SIGKILL and notice["signal"] == signal.SIGKILL
+            status, _, notice = await run(conn, ["sh", "-c", "kill -TERM $$"])
+            assert status == 128 + signal.SIGTERM
+            status, sink, notice = await run(conn, ["/no/such/command"])
+            assert status == 127 and "No such file" in notice["error"] and b"cannot run" in sink.err
+            # binary output, unchanged
+            blob = bytes(range(256)) * 64
+            script = f"import sys; sys.stdout.buffer.write({blob!r})"
+            status, sink, _ = await run(conn, [sys.executable, "-c", script])
+            assert status == 0 and sink.out == blob and sink.err == b""
+        finally:
+            await conn.close()
+
+
+async def test_stdin_is_forwarded_with_its_eof(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            sink = Collector()
+            job = await conn.exec(["sh", "-c", "wc -c; echo done"], sink, stdin=True)
+            payload = bytes(range(256)) * 2000  # 512 KB: several requests
+            for i in range(0, len(payload), 100_000):
+                await job.send_stdin(payload[i : i + 100_000])
+            await job.send_stdin(b"", eof=True)
+            notice = await job.wait(WAIT)
+            assert exit_status(notice) == 0
+            assert sink.out.split() == [str(len(payload)).encode(), b"done"]
+            # a repeated chunk (as after a new session) is not written twice
+            sink = Collector()
+            job = await conn.exec(["cat"], sink, stdin=True)
+            await job.send_stdin(b"hello ")
+            job.stdin_offset = 0  # pretend we never heard back: send it again, then more
+            await job.send_stdin(b"hello world", eof=True)
+            await job.wait(WAIT)
+            assert sink.out == b"hello world"
+        finally:
+            await conn.close()
+
+
+async def test_signals_reach_the_process_group(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            sink = Collector()
+            # the shell waits for its child: both must get the signal (a process group)
+            job = await conn.exec(["sh", "-c", "sleep 100; echo not reached"], sink, stdin=False)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await job.signal(signal.SIGINT)
+            notice = await job.wait(WAIT)
+            assert loop.time() - started < 1.0 * TIMEOUT_FACTOR
+            assert exit_status(notice) == 128 + signal.SIGINT
+            assert b"not reached" not in sink.out
+        finally:
+            await conn.close()
+
+
+async def test_timeout_kills_and_says_so(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            status, _, notice = await run(conn, ["sleep", "100"], timeout=0.3)
+            assert notice["timed_out"] and status == 124
+            assert loop.time() - started < 3 * TIMEOUT_FACTOR
+            # a command that ignores SIGTERM is killed after the grace period
+            status, _, notice = await run(conn, ["sh", "-c", "trap '' TERM; sleep 100"], timeout=0.2)
+            assert notice["timed_out"] and notice["signal"] == signal.SIGKILL
+            exits = [e for e in agent.audit() if e["event"] == "exit"]
+            assert exits[-1]["timed_out"] is True
+        finally:
+            await conn.close()
+
+
+async def test_a_resubmitted_job_id_runs_once(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    marker = tmp_path / "ran"
+    argv = ["sh", "-c", f"echo x >> {marker}; echo output"]
+    job_id = "f" * 32
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        first = await connect(agent.target, alice, tmp_path)
+        second = await connect(agent.target, alice, tmp_path)
+        try:
+            sink1, sink2 = Collector(), Collector()
+            job1 = await first.exec(argv, sink1, job_id=job_id, stdin=False)
+            assert job1.reply["created"] is True
+            assert exit_status(await job1.wait(WAIT)) == 0
+            # the same id again, from another session (a retry after a lost reply): attached
+            job2 = await second.exec(argv, sink2, job_id=job_id, stdin=False)
+            assert job2.reply["created"] is False
+            assert exit_status(await job2.wait(WAIT)) == 0
+            # concurrently twice on one session as well
+            sink3 = Collector()
+            racing = "e" * 32
+            jobs = await asyncio.gather(
+                first.exec(argv, sink3, job_id=racing, stdin=False),
+                second.exec(argv, Collector(), job_id=racing, stdin=False),
+            )
+            await asyncio.gather(*(j.wait(WAIT) for j in jobs))
+            assert sorted(j.reply["created"] for j in jobs) == [False, True]
+        finally:
+            await first.close()
+            await second.close()
+        assert marker.read_text() == "x\n" * 2, "a job id ran more than once"
+        # the first session acknowledged the output: the second gets the exit, and is told
+        assert sink1.out == b"output\n" and sink2.out == b"" and job2.skipped == [7, 0]
+        assert [e.get("resubmitted") for e in agent.audit() if e["event"] == "exec"].count(True) == 2
+    # an agent restarted over the same state directory refuses an id it ran before
+    state = agent.agent.state_dir
+    from korinet_admin.jobs import JobSpec, JobTable, UnknownJob
+
+    table = JobTable(state)
+    with pytest.raises(UnknownJob, match="earlier agent process"):
+        await table.submit(JobSpec(job_id, argv, "x", "x"))
+    table.close()
+
+
+async def test_another_identitys_job_cannot_be_touched(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    carol = Identity.generate()
+    authorized.authorize(carol.fingerprint, "carol", ["admin"])
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        mine = await connect(agent.target, alice, tmp_path)
+        theirs = await connect(agent.target, carol, tmp_path)
+        try:
+            job = await mine.exec(["sleep", "100"], Collector(), stdin=False)
+            with pytest.raises(MessageRejected, match="another identity"):
+                await theirs.attach(job.id, Collector(), [0, 0])
+            with pytest.raises(MessageRejected, match="another identity"):
+                await theirs.exec(["true"], Collector(), job_id=job.id, stdin=False)
+            assert await theirs.request({}, "admin.jobs") == []
+            assert [j["job"] for j in await mine.request({}, "admin.jobs")] == [job.id]
+            await job.signal(signal.SIGKILL)
+            await job.wait(WAIT)
+        finally:
+            await mine.close()
+            await theirs.close()
+
+
+async def test_unauthenticated_and_role_less_clients_run_nothing_and_are_audited(
+    tmp_path: Path, server_identity: Identity, bob: Identity, authorized: AuthorizedKeys
+) -> None:
+    marker = tmp_path / "ran"
+    argv = ["touch", str(marker)]
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        stranger = Identity.generate()
+        with pytest.raises(AuthenticationError, match="not authorized"):
+            await connect(agent.target, stranger, tmp_path)
+        with pytest.raises(AuthenticationError, match="presented none"):
+            await connect(agent.target, None, tmp_path)
+        conn = await connect(agent.target, bob, tmp_path)  # authorized, without the admin role
+        try:
+            with pytest.raises(MessageRejected, match="requires the role 'admin'"):
+                await conn.exec(argv, Collector(), stdin=False)
+            with pytest.raises(MessageRejected, match="requires the role 'admin'"):
+                await conn.request({}, "admin.status")
+        finally:
+            await conn.close()
+        entries = agent.audit()
+    assert not marker.exists()
+    assert not any(e["event"] == "exec" for e in entries)
+    refused = [e for e in entries if e["event"] == "refused"]
+    auth = [e for e in refused if e["stage"] == "authentication"]
+    assert any(e["fingerprint"] == stranger.fingerprint and "not authorized" in e["reason"] for e in auth)
+    assert any("no client certificate" in e["reason"] for e in auth)
+    requests = [e for e in refused if e["stage"] == "request"]
+    assert {e["type"] for e in requests} == {"admin.exec", "admin.status"}
+    assert all(e["who"] == "bob" and e["fingerprint"] == bob.fingerprint for e in requests)
+
+
+async def test_the_policy_decides_and_every_decision_is_audited(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    policy = Policy.from_mapping({"roles": {"admin": {"commands": ["echo **"]}}})
+    async with running_agent(tmp_path, server_identity, authorized, policy=policy) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            status, sink, _ = await run(conn, ["echo", "allowed"])
+            assert status == 0 and sink.out == b"allowed\n"
+            with pytest.raises(MessageRejected, match="allows 'rm -rf /tmp/nothing'"):
+                await conn.exec(["rm", "-rf", "/tmp/nothing"], Collector(), stdin=False)
+            with pytest.raises(MessageRejected, match="shell"):
+                await conn.exec(["echo", "hi"], Collector(), shell=True, stdin=False)
+            with pytest.raises(MessageRejected, match="copy files"):
+                await conn.request({"path": "/etc/hostname"}, "admin.get.open")
+        finally:
+            await conn.close()
+        decisions = [(e["event"], e.get("decision"), e.get("who")) for e in agent.audit()]
+    assert ("exec", "allowed", "alice") in decisions
+    assert decisions.count(("exec", "denied", "alice")) == 2
+    assert ("get", "denied", "alice") in decisions
+
+
+async def test_shell_and_tty(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            status, sink, _ = await run(conn, ["echo", "a", "|", "tr", "a", "b"], shell=True)
+            assert status == 0 and sink.out == b"b\n"
+            status, sink, _ = await run(
+                conn, ["sh", "-c", "test -t 1 && stty size"], tty=True, size=(100, 30)
+            )
+            assert status == 0 and sink.out.strip() == b"30 100"
+            status, sink, _ = await run(conn, ["sh", "-c", "test -t 1"])
+            assert status == 1
+        finally:
+            await conn.close()
+
+
+async def test_status_and_jobs(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            status = await conn.request({}, "admin.status")
+            assert status["uptime"] > 0 and len(status["load"]) == 3
+            assert status["memory"]["total"] > 0 and any(d["mount"] == "/" for d in status["disks"])
+            job = await conn.exec(["sh", "-c", "echo hi; exit 3"], Collector(), stdin=False)
+            await job.wait(WAIT)
+            listed = await conn.request({}, "admin.jobs")
+            assert [(j["job"], j["exit"]["code"], j["stdout"]) for j in listed] == [(job.id, 3, 3)]
+        finally:
+            await conn.close()
