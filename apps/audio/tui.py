@@ -13,7 +13,7 @@ import sys
 import termios
 import tty
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 if TYPE_CHECKING:
     from .talk import Call
@@ -95,7 +95,7 @@ class StatusScreen:
         self.on_quit = on_quit
         self.out = out
         self._drawn = 0
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
 
     def _key(self) -> None:
         try:

@@ -1,0 +1,156 @@
+"""korinet-audio as a user runs it: help, errors without tracebacks, the status screen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import korinet_audio.plugin as audio_plugin
+import numpy as np
+import pytest
+from korinet_audio.talk import Call
+from korinet_audio.tui import meter, render, summary
+from korinet_audio.wavio import FileCapture, FilePlayback, WavFormatError, read_wav, write_wav
+from testutil import TIMEOUT_FACTOR
+
+from korinet import Client, Server
+from korinet.plugins import PluginManager
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KORINET_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "korinet_audio.cli", *args],
+        env=env, capture_output=True, text=True, timeout=30 * TIMEOUT_FACTOR,
+    )  # fmt: skip
+
+
+def test_help_names_every_command_and_option(tmp_path: Path) -> None:
+    out = run_cli("--help", home=tmp_path).stdout
+    for word in ("serve", "talk", "devices"):
+        assert word in out
+    out = run_cli("talk", "--help", home=tmp_path).stdout
+    for option in ("--channel", "--ptt", "--input-file", "--output-file", "--insecure-plaintext"):
+        assert option in out
+
+
+def test_user_mistakes_get_a_message_not_a_traceback(tmp_path: Path) -> None:
+    bad_wav = tmp_path / "stereo.wav"
+    import wave
+
+    with wave.open(str(bad_wav), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(b"\x00" * 400)
+    r = run_cli("talk", "127.0.0.1:1", "--input-file", str(bad_wav), "--output-file", "o.wav", home=tmp_path)
+    assert r.returncode == 1 and "16000 Hz mono" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("talk", "127.0.0.1:1", "--input-file", "/nonexistent.wav", home=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    good = tmp_path / "in.wav"
+    write_wav(good, np.zeros(3200, np.int16))
+    r = run_cli(
+        "talk", "127.0.0.1:1", "--input-file", str(good), "--output-file", str(tmp_path / "o.wav"),
+        "--timeout", "1", "--insecure-plaintext", home=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 2 and "cannot reach the hub" in r.stderr and "Traceback" not in r.stderr
+    assert "WARNING" in r.stderr and "unencrypted" in r.stderr
+
+
+def test_wav_round_trip(tmp_path: Path) -> None:
+    samples = (np.arange(16000) % 100).astype(np.int16)
+    write_wav(tmp_path / "a.wav", samples)
+    assert np.array_equal(read_wav(tmp_path / "a.wav"), samples)
+    with pytest.raises(WavFormatError):
+        import wave
+
+        with wave.open(str(tmp_path / "b.wav"), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(b"\x00\x00")
+        read_wav(tmp_path / "b.wav")
+
+
+def test_meter_spans_silence_to_full_scale() -> None:
+    assert meter(-90, 10) == "-" * 10
+    assert meter(0, 10) == "#" * 10
+    assert meter(-30, 10) == "#####-----"
+
+
+async def test_status_screen_shows_the_call_figures(tmp_path: Path) -> None:
+    plugins = PluginManager.load(entry_points=False, extra=[audio_plugin])
+    async with Server("127.0.0.1", 0, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        tone = (np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000) * 8000).astype(np.int16)
+        call = Call(client, "lobby", "alice", FileCapture(tone), FilePlayback(None), ptt=True)
+        await call.join()
+        lines = render(call, connected=True, rtt=0.0004)
+        assert "#lobby as alice" in lines[0] and "link up" in lines[0]
+        assert "members: alice" in lines[1]
+        assert "listening (space to talk)" in lines[2]
+        call.set_talking(True)
+        await call.run(0.3)
+        lines = render(call, connected=False, rtt=None)
+        assert "TALKING" not in lines[2]  # run() released the key when it ended
+        assert "link DOWN" in lines[0]
+        assert "sent " in lines[5] and call.stats.frames_sent >= 10
+        assert "sent" in summary(call)
+        await client.close()
+
+
+async def test_devices_command_lists_or_explains(tmp_path: Path) -> None:
+    r = await asyncio.to_thread(run_cli, "devices", home=tmp_path)
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+    assert r.stdout or r.stderr
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_talk_in_a_real_terminal_toggles_push_to_talk_and_quits(tmp_path: Path) -> None:
+    env = {**os.environ, "KORINET_HOME": str(tmp_path)}
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "korinet_audio.cli", "serve", "127.0.0.1:0", "--insecure-plaintext"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    session = f"korinet-audio-{os.getpid()}"
+    try:
+        assert hub.stdout is not None
+        port = hub.stdout.readline().rsplit(":", 1)[1].strip()
+        write_wav(tmp_path / "in.wav", np.full(16000, 3000, np.int16))
+        command = (
+            f"KORINET_HOME={tmp_path} {sys.executable} -m korinet_audio.cli talk 127.0.0.1:{port} --ptt "
+            f"--name alice --insecure-plaintext --input-file {tmp_path}/in.wav --loop "
+            f"--output-file {tmp_path}/out.wav; sleep 30"
+        )
+        subprocess.run(
+            ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "20", command], check=True
+        )
+
+        def screen_shows(text: str, timeout: float = 10.0) -> str:
+            deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
+            while time.monotonic() < deadline:
+                pane = subprocess.run(
+                    ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
+                ).stdout
+                if text in pane:
+                    return pane
+                time.sleep(0.1)
+            raise AssertionError(f"{text!r} never appeared; screen:\n{pane}")
+
+        screen_shows("listening (space to talk)")
+        subprocess.run(["tmux", "send-keys", "-t", session, " "], check=True)
+        screen_shows("TALKING")
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        pane = screen_shows("frames (dropped")
+        assert "Traceback" not in pane
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        hub.terminate()
+        hub.wait(10)
