@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import secrets
@@ -496,8 +495,7 @@ class Call:
                 self.tick()
                 if self.client.links_opened != self._links_seen:
                     await self._after_reconnect()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), TICK)
+                await asyncio.sleep(TICK)  # stop() is seen within a tick
         finally:
             self.sender.set_talking(False)  # a push-to-talk utterance in progress is posted
             for device in (self.capture, self.playback):
