@@ -3,7 +3,7 @@
 Kept cheap to import: every KoriNet process loads it. Settings come from the
 environment because the codec is registered once per process, before any session:
 
-* ``KORINET_ZSTD_LEVEL``: compression level (default 3);
+* ``KORINET_ZSTD_LEVEL``: compression level (default 1);
 * ``KORINET_ZSTD_MIN_SIZE``: smallest msgpack payload worth compressing (default 256);
 * ``KORINET_ZSTD_MAX_OUTPUT``: the most bytes one payload may inflate to (default
   16 MiB, KoriNet's default maximum frame size; lower it with a lower
