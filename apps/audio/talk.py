@@ -36,7 +36,17 @@ from .frames import FRAME_SAMPLES, PART_FRAMES, AudioFrame, MalformedFrame, Utte
 from .jitter import JitterBuffer, PlayoutKind, PushResult
 from .plugin import FRAME, JOIN, UTTERANCE, receivers
 
-__all__ = ["Call", "CallStats", "Capture", "Playback", "Receiver", "Sender", "level_dbfs", "past_deadline"]
+__all__ = [
+    "Call",
+    "CallStats",
+    "Capture",
+    "Playback",
+    "Receiver",
+    "Sender",
+    "level_dbfs",
+    "past_deadline",
+    "run_calls",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -481,26 +491,30 @@ class Call:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def running(self) -> bool:
+        return not self._stopping.is_set() and not self.client.is_closed
+
     async def run(self, duration: float | None = None) -> None:
         """Run the audio clock until :meth:`stop`, ``duration`` seconds, or the session ends."""
-        loop = asyncio.get_running_loop()
-        end = None if duration is None else loop.time() + duration
+        await run_calls([self], duration)
+
+    def start_devices(self) -> None:
         for device in (self.capture, self.playback):
             if device is not None:
                 device.start()
-        try:
-            while not self._stopping.is_set() and not self.client.is_closed:
-                if end is not None and loop.time() >= end:
-                    break
-                self.tick()
-                if self.client.links_opened != self._links_seen:
-                    await self._after_reconnect()
-                await asyncio.sleep(TICK)  # stop() is seen within a tick
-        finally:
-            self.sender.set_talking(False)  # a push-to-talk utterance in progress is posted
-            for device in (self.capture, self.playback):
-                if device is not None:
-                    device.stop()
+
+    def stop_devices(self) -> None:
+        self.sender.set_talking(False)  # a push-to-talk utterance in progress is posted
+        for device in (self.capture, self.playback):
+            if device is not None:
+                device.stop()
+
+    async def step(self) -> None:
+        """One tick of the audio clock, then a rejoin at the live edge if the link changed."""
+        self.tick()
+        if self.client.links_opened != self._links_seen:
+            await self._after_reconnect()
 
     def tick(self) -> None:
         """Send what was captured, play what is due."""
@@ -524,3 +538,23 @@ class Call:
                 await self.join()
             except KoriNetError as exc:
                 logger.warning("could not rejoin #%s: %s", self.channel, exc)
+
+
+async def run_calls(calls: Sequence[Call], duration: float | None = None) -> None:
+    """Drive several calls on one audio clock (one wake-up per tick for all of them)
+    until each is stopped, ``duration`` seconds pass, or their sessions end."""
+    loop = asyncio.get_running_loop()
+    end = None if duration is None else loop.time() + duration
+    for call in calls:
+        call.start_devices()
+    try:
+        while any(call.running for call in calls):
+            if end is not None and loop.time() >= end:
+                break
+            for call in calls:
+                if call.running:
+                    await call.step()
+            await asyncio.sleep(TICK)  # stop() is seen within a tick
+    finally:
+        for call in calls:
+            call.stop_devices()
