@@ -18,6 +18,7 @@ the session (docs/CHAT.md, "Exactly once") is recognised and not stored twice.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any, Final
@@ -95,6 +96,11 @@ def normalize_room(room: Any) -> str:
     """
     if not isinstance(room, str):
         raise ValueError("a room name must be text")
+    return _normalize_room(room)
+
+
+@functools.lru_cache(maxsize=4096)  # every message names its room: check each name once
+def _normalize_room(room: str) -> str:
     name = room[1:] if room.startswith("#") else room
     if not name:
         raise ValueError("a room name cannot be empty")

@@ -15,6 +15,7 @@ every control visible and inert:
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 __all__ = ["BIDI_CONTROLS", "clean", "is_clean"]
@@ -23,6 +24,9 @@ __all__ = ["BIDI_CONTROLS", "clean", "is_clean"]
 BIDI_CONTROLS: Final = frozenset(
     chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)
 )
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def _visible(ch: str) -> str:
@@ -59,10 +63,10 @@ def clean(text: object, limit: int | None = None) -> str:
     """
     if not isinstance(text, str):
         text = repr(text)
-    # Surrogates cannot be encoded for the terminal; show them like controls.
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-        text = "".join(f"<U+{ord(c):04X}>" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
     result = text.translate(_TABLE)
+    if not result.isascii():
+        # Lone surrogates cannot be encoded for the terminal; show them like controls.
+        result = _SURROGATE.sub(lambda m: f"<U+{ord(m.group()):04X}>", result)
     if limit is not None and len(result) > limit:
         result = result[: max(0, limit - 1)] + "…"
     return result
@@ -70,4 +74,4 @@ def clean(text: object, limit: int | None = None) -> str:
 
 def is_clean(text: str) -> bool:
     """Whether ``text`` holds nothing :func:`clean` would change (no control at all)."""
-    return not any(_needs_escape(c) or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+    return not any(_needs_escape(c) for c in text) and not _SURROGATE.search(text)
