@@ -185,7 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"# korinet-audio latency, {args.seconds:g} s per run, {os.cpu_count()} CPUs,"
-        f" python {sys.version.split()[0]}"
+        f" python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f} at start"
     )
     asyncio.run(main_async(args))
 

@@ -196,8 +196,12 @@ async def _talk(args: argparse.Namespace, plugins: PluginManager) -> int:
         # headless push-to-talk: the input file is one utterance
         call.set_talking(True)
         tasks.append(loop.create_task(_release_at_end(call, capture)))
+    failure = 0
     try:
         await call.run(args.duration)
+    except OSError as exc:  # a sound device could not be opened
+        _say(str(exc))
+        failure = 1
     finally:
         for task in tasks:
             task.cancel()
@@ -205,7 +209,7 @@ async def _talk(args: argparse.Namespace, plugins: PluginManager) -> int:
                 await task
         await client.close()
     print(summary(call), flush=True)
-    return 0
+    return failure
 
 
 async def _release_at_end(call: Any, capture: Any) -> None:

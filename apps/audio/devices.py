@@ -123,6 +123,27 @@ def list_devices() -> list[dict[str, Any]]:
     return found
 
 
+def _open_stream(kind: str, what: str, device: int | str | None, callback: Any) -> Any:
+    """Open and start a 16 kHz mono int16 callback stream of 20 ms blocks.
+
+    Raises:
+        OSError: PortAudio is missing or refused the device (the message says which).
+    """
+    sd = open_sounddevice()
+    try:
+        stream = getattr(sd, kind)(
+            samplerate=SAMPLE_RATE, channels=1, dtype="int16", blocksize=FRAME_SAMPLES,
+            device=device, latency="low", callback=callback,
+        )  # fmt: skip
+        stream.start()
+    except (sd.PortAudioError, ValueError) as exc:
+        raise OSError(
+            f"cannot open the {what} ({device if device is not None else 'default device'}): {exc}; "
+            "see `korinet-audio devices`, or use --input-file/--output-file"
+        ) from exc
+    return stream
+
+
 class DeviceCapture:
     """The microphone: 16 kHz mono int16, delivered as 20 ms frames with capture times."""
 
@@ -148,12 +169,7 @@ class DeviceCapture:
             self.stats.errors += 1
 
     def start(self) -> None:
-        sd = open_sounddevice()
-        self._stream = sd.InputStream(
-            samplerate=SAMPLE_RATE, channels=1, dtype="int16", blocksize=FRAME_SAMPLES,
-            device=self.device, latency="low", callback=self._callback,
-        )  # fmt: skip
-        self._stream.start()
+        self._stream = _open_stream("InputStream", "microphone", self.device, self._callback)
 
     def stop(self) -> None:
         stream, self._stream = self._stream, None
@@ -199,13 +215,8 @@ class DevicePlayback:
             outdata.fill(0)
 
     def start(self) -> None:
-        sd = open_sounddevice()
-        self._stream = sd.OutputStream(
-            samplerate=SAMPLE_RATE, channels=1, dtype="int16", blocksize=FRAME_SAMPLES,
-            device=self.device, latency="low", callback=self._callback,
-        )  # fmt: skip
+        self._stream = _open_stream("OutputStream", "speaker", self.device, self._callback)
         self._latency = float(self._stream.latency)
-        self._stream.start()
 
     def stop(self) -> None:
         stream, self._stream = self._stream, None

@@ -135,13 +135,18 @@ class Sender:
         self.muted = False
         self.stream = secrets.randbits(32)
         self.seq = 0
-        self.level = -90.0
+        self._last: Samples | None = None
         self.codec_name = codec
         self._encoder: AudioCodec = codec_registry.create(codec)
         self._utterance = 0
         self._part: list[bytes] = []
         self._part_first = 0
         self._part_capture = 0
+
+    @property
+    def level(self) -> float:
+        """Level of the last frame captured, dBFS (computed when the screen asks)."""
+        return level_dbfs(self._last) if self._last is not None else -90.0
 
     def use_codec(self, name: str) -> None:
         """Switch codec (the roster said so); an open utterance part is sent first."""
@@ -167,7 +172,7 @@ class Sender:
         seq = self.seq
         self.seq += 1
         self.stats.frames_captured += 1
-        self.level = level_dbfs(samples)
+        self._last = samples
         if not self.talking or self.muted:
             return None
         if past_deadline(captured, now, self.deadline_ms):
@@ -258,7 +263,6 @@ class Receiver:
         self.on_roster_cb = on_roster
         self.sources: dict[str, _Source] = {}
         self.members: list[str] = []
-        self.level = -90.0
         #: who is being replayed from the missed queue ("" when live)
         self.replaying = ""
         #: (heard_at, capture_time) of the last minute of frames played live
@@ -358,8 +362,12 @@ class Receiver:
             self.replaying = ""
         np.clip(mix, -32768, 32767, out=mix)
         self._out[:] = mix
-        self.level = level_dbfs(self._out)
         return self._out
+
+    @property
+    def level(self) -> float:
+        """Level of the last frame played, dBFS."""
+        return level_dbfs(self._out)
 
     def _render(self, source: _Source, frame: AudioFrame | None) -> Samples:
         if frame is None:  # conceal with the decoder that played last
