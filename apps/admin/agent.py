@@ -129,6 +129,7 @@ class Agent:
         for task in list(self._attachments.values()):
             task.cancel()
         self._attachments.clear()
+        self.jobs.on_finished = None  # killed by the stop: recorded once as agent-stopped
         self.jobs.close()
         self.transfers.close()
         self._tap.uninstall()

@@ -36,6 +36,9 @@ class AuditLog:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "event": event, **fields}
         line = (json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self._lock:
+            if self._fd < 0:
+                logger.warning("audit log %s closed, not recorded: %s", self.path, line.decode().strip())
+                return
             try:
                 os.write(self._fd, line)
             except OSError as exc:  # a full disk must not stop the agent, but it is said

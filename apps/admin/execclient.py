@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import uuid
@@ -113,6 +114,8 @@ class JobRun:
         self.reply: dict[str, Any] = {}
         #: bytes of each stream that another session acknowledged and that we never got
         self.skipped = [0, 0]
+        #: exit notices received (the first one counts; more would mean a re-delivery)
+        self.exit_notices = 0
 
     def _output(self, data: dict[str, Any]) -> None:
         index = data["stream"] - 1
@@ -133,6 +136,7 @@ class JobRun:
         self.sink(index + 1, chunk)
 
     def _exited(self, notice: dict[str, Any]) -> None:
+        self.exit_notices += 1
         if not self.exit.done():
             self.exit.set_result(notice)
 
@@ -262,6 +266,8 @@ class AdminConnection:
                         raise KoriNetError(
                             f"connection to {target.host}:{target.port} refused (is the agent running?)"
                         ) from None
+                    if isinstance(client.last_error, socket.gaierror):
+                        raise KoriNetError(f"cannot resolve {target.host}: {client.last_error}") from None
                     if loop.time() >= deadline:
                         raise KoriNetTimeout(
                             f"no session with {target.host}:{target.port} within {open_timeout:g}s"

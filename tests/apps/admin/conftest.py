@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +143,15 @@ class Collector:
 
 
 def cli_env(home: Path) -> dict[str, str]:
-    """The environment of a korinet-admin subprocess using ``home`` as KORINET_HOME."""
-    return {**os.environ, "KORINET_HOME": str(home), "PYTHONPATH": os.getcwd()}
+    """The environment of a korinet-admin subprocess using ``home`` as KORINET_HOME.
+
+    Bytecode is cached in a private directory even where PYTHONDONTWRITEBYTECODE is
+    set: each subprocess would otherwise compile korinet from source again.
+    """
+    env = {**os.environ, "KORINET_HOME": str(home)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), f"korinet-admin-tests-pyc-{os.getuid()}")
+    return env
 
 
 def install_client_identity(home: Path, identity: Identity) -> None:

@@ -1,0 +1,204 @@
+"""korinet-admin run as a user runs it: a subprocess with real stdin, stdout, stderr,
+signals and exit codes, against agents running in the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import CLI, RunningAgent, cli_env, install_client_identity, running_agent
+from korinet_admin.execclient import JobRun
+from testutil import TIMEOUT_FACTOR
+
+from korinet.security import AuthorizedKeys, Identity
+
+pytestmark = pytest.mark.timeout(90 * TIMEOUT_FACTOR)
+
+WAIT = 30 * TIMEOUT_FACTOR
+
+
+async def cli(
+    home: Path, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        *args,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env or cli_env(home),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), WAIT)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+def client_home(home: Path, alice: Identity) -> Path:
+    install_client_identity(home, alice)
+    return home
+
+
+def host(agent: RunningAgent) -> str:
+    return f"127.0.0.1:{agent.port}"
+
+
+async def test_stdin_stdout_stderr_and_exit_codes(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        code, out, err = await cli(client_home, "exec", host(agent), "--", "cat", stdin=b"hi\n")
+        assert (code, out) == (0, b"hi\n")
+        assert b"is now pinned" in err  # the first connection says which key it pinned
+        for expected in (0, 1, 42):
+            code, out, err = await cli(
+                client_home, "exec", host(agent), "--", "sh", "-c", f"echo out; echo err >&2; exit {expected}"
+            )
+            assert (code, out, err) == (expected, b"out\n", b"err\n")
+        code, out, err = await cli(client_home, "exec", host(agent), "--", "sh", "-c", "kill -9 $$")
+        assert code == 128 + 9 and err == b""
+
+
+async def test_timeout_kills_the_remote_command_and_says_so(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        code, _, err = await cli(client_home, "exec", host(agent), "--timeout", "0.5", "--", "sleep", "100")
+        assert code == 124
+        assert b"timed out after 0.5s: the command was killed" in err
+        assert all(job.done.done() for job in agent.agent.jobs.jobs.values())
+
+
+async def test_ctrl_c_stops_a_remote_sleep_within_a_second(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "exec", host(agent), "--", "sleep", "100",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=cli_env(client_home),
+        )  # fmt: skip
+        jobs = agent.agent.jobs.jobs
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while not (jobs and next(iter(jobs.values())).pid) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        job = next(iter(jobs.values()))
+        os.kill(job.pid, 0)  # the remote sleep runs
+        started = loop.time()
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(asyncio.shield(job.done), 1.0)
+        assert loop.time() - started < 1.0
+        with pytest.raises(ProcessLookupError):
+            os.kill(job.pid, 0)
+        _, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 128 + signal.SIGINT
+        assert b"sending SIGINT to the remote command" in err
+
+
+async def test_fan_out_to_20_agents_with_one_failing(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with contextlib_agents(tmp_path, server_identity, authorized, 19) as agents:
+        with socket.socket() as s:  # a port where nothing listens: the failing host
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"
+        hosts = [host(a) for a in agents[:10]] + [dead] + [host(a) for a in agents[10:]]
+        code, out, err = await cli(
+            client_home, "exec", ",".join(hosts), "--fanout", "5", "--", "sh", "-c", "echo one; echo two >&2"
+        )
+    assert code == 255
+    out_lines = out.decode().splitlines()
+    assert sorted(out_lines) == sorted(f"{h}: one" for h in hosts if h != dead)
+    summary = err.decode()
+    for h in hosts:
+        assert re.search(rf"^{re.escape(h)}\s+{255 if h == dead else 0}\b", summary, re.M), summary
+    assert "refused" in summary and "20 host(s), 1 failed" in summary
+    assert sum(1 for line in summary.splitlines() if line.endswith(": two")) == 19
+
+
+class contextlib_agents:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Start ``count`` agents at once."""
+
+    def __init__(self, base: Path, identity: Identity, authorized: AuthorizedKeys, count: int) -> None:
+        self.managers = [running_agent(base, identity, authorized) for _ in range(count)]
+
+    async def __aenter__(self) -> list[RunningAgent]:
+        return [await m.__aenter__() for m in self.managers]
+
+    async def __aexit__(self, *exc: object) -> None:
+        for m in self.managers:
+            await m.__aexit__(None, None, None)
+
+
+async def test_put_and_get_are_checksummed_and_resume(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        # an upload cut after 1 MiB left a partial file: put resumes from it
+        (remote / f".copy.bin.korinet-part-{sha[:16]}").write_bytes(data[: 1024 * 1024])
+        code, out, err = await cli(client_home, "put", host(agent), str(source), str(remote / "copy.bin"))
+        assert code == 0, err
+        assert (remote / "copy.bin").read_bytes() == data and b"verified" in out
+        assert not list(remote.glob(".*korinet-part*"))
+        # a partial download with wrong bytes is caught by the checksum, then redone whole
+        local = tmp_path / "back.bin"
+        (tmp_path / f".back.bin.korinet-part-{sha[:16]}").write_bytes(b"\0" * 1000)
+        code, out, err = await cli(client_home, "get", host(agent), str(remote / "copy.bin"), str(local))
+        assert code == 255 and b"checksum mismatch" in err and not local.exists()
+        code, out, err = await cli(client_home, "get", host(agent), str(remote / "copy.bin"), str(local))
+        assert code == 0, err
+        assert local.read_bytes() == data
+        events = [e["event"] for e in agent.audit()]
+        assert "put" in events and "put-done" in events and "get" in events
+
+
+async def test_status_jobs_and_attach(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys, alice: Identity
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        code, out, _ = await cli(client_home, "status", host(agent))
+        assert code == 0 and b"load" in out and b"memory" in out and b"disk    /" in out
+        # a job started by one client and abandoned; another terminal attaches to it
+        code, _, _ = await cli(client_home, "exec", host(agent), "--", "sh", "-c", "echo started")
+        code, out, _ = await cli(client_home, "jobs", host(agent))
+        assert code == 0 and b"exited" in out and b"sh -c 'echo started'" in out
+        from conftest import Collector, connect
+
+        conn = await connect(agent.target, alice, tmp_path)
+        run: JobRun = await conn.exec(["sh", "-c", "sleep 0.5; echo late; exit 5"], Collector(), stdin=False)
+        await conn.client.abort()  # the laptop closes: no goodbye
+        await conn.close()
+        code, out, err = await cli(client_home, "attach", host(agent), run.id)
+        assert (code, out) == (5, b"late\n"), err
+
+
+async def test_usage_errors_and_unreachable_hosts_are_reported_without_tracebacks(
+    tmp_path: Path, client_home: Path
+) -> None:
+    code, out, _ = await cli(client_home, "--help")
+    assert code == 0 and b"exec" in out and b"agent" in out
+    code, _, err = await cli(client_home, "exec", "127.0.0.1")
+    assert code == 2 and b"needs a command" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = await cli(client_home, "exec", f"127.0.0.1:{port}", "--", "true")
+    assert code == 255 and b"refused (is the agent running?)" in err and b"Traceback" not in err
+    code, _, err = await cli(client_home, "exec", "no-such-host.invalid", "--", "true")
+    assert code == 255 and b"cannot resolve no-such-host.invalid" in err and b"Traceback" not in err
+    code, _, err = await cli(client_home, "exec", "a,,b", "--", "true")
+    assert code == 2 and b"empty host" in err and b"Traceback" not in err

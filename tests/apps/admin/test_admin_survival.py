@@ -1,0 +1,151 @@
+"""Output that survives the network: 100 MB byte-identical to a local run, with the
+connection cut several times mid-output, and a session that expired meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Collector, connect, running_agent
+from korinet_admin.execclient import Target
+from korinet_admin.protocol import exit_status
+from testutil import TIMEOUT_FACTOR
+from testutil.relay import Relay
+
+from korinet.security import AuthorizedKeys, Identity
+
+pytestmark = pytest.mark.timeout(120 * TIMEOUT_FACTOR)
+
+MB = 1_000_000
+#: 100 MB of seeded random bytes on stdout, and a progress line on stderr every 10 MB.
+GENERATOR = [
+    sys.executable,
+    "-c",
+    "import random, sys\n"
+    "r = random.Random(7)\n"
+    "for i in range(100):\n"
+    "    sys.stdout.buffer.write(r.randbytes(1_000_000))\n"
+    "    if i % 10 == 0:\n"
+    "        sys.stdout.buffer.flush(); print(f'progress {i}', file=sys.stderr, flush=True)\n",
+]
+
+
+@pytest.fixture(scope="module")
+def local_run() -> tuple[str, bytes]:
+    """The generator run locally: the sha256 of its stdout, and its stderr."""
+    proc = subprocess.run(GENERATOR, capture_output=True, check=True)
+    assert len(proc.stdout) == 100 * MB
+    return hashlib.sha256(proc.stdout).hexdigest(), proc.stderr
+
+
+class HashingSink:
+    """Hashes stdout as it arrives (100 MB are not kept), keeps stderr, and calls
+    ``at(byte_count)`` callbacks once stdout passes each threshold."""
+
+    def __init__(self, cuts: list[int] | None = None, action: object = None) -> None:
+        self.sha = hashlib.sha256()
+        self.count = 0
+        self.err = bytearray()
+        self.cuts = sorted(cuts or [])
+        self.action = action
+
+    def __call__(self, stream: int, data: bytes) -> None:
+        if stream == 2:
+            self.err += data
+            return
+        self.sha.update(data)
+        self.count += len(data)
+        while self.cuts and self.count >= self.cuts[0]:
+            self.cuts.pop(0)
+            self.action()  # type: ignore[operator]
+
+
+async def test_100_mb_byte_identical_to_a_local_run(
+    tmp_path: Path,
+    server_identity: Identity,
+    alice: Identity,
+    authorized: AuthorizedKeys,
+    local_run: tuple[str, bytes],
+) -> None:
+    expected_sha, expected_err = local_run
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            sink = HashingSink()
+            job = await conn.exec(GENERATOR, sink, stdin=False)
+            assert exit_status(await job.wait(60 * TIMEOUT_FACTOR)) == 0
+        finally:
+            await conn.close()
+        assert sink.count == 100 * MB and sink.sha.hexdigest() == expected_sha
+        assert bytes(sink.err) == expected_err
+        job_state = agent.agent.jobs.jobs[job.id]
+        assert job_state.out.in_memory <= 8 * 1024 * 1024, "the agent kept acknowledged output"
+
+
+async def test_100_mb_through_five_cuts_nothing_lost_nothing_repeated(
+    tmp_path: Path,
+    server_identity: Identity,
+    alice: Identity,
+    authorized: AuthorizedKeys,
+    local_run: tuple[str, bytes],
+) -> None:
+    expected_sha, expected_err = local_run
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        relay = await Relay("127.0.0.1", agent.port).start()
+        conn = await connect(Target("127.0.0.1", relay.port), alice, tmp_path)
+        try:
+            cuts = [5 * MB, 23 * MB, 47 * MB, 71 * MB, 96 * MB]
+            sink = HashingSink(cuts, relay.cut)
+            job = await conn.exec(GENERATOR, sink, stdin=False)
+            notice = await job.wait(90 * TIMEOUT_FACTOR)
+            assert exit_status(notice) == 0
+            await asyncio.sleep(0.2)  # a duplicated exit notice would arrive by now
+        finally:
+            await conn.close()
+            await relay.close()
+        assert relay.cuts == 5 and relay.connections >= 6
+        assert sink.count == 100 * MB and sink.sha.hexdigest() == expected_sha
+        assert bytes(sink.err) == expected_err
+        assert job.exit_notices == 1
+        assert conn.client.links_opened >= 6, "the session did not resume after the cuts"
+
+
+async def test_after_the_session_expired_the_client_reattaches_from_its_offsets(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """The agent forgets the session (its TTL passes while the network is down); the job
+    keeps running and its output waits; the client comes back in a new session and
+    re-attaches from the bytes it has."""
+    script = "echo before; echo err-before >&2; sleep 1.5; echo after; echo err-after >&2; exit 7"
+    async with running_agent(tmp_path, server_identity, authorized, session_ttl=0.3) as agent:
+        relay = await Relay("127.0.0.1", agent.port).start()
+        conn = await connect(Target("127.0.0.1", relay.port), alice, tmp_path, backoff_cap=0.1)
+        try:
+            sink = Collector()
+            job = await conn.exec(["sh", "-c", script], sink, stdin=False)
+            for _ in range(int(100 * TIMEOUT_FACTOR)):
+                if sink.out == b"before\n" and sink.err == b"err-before\n":
+                    break
+                await asyncio.sleep(0.05)
+            assert sink.out == b"before\n"
+            relay.refuse = True
+            relay.cut()
+            for _ in range(int(100 * TIMEOUT_FACTOR)):  # the agent drops the session (TTL)
+                if not agent.server.hub.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert not agent.server.hub.sessions
+            relay.refuse = False
+            notice = await job.wait(20 * TIMEOUT_FACTOR)
+        finally:
+            await conn.close()
+            await relay.close()
+        assert exit_status(notice) == 7
+        assert sink.out == b"before\nafter\n" and sink.err == b"err-before\nerr-after\n"
+        assert job.exit_notices == 1
+        attaches = [e for e in agent.audit() if e["event"] == "attach"]
+        assert attaches and attaches[-1]["offsets"] == [7, 11]
