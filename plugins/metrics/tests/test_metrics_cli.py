@@ -31,8 +31,11 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 @contextmanager
 def serving(env: dict[str, str], *options: str) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """``korinet [-v] serve 127.0.0.1:0 [options]``; yields it and its output up to the banner."""
+    verbose = [o for o in options if o == "-v"]
+    options = tuple(o for o in options if o != "-v")
     server = subprocess.Popen(
-        [sys.executable, "-m", "korinet.cli", "serve", "127.0.0.1:0", *options],
+        [sys.executable, "-m", "korinet.cli", *verbose, "serve", "127.0.0.1:0", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -93,15 +96,20 @@ def test_serve_metrics_port_counts_a_ping(env: dict[str, str]) -> None:
 
 
 def test_environment_variable_switches_it_on(env: dict[str, str]) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env["KORINET_METRICS_PORT"] = str(port)
-    with serving(env) as (_, lines):
+    # Port 0: any free one, found in the -v log line (no race for a port picked here).
+    env["KORINET_METRICS_PORT"] = "0"
+    with serving(env | {"PYTHONUNBUFFERED": "1"}, "-v") as (server, lines):
         address = re.search(r"serving on (127\.0\.0\.1:\d+)", "".join(lines))
-        assert address, lines
+        assert address and server.stderr is not None, lines
+        url = None
+        for _ in range(50):  # the log line precedes the banner, so it is already there
+            found = re.search(r"korinet-metrics: serving (http://\S+/metrics)", server.stderr.readline())
+            if found:
+                url = found.group(1)
+                break
+        assert url is not None
         ping(env | {"KORINET_METRICS_PORT": ""}, address.group(1))
-        m = scrape(f"http://127.0.0.1:{port}/metrics")
+        m = scrape(url)
     assert m[("korinet_sessions_opened_total", "server")] == 1
 
 
