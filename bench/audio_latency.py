@@ -12,7 +12,7 @@ Then the same with a relay between the listeners and the hub that cuts every
 connection every few seconds: latency must stay bounded and no frame captured while
 a link was down may be played late (counted as "stale played": latency over 120 ms).
 
-    python bench/audio_latency.py [--seconds 15] [--streams 1 8] [--cut-every 3] [--codec opus]
+    python bench/audio_latency.py [--seconds 15] [--streams 1 4 8] [--cut-every 3] [--outage 1] [--codec opus]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ async def scenario(
     codec: str,
     cut_every: float | None,
     plaintext: bool,
+    outage: float = 0.0,
 ) -> dict[str, Any]:
     from korinet.security import ClientTLS, Identity
 
@@ -100,7 +101,11 @@ async def scenario(
         assert relay is not None and cut_every
         while True:
             await asyncio.sleep(cut_every)
+            relay.refuse = bool(outage)  # the hub looks down for a while: reconnects fail
             relay.cut()
+            if outage:
+                await asyncio.sleep(outage)
+                relay.refuse = False
 
     cut_task = asyncio.create_task(cutter()) if relay else None
     # one audio clock for every endpoint in this process, as a multi-line client would
@@ -124,7 +129,9 @@ async def scenario(
     return {
         "streams": streams,
         "codec": codec,
-        "cuts": f"every {cut_every:g} s" if cut_every else "none",
+        "cuts": (f"every {cut_every:g} s" + (f", {outage:g} s down" if outage else ""))
+        if cut_every
+        else "none",
         "frames": played,
         "p50": pct(latencies, 0.5) * 1000,
         "p99": pct(latencies, 0.99) * 1000,
@@ -159,13 +166,16 @@ async def main_async(args: argparse.Namespace) -> None:
         try:
             hub_proc = psutil.Process(hub.pid)
             print(HEADER, flush=True)
-            runs = [(n, args.codec, None) for n in args.streams] + [
-                (args.streams[0], args.codec, args.cut_every)
+            first = args.streams[0]
+            runs = [(n, args.codec, None, 0.0) for n in args.streams]
+            runs += [
+                (first, args.codec, args.cut_every, 0.0),
+                (first, args.codec, args.cut_every, args.outage),
             ]
             if args.codec != codecs.PCM16:
-                runs.append((args.streams[0], codecs.PCM16, None))
-            for streams, codec, cut in runs:
-                r = await scenario(port, hub_proc, streams, args.seconds, codec, cut, args.plaintext)
+                runs.append((first, codecs.PCM16, None, 0.0))
+            for streams, codec, cut, outage in runs:
+                r = await scenario(port, hub_proc, streams, args.seconds, codec, cut, args.plaintext, outage)
                 print(row(r), flush=True)
         finally:
             hub.terminate()
@@ -177,8 +187,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each run (default 15)")
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8], help="pairs per run (default 1 8)")
+    parser.add_argument(
+        "--streams", type=int, nargs="+", default=[1, 4, 8], help="pairs per run (default 1 4 8)"
+    )
     parser.add_argument("--cut-every", type=float, default=3.0, help="relay cut period, seconds (default 3)")
+    parser.add_argument(
+        "--outage", type=float, default=1.0, help="in the second cut run, seconds each cut lasts (default 1)"
+    )
     default_codec = "opus" if "opus" in codecs.available() else codecs.PCM16
     parser.add_argument("--codec", default=default_codec, help=f"codec (default {default_codec})")
     parser.add_argument("--plaintext", action="store_true", help="no TLS between clients and hub")

@@ -12,6 +12,7 @@ from typing import Any
 import korinet_audio.plugin as audio_plugin
 import numpy as np
 import pytest
+from korinet_audio import codecs
 from korinet_audio.frames import SAMPLE_RATE, AudioFrame
 from korinet_audio.plugin import FRAME, audio_hub
 from korinet_audio.talk import Call
@@ -19,7 +20,7 @@ from korinet_audio.wavio import FileCapture, FilePlayback
 from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
-from korinet import Client, Server
+from korinet import Client, MessageRejected, Server
 from korinet.plugins import PluginManager
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
@@ -187,3 +188,30 @@ async def test_push_to_talk_replays_what_a_listener_missed_exactly_once(
     for call in (talker, away, present):
         await call.client.close()
     await relay.close()
+
+
+async def test_codec_is_renegotiated_as_members_come_and_go(server: Server, plugins: PluginManager) -> None:
+    if "opus" not in codecs.available():
+        pytest.skip(f"opus unavailable: {codecs.opus_missing_reason()}")
+    talker, _ = await open_call(server.port, plugins, "alice")
+    assert talker.codec == "opus"
+    client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+    old = Call(client, "lobby", "alice", None, FilePlayback(None), codecs=["pcm16"])  # same name
+    await old.join()
+    assert old.joined_as == "alice-2", "names are unique within a channel"
+    await wait_for(lambda: talker.codec == "pcm16", 2.0, "the talker to fall back to pcm16")
+    assert talker.receiver.members == ["alice", "alice-2"]
+    await client.close()  # the session ends: the member leaves, the best codec is back
+    await wait_for(lambda: talker.codec == "opus", 2.0, "the talker to go back to opus")
+    assert talker.receiver.members == ["alice"]
+    await talker.client.close()
+
+
+async def test_a_join_with_a_bad_channel_name_is_rejected_with_the_reason(
+    server: Server, plugins: PluginManager
+) -> None:
+    client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+    call = Call(client, "no spaces allowed", "alice", None, None)
+    with pytest.raises(MessageRejected, match="channel name"):
+        await call.join()
+    await client.close()
