@@ -393,7 +393,8 @@ class ChatHub:
         was_in = room in member.rooms
         member.rooms[room] = head
         self.rooms.setdefault(room, set()).add(member)
-        if not was_in:
+        # A rejoin ("since": after a hub restart) is not news: no join spam for it.
+        if not was_in and data.get("since") is None:
             for other in self.rooms[room] - {member}:
                 self._post(other, protocol.EVENT, {"kind": "joined", "room": room, "nick": member.nick})
         return {

@@ -138,6 +138,9 @@ async def test_a_hub_restart_loses_nothing_and_the_client_catches_up(tmp_path) -
             assert texts[0] == "before"
         assert alice.nick == "alice" and bob.nick == "bob"
         assert r.hub.history.head("general") == 3
+        # rejoining after the restart is not announced as a join: no join spam
+        assert [x.text for x in lines_of(alice, "event") if "joined" in x.text] == ["bob joined #general"]
+        assert [x.text for x in lines_of(alice, "marker")] == ["— 1 new while away —"]  # bob's
 
 
 async def test_a_detached_member_is_caught_up_from_history_when_its_buffer_is_full() -> None:
