@@ -32,6 +32,7 @@ from .exceptions import (
 )
 from .hookspecs import hookimpl
 from .messages import REALTIME, RELIABLE, Delivery, Message, MessageType
+from .plugins import PluginConflict, PluginManager
 from .runtime import Client, Hub, Peer, Server, connect, serve
 from .server import server
 from .session import SessionConfig
@@ -62,6 +63,8 @@ __all__ = [
     "MessageType",
     "NegotiationError",
     "Peer",
+    "PluginConflict",
+    "PluginManager",
     "ProtocolError",
     "RemoteProtocolError",
     "SendBufferFull",
