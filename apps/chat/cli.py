@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["load_config", "main"]
 
-CONFIG_KEYS = {
+CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "nick": str,
     "room": str,
     "host": str,

@@ -21,6 +21,7 @@ sanitised on the way in) and what the user types into requests. The rules that m
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import re
@@ -335,8 +336,7 @@ class ChatClient:
         except KoriNetError as exc:
             self._fail(payload["rid"], exc)
             return
-        rid = payload["rid"]
-        ack.add_done_callback(lambda f: self._acked(rid, f))
+        ack.add_done_callback(functools.partial(self._acked, payload["rid"]))
 
     async def _drain_backlog(self) -> None:
         assert self.peer is not None
@@ -351,8 +351,7 @@ class ChatClient:
                     except SendBufferFull:
                         break
                     self._backlog.popleft()
-                    rid = payload["rid"]
-                    ack.add_done_callback(lambda f, rid=rid: self._acked(rid, f))
+                    ack.add_done_callback(functools.partial(self._acked, payload["rid"]))
         except KoriNetError:
             pass
 
