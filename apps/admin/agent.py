@@ -195,6 +195,7 @@ class Agent:
             cols=int(req.get("cols", 0)),
             rows=int(req.get("rows", 0)),
             shell=shell,
+            term=req.get("term"),
         )
         try:
             job, created = await self.jobs.submit(spec)

@@ -116,8 +116,12 @@ class JobRun:
         self.skipped = [0, 0]
         #: exit notices received (the first one counts; more would mean a re-delivery)
         self.exit_notices = 0
+        self._held: list[dict[str, Any]] | None = []  # held until the first reply
 
     def _output(self, data: dict[str, Any]) -> None:
+        if self._held is not None:  # the reply saying where the streams start is not in yet
+            self._held.append(data)
+            return
         index = data["stream"] - 1
         have = self.offsets[index]
         offset = data["offset"]
@@ -136,6 +140,9 @@ class JobRun:
         self.sink(index + 1, chunk)
 
     def _exited(self, notice: dict[str, Any]) -> None:
+        if self._held is not None:
+            self._held.append(notice)
+            return
         self.exit_notices += 1
         if not self.exit.done():
             self.exit.set_result(notice)
@@ -143,6 +150,18 @@ class JobRun:
     def _fail(self, error: BaseException) -> None:
         if not self.exit.done():
             self.exit.set_exception(error)
+            self.exit.exception()  # whoever waits gets it; nobody waiting is no error
+
+    def _hold(self) -> None:
+        """Keep what arrives until the next exec or attach reply: the agent's pump may
+        overtake the reply, whose offsets say where the streams start."""
+        if self._held is None:
+            self._held = []
+
+    def _release(self) -> None:
+        held, self._held = self._held or [], None
+        for item in held:
+            self._output(item) if "stream" in item else self._exited(item)
 
     def _confirm(self, reply: dict[str, Any]) -> None:
         self.confirmed = True
@@ -155,6 +174,7 @@ class JobRun:
             skipped = [max(0, int(o) - have) for o, have in zip(offsets, self.offsets, strict=True)]
             self.skipped = [a + b for a, b in zip(self.skipped, skipped, strict=True)]
             self.offsets = [max(int(o), have) for o, have in zip(offsets, self.offsets, strict=True)]
+        self._release()
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """The exit notice (see protocol.ExitNotice)."""
@@ -190,6 +210,11 @@ class JobRun:
             await self.send_stdin(data, eof=not data)
             if not data:
                 return
+
+
+def _terminal_type() -> str | None:
+    term = os.environ.get("TERM", "")
+    return term if term and len(term) <= 64 and all(c.isalnum() or c in "._+-" for c in term) else None
 
 
 def _read_in_thread(fd: int, size: int) -> asyncio.Queue[bytes]:
@@ -318,6 +343,7 @@ class AdminConnection:
             "stdin": stdin,
             "cols": size[0],
             "rows": size[1],
+            "term": _terminal_type() if tty else None,
             "offsets": list(run.offsets),
         }
         self.runs[run.id] = run
@@ -382,6 +408,7 @@ class AdminConnection:
             for run in list(self.runs.values()):
                 if run.exit.done():
                     continue
+                run._hold()
                 try:
                     if run.confirmed:
                         reply = await self.client.request(

@@ -72,7 +72,7 @@ class OutputBuffer:
         self.start = 0
         self.end = 0
         self.eof = False
-        self._chunks: deque[bytearray] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
         self._mem_start = 0
         self._mem_bytes = 0
         self._file: IO[bytes] | None = None
@@ -99,8 +99,10 @@ class OutputBuffer:
         if not data:
             return
         last = self._chunks[-1] if self._chunks else None
-        if last is not None and len(last) < COALESCE:
+        if isinstance(last, bytearray) and len(last) < COALESCE:
             last += data
+        elif len(data) >= COALESCE:
+            self._chunks.append(data)  # kept as is: a read of the whole chunk copies nothing
         else:
             self._chunks.append(bytearray(data))
         self.end += len(data)
@@ -146,7 +148,10 @@ class OutputBuffer:
             chunk_end = position + len(chunk)
             if chunk_end > offset:
                 lo = max(0, offset - position)
-                piece = bytes(memoryview(chunk)[lo : lo + wanted])
+                if lo == 0 and len(chunk) <= wanted and isinstance(chunk, bytes):
+                    piece = chunk
+                else:
+                    piece = bytes(memoryview(chunk)[lo : lo + wanted])
                 parts.append(piece)
                 wanted -= len(piece)
                 if wanted <= 0:
@@ -194,6 +199,7 @@ class JobSpec:
     cols: int = 0
     rows: int = 0
     shell: bool = False
+    term: str | None = None
 
 
 @dataclass
@@ -362,6 +368,7 @@ class Job:
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
+                env={**os.environ, "TERM": self.spec.term} if self.spec.term else None,
                 start_new_session=True,
                 preexec_fn=controlling_terminal,
             )

@@ -98,6 +98,7 @@ class ExecRequest(TypedDict):
     stdin: bool  # False: the command's stdin is closed at once
     cols: int
     rows: int
+    term: str | None  # the client's TERM, for a --tty job
     offsets: list[int]  # [stdout, stderr] the client already has (a resubmission)
 
 
@@ -180,6 +181,9 @@ def validate_exec(obj: Any) -> None:
     timeout = d.get("timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or not 0 < timeout < 10**9):
         raise ValueError("timeout must be a positive number of seconds")
+    term = d.get("term")
+    if term is not None and (not isinstance(term, str) or not re.fullmatch(r"[A-Za-z0-9._+-]{1,64}", term)):
+        raise ValueError("term must be a terminal type name such as xterm-256color")
     _uint(d.get("cols", 0), "cols")
     _uint(d.get("rows", 0), "rows")
     _offsets(d.get("offsets", [0, 0]))

@@ -179,9 +179,19 @@ async def test_status_jobs_and_attach(
         from conftest import Collector, connect
 
         conn = await connect(agent.target, alice, tmp_path)
-        run: JobRun = await conn.exec(["sh", "-c", "sleep 0.5; echo late; exit 5"], Collector(), stdin=False)
+        seen = Collector()
+        run: JobRun = await conn.exec(
+            ["sh", "-c", "echo early; sleep 1; echo late; exit 5"], seen, stdin=False
+        )
+        for _ in range(int(200 * TIMEOUT_FACTOR)):
+            if seen.out:
+                break
+            await asyncio.sleep(0.01)
+        assert seen.out == b"early\n"
+        await asyncio.sleep(0.1)  # its acknowledgement reaches the agent: "early" is forgotten there
         await conn.client.abort()  # the laptop closes: no goodbye
         await conn.close()
+        # another terminal attaches: it gets what the agent still holds, then the exit
         code, out, err = await cli(client_home, "attach", host(agent), run.id)
         assert (code, out) == (5, b"late\n"), err
 

@@ -293,6 +293,10 @@ async def test_the_client_keeps_each_byte_once_whatever_the_agent_resends() -> N
     sink = Collector()
     run = JobRun(None, "a" * 32, sink)  # type: ignore[arg-type]
     chunk = {"job": run.id, "stream": 1}
+    run._output({**chunk, "offset": 0, "data": b"hel"})  # overtook the exec reply: held
+    assert sink.out == b""
+    run._confirm({"offsets": [0, 0]})
+    assert sink.out == b"hel"
     run._output({**chunk, "offset": 0, "data": b"hello "})
     run._output({**chunk, "offset": 0, "data": b"hello "})  # all of it again
     run._output({**chunk, "offset": 3, "data": b"lo world"})  # overlapping
