@@ -50,6 +50,10 @@ DEFAULT_PORT = 1236
 HUB_CONFIG = SessionConfig(window=1024, heartbeat_interval=2.0)
 
 
+#: Most answers and events kept for one lagging member (room messages come from history).
+OUTBOX_LIMIT = 1000
+
+
 def chat_plugins(plugins: PluginManager | None = None) -> PluginManager:
     """``plugins`` (default: the installed ones) with the chat plugin registered."""
     plugins = plugins or default_manager()
@@ -238,15 +242,28 @@ class ChatHub:
     def _post(self, member: Member, type_: str, data: dict[str, Any]) -> None:
         """Queue a message for a member without ever waiting (see the module docstring)."""
         if member.lagging:
-            member.outbox.append((type_, data))
+            self._queue(member, type_, data)
             return
         try:
             member.last_post = member.peer.post(data, type_)
         except SendBufferFull:
-            member.outbox.append((type_, data))
+            self._queue(member, type_, data)
             self._start_lagging(member)
         except KoriNetError:
             pass  # the session ended; _remove follows from its handler
+
+    def _queue(self, member: Member, type_: str, data: dict[str, Any]) -> None:
+        """Keep a message for a lagging member, within OUTBOX_LIMIT: beyond it the oldest
+        presence event goes (a stale "bob is back" is worth less than an answer)."""
+        outbox = member.outbox
+        outbox.append((type_, data))
+        if len(outbox) > OUTBOX_LIMIT:
+            for index, (kind, _) in enumerate(outbox):
+                if kind == protocol.EVENT:
+                    del outbox[index]
+                    break
+            else:
+                outbox.popleft()
 
     def _fan_out(self, room: str, stored: StoredMessage) -> None:
         payload = _msg_payload(stored)
@@ -339,6 +356,12 @@ class ChatHub:
         except ValueError as exc:  # from normalize_*: already user-facing text
             self._post(
                 member, protocol.RESULT, {"rid": rid, "ok": False, "error": str(exc), "code": "invalid"}
+            )
+            return
+        except Exception:  # a bug of ours must cost one answer, not the hub or the session
+            logger.exception("request %r from %s failed", op, member.nick)
+            self._post(
+                member, protocol.RESULT, {"rid": rid, "ok": False, "error": "internal error", "code": "bug"}
             )
             return
         self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})

@@ -151,3 +151,34 @@ async def test_garbage_requests_do_not_hurt_the_hub() -> None:
         alice.say("still fine")
         await alice.wait_for(lambda c: room_texts(c) == ["still fine"], WAIT)
         await asyncio.sleep(0)
+
+
+async def test_a_failing_request_costs_one_answer_not_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with rig() as r:
+        alice = await r.client("alice")
+
+        def broken(member: object, data: object) -> dict[str, object]:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(r.hub, "_op_rooms", broken)
+        await alice.handle_input("/rooms")
+        assert lines_of(alice, "error")[-1].text == "internal error"
+        alice.say("still here")
+        await alice.wait_for(lambda c: room_texts(c) == ["still here"], WAIT)
+
+
+def test_a_lagging_members_outbox_is_bounded_and_keeps_answers() -> None:
+    from korinet_chat.hub import OUTBOX_LIMIT, ChatHub, Member
+    from korinet_chat.limits import TokenBucket
+
+    hub = ChatHub()
+    try:
+        member = Member(peer=None, bucket=TokenBucket(0, 1, 0))  # type: ignore[arg-type]
+        hub._queue(member, protocol.RESULT, {"rid": 1, "ok": True})
+        for i in range(OUTBOX_LIMIT + 5):
+            hub._queue(member, protocol.EVENT, {"kind": "online", "nick": f"n{i}"})
+        assert len(member.outbox) == OUTBOX_LIMIT
+        assert member.outbox[0] == (protocol.RESULT, {"rid": 1, "ok": True})
+        assert member.outbox[-1][1]["nick"] == f"n{OUTBOX_LIMIT + 4}"
+    finally:
+        hub.close()
