@@ -149,3 +149,46 @@ async def test_after_the_session_expired_the_client_reattaches_from_its_offsets(
         assert job.exit_notices == 1
         attaches = [e for e in agent.audit() if e["event"] == "attach"]
         assert attaches and attaches[-1]["offsets"] == [7, 11]
+
+
+async def test_a_detached_job_spills_to_disk_then_blocks_and_nothing_is_lost(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """With nobody reading, output beyond 64 KiB goes to disk, and beyond 2 MB the agent
+    stops reading the pipe (the command blocks); a client that comes back gets all of it."""
+    writer = [
+        sys.executable,
+        "-c",
+        "import random, sys\nr = random.Random(3)\n"
+        "for _ in range(96): sys.stdout.buffer.write(r.randbytes(65536))\n",
+    ]
+    expected = hashlib.sha256(subprocess.run(writer, capture_output=True, check=True).stdout).hexdigest()
+    limits = {"memory_limit": 64 * 1024, "max_retained": 2 * MB}
+    async with running_agent(tmp_path, server_identity, authorized, **limits) as agent:
+        relay = await Relay("127.0.0.1", agent.port).start()
+        conn = await connect(Target("127.0.0.1", relay.port), alice, tmp_path, backoff_cap=0.1)
+        try:
+            sink = HashingSink()
+            # the command waits for its stdin before writing, so that nothing is read before
+            # the link goes silent (as a laptop lid closing: up, but carrying nothing)
+            run = await conn.exec(["sh", "-c", 'read go; exec "$@"', "sh", *writer], sink, stdin=True)
+            relay.black_hole = True
+            job = agent.agent.jobs.jobs[run.id]
+            await job.write_stdin(0, b"go\n", eof=True)  # as if it had come from the client
+            for _ in range(int(300 * TIMEOUT_FACTOR)):
+                if 1 in job._paused_streams:
+                    break
+                await asyncio.sleep(0.01)
+            assert 1 in job._paused_streams, "the pipe was not paused"
+            await asyncio.sleep(0.3)
+            assert not job.done.done(), "the command finished although nobody read its output"
+            assert job.out.retained <= 2 * MB + 256 * 1024
+            assert job.out.spilled > 0 and job.out.in_memory <= 64 * 1024 + 256 * 1024
+            relay.black_hole = False
+            relay.cut()  # the client notices and reconnects; the session resumes
+            notice = await run.wait(30 * TIMEOUT_FACTOR)
+        finally:
+            await conn.close()
+            await relay.close()
+        assert exit_status(notice) == 0
+        assert sink.count == 96 * 65536 and sink.sha.hexdigest() == expected
