@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from korinet import Server
     from korinet.security import ClientTLS, KnownHosts, ServerTLS
 
-    from .discovery import Announcement
+    from .client import ChatClient
+    from .discovery import Announcement, HubWatcher
     from .hub import ChatHub
 
 __all__ = ["load_config", "main"]
@@ -293,7 +294,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     if plaintext:
         _warn_plaintext("client")
     address = args.address or cfg.get("host")
-    hub = server = announcement = None
+    hub = server = announcement = watcher = None
     pinned: str | None = None
     if address:
         host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
@@ -335,10 +336,15 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         except (ChatError, KoriNetError, OSError) as exc:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {exc}", file=sys.stderr)
             return 1
+        if announcement is not None:
+            watcher = _watch_rivals(client, announcement.name)
         await ui.run()
         await client.close()
         return 0
     finally:
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.close()
         if announcement is not None:
             await announcement.close()
         if server is not None:
@@ -346,6 +352,23 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
                 await server.close()
         if hub is not None:
             hub.close()
+
+
+def _watch_rivals(client: ChatClient, own_name: str) -> HubWatcher | None:
+    """Two people who start korinet-chat within the same few seconds may each start a
+    hub; tell the user when another hub shows up, so they can meet on one."""
+    from .discovery import HubWatcher
+
+    def found(name: str) -> None:
+        if name != own_name:
+            client.notice(
+                f"another chat hub is on the LAN: {name!r}; quit and run korinet-chat again to join it"
+            )
+
+    try:
+        return HubWatcher(found)
+    except Exception:  # no multicast: nothing to watch
+        return None
 
 
 def _logging(verbose: bool, interactive: bool) -> None:

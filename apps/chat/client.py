@@ -276,6 +276,10 @@ class ChatClient:
     def _info(self, text: str, kind: str = "info", room: str | None = None) -> None:
         self._emit(Line(kind, text, room=room))
 
+    def notice(self, text: str) -> None:
+        """Show a line of our own (not from a peer) to the user."""
+        self._info(clean(text))
+
     def _status(self) -> None:
         if self.on_status is not None:
             self.on_status()

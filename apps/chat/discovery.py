@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "announce", "browse"]
+__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "HubWatcher", "announce", "browse"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,24 @@ async def browse(timeout: float = 1.5, *, interfaces: Sequence[str] | None = Non
         await browser.async_cancel()
         await azc.async_close()
     return found
+
+
+class HubWatcher:
+    """Calls ``on_found(name)`` for every hub that appears on the LAN from now on, until
+    :meth:`close` (an embedded hub uses it to tell its user of a rival hub)."""
+
+    def __init__(self, on_found: Callable[[str], None], interfaces: Sequence[str] | None = None) -> None:
+        self.azc = AsyncZeroconf(interfaces=_interfaces(interfaces), ip_version=IPVersion.V4Only)
+
+        def on_change(zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+            if state_change is ServiceStateChange.Added:
+                on_found(name.removesuffix("." + SERVICE_TYPE))
+
+        self.browser = AsyncServiceBrowser(self.azc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
+
+    async def close(self) -> None:
+        await self.browser.async_cancel()
+        await self.azc.async_close()
 
 
 class Announcement:

@@ -40,3 +40,27 @@ async def test_browsing_an_empty_lan_returns_nothing_in_time() -> None:
     found = await browse(0.3, interfaces=LOOPBACK)
     assert [h for h in found if h.port == 43211] == []
     assert loop.time() - started < 3.0 * TIMEOUT_FACTOR
+
+
+async def test_a_watcher_hears_of_a_hub_that_appears_later() -> None:
+    import asyncio
+
+    from korinet_chat.discovery import HubWatcher
+
+    heard: list[str] = []
+    appeared = asyncio.Event()
+
+    def found(name: str) -> None:
+        heard.append(name)
+        appeared.set()
+
+    watcher = HubWatcher(found, interfaces=LOOPBACK)
+    try:
+        announcement = await announce(43212, name="rival hub", addresses=LOOPBACK, interfaces=LOOPBACK)
+        try:
+            await asyncio.wait_for(appeared.wait(), 5.0 * TIMEOUT_FACTOR)
+            assert any(name.startswith("rival hub") for name in heard)
+        finally:
+            await announcement.close()
+    finally:
+        await watcher.close()
