@@ -33,6 +33,10 @@ Samples = npt.NDArray[np.int16]
 #: The playback ring is topped up while it holds less than this: one frame plus a
 #: tick of the event loop's clock (5 ms), so it never runs dry between two ticks.
 PLAYBACK_LOW_WATER: Final = FRAME_SAMPLES + SAMPLE_RATE * 5 // 1000
+#: A device that takes several blocks at once (large periods) raises the mark, a frame
+#: per underrun, up to this; it comes down a frame per PLAYBACK_CALM seconds without one.
+PLAYBACK_MAX_LOW_WATER: Final = PLAYBACK_LOW_WATER + 8 * FRAME_SAMPLES
+PLAYBACK_CALM: Final = 5.0
 
 
 class SampleRing:
@@ -197,6 +201,9 @@ class DevicePlayback:
         self.device = device
         self.ring = SampleRing(int(SAMPLE_RATE * seconds))
         self.stats = DeviceStats()
+        self.low_water = PLAYBACK_LOW_WATER
+        self._underruns_seen = 0
+        self._calm_since = 0.0
         self._stream: Any = None
         self._latency = 0.0
 
@@ -225,8 +232,17 @@ class DevicePlayback:
             stream.close()
 
     def wanted(self, now: float) -> int:
-        """Frames to write now to keep the ring above its low-water mark."""
-        return 1 if self.ring.written - self.ring.read_count < PLAYBACK_LOW_WATER else 0
+        """Frames to write now to keep the ring above its low-water mark, which adapts
+        to how many blocks the device takes at once."""
+        underruns = self.stats.underruns
+        if underruns != self._underruns_seen:
+            self._underruns_seen = underruns
+            self.low_water = min(self.low_water + FRAME_SAMPLES, PLAYBACK_MAX_LOW_WATER)
+            self._calm_since = now
+        elif self.low_water > PLAYBACK_LOW_WATER and now - self._calm_since > PLAYBACK_CALM:
+            self.low_water -= FRAME_SAMPLES
+            self._calm_since = now
+        return 1 if self.ring.written - self.ring.read_count < self.low_water else 0
 
     def delay(self) -> float:
         """Seconds until a frame written now is heard (the ring, then the device)."""

@@ -410,6 +410,11 @@ class Receiver:
         return max(playing, default=0.0)
 
     @property
+    def buffer_target_ms(self) -> float:
+        """The largest jitter buffer target among talkers heard (it adapts to jitter)."""
+        return max((s.jitter.target * s.jitter.frame * 1000 for s in self.sources.values()), default=0.0)
+
+    @property
     def concealed(self) -> int:
         return sum(s.jitter.stats.concealed for s in self.sources.values())
 

@@ -64,7 +64,8 @@ def render(call: Call, *, connected: bool, rtt: float | None) -> list[str]:
         f"spk [{meter(receiver.level)}] {receiver.level:6.1f} dBFS  {heard}",
         f"latency {_ms(latencies[-1] if latencies else None)} ms"
         f" (p50 {_ms(percentile(latencies, 0.5))}, p99 {_ms(percentile(latencies, 0.99))})"
-        f"  jitter buffer {receiver.depth_ms:.0f} ms  concealed {receiver.concealed}"
+        f"  jitter buffer {receiver.depth_ms:.0f} ms (target {receiver.buffer_target_ms:.0f})"
+        f"  concealed {receiver.concealed}"
         f"  late {receiver.late}",
         f"sent {stats.frames_sent}  dropped {stats.dropped_deadline + stats.dropped_offline}"
         f"  malformed {stats.malformed + stats.undecodable}  reconnects {stats.reconnects}"
@@ -79,7 +80,8 @@ def summary(call: Call) -> str:
     return (
         f"#{call.channel} as {call.joined_as or call.name}, codec {call.codec}: sent {stats.frames_sent}"
         f" frames (dropped {stats.dropped_deadline} late, {stats.dropped_offline} offline),"
-        f" received {stats.frames_received}, concealed {receiver.concealed}, malformed"
+        f" received {stats.frames_received}, concealed {receiver.concealed}, jitter buffer target"
+        f" {receiver.buffer_target_ms:.0f} ms, malformed"
         f" {stats.malformed + stats.undecodable}, latency p50 {_ms(percentile(latencies, 0.5))} ms"
         f" p99 {_ms(percentile(latencies, 0.99))} ms, reconnects {stats.reconnects},"
         f" missed parts replayed {stats.missed_parts_played}"

@@ -58,3 +58,31 @@ def test_capture_cuts_frames_and_stamps_them_from_the_callback_time() -> None:
     assert [int(f[0]) for f, _ in frames] == [0, FRAME_SAMPLES, 2 * FRAME_SAMPLES]
     stamps = [t for _, t in frames]
     assert np.allclose(np.diff(stamps), 0.020) and stamps[-1] == capture._stamp_time
+
+
+def test_playback_ring_grows_for_a_bursty_device_and_shrinks_when_it_calms() -> None:
+    """A device that takes six blocks at once (a 120 ms period) needs six in the ring."""
+    playback = DevicePlayback()
+    outdata = np.zeros((FRAME_SAMPLES, 1), np.int16)
+    now = 0.0
+    for _ in range(20):  # every 120 ms: the loop tops up, then six callbacks in a row
+        while playback.wanted(now):
+            playback.write(np.full(FRAME_SAMPLES, 1, np.int16))
+        for _ in range(6):
+            playback._callback(outdata, FRAME_SAMPLES, None, None)
+        now += 0.120
+    burst_underruns = playback.stats.underruns
+    assert playback.low_water > PLAYBACK_LOW_WATER + 3 * FRAME_SAMPLES
+    for _ in range(5):  # after adapting, the bursts find enough samples
+        while playback.wanted(now):
+            playback.write(np.full(FRAME_SAMPLES, 1, np.int16))
+        for _ in range(6):
+            playback._callback(outdata, FRAME_SAMPLES, None, None)
+        now += 0.120
+    assert playback.stats.underruns == burst_underruns
+    for _ in range(1500):  # then a steady device, one block per 20 ms, for 30 s
+        while playback.wanted(now):
+            playback.write(np.full(FRAME_SAMPLES, 1, np.int16))
+        playback._callback(outdata, FRAME_SAMPLES, None, None)
+        now += 0.020
+    assert playback.low_water == PLAYBACK_LOW_WATER, "the ring stayed deep after the device calmed down"

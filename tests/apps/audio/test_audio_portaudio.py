@@ -6,9 +6,16 @@ process starts: PortAudio reads it when it initializes) whose default device rea
 capture samples from ``infile`` and writes playback samples to ``file``, with a
 ``null`` slave. A null slave has no clock: fed from plain files it runs as fast as
 the CPU goes (tens of megasamples a second). So the two files are FIFOs, and this
-test plays the sound card's part: it writes the talker's microphone (a 440 Hz tone)
-and reads each speaker 640 bytes every 20 ms, which paces PortAudio at real time
-exactly as a device clock would. The listener's speaker must carry the tone.
+test plays the sound card's part: it writes the talker's microphone (a 440 Hz tone,
+16 kHz S16 mono, 640 bytes every 20 ms) and drains each speaker every 20 ms, which
+paces PortAudio at real time as a device clock would.
+
+A pipe wakes a blocked writer only when a whole 4 KiB page is free: at 16 kHz S16
+mono that is 128 ms, and PortAudio's playback callbacks came in bursts of six every
+128 ms (the first version of this test let two thirds of the output be silence and
+still found 440 Hz in most windows). So the playback side goes through ``plug`` to
+48 kHz S32 stereo (a page is then 10.7 ms), and the test requires the output to be
+free of gaps, not only to contain the tone.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from testutil import TIMEOUT_FACTOR
 pytestmark = pytest.mark.timeout(90 * TIMEOUT_FACTOR)
 
 RATE = 16000
-CHUNK = 640  # bytes: 20 ms of S16_LE mono
+CHUNK = 640  # bytes: 20 ms of S16_LE mono at 16 kHz, the microphone
+OUT_RATE = 48000
+OUT_CHUNK = 7680  # bytes: 20 ms of S32_LE stereo at 48 kHz, the speaker
 F_SETPIPE_SZ = 1031
 
 if ctypes.util.find_library("portaudio") is None:
@@ -54,10 +63,18 @@ def alsa_config(path: Path, capture: Path, playback: Path) -> Path:
     format raw
   }}
   playback.pcm {{
-    type file
-    slave.pcm {{ type null }}
-    file "{playback}"
-    format raw
+    type plug
+    slave {{
+      pcm {{
+        type file
+        slave.pcm {{ type null }}
+        file "{playback}"
+        format raw
+      }}
+      format S32_LE
+      rate {OUT_RATE}
+      channels 2
+    }}
   }}
 }}
 """
@@ -91,7 +108,7 @@ class SoundCard:
     def _run(self) -> None:
         rd = os.open(self.playback, os.O_RDONLY | os.O_NONBLOCK)
         with contextlib.suppress(OSError):
-            fcntl.fcntl(rd, F_SETPIPE_SZ, 4096)  # the smallest pipe: little slack ahead of the clock
+            fcntl.fcntl(rd, F_SETPIPE_SZ, 16384)  # room for 20 ms, little slack ahead of the clock
         wr: int | None = None
         pos = 0
         tick = time.monotonic()
@@ -116,7 +133,7 @@ class SoundCard:
                         os.close(wr)  # the device was closed (PortAudio probing it)
                         wr = None
                 with contextlib.suppress(BlockingIOError):
-                    data = os.read(rd, CHUNK)
+                    data = os.read(rd, OUT_CHUNK)
                     if data:
                         if self.first_heard is None:
                             self.first_heard = time.monotonic()
@@ -129,18 +146,22 @@ class SoundCard:
                 os.close(wr)
 
 
-def dominant_frequencies(raw: bytes) -> list[float | None]:
+def left_channel(raw: bytes) -> np.ndarray:
+    """The left channel of S32_LE stereo, scaled to 16 bits."""
+    return (np.frombuffer(raw[: len(raw) // 8 * 8], "<i4")[::2] >> 16).astype(np.float64)
+
+
+def dominant_frequencies(audio: np.ndarray) -> list[float | None]:
     """The dominant frequency of each 100 ms window (None when silent)."""
-    audio = np.frombuffer(raw[: len(raw) // 2 * 2], "<i2").astype(np.float64)
-    win = RATE // 10
+    win = OUT_RATE // 10
     out: list[float | None] = []
     for i in range(0, len(audio) - win + 1, win):
         w = audio[i : i + win]
         if np.abs(w).max() < 500:
             out.append(None)
             continue
-        spectrum = np.abs(np.fft.rfft(w * np.hanning(win), n=win * 8))
-        out.append(float(np.argmax(spectrum) * RATE / (win * 8)))
+        spectrum = np.abs(np.fft.rfft(w * np.hanning(win), n=win * 4))
+        out.append(float(np.argmax(spectrum) * OUT_RATE / (win * 4)))
     return out
 
 
@@ -208,13 +229,22 @@ def test_a_tone_goes_through_real_portaudio_from_talker_via_hub_to_listener(tmp_
         talker_card.stop()
         listener_card.stop()
 
-    heard = bytes(listener_card.heard)
-    seconds = len(heard) / 2 / RATE
+    audio = left_channel(bytes(listener_card.heard))
+    seconds = len(audio) / OUT_RATE
     assert seconds >= 3.0, f"the listener's speaker played only {seconds:.2f} s (PortAudio not paced?)"
-    freqs = dominant_frequencies(heard)
+    freqs = dominant_frequencies(audio)
     on_tone = [f for f in freqs if f is not None and abs(f - 440) <= 5]
     share = len(on_tone) / len(freqs)
-    assert share >= 0.7, f"only {share:.0%} of the listener's output is the 440 Hz tone: {freqs}"
+    assert share >= 0.8, f"only {share:.0%} of the listener's output is the 440 Hz tone: {freqs}"
+    # no gaps: once the tone has started, (almost) every 20 ms block carries it
+    blocks = audio[: len(audio) // 960 * 960].reshape(-1, 960)
+    loud = np.abs(blocks).max(axis=1) > 500
+    started = int(np.argmax(loud))
+    gaps = 1 - loud[started:].mean()
+    assert gaps <= 0.05, f"{gaps:.0%} of the 20 ms blocks after the start are silent"
     p50, p99 = int(summary.group(1)), int(summary.group(2))
-    print(f"listener heard {seconds:.2f} s, {share:.0%} at 440 Hz, latency p50 {p50} ms p99 {p99} ms")
+    print(
+        f"listener heard {seconds:.2f} s, {share:.0%} of 100 ms windows at 440 Hz, {gaps:.1%} silent"
+        f" 20 ms blocks after the first, latency p50 {p50} ms p99 {p99} ms"
+    )
     assert p50 <= 120 and p99 <= 200, (p50, p99)  # loose: the test's own pacing thread adds jitter
