@@ -350,7 +350,7 @@ def host_status(jobs: int = 0) -> dict[str, Any]:
     """Uptime, load, memory and disks of this host (psutil)."""
     import platform
 
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     vm = psutil.virtual_memory()
     swap = psutil.swap_memory()

@@ -390,11 +390,11 @@ class AdminConnection:
                 self._spawn(self._reattach_all())
                 continue
             except (ConnectionClosed, KoriNetError) as exc:
-                for run in self.runs.values():
-                    run._fail(exc)
+                for failed in self.runs.values():
+                    failed._fail(exc)
                 return
             data = msg.data
-            run = self.runs.get(data.get("job")) if isinstance(data, dict) else None
+            run = self.runs.get(str(data.get("job"))) if isinstance(data, dict) else None
             if run is None:
                 continue
             if msg.type == p.OUTPUT:
