@@ -57,6 +57,7 @@ from .events import (
     SessionExpiredEvent,
 )
 from .handshake import Hello, decode_close, encode_close, encode_control, parse_challenge, parse_welcome
+from .snapshot import SessionSnapshot, StoredMessage
 from .state import (
     CLIENT,
     CLOSED,
@@ -185,6 +186,11 @@ class Session:
         return self._acked
 
     @property
+    def last_seq(self) -> int:
+        """The seq of the last reliable message queued (0 before the first)."""
+        return self._next_seq - 1
+
+    @property
     def send_window(self) -> int:
         """Most messages that may be unacknowledged (ours and the peer's limit)."""
         return self._limit_messages
@@ -210,6 +216,72 @@ class Session:
                 self._last_ping + self.config.heartbeat_interval,
             )
         return None
+
+    # ------------------------------------------------------------------ durability (§6.4)
+
+    def snapshot(self, *, messages: bool = True) -> SessionSnapshot:
+        """The durable state of this session (see :mod:`korinet.session.snapshot`).
+
+        Without ``messages`` the replay buffer is left out: a store that keeps the
+        messages itself (:meth:`unacked_after`) only compares the rest.
+
+        Raises:
+            InvalidState: no handshake has completed yet (nothing to resume).
+        """
+        if self.session_id is None or self.token is None or self.codec is None:
+            raise InvalidState("no session yet: the first handshake has not completed")
+        return SessionSnapshot(
+            self.side,
+            self.session_id,
+            self.token,
+            self.version,
+            self.codec.name,
+            self.epoch,
+            self._acked,
+            self.delivered,
+            tuple(sorted(self._delivered_early)) if self._delivered_early else (),
+            tuple(self._unacked) if messages else (),
+        )
+
+    def unacked_after(self, seq: int) -> list[StoredMessage]:
+        """Unacknowledged messages with a seq above ``seq``, oldest first."""
+        tail: list[StoredMessage] = []
+        for entry in reversed(self._unacked):
+            if entry[0] <= seq:
+                break
+            tail.append(entry)
+        tail.reverse()
+        return tail
+
+    def restore(self, snapshot: SessionSnapshot) -> None:
+        """Load a snapshot into this fresh session; it is then DETACHED, ready to
+        resume: a client calls :meth:`connection_made`, a server waits for the
+        client's HELLO and calls :meth:`resume`.
+
+        What was received but not delivered is forgotten (``received`` becomes
+        ``delivered``): the resume tells the peer, which replays it (§6.2). Every
+        buffered message counts as sent, since it may have left before the crash.
+
+        Raises:
+            InvalidState: this session is not fresh, or is of the other side.
+            KeyError: the snapshot's codec is not available.
+        """
+        if self.session_id is not None or self.state is not DETACHED or self.stats.links:
+            raise InvalidState("restore() needs a fresh session")
+        if snapshot.side is not self.side:
+            raise InvalidState(f"a {snapshot.side.name} snapshot cannot restore a {self.side.name} session")
+        self.codec = self.codecs[snapshot.codec]
+        self.session_id, self.token = snapshot.session_id, snapshot.token
+        self.version = snapshot.version
+        self.epoch = snapshot.epoch
+        self._unacked = deque(snapshot.messages)
+        self._unacked_bytes = sum(size for _, _, size in snapshot.messages)
+        self._acked = snapshot.acked
+        self._next_seq = snapshot.next_seq
+        # An ACK up to here is legitimate: each buffered message may have been sent.
+        self._sent_high = self._next_seq - 1
+        self.received = self.delivered = snapshot.delivered
+        self._delivered_early = {seq for seq in snapshot.delivered_early if seq > snapshot.delivered}
 
     # ------------------------------------------------------------------ link lifecycle
 
@@ -418,11 +490,17 @@ class Session:
         if seq != self.delivered + 1:
             self._delivered_early.add(seq)
             return
-        sizes = self._undelivered_sizes
         self.delivered = seq
-        self._undelivered_bytes -= sizes.popleft()
+        self._undelivered_bytes -= self._undelivered_sizes.popleft()
+        if self._delivered_early:
+            self._catch_up_delivered()
+
+    def _catch_up_delivered(self) -> None:
+        # Only received messages count: after a restore (§6.4) early deliveries may
+        # lie beyond ``received`` until the peer replays them.
         early = self._delivered_early
-        while early and self.delivered + 1 in early:
+        sizes = self._undelivered_sizes
+        while early and self.delivered + 1 in early and self.delivered < self.received:
             early.remove(self.delivered + 1)
             self.delivered += 1
             self._undelivered_bytes -= sizes.popleft()
@@ -562,6 +640,12 @@ class Session:
         self._undelivered_sizes.append(size)
         self._undelivered_bytes += size
         self.stats.messages_received += 1
+        if self._delivered_early and seq in self._delivered_early:
+            # Restored (§6.4): the application took this one before the crash.
+            self.stats.duplicates_dropped += 1
+            self._ack_urgent = True
+            self._catch_up_delivered()
+            return
         self._events.append(MessageReceived(seq, flags, corr, mtype, obj))
 
     def _handle_ack(self, seq: int) -> None:
