@@ -8,7 +8,6 @@ inbox). Links come and go underneath (``_attach`` / ``_link_lost``).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -41,10 +40,12 @@ from ..session import (
     SessionExpiredEvent,
 )
 from ..wire.frames import MessageFlags
+from .store import StoreError
 
 if TYPE_CHECKING:
     from ..plugins import PluginManager
     from .connection import Connection
+    from .store import SessionStore, StoredRecord, StoredSession
 
 __all__ = ["Peer"]
 
@@ -100,7 +101,7 @@ class Peer:
         self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._rejected: dict[int, str] = {}
         self._requests: dict[int, tuple[asyncio.Future[Any], int]] = {}
-        self._corr = itertools.count(1)
+        self._next_corr = 1  # the next request's correlation id
         self._space_waiters: list[asyncio.Future[None]] = []
         self._open_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False
@@ -112,6 +113,10 @@ class Peer:
         self._notice: KoriNetError | None = None  # raised once by recv (session expired)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
+        #: the durable store of this session (None: it lives in memory only)
+        self._stored: StoredSession | None = None
+        #: True: when the session ends here, leave it in the store (to be resumed later)
+        self._keep_stored = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.session.session_id} {self.session.state.name}>"
@@ -134,6 +139,17 @@ class Peer:
     def queued(self) -> int:
         """Reliable messages sent but not yet acknowledged."""
         return self.session.unacked
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last reliable message accepted for sending in this session:
+        after a restart from a store, where the application left off."""
+        return self.session.last_seq
+
+    @property
+    def store(self) -> SessionStore | None:
+        """The durable store keeping this session, if any."""
+        return self._stored.store if self._stored is not None else None
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until a link is open (raises if the session ends first)."""
@@ -189,6 +205,8 @@ class Peer:
         if self.closed.done():
             raise self.closed.result()
         seq = self.session.send_message(obj, type)
+        if self._stored is not None:
+            self._commit()  # accepted means durable
         self._after_queue()
         return seq
 
@@ -217,6 +235,8 @@ class Peer:
             return False
         if not self.session.send_realtime(obj, type):
             return False
+        if self._stored is not None and not self._commit_before_write():
+            return False
         conn.write(self.session.data_to_send())
         return True
 
@@ -227,7 +247,8 @@ class Peer:
             KoriNetTimeout: no reply within ``timeout``.
             MessageRejected: the peer rejected the request or its handler failed.
         """
-        corr = next(self._corr)
+        corr = self._next_corr
+        self._next_corr += 1
         reply: asyncio.Future[Any] = self.loop.create_future()
         self._requests[corr] = (reply, 0)
         try:
@@ -262,6 +283,8 @@ class Peer:
 
     def _queue(self, obj: Any, type: str, flags: int, corr: int) -> asyncio.Future[None]:
         seq = self.session.send_message(obj, type, flags=flags, corr=corr)
+        if self._stored is not None:
+            self._commit()  # accepted means durable
         fut: asyncio.Future[None] = self.loop.create_future()
         self._acks.append((seq, fut))
         if flags & _REQUEST and corr in self._requests:
@@ -318,7 +341,12 @@ class Peer:
         if msg.seq:
             # a request's ack can ride on its reply
             self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
-            if self._inbox:
+            if self._stored is not None:
+                # Durable at the end of this loop turn, before the ACK: what the application
+                # writes to the store before its next await commits with the delivery.
+                self._stored.touch()
+                self._schedule_flush()
+            elif self._inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
             else:
                 self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
@@ -358,7 +386,7 @@ class Peer:
                 logger.warning("%r: closing with %d message(s) unacknowledged", self, len(self._acks))
         self.session.close(CloseCode.NORMAL, reason)
         conn = self.conn
-        if conn is not None:
+        if conn is not None and (self._stored is None or self._commit_before_write()):
             conn.write(self.session.data_to_send())
             # Wait for the peer's echo and its close (§7): dropping the connection at
             # once could reset it before our last ACK arrives, over a lossy link.
@@ -428,6 +456,8 @@ class Peer:
         self._flush_pending = False
         self._unflushed = 0
         session = self.session
+        if self._stored is not None and not self._commit_before_write():
+            return
         data = session.data_to_send()
         if session.ack_pending and self._ack_timer is None:
             self._ack_timer = self.loop.call_later(LAZY_ACK_DELAY, self._lazy_ack_due)
@@ -551,7 +581,11 @@ class Peer:
         self._wake_inbox()
         if self.conn is not None:
             self._flush()
-            self.conn.close()
+            if self.conn is not None:  # (unless the store failed and dropped it)
+                self.conn.close()
+        stored, self._stored = self._stored, None
+        if stored is not None:
+            stored.detach() if self._keep_stored else stored.forget()
         if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) in _QUIET_ENDS:
             logger.info("%r closed: %s", self, error)
         else:
@@ -579,10 +613,64 @@ class Peer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    # ------------------------------------------------------------------ durable store
+
+    def _use_store(self, store: SessionStore, key: str | None, record: StoredRecord | None = None) -> None:
+        """Keep this session in ``store`` under ``key`` (None: its session id), after
+        restoring it from ``record`` if given (docs/ARCHITECTURE.md, "Durable sessions")."""
+        if record is not None:
+            self.session.restore(record.snapshot)
+            # Replies to requests sent before the crash may still come: new requests
+            # must not reuse their correlation ids.
+            self._next_corr = max(self._next_corr, record.corr)
+        self._stored = store.attach(self, key, record)
+
+    def _commit(self) -> None:
+        """Make this session's state durable now.
+
+        Raises:
+            StoreError: the store failed; the session has ended (see :meth:`_store_failed`).
+        """
+        stored = self._stored
+        if stored is None:
+            return
+        stored.touch()
+        try:
+            stored.store.commit()
+        except StoreError as exc:
+            self._store_failed(exc)
+            raise
+
+    def _commit_before_write(self) -> bool:
+        """Commit before bytes leave (an ACK must never announce what the store does
+        not hold); False when the store failed and nothing may be written."""
+        try:
+            self._commit()
+        except StoreError:
+            return False
+        return True
+
+    def _store_failed(self, error: KoriNetError) -> None:
+        """The store cannot be written: drop the link at once, writing nothing that
+        it does not hold, and end the session. The file keeps the last committed
+        state, from which a new process can resume."""
+        logger.error("%r: %s; ending the session", self, error)
+        stored, self._stored = self._stored, None
+        if stored is not None:
+            stored.detach()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.peer = None
+            conn.abort()
+            self.session.connection_lost(self.loop.time())
+        self._finish(error)
+
     # ------------------------------------------------------------------ dispatch
 
     def _deliver(self, seq: int, lazy: bool = False) -> None:
         self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
+        if self._stored is not None:
+            self._stored.touch()
 
     def _dispatch(self, ev: MessageReceived) -> None:
         flags = ev.flags
