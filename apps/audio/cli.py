@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ptt",
         action="store_true",
-        help="push-to-talk: space starts and stops talking; each utterance is also sent reliably, "
-        "so listeners who were away hear it once when back",
+        help="push-to-talk: hold space to talk, or tap it to start and again to stop; each "
+        "utterance is also sent reliably, so listeners who were away hear it once when back",
     )
     p.add_argument("--input-file", metavar="WAV", help="talk from a 16 kHz mono WAV file, not the mic")
     p.add_argument("--output-file", metavar="WAV", help="record what you hear to a WAV file, not the speaker")

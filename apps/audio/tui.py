@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
 import termios
 import tty
@@ -18,10 +19,48 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 if TYPE_CHECKING:
     from .talk import Call
 
-__all__ = ["StatusScreen", "meter", "percentile", "render", "summary"]
+__all__ = ["PushToTalkKey", "StatusScreen", "meter", "percentile", "render", "summary"]
 
 REDRAW_EVERY: Final = 0.2
+#: Keys are polled this often (a held push-to-talk key is released within it).
+POLL_EVERY: Final = 0.05
 _METER_WIDTH: Final = 24
+
+
+class PushToTalkKey:
+    """A key for push-to-talk, held or tapped (pure: time is passed in).
+
+    A terminal reports key presses, and the auto-repeat of a held key, never releases.
+    A press while silent starts talking. A press soon after the previous one
+    (within REPEAT_GAP, longer than any auto-repeat delay) is a repeat: the key is
+    held, and talking stops once the repeats stop (nothing for RELEASE_AFTER). A
+    press after a longer pause stops talking: the key was tapped, it toggles.
+    """
+
+    REPEAT_GAP: Final = 0.7
+    RELEASE_AFTER: Final = 0.25
+
+    def __init__(self) -> None:
+        self.talking = False
+        self.held = False
+        self._last = 0.0
+
+    def press(self, now: float) -> bool:
+        """The key was pressed (or repeated) at ``now``; returns whether to talk."""
+        if not self.talking:
+            self.talking, self.held = True, False
+        elif now - self._last <= self.REPEAT_GAP:
+            self.held = True
+        else:
+            self.talking = self.held = False
+        self._last = now
+        return self.talking
+
+    def poll(self, now: float) -> bool:
+        """Returns whether to talk at ``now`` (a held key's repeats may have stopped)."""
+        if self.held and now - self._last > self.RELEASE_AFTER:
+            self.talking = self.held = False
+        return self.talking
 
 
 def meter(dbfs: float, width: int = _METER_WIDTH) -> str:
@@ -52,7 +91,7 @@ def render(call: Call, *, connected: bool, rtt: float | None) -> list[str]:
         mode = "TALKING" if sender.talking else "listening (space to talk)"
     else:
         mode = "live"
-    keys = "space: talk/stop" if sender.ptt else "m: mute"
+    keys = "space: hold or tap to talk" if sender.ptt else "m: mute"
     heard = f"missed while away: {receiver.replaying}" if receiver.replaying else "live"
     if receiver.missed_pending > 1:
         heard += f" (+{receiver.missed_pending - 1} waiting)"
@@ -89,8 +128,8 @@ def summary(call: Call) -> str:
 
 
 class StatusScreen:
-    """Draws :func:`render` every REDRAW_EVERY seconds and reads keys: space toggles
-    push-to-talk (or mutes in full duplex), m mutes, q quits."""
+    """Draws :func:`render` every REDRAW_EVERY seconds and reads keys: space is the
+    push-to-talk key, held or tapped (it mutes in full duplex), m mutes, q quits."""
 
     def __init__(self, call: Call, on_quit: Callable[[], None], out: TextIO = sys.stdout) -> None:
         self.call = call
@@ -98,6 +137,7 @@ class StatusScreen:
         self.out = out
         self._drawn = 0
         self._saved: list[Any] | None = None
+        self.ptt = PushToTalkKey()
 
     def _key(self) -> None:
         try:
@@ -108,7 +148,7 @@ class StatusScreen:
         if key in ("q", "Q", ""):
             self.on_quit()
         elif key == " " and sender.ptt:
-            self.call.set_talking(not sender.talking)
+            self.call.set_talking(self.ptt.press(asyncio.get_running_loop().time()))
         elif key in ("m", "M") or key == " ":
             sender.muted = not sender.muted
 
@@ -127,10 +167,14 @@ class StatusScreen:
             self._saved = termios.tcgetattr(fd)
             tty.setcbreak(fd)
         loop.add_reader(fd, self._key)
+        polls_per_draw = round(REDRAW_EVERY / POLL_EVERY)
         try:
-            while True:
-                self.draw()
-                await asyncio.sleep(REDRAW_EVERY)
+            for tick in itertools.count():
+                if self.call.sender.ptt and self.call.sender.talking != self.ptt.poll(loop.time()):
+                    self.call.set_talking(self.ptt.talking)  # a held key was let go
+                if tick % polls_per_draw == 0:
+                    self.draw()
+                await asyncio.sleep(POLL_EVERY)
         finally:
             loop.remove_reader(fd)
             if self._saved is not None:

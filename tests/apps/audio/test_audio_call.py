@@ -45,6 +45,20 @@ def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float =
     return hits / total if total else 0.0
 
 
+def loud_frames(frames: list[np.ndarray]) -> list[bool]:
+    """Per 20 ms frame played: whether it carries sound (a gap is a silent frame)."""
+    return [bool(np.abs(f).max() > 500) for f in frames]
+
+
+def gaps_after_start(frames: list[np.ndarray]) -> int:
+    """Silent frames between the first and the last loud one."""
+    loud = loud_frames(frames)
+    if True not in loud:
+        return len(loud)
+    first, last = loud.index(True), len(loud) - 1 - loud[::-1].index(True)
+    return loud[first : last + 1].count(False)
+
+
 @pytest.fixture
 def plugins() -> PluginManager:
     return PluginManager.load(entry_points=False, extra=[audio_plugin])
@@ -82,6 +96,7 @@ async def test_a_tone_goes_from_talker_through_the_hub_to_the_listener(
     assert talker.codec == listener.codec  # negotiated: the best both have
     await asyncio.gather(talker.run(1.6), listener.run(1.8))
     assert tone_share(heard.recorded) >= 0.6, "the listener did not hear the tone"
+    assert sum(loud_frames(heard.recorded)) >= 70 and gaps_after_start(heard.recorded) <= 2
     lat = sorted(listener.stats.latencies)
     assert len(lat) >= 60
     assert lat[len(lat) // 2] <= 0.080 and lat[int(len(lat) * 0.99)] <= 0.120
@@ -185,6 +200,9 @@ async def test_push_to_talk_replays_what_a_listener_missed_exactly_once(
     # bob's speaker played the missed tone (about 1.2 s), marked as a replay while it did
     assert tone_share(away_heard.recorded) * len(away_heard.recorded) * 0.02 >= 0.9
     assert tone_share(present_heard.recorded) * len(present_heard.recorded) * 0.02 >= 0.9
+    # 1.2 s = 60 frames: bob heard them all, once, from the reliable copy (not twice)
+    assert 55 <= sum(loud_frames(away_heard.recorded)) <= 66
+    assert 55 <= sum(loud_frames(present_heard.recorded)) <= 66
     for call in (talker, away, present):
         await call.client.close()
     await relay.close()

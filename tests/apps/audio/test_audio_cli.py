@@ -14,7 +14,7 @@ import korinet_audio.plugin as audio_plugin
 import numpy as np
 import pytest
 from korinet_audio.talk import Call
-from korinet_audio.tui import meter, render, summary
+from korinet_audio.tui import PushToTalkKey, meter, render, summary
 from korinet_audio.wavio import FileCapture, FilePlayback, WavFormatError, read_wav, write_wav
 from testutil import TIMEOUT_FACTOR
 
@@ -154,3 +154,26 @@ def test_talk_in_a_real_terminal_toggles_push_to_talk_and_quits(tmp_path: Path) 
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         hub.terminate()
         hub.wait(10)
+
+
+def test_push_to_talk_key_held_then_released() -> None:
+    key = PushToTalkKey()
+    assert key.press(10.0)  # pressed
+    assert key.poll(10.4)  # the auto-repeat delay: still talking
+    t = 10.5
+    while t < 12.0:  # auto-repeat at 30/s
+        assert key.press(t)
+        assert key.poll(t + 0.02)
+        t += 0.033
+    assert key.poll(t + 0.2)  # a repeat is only a little late
+    assert not key.poll(t + 0.3), "released: the repeats stopped"
+    assert key.press(t + 1.0)  # and pressed again later: talking again
+
+
+def test_push_to_talk_key_tapped_toggles() -> None:
+    key = PushToTalkKey()
+    assert key.press(10.0)
+    assert key.poll(15.0), "a tap keeps talking until the next tap"
+    assert not key.press(15.0)
+    assert not key.poll(16.0)
+    assert key.press(16.0)
