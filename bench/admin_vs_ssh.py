@@ -179,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--mb", type=int, default=100, help="size of the output of the throughput test")
-    parser.add_argument("--save", action="store_true", help=f"write {RESULTS}/admin-DATE.md")
+    parser.add_argument("--save", action="store_true", help=f"append the table to {RESULTS}/admin-DATE.md")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="admin-bench-") as tmp_name:
@@ -234,12 +234,15 @@ def main() -> None:
     ]
     report = "\n".join(lines)
     print(report)
-    if args.save:
+    if args.save:  # appends: several runs of one day side by side show the machine's drift
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / f"admin-{time.strftime('%Y-%m-%d')}.md"
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        path.write_text(f"# korinet-admin against OpenSSH ({stamp})\n\n`python bench/admin_vs_ssh.py "
-                        f"--rounds {args.rounds} --mb {args.mb}`\n\n{report}\n")  # fmt: skip
+        head = "" if path.exists() else "# korinet-admin against OpenSSH\n\n"
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{head}## {stamp} (load average {load})\n\n`python bench/admin_vs_ssh.py "
+                    f"--rounds {args.rounds} --mb {args.mb}`\n\n{report}\n\n")  # fmt: skip
         print(f"saved {path}")
 
 
