@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,27 @@ async def rig(
         yield r
     finally:
         await r.close()
+
+
+async def go_down(relay: Relay) -> int:
+    """Make the hub unreachable through ``relay``: cut its links and stop listening, so
+    that reconnection attempts are refused by the kernel.
+
+    (``relay.refuse`` accepts and resets at once instead; a reset that lands before the
+    client attaches the new connection is never noticed by the runtime's Client, which
+    then waits forever: see the chat report. Refusing at the TCP level avoids that race.)
+    """
+    assert relay._server is not None
+    port = relay.port
+    relay._server.close()
+    await relay._server.wait_closed()
+    relay.cut()
+    return port
+
+
+async def come_back(relay: Relay, port: int) -> None:
+    """Listen again on ``port``, the relay's own (undo :func:`go_down`)."""
+    relay._server = await asyncio.start_server(relay._accept, "127.0.0.1", port)
 
 
 def room_texts(client: ChatClient, room: str = "general") -> list[str]:

@@ -7,7 +7,7 @@ import asyncio
 import random
 
 import pytest
-from chat_helpers import WAIT, has_line, lines_of, rig, room_texts
+from chat_helpers import WAIT, come_back, go_down, has_line, lines_of, rig, room_texts
 from korinet_chat.hub import HubSettings
 from testutil import TIMEOUT_FACTOR
 
@@ -66,8 +66,7 @@ async def test_offline_typing_is_delivered_once_in_order_with_a_marker() -> None
         alice = await r.client("alice")
         bob = await r.client("bob")
         relay = r.relays["alice"]
-        relay.refuse = True  # the hub looks down from alice's side
-        relay.cut()
+        port = await go_down(relay)  # the hub looks down from alice's side
         await alice.wait_for(lambda c: c.state == "reconnecting", WAIT)
         await bob.wait_for(has_line("event", "alice is reconnecting"), WAIT)
         bob.say("while you were out 1")
@@ -76,7 +75,7 @@ async def test_offline_typing_is_delivered_once_in_order_with_a_marker() -> None
             alice.say(f"typed offline {i}")
         assert alice.queued == 3
         assert "reconnecting… 3 queued" in alice.status
-        relay.refuse = False
+        await come_back(relay, port)
         await bob.wait_for(lambda c: len(room_texts(c)) >= 5, WAIT)
         await alice.wait_for(lambda c: len(room_texts(c)) >= 5 and not c.pending, WAIT)
         await bob.wait_for(has_line("event", "alice is back"), WAIT)
@@ -99,14 +98,13 @@ async def test_the_nick_survives_a_reconnect_and_is_freed_when_the_session_ends(
         bob = await r.client("bob")
         carol = await r.client("carol")
         relay = r.relays["alice"]
-        relay.refuse = True
-        relay.cut()
+        port = await go_down(relay)
         await carol.wait_for(has_line("event", "alice is reconnecting"), WAIT)
         await bob.handle_input("/nick alice")
         await bob.wait_for(has_line("error", "taken"), WAIT)
         assert "reconnecting" in lines_of(bob, "error")[-1].text
         assert bob.nick == "bob"
-        relay.refuse = False
+        await come_back(relay, port)
         await carol.wait_for(has_line("event", "alice is back"), WAIT)
         assert alice.nick == "alice"
         assert not any("left" in line.text for line in lines_of(carol, "event"))  # no quit/join spam
@@ -124,12 +122,12 @@ async def test_a_hub_restart_loses_nothing_and_the_client_catches_up(tmp_path) -
         bob = await r.client("bob")
         alice.say("before")
         await bob.wait_for(lambda c: room_texts(c) == ["before"], WAIT)
-        r.relays["alice"].refuse = True
+        port = await go_down(r.relays["alice"])
         await r.restart_hub()  # every session is gone; history stays in SQLite
         alice.say("typed while the hub restarts")
         await bob.wait_for(has_line("info", "lost our session"), WAIT)
         bob.say("after restart")
-        r.relays["alice"].refuse = False
+        await come_back(r.relays["alice"], port)
         await alice.wait_for(lambda c: len(room_texts(c)) >= 3 and not c.pending, WAIT)
         await bob.wait_for(lambda c: len(room_texts(c)) >= 3, WAIT)
         for client in (alice, bob):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from chat_helpers import WAIT, fresh_plugins, has_line, room_texts
+from chat_helpers import WAIT, come_back, fresh_plugins, go_down, has_line, room_texts
 from korinet_chat.client import ChatClient
 from korinet_chat.hub import ChatHub
 from testutil import TIMEOUT_FACTOR
@@ -142,5 +142,44 @@ async def test_the_real_program_in_tmux(home: Path, tmp_path: Path) -> None:
     finally:
         pane.kill()
         await bob.close()
+        await server.close()
+        hub.close()
+
+
+async def test_offline_typing_in_a_real_terminal(home: Path, tmp_path: Path) -> None:
+    """The link drops (a relay in between stops listening): the line typed meanwhile shows as
+    pending with "reconnecting… 1 queued", then arrives once, after the away marker."""
+    from testutil.relay import Relay
+
+    plugins = fresh_plugins()
+    hub = ChatHub(":memory:")
+    server = hub.server("127.0.0.1", 0, plugins=plugins)
+    await server.start()
+    relay = await Relay("127.0.0.1", server.port).start()
+    bob = ChatClient("127.0.0.1", server.port, "bob", plugins=plugins)
+    await bob.start(open_timeout=WAIT)
+    env = {"KORINET_HOME": str(home), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
+    pane = Pane(f"{_program()} 127.0.0.1:{relay.port} --nick alice --insecure-plaintext --no-bell", env)
+    try:
+        await pane.shows("#general · alice · connected")
+        port = await go_down(relay)
+        await pane.shows("reconnecting…")
+        await bob.wait_for(has_line("event", "alice is reconnecting"), WAIT)
+        pane.type("typed while the link is down")
+        await pane.shows("⧗ #general typed while the link is down")
+        await pane.shows("#general · alice · reconnecting… 1 queued")
+        bob.say("you missed this")
+        await come_back(relay, port)
+        screen = await pane.shows("<alice> typed while the link is down")
+        assert screen.index("— 1 new while away —") < screen.index("<bob> you missed this")
+        await pane.shows("#general · alice · connected")
+        await bob.wait_for(
+            lambda c: room_texts(c) == ["you missed this", "typed while the link is down"], WAIT
+        )
+        assert "⧗" not in pane.screen()
+    finally:
+        pane.kill()
+        await bob.close()
+        await relay.close()
         await server.close()
         hub.close()
