@@ -62,6 +62,8 @@ MAX_SOURCES: Final = 16
 HEARD_MEMORY: Final = 1500
 #: An utterance part is replayed if less than this share of it was received live.
 HEARD_ENOUGH: Final = 0.5
+#: Missed utterance parts kept to play (60 s of audio); the oldest go first beyond.
+MAX_MISSED_PARTS: Final = 120
 
 
 def past_deadline(captured: float, now: float, deadline_ms: float = DEADLINE_MS) -> bool:
@@ -105,6 +107,7 @@ class CallStats:
     ignored_sources: int = 0
     missed_parts_played: int = 0
     missed_parts_heard: int = 0  # arrived reliably but were already heard live
+    missed_parts_dropped: int = 0  # more missed audio waiting than MAX_MISSED_PARTS
     reconnects: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=500))
 
@@ -310,6 +313,10 @@ class Receiver:
             self.stats.undecodable += 1
             return
         self.stats.missed_parts_played += 1
+        if len(self._missed) >= MAX_MISSED_PARTS:
+            self._missed.popleft()
+            self._missed_pos = 0
+            self.stats.missed_parts_dropped += 1
         self._missed.append((part.src, audio))
 
     def on_roster(self, obj: Any) -> None:

@@ -233,3 +233,23 @@ async def test_a_join_with_a_bad_channel_name_is_rejected_with_the_reason(
     with pytest.raises(MessageRejected, match="channel name"):
         await call.join()
     await client.close()
+
+
+async def test_a_jittery_link_is_smoothed_by_a_deeper_buffer(server: Server, plugins: PluginManager) -> None:
+    """0-60 ms of random delay per chunk (in order) between the hub and the listener."""
+    relay = await Relay("127.0.0.1", server.port, delay=(0.0, 0.060), seed=7).start()
+    listener, heard = await open_call(relay.port, plugins, "bob")
+    talker, _ = await open_call(server.port, plugins, "alice", capture=FileCapture(tone(3.0)))
+    await asyncio.gather(talker.run(3.0), listener.run(3.2))
+    jitter = listener.receiver.sources["alice"].jitter
+    assert jitter.target > jitter.min_target, "the target did not adapt to the jitter"
+    assert jitter.stats.concealed <= 0.08 * jitter.stats.received + jitter.idle_after
+    assert gaps_after_start(heard.recorded) <= 8
+    lat = sorted(listener.stats.latencies)
+    assert lat[int(len(lat) * 0.99)] <= 0.060 + 0.120, "more than the link's jitter plus the cap"
+    print(
+        f"jittery link: target {jitter.target} frames, {jitter.stats}, p50 {lat[len(lat) // 2] * 1000:.0f} ms"
+    )
+    await talker.client.close()
+    await listener.client.close()
+    await relay.close()

@@ -109,3 +109,18 @@ def test_switching_codec_closes_the_open_part() -> None:
     assert len(wire.reliable) == 1 and wire.reliable[0].codec == "pcm16"
     s.capture(SILENCE, 100.02, 100.02)
     assert wire.live[-1].codec == "opus"
+
+
+def test_missed_utterances_waiting_to_play_are_bounded() -> None:
+    from korinet_audio.talk import MAX_MISSED_PARTS, Receiver
+
+    stats = CallStats()
+    receiver = Receiver(stats, clock=lambda: 1000.0)
+    payload = bytes(FRAME_SAMPLES * 2)
+    for i in range(MAX_MISSED_PARTS + 5):
+        part = UtterancePart(1, i, i * PART_FRAMES, 0, "pcm16", (payload,) * PART_FRAMES, True, "bob")
+        receiver.on_utterance(part.to_wire())
+    assert receiver.missed_pending == MAX_MISSED_PARTS
+    assert stats.missed_parts_dropped == 5
+    receiver.next_frame(1000.0)
+    assert receiver.replaying == "bob"
