@@ -53,7 +53,7 @@ def server_main(conn: Connection, store: str | None, synchronous: str) -> None:
     asyncio.run(_serve(conn, store, synchronous))
 
 
-async def _pipelined(port: int, n: int, store: str | None, synchronous: str) -> float:
+async def _pipelined(port: int, n: int, store: str | None, synchronous: str, batch: int) -> float:
     plugins = PluginManager.load(entry_points=False)
     the_store = SessionStore(store, synchronous=synchronous) if store else None
     client = await Client.connect(LOOPBACK, port, plugins=plugins, store=the_store)
@@ -62,10 +62,18 @@ async def _pipelined(port: int, n: int, store: str | None, synchronous: str) -> 
         await client.send(payload)  # warm-up
         last = 0
         t0 = time.perf_counter()
-        for _ in range(n):
+        done = 0
+        while done < n:
             if last - client.session.acked >= WINDOW:
                 await client.wait_acked(last - WINDOW + ACK_EVERY, timeout=DRAIN_S)
-            last = client.post(payload)
+            if batch and the_store is not None:
+                with the_store.batch():  # one commit for the group
+                    for _ in range(min(batch, n - done)):
+                        last = client.post(payload)
+                        done += 1
+            else:
+                last = client.post(payload)
+                done += 1
         await client.wait_acked(last, timeout=DRAIN_S)
         return n / (time.perf_counter() - t0)
     finally:
@@ -74,20 +82,21 @@ async def _pipelined(port: int, n: int, store: str | None, synchronous: str) -> 
             the_store.close()
 
 
-def run(n: int, client_store: bool, server_store: bool, synchronous: str) -> float:
+def run(n: int, client_store: bool, server_store: bool, synchronous: str, batch: int) -> float:
     with tempfile.TemporaryDirectory(prefix="korinet-bench-") as tmp:
         server_db = str(Path(tmp) / "server.db") if server_store else None
         client_db = str(Path(tmp) / "client.db") if client_store else None
         with spawn_child(server_main, server_db, synchronous) as (_, port):
-            return asyncio.run(_pipelined(port, n, client_db, synchronous))
+            return asyncio.run(_pipelined(port, n, client_db, synchronous, batch))
 
 
-ROWS = (
-    ("no store", False, False, "NORMAL"),
-    ("client store", True, False, "NORMAL"),
-    ("server store", False, True, "NORMAL"),
-    ("both stores", True, True, "NORMAL"),
-    ("both stores, synchronous=FULL", True, True, "FULL"),
+ROWS = (  # name, client store, server store, synchronous, posts per store.batch()
+    ("no store", False, False, "NORMAL", 0),
+    ("client store", True, False, "NORMAL", 0),
+    ("server store", False, True, "NORMAL", 0),
+    ("both stores", True, True, "NORMAL", 0),
+    ("both stores, post() in batches of 64", True, True, "NORMAL", 64),
+    ("both stores, synchronous=FULL", True, True, "FULL", 0),
 )
 
 
@@ -99,9 +108,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     results: list[tuple[str, float]] = []
-    for name, client_store, server_store, synchronous in ROWS:
+    for name, client_store, server_store, synchronous, batch in ROWS:
         n = args.messages if synchronous == "NORMAL" else max(args.messages // 10, 500)
-        rates = [run(n, client_store, server_store, synchronous) for _ in range(args.repeat)]
+        rates = [run(n, client_store, server_store, synchronous, batch) for _ in range(args.repeat)]
         results.append((name, statistics.median(rates)))
         print(f"{name}: {results[-1][1]:,.0f} msg/s", file=sys.stderr, flush=True)
     base = results[0][1]

@@ -206,7 +206,7 @@ class Peer:
             raise self.closed.result()
         seq = self.session.send_message(obj, type)
         if self._stored is not None:
-            self._commit()  # accepted means durable
+            self._accepted()
         self._after_queue()
         return seq
 
@@ -284,7 +284,7 @@ class Peer:
     def _queue(self, obj: Any, type: str, flags: int, corr: int) -> asyncio.Future[None]:
         seq = self.session.send_message(obj, type, flags=flags, corr=corr)
         if self._stored is not None:
-            self._commit()  # accepted means durable
+            self._accepted()
         fut: asyncio.Future[None] = self.loop.create_future()
         self._acks.append((seq, fut))
         if flags & _REQUEST and corr in self._requests:
@@ -415,6 +415,11 @@ class Peer:
             old.abort()
         self.conn = conn
         conn.peer = self
+        if conn.lost.done():
+            # Reset between the connect and now (a server dying as its kernel accepted
+            # us): nobody heard it, and a lost connection schedules no timer, so the
+            # link would wait forever. Report it once the caller has started the link.
+            self.loop.call_soon(self._link_lost, conn, conn.lost.result())
 
     def _link_data(self, conn: Connection, data: bytes) -> None:
         if conn is not self.conn:
@@ -640,6 +645,16 @@ class Peer:
         except StoreError as exc:
             self._store_failed(exc)
             raise
+
+    def _accepted(self) -> None:
+        """A message was accepted for sending: durable before the call returns, unless
+        the application asked for a batch (SessionStore.batch)."""
+        stored = self._stored
+        assert stored is not None
+        if stored.store.batching:
+            stored.touch()
+        else:
+            self._commit()
 
     def _commit_before_write(self) -> bool:
         """Commit before bytes leave (an ACK must never announce what the store does
