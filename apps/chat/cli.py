@@ -339,7 +339,11 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         if announcement is not None:
             watcher = _watch_rivals(client, announcement.name)
         await ui.run()
+        undelivered = client.queued if client.state != "connected" else 0  # connected: close() delivers
         await client.close()
+        if undelivered:
+            print(f"korinet-chat: {undelivered} line(s) you typed had not reached the hub, and are dropped",
+                  file=sys.stderr)  # fmt: skip
         return 0
     finally:
         if watcher is not None:
