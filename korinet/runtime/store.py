@@ -167,7 +167,10 @@ class SessionStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"the session store {self.path} is in use by another process") from None
+            raise StoreError(
+                f"the session store {self.path} is in use by another process"
+                " (or another SessionStore of this one: share that object instead)"
+            ) from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
