@@ -143,6 +143,9 @@ class SessionStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock()
+            # Resume tokens live here: readable by the owner only. SQLite gives its -wal
+            # and -shm files the mode of the database file.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             # The legacy transaction mode on purpose: the first write opens a transaction
             # that stays open until commit(), so an application's writes join ours.
             self.db = sqlite3.connect(self.path, isolation_level="DEFERRED")

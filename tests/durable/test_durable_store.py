@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,3 +204,19 @@ def test_an_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(StoreError, match="cannot open the session store"):
         SessionStore(tmp_path / "file" / "s.db")
+
+
+def test_the_files_are_private(tmp_path: Path) -> None:
+    """They hold resume tokens: readable by their owner only."""
+    old = os.umask(0o022)
+    try:
+        store = SessionStore(tmp_path / "s.db")
+        pair = DurablePair().open()
+        stored = store.attach(FakePeer(pair.client.session), CLIENT_KEY)  # type: ignore[arg-type]
+        stored.touch()
+        store.commit()
+        for name in ("s.db", "s.db-wal", "s.db.lock"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        store.close()
+    finally:
+        os.umask(old)
