@@ -361,6 +361,7 @@ class StoredSession:
         if old is None or old[1] != snapshot.session_id or old[5] != snapshot.epoch:
             # A new session, or one that replaced an expired one (its messages renumbered).
             db.execute("DELETE FROM korinet_messages WHERE key = ?", (key,))
+            self._saved_high = 0  # seqs start again: the old high-water mark means nothing
             self._insert(key, session.unacked_after(0))
             self._trimmed = snapshot.acked
         else:

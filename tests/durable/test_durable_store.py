@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 from durable_pair import DurablePair
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from korinet.runtime.store import CLIENT_KEY, SCHEMA_VERSION, SessionStore, StoreError
 from korinet.session import CLIENT, SERVER, Session
@@ -93,11 +95,17 @@ def test_only_changes_are_written_and_acked_messages_are_deleted(store: SessionS
 
 def test_a_replaced_session_is_rewritten(store: SessionStore) -> None:
     pair = DurablePair().open()
+    assert pair.server is not None
     stored = store.attach(FakePeer(pair.client.session), CLIENT_KEY)  # type: ignore[arg-type]
     old_id = pair.client.session.session_id
+    pair.client.session.send_message("a")
+    pair.client.session.send_message("b")
+    pair.pump()
+    pair.server.deliver()
+    pair.pump()  # 1 and 2 acknowledged
     pair.cut()
     for i in range(3):
-        pair.client.session.send_message(i)  # queued while detached: never sent
+        pair.client.session.send_message(i)  # 3, 4, 5: queued while detached, never sent
     stored.touch()
     store.commit()
     pair.server = None  # the server forgot the session
@@ -107,7 +115,30 @@ def test_a_replaced_session_is_rewritten(store: SessionStore) -> None:
     record = store.load(CLIENT_KEY)
     assert record is not None
     assert record.snapshot.session_id != old_id and record.snapshot.epoch == 1
-    assert [seq for seq, _, _ in record.snapshot.messages] == [1, 2, 3]  # renumbered in the new session
+    # renumbered 1, 2, 3 in the new session, and nothing left of the old one
+    assert record.snapshot == pair.client.session.snapshot()
+    assert [seq for seq, _, _ in record.snapshot.messages] == [1, 2, 3]
+
+
+def test_the_first_message_of_a_replacing_session_is_stored(store: SessionStore) -> None:
+    """Found by the property test below: an expiry that voids every message, then a
+    new message numbered 1 again, which the store must not take for one it has."""
+    pair = DurablePair().open()
+    stored = store.attach(FakePeer(pair.client.session), CLIENT_KEY)  # type: ignore[arg-type]
+    pair.client.session.send_message("sent, then lost with the link")
+    stored.touch()
+    store.commit()
+    pair.cut()
+    pair.server = None
+    pair.open()  # expired: the message is voided, the new session starts at seq 1
+    stored.touch()
+    store.commit()
+    pair.client.session.send_message("first of the new session")
+    stored.touch()
+    store.commit()
+    record = store.load(CLIENT_KEY)
+    assert record is not None and record.snapshot == pair.client.session.snapshot()
+    assert len(record.snapshot.messages) == 1
 
 
 def test_forget_deletes_and_server_sessions_are_listed(store: SessionStore) -> None:
@@ -220,3 +251,56 @@ def test_the_files_are_private(tmp_path: Path) -> None:
         store.close()
     finally:
         os.umask(old)
+
+
+OPS = st.lists(
+    st.sampled_from(["client_sends", "server_sends", "pump", "deliver", "cut", "reopen", "forget_server"]),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_what_is_committed_is_always_the_session(tmp_path: Path, ops: list[str]) -> None:
+    """Whatever happened (sends, acks, deliveries, cuts, an expiry that renumbers),
+    reading the store back after a commit gives exactly the live session's state."""
+    path = tmp_path / f"prop-{len(list(tmp_path.iterdir()))}.db"
+    store = SessionStore(path)
+    try:
+        pair = DurablePair().open()
+        assert pair.server is not None
+        client_peer = FakePeer(pair.client.session)
+        server_peer = FakePeer(pair.server.session)
+        stored = [store.attach(client_peer, CLIENT_KEY), store.attach(server_peer, None)]  # type: ignore[arg-type]
+        for i, op in enumerate(ops):
+            if op == "client_sends":
+                pair.client.session.send_message({"i": i})
+            elif op == "server_sends" and pair.server is not None:
+                pair.server.session.send_message([i])
+            elif op == "pump":
+                pair.pump()
+            elif op == "deliver":
+                pair.client.deliver()
+                if pair.server is not None:
+                    pair.server.deliver()
+            elif op == "cut" and pair.connected:
+                pair.cut()
+            elif op == "reopen" and not pair.connected:
+                pair.open()
+            elif op == "forget_server" and not pair.connected:
+                pair.server = None  # expired: the client's next link starts a new session
+            for s in stored:
+                s.touch()
+            store.commit()
+            record = store.load(CLIENT_KEY)
+            assert record is not None
+            assert record.snapshot == pair.client.session.snapshot()
+            assert record.snapshot.next_seq == pair.client.session.last_seq + 1
+            # (after an expiry the store still follows the first server session only)
+            if pair.server is not None and pair.server.session is server_peer.session:
+                (server_record,) = [
+                    r for r in store.records(SERVER) if r.key == pair.server.session.session_id
+                ]
+                assert server_record.snapshot == pair.server.session.snapshot()
+    finally:
+        store.close()
