@@ -15,10 +15,40 @@ from korinet import Message, MessageType, hookimpl
 
 from . import protocol as p
 
-__all__ = ["bind_agent", "korinet_register_message_types", "unbind_agent"]
+__all__ = [
+    "bind_agent",
+    "korinet_register_message_types",
+    "korinet_session_lost",
+    "korinet_session_resumed",
+    "unbind_agent",
+    "watch_links",
+]
 
 #: The agent serving each Hub (see korinet_admin.agent.Agent.bind).
 _agents: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+#: Callbacks told when a client session's link drops and comes back (the CLI prints them).
+_link_watchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def watch_links(client: Any, callback: Any) -> None:
+    """Call ``callback(event, detail)`` with ``"lost"`` or ``"resumed"`` for ``client``."""
+    _link_watchers[client] = callback
+
+
+@hookimpl
+def korinet_session_lost(session: Any, error: BaseException) -> None:
+    callback = _link_watchers.get(session)
+    if callback is not None:
+        callback("lost", str(error))
+
+
+@hookimpl
+def korinet_session_resumed(session: Any, replayed: int) -> None:
+    callback = _link_watchers.get(session)
+    if callback is not None:
+        callback("resumed", str(replayed))
 
 
 def bind_agent(hub: Any, agent: Any) -> None:

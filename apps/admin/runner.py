@@ -77,6 +77,15 @@ async def run_on_host(
     except (KoriNetError, OSError) as exc:
         report(f"{name}: {exc}")
         return HostResult(FAILURE, f"no session: {exc}")
+    from .plugin import watch_links
+
+    def link_event(event: str, detail: str) -> None:
+        if event == "lost":
+            report(f"{name}: connection lost ({detail}); reconnecting, the command keeps running")
+        else:
+            report(f"{name}: reconnected; continuing where the output stopped")
+
+    watch_links(conn.client, link_event)
     stdin_task: asyncio.Task[None] | None = None
     restore_terminal: Callable[[], None] | None = None
     loop = asyncio.get_running_loop()
