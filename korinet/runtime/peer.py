@@ -318,7 +318,9 @@ class Peer:
 
     async def recv_message(self, timeout: float | None = None) -> Message:
         """Return the next message (plain or typed without handler). Only now is it
-        acknowledged: the ack means the application has it.
+        acknowledged: the ack means the application has it. With a store, the
+        delivery is committed (then acknowledged) at the end of this loop turn, with
+        whatever the application wrote to ``store.db`` before its next ``await``.
 
         Raises:
             SessionExpired: once, when a new session replaced an expired one.
