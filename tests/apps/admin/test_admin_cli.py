@@ -103,6 +103,30 @@ async def test_ctrl_c_stops_a_remote_sleep_within_a_second(
         assert b"sending SIGINT to the remote command" in err
 
 
+async def test_ctrl_c_escalates_to_sigterm_then_sigkill(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "exec", host(agent), "--", "sh", "-c", "trap '' INT TERM; echo ready; sleep 100",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=cli_env(client_home),
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), WAIT) == b"ready\n"
+        for name in ("SIGINT", "SIGTERM", "SIGKILL"):
+            proc.send_signal(signal.SIGINT)
+            while True:  # the client says what it sent before we press again
+                line = await asyncio.wait_for(proc.stderr.readline(), WAIT)
+                assert line, f"no word about {name}"
+                if f"sending {name}".encode() in line:
+                    break
+        await asyncio.wait_for(proc.wait(), WAIT)
+        assert proc.returncode == 128 + signal.SIGKILL
+        signals = [e["signal"] for e in agent.audit() if e["event"] == "signal"]
+        assert signals == [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+
+
 async def test_fan_out_to_20_agents_with_one_failing(
     tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
 ) -> None:
@@ -111,9 +135,16 @@ async def test_fan_out_to_20_agents_with_one_failing(
             s.bind(("127.0.0.1", 0))
             dead = f"127.0.0.1:{s.getsockname()[1]}"
         hosts = [host(a) for a in agents[:10]] + [dead] + [host(a) for a in agents[10:]]
+        log = tmp_path / "concurrency"
+        script = f"echo start >> {log}; echo one; echo two >&2; sleep 0.2; echo end >> {log}"
         code, out, err = await cli(
-            client_home, "exec", ",".join(hosts), "--fanout", "5", "--", "sh", "-c", "echo one; echo two >&2"
+            client_home, "exec", ",".join(hosts), "--fanout", "5", "--", "sh", "-c", script
         )
+    running = peak = 0
+    for event in log.read_text().split():
+        running += 1 if event == "start" else -1
+        peak = max(peak, running)
+    assert 2 <= peak <= 5, f"--fanout 5 ran {peak} at once"
     assert code == 255
     out_lines = out.decode().splitlines()
     assert sorted(out_lines) == sorted(f"{h}: one" for h in hosts if h != dead)

@@ -308,3 +308,39 @@ async def test_the_client_keeps_each_byte_once_whatever_the_agent_resends() -> N
     run._exited({"job": run.id, "code": 0})
     run._exited({"job": run.id, "code": 0})
     assert run.exit_notices == 2 and sink.out == b"hello world"
+
+
+async def test_a_korinet_server_without_an_agent_runs_nothing(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """Every KoriNet process registers the admin message types (it loads the plugin);
+    only a server bound to an Agent acts on them."""
+    from korinet_admin.execclient import Target, admin_plugins
+
+    from korinet import Server
+    from korinet.security import ServerTLS
+
+    marker = tmp_path / "ran"
+    tls = ServerTLS(server_identity, authorized=authorized)
+    async with Server("127.0.0.1", 0, tls=tls, plugins=admin_plugins(), accept_plain=False) as server:
+        conn = await connect(Target("127.0.0.1", server.port), alice, tmp_path)
+        try:
+            with pytest.raises(MessageRejected, match="does not run the korinet-admin agent"):
+                await conn.exec(["touch", str(marker)], Collector(), stdin=False)
+        finally:
+            await conn.close()
+    assert not marker.exists()
+
+
+async def test_insecure_plaintext_makes_every_client_the_anonymous_admin(tmp_path: Path) -> None:
+    from korinet_admin.execclient import AdminConnection
+
+    async with running_agent(tmp_path, None, None) as agent:
+        conn = await AdminConnection.open(agent.target, tls=None, open_timeout=10)
+        try:
+            status, sink, _ = await run(conn, ["echo", "plain"])
+            assert status == 0 and sink.out == b"plain\n"
+        finally:
+            await conn.close()
+        execs = [e for e in agent.audit() if e["event"] == "exec"]
+        assert execs[0]["who"] == "anonymous" and execs[0]["decision"] == "allowed"
