@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -62,15 +63,21 @@ def _resolve(path: str) -> Path:
     return expanded if expanded.is_absolute() else Path.home() / expanded
 
 
+def _owner(peer: Any) -> str:
+    return str(getattr(getattr(peer, "identity", None), "fingerprint", None) or "anonymous")
+
+
 class AgentTransfers:
     """The agent's side of put and get."""
 
     def __init__(self, policy: Policy, audit: AuditLog) -> None:
         self.policy = policy
         self.audit = audit
-        self._writing: dict[tuple[str, str], tuple[int, int]] = {}  # (path, sha) -> (fd, mode)
+        # (owner fingerprint, path, sha256) -> (fd, mode): only who opened an upload may feed it
+        self._writing: dict[tuple[str, str, str], tuple[int, int]] = {}
         self._reading: dict[str, int] = {}
-        self._opened: set[tuple[int, str]] = set()  # (session, path) allowed by get.open
+        # the paths each session may read: get.open checked the policy for them
+        self._opened: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
     def _allow(self, peer: Any, event: str, path: str, **fields: Any) -> None:
         identity = getattr(peer, "identity", None)
@@ -96,7 +103,7 @@ class AgentTransfers:
         if not destination.parent.is_dir():
             raise FileNotFoundError(f"no directory {destination.parent}")
         part = partial_path(destination, sha)
-        key = (path, sha)
+        key = (_owner(peer), path, sha)
         if key in self._writing:
             os.close(self._writing.pop(key)[0])
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
@@ -108,7 +115,7 @@ class AgentTransfers:
         return {"offset": have}
 
     async def put_chunk(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
-        entry = self._writing.get((req["path"], req["sha256"]))
+        entry = self._writing.get((_owner(peer), req["path"], req["sha256"]))
         if entry is None:
             raise LookupError("no upload open for this file (send admin.put.open first)")
         fd = entry[0]
@@ -121,7 +128,7 @@ class AgentTransfers:
 
     async def put_close(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
         path, sha = req["path"], req["sha256"]
-        entry = self._writing.pop((path, sha), None)
+        entry = self._writing.pop((_owner(peer), path, sha), None)
         if entry is None:
             raise LookupError("no upload open for this file")
         fd, mode = entry
@@ -156,14 +163,15 @@ class AgentTransfers:
         if not source.is_file():
             raise IsADirectoryError(f"{source} is not a regular file")
         sha = await asyncio.to_thread(sha256_file, source, st.st_size)
-        if len(self._opened) > 4096:
-            self._opened.clear()
-        self._opened.add((id(peer), path))
+        paths = self._opened.setdefault(peer, set())
+        if len(paths) > 1024:
+            paths.clear()
+        paths.add(path)
         return {"path": str(source), "size": st.st_size, "mode": st.st_mode & 0o7777, "sha256": sha}
 
     async def get_chunk(self, peer: Any, req: dict[str, Any]) -> bytes:
         path = req["path"]
-        if (id(peer), path) not in self._opened:
+        if path not in self._opened.get(peer, ()):
             raise PermissionError("open the file with admin.get.open first (that is where access is checked)")
         fd = self._reading.get(path)
         if fd is None:

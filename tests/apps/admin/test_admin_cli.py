@@ -94,8 +94,8 @@ async def test_ctrl_c_stops_a_remote_sleep_within_a_second(
         os.kill(job.pid, 0)  # the remote sleep runs
         started = loop.time()
         proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(asyncio.shield(job.done), 1.0)
-        assert loop.time() - started < 1.0
+        await asyncio.wait_for(asyncio.shield(job.done), 1.0 * TIMEOUT_FACTOR)
+        assert loop.time() - started < 1.0 * TIMEOUT_FACTOR
         with pytest.raises(ProcessLookupError):
             os.kill(job.pid, 0)
         _, err = await asyncio.wait_for(proc.communicate(), WAIT)

@@ -344,3 +344,37 @@ async def test_insecure_plaintext_makes_every_client_the_anonymous_admin(tmp_pat
             await conn.close()
         execs = [e for e in agent.audit() if e["event"] == "exec"]
         assert execs[0]["who"] == "anonymous" and execs[0]["decision"] == "allowed"
+
+
+async def test_file_chunks_need_an_open_checked_by_the_policy(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    carol = Identity.generate()
+    authorized.authorize(carol.fingerprint, "carol", ["admin"])
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret")
+    sha = "0" * 64
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        mine = await connect(agent.target, alice, tmp_path)
+        theirs = await connect(agent.target, carol, tmp_path)
+        try:
+            with pytest.raises(MessageRejected, match=r"admin\.get\.open first"):
+                await mine.request({"path": str(secret), "offset": 0, "length": 6}, "admin.get.chunk")
+            opened = await mine.request({"path": str(secret)}, "admin.get.open")
+            assert opened["size"] == 6
+            assert (
+                await mine.request({"path": str(secret), "offset": 0, "length": 6}, "admin.get.chunk")
+                == b"s3cret"
+            )
+            # another session did not open it: refused, whatever alice did
+            with pytest.raises(MessageRejected, match=r"admin\.get\.open first"):
+                await theirs.request({"path": str(secret), "offset": 0, "length": 6}, "admin.get.chunk")
+            target = str(tmp_path / "upload")
+            await mine.request({"path": target, "size": 3, "sha256": sha}, "admin.put.open")
+            with pytest.raises(MessageRejected, match="no upload open"):
+                await theirs.request(
+                    {"path": target, "sha256": sha, "offset": 0, "data": b"bad"}, "admin.put.chunk"
+                )
+        finally:
+            await mine.close()
+            await theirs.close()
