@@ -551,7 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # everything after the first -- is the command, options included
         cut = args_list.index("--", args_list.index("exec"))
         args_list, after = args_list[:cut], args_list[cut + 1 :]
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:
+        hint = "; put the command after --: korinet-admin exec HOST -- CMD [ARGS...]"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if getattr(args, "func", None) is _exec else ""))
     if after is not None:
         if args.command:
             parser.error(f"unexpected argument(s) before --: {' '.join(args.command)}")
