@@ -554,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(args_list)
     if unknown:
         hint = "; put the command after --: korinet-admin exec HOST -- CMD [ARGS...]"
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if getattr(args, "func", None) is _exec else ""))
+        is_exec = getattr(args, "func", None) is _exec
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (hint if is_exec else ""))
     if after is not None:
         if args.command:
             parser.error(f"unexpected argument(s) before --: {' '.join(args.command)}")
