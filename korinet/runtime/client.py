@@ -20,8 +20,11 @@ from ..session import CLIENT, CloseCode, Session, SessionConfig
 from .backoff import backoff
 from .connection import Connection
 from .peer import Peer
+from .store import CLIENT_KEY, SessionStore
 
 if TYPE_CHECKING:
+    import os
+
     from ..security import ClientTLS
 
 __all__ = ["DEFAULT_PORT", "Client", "connect"]
@@ -53,6 +56,10 @@ class Client(Peer):
             challenge-response, and require the server to prove it back
             (docs/PROTOCOL.md §3.4); a wrong one ends the session
             (``AuthenticationError``).
+        store: a file (or :class:`~korinet.runtime.store.SessionStore`) keeping the
+            session across a crash of this process: a client started again with it
+            resumes the same session, and every message it had accepted is
+            delivered exactly once (docs/ARCHITECTURE.md, "Durable sessions").
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class Client(Peer):
         backoff_cap: float = 5.0,
         outage_limit: float | None = None,
         passphrase: str | None = None,
+        store: str | os.PathLike[str] | SessionStore | None = None,
     ) -> None:
         if tls is not None:
             if ssl is not None:
@@ -90,6 +98,9 @@ class Client(Peer):
         self.attempts = 0
         self._runner: asyncio.Task[None] | None = None
         self._link_down = asyncio.Event()
+        self._own_store: SessionStore | None = None
+        if store is not None:
+            self._open_store(store)
 
     def __repr__(self) -> str:
         return f"<Client {self.host}:{self.port} {self.session.session_id} {self.session.state.name}>"
@@ -128,15 +139,39 @@ class Client(Peer):
             self._runner = self.loop.create_task(self._run(), name=f"korinet-client-{self.host}:{self.port}")
 
     async def abort(self) -> None:
-        """Stop at once, without a CLOSE: the server keeps the session until its TTL."""
+        """Stop at once, without a CLOSE: the server keeps the session until its TTL,
+        and a store keeps it too, for a client started again with it to resume."""
+        self._keep_stored = True
         self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
         if self.conn is not None:
             self.conn.abort()
         await self._stop_runner()
+        self._close_store()
 
     async def close(self, reason: str = "", *, timeout: float = 5.0) -> None:
+        """End the session (see :meth:`Peer.close`); a store forgets it."""
         await super().close(reason, timeout=timeout)
         await self._stop_runner()
+        self._close_store()
+
+    def _open_store(self, store: str | os.PathLike[str] | SessionStore) -> None:
+        if not isinstance(store, SessionStore):
+            store = self._own_store = SessionStore(store)
+        record = store.load(CLIENT_KEY)
+        try:
+            self._use_store(store, CLIENT_KEY, record)
+        except KeyError as exc:  # a codec that this process lacks
+            logger.warning("%r: cannot resume the stored session (no codec %s): a new one", self, exc)
+            self._use_store(store, CLIENT_KEY, None)
+        if record is not None:
+            logger.info(
+                "%r: restored from %s with %d message(s) to deliver", self, store.path, self.session.unacked
+            )
+
+    def _close_store(self) -> None:
+        store, self._own_store = self._own_store, None
+        if store is not None:
+            store.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -200,6 +235,11 @@ class Client(Peer):
             self.last_error = exc
             if isinstance(exc, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(exc))
+            return False
+        if conn.lost.done():
+            # Reset between connect and here: no peer was attached to hear it, so
+            # waiting for the link to drop would wait forever.
+            self.last_error = conn.lost.result() or ConnectionResetError("the connection dropped at once")
             return False
         if self.tls is not None:
             try:

@@ -38,8 +38,11 @@ from .client import DEFAULT_PORT
 from .connection import Connection
 from .legacy import LegacyPeer
 from .peer import Peer
+from .store import SessionStore, StoredIdentity, StoredRecord
 
 if TYPE_CHECKING:
+    import os
+
     from ..security import AuthorizedKeys, PeerIdentity, ServerTLS
 
 __all__ = ["AnyPeer", "Hub", "Server", "ServerPeer", "serve"]
@@ -54,12 +57,23 @@ class ServerPeer(Peer):
     """A server-side session. It stays in the hub's table while detached, until its TTL."""
 
     def __init__(
-        self, hub: Hub, session: Session, peername: str, identity: PeerIdentity | None = None
+        self,
+        hub: Hub,
+        session: Session,
+        peername: str,
+        identity: PeerIdentity | None = None,
+        *,
+        record: StoredRecord | None = None,
     ) -> None:
         super().__init__(session, hub.plugins, accept_plain=hub.accept_plain, identity=identity)
         self.hub = hub
         self.peername = peername
         self._expiry: asyncio.TimerHandle | None = None
+        #: restored from the hub's store at start-up (its handler runs on its first resume)
+        self.restored = record is not None
+        self._handler_pending = False
+        if hub.store is not None:
+            self._use_store(hub.store, record.key if record is not None else None, record)
 
     def _on_link_lost(self, error: BaseException) -> None:
         if not self.is_closed:
@@ -80,6 +94,11 @@ class ServerPeer(Peer):
         self._attach(conn)
         self.peername = conn.peername
         self.session.resume(hello, self.loop.time(), leftover)
+        if self._handler_pending:
+            # A session restored from the store gets its handler back when its client
+            # returns: the handler of the process that crashed died with it.
+            self._handler_pending = False
+            self.hub._run_handler(self)
         self._process()
 
     def _on_closed(self, error: KoriNetError) -> None:
@@ -110,6 +129,11 @@ class Hub:
         passphrase: admit only clients that prove this pre-shared passphrase by
             challenge-response (it never crosses the wire; docs/PROTOCOL.md §3.4).
             Legacy v2 peers cannot, so they are refused.
+        store: a file (or :class:`~korinet.runtime.store.SessionStore`) keeping every
+            session across a crash or restart of this process. Stored sessions come
+            back detached when the hub starts, their TTL counted from then; the
+            handler of one runs again when its client resumes it. Without a store, a
+            restart loses every session (clients are told ``SessionExpired``).
     """
 
     def __init__(
@@ -127,6 +151,7 @@ class Hub:
         legacy: bool = True,
         authorized: AuthorizedKeys | None = None,
         passphrase: str | None = None,
+        store: str | os.PathLike[str] | SessionStore | None = None,
     ) -> None:
         self.plugins = plugins or default_manager()
         # derived once (scrypt): an unauthenticated client never makes the server run it
@@ -156,10 +181,47 @@ class Hub:
         self._codec_names = tuple(n for n in self.config.codecs if n in self.codecs) + tuple(
             n for n in self.codecs if n not in self.config.codecs
         )
+        self._own_store: SessionStore | None = None
+        if store is not None and not isinstance(store, SessionStore):
+            store = self._own_store = SessionStore(store)
+        #: the durable store of every session (None: sessions live in memory only)
+        self.store: SessionStore | None = store
+        self._restore_due = store is not None
+
+    # -------------------------------------------------------------- durable sessions
+
+    def restore_sessions(self) -> int:
+        """Bring back the sessions of the store, detached, each with a fresh TTL; a
+        client resumes its own as after a lost link. Called once, by ``Server.start()``
+        (or the first connection). Returns how many came back."""
+        if not self._restore_due or self.store is None:
+            return 0
+        self._restore_due = False
+        restored = 0
+        for record in self.store.records(SERVER):
+            try:
+                session = Session(SERVER, self.codecs, self.config)
+                peer = ServerPeer(self, session, "(restored)", record=record)
+            except KeyError as exc:  # a codec no plugin provides any more: it cannot resume
+                logger.warning("stored session %s cannot be restored (no codec %s): dropped", record.key, exc)
+                self.store.forget(record.key)
+                continue
+            # Only this key may resume it, as before the restart (docs/SECURITY.md).
+            peer.identity = StoredIdentity.of(record.identity)
+            assert session.session_id is not None
+            self.sessions[session.session_id] = peer
+            peer._handler_pending = self.handler is not None
+            peer._on_link_lost(ConnectionClosedError(CloseCode.LINK_LOST, "restored"))  # starts the TTL
+            restored += 1
+        if restored:
+            logger.info("restored %d session(s) from %s", restored, self.store.path)
+        return restored
 
     # -------------------------------------------------------------- connections
 
     def protocol_factory(self) -> Connection:
+        if self._restore_due:
+            self.restore_sessions()  # a Hub fed by adopt(), without Server.start()
         return Connection(on_made=self._connection_made)
 
     def _connection_made(self, conn: Connection) -> None:
@@ -421,15 +483,20 @@ class Hub:
 
     async def close(self) -> None:
         """Drop every connection and forget every session (as a crash would, minus
-        the crash: clients learn on reconnect that their session is gone)."""
+        the crash: clients learn on reconnect that their session is gone). With a
+        store, the sessions stay in it: a hub started again with it resumes them."""
         for conn in list(self.connections):
             conn.abort()
         for peer in list(self.sessions.values()):
+            peer._keep_stored = True
             peer._finish(ConnectionClosedError(CloseCode.GOING_AWAY, "server stopped"))
         self.sessions.clear()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.sleep(0)
+        store, self._own_store = self._own_store, None
+        if store is not None:
+            store.close()
 
 
 class Server:
@@ -486,6 +553,7 @@ class Server:
 
     async def start(self) -> Server:
         loop = asyncio.get_running_loop()
+        self.hub.restore_sessions()  # before the first client can ask to resume
         self._server = await loop.create_server(
             self.hub.protocol_factory,
             self.host,
