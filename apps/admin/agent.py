@@ -27,7 +27,7 @@ from korinet import ConnectionClosed, KoriNetError, Message
 
 from . import protocol as p
 from .audit import AuditLog, RefusalTap
-from .jobs import MAX_RETAINED, MEMORY_LIMIT, Job, JobSpec, JobTable, UnknownJob
+from .jobs import MAX_RETAINED, MEMORY_LIMIT, Job, JobSpec, JobTable, OutputDiscarded, UnknownJob
 from .policy import DEFAULT_POLICY, Policy
 from .transfer import AgentTransfers
 
@@ -246,7 +246,8 @@ class Agent:
         old = self._attachments.pop(key, None)
         if old is not None:
             old.cancel()
-        task = asyncio.get_running_loop().create_task(self._pump(peer, job, offsets))
+        job.add_reader(key, offsets)
+        task = asyncio.get_running_loop().create_task(self._pump(peer, job, list(offsets), key))
         self._attachments[key] = task
         task.add_done_callback(lambda t: self._attachment_done(key, t))
         return offsets
@@ -254,12 +255,15 @@ class Agent:
     def _attachment_done(self, key: tuple[int, str], task: asyncio.Task[None]) -> None:
         if self._attachments.get(key) is task:
             del self._attachments[key]
+            job = self.jobs.jobs.get(key[1])
+            if job is not None:
+                job.remove_reader(key)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             if not isinstance(exc, ConnectionClosed | KoriNetError):
                 logger.error("attachment %s failed", key[1], exc_info=exc)
 
-    async def _pump(self, peer: Any, job: Job, offsets: list[int]) -> None:
+    async def _pump(self, peer: Any, job: Job, offsets: list[int], reader: object) -> None:
         inflight: deque[tuple[int, int, int, int]] = deque()  # (seq, stream, end offset, size)
         inflight_bytes = 0
         buffers = job.stream_buffers
@@ -269,7 +273,7 @@ class Agent:
             while inflight and inflight[0][0] <= acked:
                 _, stream, end, size = inflight.popleft()
                 inflight_bytes -= size
-                job.acknowledge(stream, end)
+                job.acknowledge(stream, end, reader)
             for index, buffer in enumerate(buffers):
                 while (
                     offsets[index] < buffer.end
@@ -277,7 +281,11 @@ class Agent:
                     and len(inflight) < MAX_INFLIGHT_MESSAGES
                 ):
                     offset = offsets[index]
-                    data = buffer.read(offset, OUTPUT_CHUNK)
+                    try:
+                        data = buffer.read(offset, OUTPUT_CHUNK)
+                    except OutputDiscarded as exc:  # not expected (see Job.add_reader): the
+                        offsets[index] = exc.start  # client reports the gap rather than hang
+                        continue
                     seq = peer.post(
                         {"job": job.id, "stream": index + 1, "offset": offset, "data": data}, p.OUTPUT
                     )
@@ -291,7 +299,7 @@ class Agent:
                 seq = peer.post(job.exit_notice(), p.EXIT)
                 await peer.wait_acked(seq)
                 for _, stream, end, _size in inflight:
-                    job.acknowledge(stream, end)
+                    job.acknowledge(stream, end, reader)
                 if not job.exit_delivered:
                     self.audit.record("collected", job=job.id, **self._who(peer))
                 self.jobs.collected(job)

@@ -285,6 +285,7 @@ class Job:
         self._open_streams = {1, 2}
         self._exited = False
         self._paused_streams: set[int] = set()
+        self._readers: dict[object, list[int]] = {}
         self._timers: list[asyncio.TimerHandle] = []
         self._pty_master: int | None = None
         self._pty_reader: asyncio.ReadTransport | None = None
@@ -414,8 +415,21 @@ class Job:
         pipe = self._transport.get_pipe_transport(fd)
         return pipe if isinstance(pipe, asyncio.ReadTransport) else None
 
-    def acknowledge(self, stream: int, offset: int) -> None:
-        """A client has stream ``stream`` (1 or 2) up to ``offset``."""
+    def add_reader(self, reader: object, offsets: list[int]) -> None:
+        """A client streams this job from ``offsets`` (what it has): bytes are forgotten
+        only once every reader has them, so a fast terminal never starves a slow one."""
+        self._readers[reader] = list(offsets)
+
+    def remove_reader(self, reader: object) -> None:
+        self._readers.pop(reader, None)
+
+    def acknowledge(self, stream: int, offset: int, reader: object = None) -> None:
+        """A client (``reader``, see :meth:`add_reader`) has stream ``stream`` (1 or 2)
+        up to ``offset``."""
+        acked = self._readers.get(reader) if reader is not None else None
+        if acked is not None:
+            acked[stream - 1] = max(acked[stream - 1], offset)
+            offset = min(r[stream - 1] for r in self._readers.values())
         buffer = self.out if stream == 1 else self.err
         buffer.acknowledge(offset)
         if stream in self._paused_streams and buffer.retained <= self.max_retained // 2:

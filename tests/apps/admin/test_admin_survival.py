@@ -192,3 +192,40 @@ async def test_a_detached_job_spills_to_disk_then_blocks_and_nothing_is_lost(
             await relay.close()
         assert exit_status(notice) == 0
         assert sink.count == 96 * 65536 and sink.sha.hexdigest() == expected
+
+
+async def test_two_terminals_on_one_job_each_get_every_byte(
+    tmp_path: Path,
+    server_identity: Identity,
+    alice: Identity,
+    authorized: AuthorizedKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fast and a slow client attached to one job: the agent forgets a byte only once
+    both have it, so the slow one loses nothing."""
+    # little in flight: the slow client's stream must come back to the buffer many times
+    monkeypatch.setattr("korinet_admin.agent.MAX_INFLIGHT_BYTES", 128 * 1024)
+    writer = [
+        sys.executable,
+        "-c",
+        "import random, sys\nr = random.Random(5)\n"
+        "for _ in range(48): sys.stdout.buffer.write(r.randbytes(65536)); sys.stdout.buffer.flush()\n",
+    ]
+    expected = hashlib.sha256(subprocess.run(writer, capture_output=True, check=True).stdout).hexdigest()
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        slow_link = await Relay("127.0.0.1", agent.port, delay=(0.01, 0.02)).start()
+        fast = await connect(agent.target, alice, tmp_path)
+        slow = await connect(Target("127.0.0.1", slow_link.port), alice, tmp_path)
+        try:
+            fast_sink, slow_sink = HashingSink(), HashingSink()
+            run = await fast.exec(["sh", "-c", 'read go; exec "$@"', "sh", *writer], fast_sink, stdin=True)
+            other = await slow.attach(run.id, slow_sink, [0, 0])
+            await run.send_stdin(b"go\n", eof=True)
+            notices = await asyncio.gather(run.wait(60 * TIMEOUT_FACTOR), other.wait(60 * TIMEOUT_FACTOR))
+        finally:
+            await fast.close()
+            await slow.close()
+            await slow_link.close()
+        assert [exit_status(n) for n in notices] == [0, 0]
+        for sink in (fast_sink, slow_sink):
+            assert sink.count == 48 * 65536 and sink.sha.hexdigest() == expected
