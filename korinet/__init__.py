@@ -33,7 +33,7 @@ from .exceptions import (
 from .hookspecs import hookimpl
 from .messages import REALTIME, RELIABLE, Delivery, Message, MessageType
 from .plugins import PluginConflict, PluginManager
-from .runtime import Client, Hub, Peer, Server, connect, serve
+from .runtime import Client, Hub, Peer, Server, SessionStore, StoreError, connect, serve
 from .server import server
 from .session import SessionConfig
 
@@ -71,6 +71,8 @@ __all__ = [
     "Server",
     "SessionConfig",
     "SessionExpired",
+    "SessionStore",
+    "StoreError",
     "client",
     "connect",
     "hookimpl",

@@ -19,7 +19,7 @@ from . import __version__
 from .builtin import ECHO
 from .exceptions import KoriNetError
 from .plugins import PluginConflict, PluginManager, default_manager
-from .runtime import DEFAULT_PORT, Client, Server
+from .runtime import DEFAULT_PORT, Client, Server, StoreError
 from .session import SessionConfig
 
 if TYPE_CHECKING:
@@ -178,18 +178,26 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     except (OSError, ValueError) as exc:
         print(f"korinet serve: {exc}", file=sys.stderr)
         return 1
-    server = Server(
-        host,
-        port,
-        plugins=plugins,
-        config=config,
-        accept_plain=False,
-        session_ttl=args.session_ttl,
-        tls=tls,
-        passphrase=passphrase,
-    )
+    try:
+        server = Server(
+            host,
+            port,
+            plugins=plugins,
+            config=config,
+            accept_plain=False,
+            session_ttl=args.session_ttl,
+            tls=tls,
+            passphrase=passphrase,
+            store=args.store,
+        )
+    except StoreError as exc:
+        print(f"korinet serve: {exc}", file=sys.stderr)
+        return 1
     try:
         await server.start()
+    except StoreError as exc:
+        print(f"korinet serve: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"korinet serve: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -343,6 +351,11 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         help="with --tls: let any client connect (encrypted, but not authenticated)",
     )
     p.add_argument("--passphrase", action="store_true", help=PASSPHRASE_HELP)
+    p.add_argument(
+        "--store",
+        metavar="FILE",
+        help="keep sessions in this SQLite file: a restarted server resumes them (clients need one too)",
+    )
     p.set_defaults(func=_serve, is_async=True)
 
     p = sub.add_parser("ping", help="open a session and measure request/reply round trips")

@@ -8,6 +8,7 @@ from .connection import Connection
 from .legacy import LegacyPeer
 from .peer import Peer
 from .server import Hub, Server, ServerPeer, serve
+from .store import SessionStore, StoreError
 
 __all__ = [
     "DEFAULT_PORT",
@@ -18,6 +19,8 @@ __all__ = [
     "Peer",
     "Server",
     "ServerPeer",
+    "SessionStore",
+    "StoreError",
     "backoff",
     "connect",
     "serve",

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,22 @@ def test_passphrase_without_a_source_says_where_to_put_it() -> None:
         capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     assert result.returncode == 1 and "set KORINET_PASSPHRASE" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_serve_with_a_store_refuses_a_store_in_use(tmp_path: Path) -> None:
+    store = tmp_path / "sessions.db"
+    port = free_port()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "korinet.cli", "serve", f"127.0.0.1:{port}", "--store", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None and "serving on" in first.stdout.readline()
+        assert store.exists() and store.stat().st_mode & 0o077 == 0  # it holds resume tokens
+        second = korinet("serve", f"127.0.0.1:{free_port()}", "--store", str(store))
+        assert second.returncode == 1 and "in use by another process" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=10)
