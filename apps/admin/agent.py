@@ -370,6 +370,11 @@ def host_status(jobs: int = 0) -> dict[str, Any]:
                 {"mount": part.mountpoint, "device": part.device, "fstype": part.fstype,
                  "total": usage.total, "used": usage.used, "free": usage.free, "percent": usage.percent}
             )  # fmt: skip
+    if not any(d["mount"] == "/" for d in disks):  # in a container / is often an overlay psutil skips
+        with contextlib.suppress(OSError):
+            usage = psutil.disk_usage("/")
+            disks.insert(0, {"mount": "/", "device": "", "fstype": "", "total": usage.total,
+                             "used": usage.used, "free": usage.free, "percent": usage.percent})  # fmt: skip
     return {
         "hostname": platform.node(),
         "system": f"{platform.system()} {platform.release()}",
