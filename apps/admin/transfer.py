@@ -100,6 +100,8 @@ class AgentTransfers:
         path, sha, size = req["path"], req["sha256"], int(req["size"])
         self._allow(peer, "put", path, size=size, sha256=sha)
         destination = _resolve(path)
+        if destination.is_dir():
+            raise IsADirectoryError(f"{destination} is a directory: end DST with / to copy into it")
         if not destination.parent.is_dir():
             raise FileNotFoundError(f"no directory {destination.parent}")
         part = partial_path(destination, sha)
