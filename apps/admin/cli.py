@@ -594,6 +594,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # a malformed HOST list, mostly
         _err(str(exc))
         return 2
+    finally:
+        _quiet_closed_stdout()
+
+
+def _quiet_closed_stdout() -> None:
+    """After `| head` closed our stdout, flushing it at exit would print a traceback."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

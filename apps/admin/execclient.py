@@ -32,7 +32,17 @@ if TYPE_CHECKING:
     from korinet.plugins import PluginManager
     from korinet.security import ClientTLS
 
-__all__ = ["AdminConnection", "JobRun", "Sink", "Target", "admin_plugins", "new_job_id", "parse_targets"]
+__all__ = [
+    "AdminConnection",
+    "JobError",
+    "JobRun",
+    "OutputClosed",
+    "Sink",
+    "Target",
+    "admin_plugins",
+    "new_job_id",
+    "parse_targets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +106,10 @@ class JobError(KoriNetError):
     """The agent refused or lost a job (the message says why)."""
 
 
+class OutputClosed(JobError):
+    """Our stdout (or stderr) was closed, as by ``| head``: the job's output has nowhere to go."""
+
+
 class JobRun:
     """A job seen from the client: the bytes received so far per stream, the exit."""
 
@@ -137,7 +151,10 @@ class JobRun:
         if skip:
             chunk = chunk[skip:]
         self.offsets[index] = have + len(chunk)
-        self.sink(index + 1, chunk)
+        try:
+            self.sink(index + 1, chunk)
+        except BrokenPipeError:
+            self._fail(OutputClosed(f"job {self.id}: the local {('stdout', 'stderr')[index]} was closed"))
 
     def _exited(self, notice: dict[str, Any]) -> None:
         if self._held is not None:

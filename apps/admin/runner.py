@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from korinet import KoriNetError, MessageRejected
 
-from .execclient import AdminConnection, JobRun, Sink, Target
+from .execclient import AdminConnection, JobRun, OutputClosed, Sink, Target
 from .protocol import exit_status
 
 if TYPE_CHECKING:
@@ -112,6 +112,11 @@ async def run_on_host(
         elif notice.get("error"):
             report(f"{name}: {notice['error']}")
         return HostResult(code, note)
+    except OutputClosed:
+        # as in a local pipeline (cmd | head): the writer gets SIGPIPE, silently
+        with contextlib.suppress(KoriNetError, TimeoutError):
+            await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
+        return HostResult(128 + signal.SIGPIPE, "local output closed")
     except MessageRejected as exc:
         report(f"{name}: refused: {exc}")
         return HostResult(FAILURE, f"refused: {exc}")

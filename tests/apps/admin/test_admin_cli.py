@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -101,6 +102,23 @@ async def test_ctrl_c_stops_a_remote_sleep_within_a_second(
         _, err = await asyncio.wait_for(proc.communicate(), WAIT)
         assert proc.returncode == 128 + signal.SIGINT
         assert b"sending SIGINT to the remote command" in err
+
+
+async def test_a_closed_stdout_stops_the_remote_writer_as_a_local_pipe_would(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        line = shlex.join([*CLI, "exec", host(agent), "--", "seq", "100000000"])
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", f'{line} | head -2; echo "status ${{PIPESTATUS[0]}}"',
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(client_home),
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert out == b"1\n2\nstatus 141\n", err
+        assert b"Traceback" not in err and b"BrokenPipe" not in err
+        job = next(iter(agent.agent.jobs.jobs.values()))
+        await asyncio.wait_for(asyncio.shield(job.done), WAIT)
+        assert job.exit_notice()["signal"] == signal.SIGPIPE
 
 
 async def test_ctrl_c_escalates_to_sigterm_then_sigkill(
