@@ -414,10 +414,14 @@ class AdminConnection:
             run = self.runs.get(str(data.get("job"))) if isinstance(data, dict) else None
             if run is None:
                 continue
-            if msg.type == p.OUTPUT:
-                run._output(data)
-            elif msg.type == p.EXIT:
-                run._exited(data)
+            try:
+                if msg.type == p.OUTPUT:
+                    run._output(data)
+                elif msg.type == p.EXIT:
+                    run._exited(data)
+            except Exception as exc:  # a failing sink ends its job, not the whole connection
+                logger.exception("job %s: cannot take its output", run.id)
+                run._fail(JobError(f"job {run.id}: cannot take its output: {exc!r}"))
 
     async def _reattach_all(self) -> None:
         self.reattached.clear()
