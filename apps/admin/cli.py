@@ -54,13 +54,19 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
 async def _connect(args: argparse.Namespace, target: Target, tls: ClientTLS | None) -> AdminConnection | None:
     from korinet import KoriNetError
 
-    from .execclient import AdminConnection
+    from .execclient import AdminConnection, explain
 
     try:
         return await AdminConnection.open(target, tls=tls, open_timeout=args.connect_timeout)
     except (KoriNetError, OSError) as exc:
-        _err(f"{target.label}: {exc}")
+        _err(f"{target.label}: {explain(exc)}")
         return None
+
+
+def _explain(error: BaseException) -> str:
+    from .execclient import explain
+
+    return explain(error)
 
 
 def _one_target(text: str) -> Target:
@@ -201,10 +207,10 @@ async def _attach(args: argparse.Namespace) -> int:
             return 130
         return exit_status(notice)
     except MessageRejected as exc:
-        _err(f"{target.label}: {exc}")
+        _err(f"{target.label}: {_explain(exc)}")
         return FAILURE
     except KoriNetError as exc:
-        _err(f"{target.label}: {exc}")
+        _err(f"{target.label}: {_explain(exc)}")
         return FAILURE
     finally:
         await conn.close()
@@ -224,7 +230,7 @@ async def _jobs(args: argparse.Namespace) -> int:
     try:
         jobs = await conn.request({}, JOBS)
     except KoriNetError as exc:
-        _err(f"{target.label}: {exc}")
+        _err(f"{target.label}: {_explain(exc)}")
         return FAILURE
     finally:
         await conn.close()
@@ -270,7 +276,7 @@ async def _status(args: argparse.Namespace) -> int:
     try:
         st = await conn.request({}, STATUS)
     except KoriNetError as exc:
-        _err(f"{target.label}: {exc}")
+        _err(f"{target.label}: {_explain(exc)}")
         return FAILURE
     finally:
         await conn.close()

@@ -40,6 +40,7 @@ __all__ = [
     "Sink",
     "Target",
     "admin_plugins",
+    "explain",
     "new_job_id",
     "parse_targets",
 ]
@@ -90,6 +91,17 @@ def parse_targets(text: str) -> list[Target]:
             raise ValueError(str(exc)) from None
         targets.append(Target(host, port))
     return targets
+
+
+def explain(error: BaseException) -> str:
+    """An error as the user should read it: the runtime's words, plus what to do when
+    the fix is on the agent's side."""
+    text = str(error)
+    if "is not authorized" in text and "--name NAME)" in text:
+        text = text.replace("--name NAME)", "--name NAME --role admin)")
+    elif "requires the role 'admin'" in text:
+        text += "; on the agent: korinet authorize FINGERPRINT --name NAME --role admin"
+    return text
 
 
 def admin_plugins() -> PluginManager:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from korinet import KoriNetError, MessageRejected
 
-from .execclient import AdminConnection, JobRun, OutputClosed, Sink, Target
+from .execclient import AdminConnection, JobRun, OutputClosed, Sink, Target, explain
 from .protocol import exit_status
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ async def run_on_host(
             target, tls=tls, plugins=plugins, open_timeout=connect_timeout, **client_kwargs
         )
     except (KoriNetError, OSError) as exc:
-        report(f"{name}: {exc}")
+        report(f"{name}: {explain(exc)}")
         return HostResult(FAILURE, f"no session: {exc}")
     from .plugin import watch_links
 
@@ -118,7 +118,7 @@ async def run_on_host(
             await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
         return HostResult(128 + signal.SIGPIPE, "local output closed")
     except MessageRejected as exc:
-        report(f"{name}: refused: {exc}")
+        report(f"{name}: refused: {explain(exc)}")
         return HostResult(FAILURE, f"refused: {exc}")
     except KoriNetError as exc:
         report(f"{name}: {exc}")
