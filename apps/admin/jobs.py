@@ -625,7 +625,10 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None:
             if job_id in self._past_ids:
-                raise UnknownJob(f"job {job_id} ran under an earlier agent process; its output is gone")
+                raise UnknownJob(
+                    f"job {job_id} is no longer held (collected and forgotten, or run by an earlier agent "
+                    "process): its output is gone"
+                )
             raise UnknownJob(f"no job {job_id} on this agent")
         return job
 
@@ -633,14 +636,18 @@ class JobTable:
         """The job with this id, started now if new. Returns ``(job, created)``.
 
         Raises:
-            UnknownJob: the id was used by an earlier agent process.
+            UnknownJob: the id was used before (by a job since forgotten, or by an
+                earlier agent process over the same state directory).
             RuntimeError: too many jobs.
         """
         job = self.jobs.get(spec.job_id)
         if job is not None:
             return job, False
         if spec.job_id in self._past_ids:
-            raise UnknownJob(f"job {spec.job_id} ran under an earlier agent process; it is not run again")
+            raise UnknownJob(
+                f"job {spec.job_id} already ran (it is forgotten now, or it ran under an earlier agent "
+                "process); it is not run again"
+            )
         if len(self.jobs) >= self.max_jobs:
             raise RuntimeError(f"this agent holds {len(self.jobs)} jobs already; try again later")
         self._record_id(spec.job_id)

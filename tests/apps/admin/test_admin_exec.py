@@ -170,7 +170,7 @@ async def test_a_resubmitted_job_id_runs_once(
     from korinet_admin.jobs import JobSpec, JobTable, UnknownJob
 
     table = JobTable(state)
-    with pytest.raises(UnknownJob, match="earlier agent process"):
+    with pytest.raises(UnknownJob, match="already ran"):
         await table.submit(JobSpec(job_id, argv, "x", "x"))
     table.close()
 
