@@ -380,6 +380,9 @@ async def _agent(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as exc:
         _err(str(exc))
         return 2
+    if args.insecure_plaintext and not _is_loopback(host):
+        _err(f"agent: --insecure-plaintext serves loopback only (anyone reaching {host} could run commands)")
+        return 2
     state_dir = Path(args.state_dir) if args.state_dir else korinet_home() / "admin"
     try:
         policy = Policy.load(Path(args.policy)) if args.policy else DEFAULT_POLICY
@@ -445,6 +448,17 @@ async def _agent(args: argparse.Namespace) -> int:
     await server.close()
     await agent.close()
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------- parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -261,3 +262,38 @@ async def test_usage_errors_and_unreachable_hosts_are_reported_without_traceback
     assert code == 255 and b"cannot resolve no-such-host.invalid" in err and b"Traceback" not in err
     code, _, err = await cli(client_home, "exec", "a,,b", "--", "true")
     assert code == 2 and b"empty host" in err and b"Traceback" not in err
+
+
+async def test_the_agent_command_serves_stops_cleanly_and_keeps_plaintext_on_loopback(
+    tmp_path: Path, client_home: Path, alice: Identity
+) -> None:
+    agent_home = tmp_path / "agent-home"
+    AuthorizedKeys(agent_home / "authorized_keys").authorize(alice.fingerprint, "alice", ["admin"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = tmp_path / "agent-state"
+    agent = await asyncio.create_subprocess_exec(
+        *CLI, "agent", f"127.0.0.1:{port}", "--state-dir", str(state),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(agent_home),
+    )  # fmt: skip
+    try:
+        assert agent.stdout is not None
+        banner = b""
+        while b"audit log" not in banner:
+            line = await asyncio.wait_for(agent.stdout.readline(), WAIT)
+            assert line, "the agent exited early"
+            banner += line
+        assert b"TLS 1.3" in banner and b"1 authorized key(s)" in banner
+        code, out, err = await cli(client_home, "exec", f"127.0.0.1:{port}", "--", "echo", "served")
+        assert (code, out) == (0, b"served\n"), err
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(agent.wait(), WAIT)
+    assert agent.returncode == 0
+    events = [json.loads(line)["event"] for line in (state / "audit.log").read_text().splitlines()]
+    assert events[0] == "agent-started" and events[-1] == "agent-stopped" and "exec" in events
+    code, _, err = await cli(
+        agent_home, "agent", "0.0.0.0:0", "--insecure-plaintext", "--state-dir", str(state)
+    )
+    assert code == 2 and b"loopback only" in err
