@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CLI, RunningAgent, cli_env, install_client_identity, running_agent
+from admin_helpers import CLI, RunningAgent, cli_env, install_client_identity, running_agent
 from korinet_admin.execclient import JobRun
 from testutil import TIMEOUT_FACTOR
 
@@ -226,7 +226,7 @@ async def test_status_jobs_and_attach(
         code, _, _ = await cli(client_home, "exec", host(agent), "--", "sh", "-c", "echo started")
         code, out, _ = await cli(client_home, "jobs", host(agent))
         assert code == 0 and b"exited" in out and b"sh -c 'echo started'" in out
-        from conftest import Collector, connect
+        from admin_helpers import Collector, connect
 
         conn = await connect(agent.target, alice, tmp_path)
         seen = Collector()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Collector, connect, running_agent
+from admin_helpers import Collector, connect, running_agent
 from korinet_admin.execclient import Target
 from korinet_admin.protocol import exit_status
 from testutil import TIMEOUT_FACTOR
