@@ -210,7 +210,6 @@ class ChatClient:
         watch.add(self)
         self.state = "connected"
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        self._spawn(self._watch_dead_links())
         await self._register(first=True)
 
     async def close(self) -> None:
@@ -260,23 +259,6 @@ class ChatClient:
         elif event == "closed" and self.peer.is_closed:
             self.state = "closed"
         self._status()
-
-    async def _watch_dead_links(self) -> None:
-        """Work around a race in the runtime's Client (see the chat report): a new
-        connection reset before the Client attaches it is never reported, and the
-        Client would wait on it forever. Once a second, hand such a corpse back."""
-        peer = self.peer
-        assert peer is not None
-        while not peer.is_closed:
-            await asyncio.sleep(1.0)
-            conn = peer.conn
-            if conn is not None and conn.lost.done() and not peer.is_connected:
-                logger.warning("%r: its new connection died unnoticed; reconnecting", peer)
-                try:
-                    peer._link_lost(conn, conn.lost.result())
-                except Exception:  # the runtime changed under us: the watchdog stops, the chat goes on
-                    logger.exception("cannot hand the dead connection back")
-                    return
 
     # ------------------------------------------------------------------ output
 
