@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_PORT", "main"]
 
 #: The intercom's port (``korinet serve`` hosts it too, on its own port).
-DEFAULT_PORT = 1237
+DEFAULT_PORT = 1238  # 1235 core, 1236 chat, 1237 admin agents
 PLAINTEXT_WARNING = (
     "WARNING: --insecure-plaintext: audio and names cross the network unencrypted and unauthenticated"
 )
