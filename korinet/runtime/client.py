@@ -189,6 +189,7 @@ class Client(Peer):
                 pass
 
     def _on_link_lost(self, error: BaseException) -> None:
+        self.last_error = error
         self._link_down.set()
 
     async def _run(self) -> None:

@@ -95,6 +95,7 @@ class Peer:
         #: the round-trip time measured by the last heartbeat, in seconds
         self.rtt: float | None = None
         self.conn: Connection | None = None
+        self._link_failure: KoriNetError | None = None  # why the session dropped the link
         self._inbox: deque[tuple[Message, int]] = deque()
         self._rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
         self._inbox_waiter: asyncio.Future[None] | None = None
@@ -435,7 +436,8 @@ class Peer:
         conn.peer = None
         self.conn = None
         self.session.connection_lost(self.loop.time())
-        error = exc or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+        error = exc or self._link_failure or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+        self._link_failure = None
         if not self.is_closed:
             logger.info("%r: link lost (%s)", self, error)
             self._spawn(self.plugins.session_lost(self, error))
@@ -507,6 +509,7 @@ class Peer:
                     self._finish(ev_f.error)  # logs it
                 else:
                     logger.warning("%r: dropping the link: %s", self, ev_f.error)
+                    self._link_failure = ev_f.error  # why, for _link_lost (the close says nothing)
         self._flush()
         if reschedule or (self.conn is not None and self.conn._timer is None):
             self._schedule_timer()

@@ -1,5 +1,8 @@
-"""max_detached: clients that vanish cannot fill the server's session table; past
-the limit the session detached longest expires early, and its client is told."""
+"""The server's limits on connections and sessions, each with its answer:
+max_connections (closed at accept), max_sessions (CLOSE 1009, the client retries
+and gets in once there is room), max_detached (the session detached longest expires
+early, and its client is told). Per-address caps, handshake timeout, frame size and
+the failed-authentication delay are tested in test_hostile.py and tests/security/."""
 
 from __future__ import annotations
 
@@ -61,3 +64,37 @@ async def test_the_session_detached_longest_expires_first(caplog: pytest.LogCapt
             await c.close()
         for r in relays:
             await r.close()
+
+
+async def test_max_connections_closes_the_one_too_many_at_accept() -> None:
+    plugins = PluginManager.load(entry_points=False)
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins, max_connections=2) as server:
+        stalled = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        await wait_for(lambda: len(server.hub.connections) == 2, "two connections held")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        # the third is closed without a word (it could be a v2 peer that misreads a CLOSE)
+        assert await asyncio.wait_for(reader.read(), 10 * TIMEOUT_FACTOR) == b""
+        writer.close()
+        for _, w in stalled:
+            w.close()
+        await wait_for(lambda: not server.hub.connections, "the stalled ones gone")
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins, open_timeout=10)
+        await client.send("room again")
+        assert await client.recv(timeout=10 * TIMEOUT_FACTOR) == "room again"
+        await client.close()
+
+
+async def test_max_sessions_asks_the_next_client_to_retry_until_there_is_room() -> None:
+    plugins = PluginManager.load(entry_points=False)
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins, max_sessions=1) as server:
+        first = await Client.connect("127.0.0.1", server.port, plugins=plugins, open_timeout=10)
+        second = Client("127.0.0.1", server.port, plugins=plugins, backoff_cap=0.1)
+        second.start()
+        await wait_for(lambda: second.attempts >= 2, "the second client was refused and retried")
+        assert not second.is_connected and len(server.hub.sessions) == 1
+        assert "too many sessions" in str(second.last_error)
+        await first.close()  # an orderly close frees the slot at once
+        await second.wait_connected(10 * TIMEOUT_FACTOR)
+        await second.send("my turn")
+        assert await second.recv(timeout=10 * TIMEOUT_FACTOR) == "my turn"
+        await second.close()
