@@ -33,7 +33,19 @@ from .exceptions import (
 from .hookspecs import hookimpl
 from .messages import REALTIME, RELIABLE, Delivery, Message, MessageType
 from .plugins import PluginConflict, PluginManager
-from .runtime import Client, Hub, Peer, Server, SessionStore, StoreError, connect, serve
+from .runtime import (
+    Client,
+    FanoutResult,
+    Hub,
+    Peer,
+    Server,
+    SessionStore,
+    StoreError,
+    connect,
+    post_many,
+    send_realtime_many,
+    serve,
+)
 from .server import server
 from .session import SessionConfig
 
@@ -50,6 +62,7 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionClosedOK",
     "Delivery",
+    "FanoutResult",
     "FrameTooLarge",
     "HostKeyChanged",
     "Hub",
@@ -76,7 +89,9 @@ __all__ = [
     "client",
     "connect",
     "hookimpl",
+    "post_many",
     "protocol",
+    "send_realtime_many",
     "serve",
     "server",
 ]

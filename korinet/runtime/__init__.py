@@ -5,6 +5,7 @@ from __future__ import annotations
 from .backoff import backoff
 from .client import DEFAULT_PORT, Client, connect
 from .connection import Connection
+from .fanout import FanoutResult, post_many, send_realtime_many
 from .legacy import LegacyPeer
 from .peer import Peer
 from .server import Hub, Server, ServerPeer, serve
@@ -14,6 +15,7 @@ __all__ = [
     "DEFAULT_PORT",
     "Client",
     "Connection",
+    "FanoutResult",
     "Hub",
     "LegacyPeer",
     "Peer",
@@ -23,5 +25,7 @@ __all__ = [
     "StoreError",
     "backoff",
     "connect",
+    "post_many",
+    "send_realtime_many",
     "serve",
 ]

@@ -205,7 +205,17 @@ class Peer:
         """
         if self.closed.done():
             raise self.closed.result()
-        seq = self.session.send_message(obj, type)
+        return self._posted(self.session.send_message(obj, type))
+
+    def _post_encoded(self, payload: bytes, type: str) -> int:
+        """:meth:`post` of a payload already encoded with the session's codec (the
+        fan-out's path: korinet.runtime.fanout); same checks, same side effects."""
+        if self.closed.done():
+            raise self.closed.result()
+        return self._posted(self.session.send_encoded(payload, type))
+
+    def _posted(self, seq: int) -> int:
+        # what every post does once the session took the message
         if self._stored is not None:
             self._accepted()
         self._after_queue()
@@ -230,12 +240,21 @@ class Peer:
         """Send a realtime message now, or drop it: no link, or the link already has
         more than REALTIME_MAX_BACKLOG bytes waiting (a stale frame is worse than none).
         Returns whether it was sent."""
+        conn = self._realtime_link()
+        if conn is None or not self.session.send_realtime(obj, type):
+            return False
+        return self._realtime_write(conn)
+
+    def _realtime_link(self) -> Connection | None:
+        """The link a realtime message may go on now, or None (counted as dropped)."""
         conn = self.conn
         if conn is None or conn.write_backlog > REALTIME_MAX_BACKLOG:
             self.session.stats.realtime_dropped += 1
-            return False
-        if not self.session.send_realtime(obj, type):
-            return False
+            return None
+        return conn
+
+    def _realtime_write(self, conn: Connection) -> bool:
+        """Write the realtime frame the session just queued (and anything before it)."""
         if self._stored is not None and not self._commit_before_write():
             return False
         conn.write(self.session.data_to_send())

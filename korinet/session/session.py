@@ -430,11 +430,29 @@ class Session:
             CodecError: ``obj`` cannot be encoded.
             MessageTooLarge: the frame would exceed the peer's maximum.
         """
+        codec = self._sending_codec()
+        return self._queue_payload(codec.encode(obj), type, flags, corr)
+
+    def send_encoded(self, payload: bytes, type: str = "", *, flags: int = 0, corr: int = 0) -> int:
+        """:meth:`send_message` for a payload already encoded with this session's
+        :attr:`codec` (a fan-out encodes once for many sessions). Same checks, same
+        bookkeeping: the frame buffered and replayed is the one send_message builds.
+
+        Raises:
+            InvalidState, SendBufferFull, MessageTooLarge: as :meth:`send_message`.
+        """
+        self._sending_codec()
+        return self._queue_payload(payload, type, flags, corr)
+
+    def _sending_codec(self) -> Codec:
         if self.state is CLOSED:
             raise InvalidState("the session is closed")
         if self.codec is None:
             raise InvalidState("no codec yet: the first handshake has not completed")
-        payload = self.codec.encode(obj)
+        return self.codec
+
+    def _queue_payload(self, payload: bytes, type: str, flags: int, corr: int) -> int:
+        """The one path of a reliable message into the send buffer (§5.1)."""
         size = len(payload)
         unacked = self._unacked
         if unacked and (
@@ -465,7 +483,17 @@ class Session:
         if self.state is not OPEN or self.codec is None:
             self.stats.realtime_dropped += 1
             return False
-        frame = encode_message(FrameType.RT, 0, flags, 0, type, self.codec.encode(obj))
+        return self._send_realtime_payload(self.codec.encode(obj), type, flags)
+
+    def send_realtime_encoded(self, payload: bytes, type: str = "", *, flags: int = 0) -> bool:
+        """:meth:`send_realtime` for a payload already encoded with :attr:`codec`."""
+        if self.state is not OPEN or self.codec is None:
+            self.stats.realtime_dropped += 1
+            return False
+        return self._send_realtime_payload(payload, type, flags)
+
+    def _send_realtime_payload(self, payload: bytes, type: str, flags: int) -> bool:
+        frame = encode_message(FrameType.RT, 0, flags, 0, type, payload)
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._out.append(frame)
