@@ -12,7 +12,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -59,8 +59,14 @@ def _port(text: str, whole: str) -> int:
 # ---------------------------------------------------------------------- identity
 
 
-def _identity(command: str) -> Identity:
-    """This node's identity, made on first use (and saying so).
+# Shared with the apps' commands (korinet-chat, -admin, -audio): one wording for
+# what a user must see about keys, and one way to wait for Ctrl-C.
+
+
+def load_identity(command: str, *, hint: str = "") -> Identity:
+    """This node's identity, made on first use and saying so on stderr
+    (``"{command}: created a new identity ... in DIR"``, then ``hint`` if given, in
+    which ``{fingerprint}`` stands for the new key's).
 
     Raises:
         OSError, ValueError: the stored one cannot be read (the message says why).
@@ -71,11 +77,42 @@ def _identity(command: str) -> Identity:
     identity = Identity.load_or_create()
     if created:
         print(
-            f"korinet {command}: created a new identity {identity.fingerprint} in {korinet_home()}",
+            f"{command}: created a new identity {identity.fingerprint} in {korinet_home()}"
+            + (f"; {hint.format(fingerprint=identity.fingerprint)}" if hint else ""),
             file=sys.stderr,
             flush=True,
         )
     return identity
+
+
+def pinning_notice(
+    command: str, *, where: str = "the server"
+) -> Callable[[str, str, KnownHosts], None]:
+    """A ``ClientTLS(on_first_use=...)`` callback telling the user, on stderr, which
+    key was pinned for which address, and how to check it."""
+
+    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
+        print(
+            f"{command}: first connection to {address}: its key {fingerprint} is now pinned in "
+            f"{known_hosts.path} (compare it with what `korinet id` prints on {where})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return first_use
+
+
+async def wait_for_stop_signal() -> None:
+    """Return at the first SIGINT (Ctrl-C) or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _keygen(args: argparse.Namespace, plugins: PluginManager) -> int:
@@ -100,7 +137,7 @@ def _keygen(args: argparse.Namespace, plugins: PluginManager) -> int:
 
 def _id(args: argparse.Namespace, plugins: PluginManager) -> int:
     try:
-        identity = _identity("id")
+        identity = load_identity("korinet id")
     except (OSError, ValueError) as exc:
         print(f"korinet id: {exc}", file=sys.stderr)
         return 1
@@ -128,7 +165,8 @@ def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
         return None
     from .security import AuthorizedKeys, ServerTLS
 
-    return ServerTLS(_identity("serve"), authorized=None if args.no_client_auth else AuthorizedKeys())
+    authorized = None if args.no_client_auth else AuthorizedKeys()
+    return ServerTLS(load_identity("korinet serve"), authorized=authorized)
 
 
 def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
@@ -136,14 +174,7 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
         return None
     from .security import ClientTLS
 
-    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
-        print(
-            f"first connection to {address}: its key {fingerprint} is now pinned in {known_hosts.path}\n"
-            "(compare it with what `korinet id` prints on the server)",
-            flush=True,
-        )
-
-    return ClientTLS(_identity("ping"), on_first_use=first_use)
+    return ClientTLS(load_identity("korinet ping"), on_first_use=pinning_notice("korinet ping"))
 
 
 PASSPHRASE_ENV = "KORINET_PASSPHRASE"
@@ -222,11 +253,7 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     if passphrase is not None:
         print("clients must prove the passphrase (challenge-response; it is never sent)", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     print(f"stopping ({len(server.hub.sessions)} session(s) open)", flush=True)
     await server.close()
     return 0

@@ -35,20 +35,13 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     if args.insecure_plaintext:
         _err("WARNING: --insecure-plaintext: no encryption, no server key check; use on loopback only")
         return None
-    from korinet.security import ClientTLS, Identity, KnownHosts, korinet_home
+    from korinet.cli import load_identity, pinning_notice
+    from korinet.security import ClientTLS
 
-    created = not Identity.exists()
-    identity = Identity.load_or_create()
-    if created:
-        _err(
-            f"created this client's identity {identity.fingerprint} in {korinet_home()}; on each agent "
-            f"run: korinet authorize {identity.fingerprint} --name NAME --role admin"
-        )
-
-    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
-        _err(f"first connection to {address}: its key {fingerprint} is now pinned in {known_hosts.path}")
-
-    return ClientTLS(identity, on_first_use=first_use)
+    identity = load_identity(
+        "korinet-admin", hint="on each agent run: korinet authorize {fingerprint} --name NAME --role admin"
+    )
+    return ClientTLS(identity, on_first_use=pinning_notice("korinet-admin", where="the agent"))
 
 
 async def _connect(args: argparse.Namespace, target: Target, tls: ClientTLS | None) -> AdminConnection | None:
@@ -361,12 +354,10 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _agent(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
-    import signal
     from pathlib import Path
 
-    from korinet.cli import parse_address
+    from korinet.cli import parse_address, wait_for_stop_signal
     from korinet.runtime import Server
     from korinet.security import AuthorizedKeys, Identity, ServerTLS, korinet_home
 
@@ -436,11 +427,7 @@ async def _agent(args: argparse.Namespace) -> int:
     )
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
     audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     logging.getLogger(__name__).info("stopping")
     running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
     say(f"stopping ({running} running job(s) killed)", flush=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from korinet import Client, KoriNetError, MessageRejected, Server
-from korinet.cli import parse_address
+from korinet.cli import load_identity, parse_address, pinning_notice, wait_for_stop_signal
 from korinet.plugins import PluginConflict, PluginManager, default_manager
 
 from . import codecs as codec_registry
@@ -34,13 +34,7 @@ def _say(text: str) -> None:
 
 
 def _identity() -> Identity:
-    from korinet.security import Identity, korinet_home
-
-    created = not Identity.exists()
-    identity = Identity.load_or_create()
-    if created:
-        _say(f"created a new identity {identity.fingerprint} in {korinet_home()}")
-    return identity
+    return load_identity("korinet-audio")
 
 
 def _server_tls(args: argparse.Namespace) -> ServerTLS | None:
@@ -56,15 +50,9 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     if args.insecure_plaintext:
         _say(PLAINTEXT_WARNING)
         return None
-    from korinet.security import ClientTLS, KnownHosts
+    from korinet.security import ClientTLS
 
-    def first_use(address: str, fingerprint: str, known_hosts: KnownHosts) -> None:
-        _say(
-            f"first connection to {address}: its key {fingerprint} is now pinned in {known_hosts.path} "
-            "(compare it with what `korinet id` prints on the hub)"
-        )
-
-    return ClientTLS(_identity(), on_first_use=first_use)
+    return ClientTLS(_identity(), on_first_use=pinning_notice("korinet-audio", where="the hub"))
 
 
 # ---------------------------------------------------------------------- serve
@@ -95,11 +83,7 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
                 flush=True,
             )
     print("Press Ctrl-C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.close()
     return 0
 

@@ -17,7 +17,6 @@ import getpass
 import logging
 import os
 import re
-import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -28,7 +27,7 @@ from .hub import DEFAULT_PORT
 
 if TYPE_CHECKING:
     from korinet import Server
-    from korinet.security import ClientTLS, KnownHosts, ServerTLS
+    from korinet.security import ClientTLS, ServerTLS
 
     from .client import ChatClient
     from .discovery import Announcement, HubWatcher
@@ -169,24 +168,19 @@ def _warn_plaintext(what: str) -> None:
 def _server_tls(plaintext: bool) -> ServerTLS | None:
     if plaintext:
         return None
-    from korinet.security import Identity, ServerTLS
+    from korinet.cli import load_identity
+    from korinet.security import ServerTLS
 
-    created = not Identity.exists()
-    identity = Identity.load_or_create()
-    if created:
-        print(f"korinet-chat: created the identity {identity.fingerprint} in {config_dir()}", file=sys.stderr)
-    return ServerTLS(identity, authorized=None)  # anyone may chat: nicks, not keys
+    return ServerTLS(load_identity("korinet-chat"), authorized=None)  # anyone may chat: nicks, not keys
 
 
 def _client_tls(plaintext: bool, fingerprint: str | None = None) -> ClientTLS | None:
     if plaintext:
         return None
+    from korinet.cli import pinning_notice
     from korinet.security import ClientTLS
 
-    def first_use(address: str, fp: str, known_hosts: KnownHosts) -> None:
-        print(f"first connection to {address}: its key {fp} is now pinned in {known_hosts.path}", flush=True)
-
-    return ClientTLS(fingerprint=fingerprint, on_first_use=first_use)
+    return ClientTLS(fingerprint=fingerprint, on_first_use=pinning_notice("korinet-chat", where="the hub"))
 
 
 # ---------------------------------------------------------------------- hub
@@ -233,6 +227,8 @@ async def _announce(server: Server, plaintext: bool) -> Announcement | None:
 
 
 async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    from korinet.cli import wait_for_stop_signal
+
     host = args.host or "0.0.0.0"
     port = args.port if args.port is not None else int(cfg.get("port", DEFAULT_PORT))
     db = args.db or cfg.get("db") or default_db()
@@ -261,11 +257,7 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     if announcement is not None:
         print(f"announced on the LAN as {announcement.name!r}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     print(f"stopping ({len(hub.nicks)} user(s) connected)", flush=True)
     if announcement is not None:
         await announcement.close()

@@ -88,11 +88,11 @@ def test_serve_tls_then_ping_tls(tmp_path: Path) -> None:
         ping = run(client_home, "ping", "--tls", f"127.0.0.1:{port}", "-c", "2", "-i", "0")
         assert ping.returncode == 0, ping.stderr
         assert (
-            f"first connection to 127.0.0.1:{port}: its key {server_fp.group()} is now pinned" in ping.stdout
+            f"first connection to 127.0.0.1:{port}: its key {server_fp.group()} is now pinned" in ping.stderr
         )
         assert "2 requests, 2 replies, 0 errors" in ping.stdout
         again = run(client_home, "ping", "--tls", f"127.0.0.1:{port}", "-c", "1")
-        assert again.returncode == 0 and "first connection" not in again.stdout
+        assert again.returncode == 0 and "first connection" not in again.stderr
 
         stranger = run(stranger_home, "ping", "--tls", f"127.0.0.1:{port}", "-c", "1", "-t", "3")
         assert stranger.returncode == 2
