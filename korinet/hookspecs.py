@@ -3,8 +3,9 @@
 Three kinds, on purpose:
 
 * ``korinet_register_*``: every plugin's lists are concatenated;
-* notifications (``korinet_session_*``, ``korinet_server_*``): return nothing; a
-  plugin that raises is logged with its name and the others still run;
+* notifications (``korinet_session_*``, ``korinet_server_*``,
+  ``korinet_message_rejected``): return nothing; a plugin that raises is logged with
+  its name and the others still run;
 * ``korinet_add_cli_commands``: extend the ``korinet`` command line.
 
 A hook that needs to await may return an awaitable; the runtime awaits it.
@@ -69,6 +70,38 @@ def korinet_session_lost(session: Any, error: BaseException) -> Any:
 @hookspec
 def korinet_session_closed(session: Any, reason: str) -> Any:
     """A session ended for good (orderly close, expiry or protocol error)."""
+
+
+@hookspec
+def korinet_session_refused(
+    server: Any, peername: str, fingerprint: str | None, reason: str, code: int
+) -> Any:
+    """A connection was refused before it became a session. Called once per refused
+    connection, at the moment the :class:`~korinet.runtime.Hub` decides (a delayed
+    answer to a failed authentication is still reported at once).
+
+    ``server`` is the :class:`~korinet.runtime.Hub` that refused (a Server's is
+    ``server.hub``; a Hub fed sockets by ``adopt()`` has no Server). ``peername`` is
+    ``"host:port"``; ``fingerprint`` the client's key when the hub checked one (TLS
+    with authorized keys), else None. ``code`` is the
+    :class:`~korinet.session.CloseCode` of the refusal: ``AUTH_FAILED`` (unknown key,
+    no certificate, wrong or missing passphrase, a resume token of another key),
+    ``TRY_AGAIN_LATER`` (a connection or session limit; a connection over a
+    connection limit is cut without a CLOSE frame), ``HANDSHAKE_TIMEOUT``, or the
+    handshake's own (``PROTOCOL_ERROR``, ``UNSUPPORTED_VERSION``, ``UNSUPPORTED_CODEC``).
+    """
+
+
+@hookspec
+def korinet_message_rejected(session: Any, message_type: str, reason: str) -> Any:
+    """A received reliable message was rejected by this side's rules (unknown type,
+    failed validation, missing role, untyped where only typed ones are accepted); the
+    sender gets :class:`~korinet.MessageRejected`. Called once per message, on the
+    receiving side: ``session`` is the :class:`~korinet.runtime.Peer`,
+    :class:`~korinet.runtime.Client` or :class:`~korinet.sync.SyncClient` that received it
+    (its ``identity`` says who sent it), ``message_type`` the type's name (``""`` for
+    an untyped message). A malformed realtime message is dropped and counted in
+    ``session.stats.realtime_malformed`` instead."""
 
 
 @hookspec

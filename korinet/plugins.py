@@ -181,6 +181,23 @@ class PluginManager:
     def session_closed(self, session: Any, reason: str) -> list[Any]:
         return self._notify(self.pm.hook.korinet_session_closed, session=session, reason=reason)
 
+    def session_refused(
+        self, server: Any, peername: str, fingerprint: str | None, reason: str, code: int
+    ) -> list[Any]:
+        return self._notify(
+            self.pm.hook.korinet_session_refused,
+            server=server,
+            peername=peername,
+            fingerprint=fingerprint,
+            reason=reason,
+            code=code,
+        )
+
+    def message_rejected(self, session: Any, message_type: str, reason: str) -> list[Any]:
+        return self._notify(
+            self.pm.hook.korinet_message_rejected, session=session, message_type=message_type, reason=reason
+        )
+
     def server_started(self, server: Any) -> list[Any]:
         return self._notify(self.pm.hook.korinet_server_started, server=server)
 

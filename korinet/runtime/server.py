@@ -18,10 +18,10 @@ import hmac
 import logging
 import socket
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
+from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, NegotiationError
 from ..plugins import PluginManager, default_manager
 from ..security.passphrase import PassphraseVerifier
 from ..session import (
@@ -231,6 +231,7 @@ class Hub:
             # Closed without a CLOSE frame: we cannot know yet whether the peer speaks v3
             # or v2 (which would misread one); either way it retries later.
             logger.warning("refusing %s: %d connections open", conn.peername, len(self.connections) - 1)
+            self._refused(conn, CloseCode.TRY_AGAIN_LATER, "too many connections")
             conn.abort()
             return
         address = _host_of(conn)
@@ -238,6 +239,7 @@ class Hub:
             logger.warning(
                 "refusing %s: %d connections open from %s", conn.peername, self._per_address[address], address
             )
+            self._refused(conn, CloseCode.TRY_AGAIN_LATER, f"too many connections from {address}")
             conn.abort()
             return
         self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -248,7 +250,8 @@ class Hub:
         identity, refusal = self._authenticate(conn)
         conn.on_data = lambda data: self._handshake_data(conn, handshake, data, identity, refusal)
         conn.schedule(
-            conn.loop.time() + self.config.handshake_timeout, lambda: self._handshake_timeout(conn, handshake)
+            conn.loop.time() + self.config.handshake_timeout,
+            lambda: self._handshake_timeout(conn, handshake, identity, refused=refusal is not None),
         )
 
     def _connection_gone(self, conn: Connection) -> None:
@@ -266,8 +269,12 @@ class Hub:
                 ConnectionClosedError(CloseCode.LINK_LOST, "connection lost during the handshake")
             )
 
-    def _handshake_timeout(self, conn: Connection, handshake: ServerHandshake) -> None:
+    def _handshake_timeout(
+        self, conn: Connection, handshake: ServerHandshake, identity: PeerIdentity | None, *, refused: bool
+    ) -> None:
         logger.warning("%s: no handshake within %.1fs, closing", conn.peername, self.config.handshake_timeout)
+        if not refused:  # else already reported, with its real reason, by _authenticate
+            self._refused(conn, CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout", _fingerprint(identity))
         if handshake.saw_preface:
             # Only a v3 peer can read a CLOSE; a quiet v2 client would take it for an ack.
             conn.write(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
@@ -286,20 +293,32 @@ class Hub:
             fingerprint = None
         if fingerprint is None:
             logger.warning("%s: refused: no client certificate", conn.peername)
-            return None, (
+            reason = (
                 "this server admits only authorized keys, and the client presented none "
                 "(connect with TLS and an identity)"
             )
+            self._refused(conn, CloseCode.AUTH_FAILED, reason)
+            return None, reason
         entry = self.authorized.lookup(fingerprint)
         if entry is None:
             logger.warning("%s: refused: key %s is not authorized", conn.peername, fingerprint)
-            return None, (
+            reason = (
                 f"key {fingerprint} is not authorized on this server "
                 f"(its operator can run: korinet authorize {fingerprint} --name NAME)"
             )
+            self._refused(conn, CloseCode.AUTH_FAILED, reason, fingerprint)
+            return None, reason
         logger.info("%s: authenticated as %s (%s)", conn.peername, entry.name, fingerprint)
         self._auth_failures.pop(_host_of(conn), None)  # a success clears the address
         return entry.identity(), None
+
+    def _refused(
+        self, conn: Connection, code: CloseCode, reason: str, fingerprint: str | None = None
+    ) -> None:
+        """Tell the plugins that ``conn`` is refused (hook ``korinet_session_refused``).
+        Called once per refused connection, where the refusal is decided."""
+        for guarded in self.plugins.session_refused(self, conn.peername, fingerprint, reason, code):
+            self._spawn(guarded.run())
 
     def _refuse(self, conn: Connection, reason: str, *, can_read_close: bool = True) -> None:
         """Refuse an authentication, after a delay that doubles with every failure from
@@ -349,13 +368,17 @@ class Hub:
         if refusal is not None:
             # Refused before anything of the HELLO is acted on. We waited for it only so
             # that the client reads our CLOSE (written earlier, it could be lost to the
-            # reset that its late HELLO would cause on a closed socket).
+            # reset that its late HELLO would cause on a closed socket). Already reported.
             self._refuse(conn, refusal, can_read_close=handshake.saw_preface)
         elif outcome is HandshakeOutcome.REJECTED and isinstance(handshake.error, AuthenticationError):
             logger.warning("%s: refused: %s", conn.peername, handshake.error)
+            self._refused(conn, CloseCode.AUTH_FAILED, str(handshake.error), _fingerprint(identity))
             self._refuse(conn, str(handshake.error))
         elif outcome is HandshakeOutcome.REJECTED:
             logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
+            self._refused(
+                conn, _rejection_code(handshake.error), str(handshake.error), _fingerprint(identity)
+            )
             conn.write(handshake.data_to_send())
             conn.close()
             self._fail_result(conn, handshake.error or KoriNetError("handshake rejected"))
@@ -396,7 +419,9 @@ class Hub:
                         peer,
                         _fingerprint(peer.identity) or "an anonymous client",
                     )
-                    self._refuse(conn, "this session belongs to another identity")
+                    reason = "this session belongs to another identity"
+                    self._refused(conn, CloseCode.AUTH_FAILED, reason, _fingerprint(identity))
+                    self._refuse(conn, reason)
                     return
                 peer.identity = identity  # the same key, with the roles the file gives now
                 logger.debug("%s: resumes %r", conn.peername, peer)
@@ -407,6 +432,7 @@ class Hub:
             logger.info("%s: asked to resume unknown session %s", conn.peername, expired)
         if len(self.sessions) >= self.max_sessions:
             logger.warning("refusing a new session from %s: %d sessions", conn.peername, len(self.sessions))
+            self._refused(conn, CloseCode.TRY_AGAIN_LATER, "too many sessions", _fingerprint(identity))
             conn.write(encode_close(CloseCode.TRY_AGAIN_LATER, "too many sessions"))
             conn.close()
             return
@@ -449,7 +475,10 @@ class Hub:
             del self.sessions[peer.session_id]
 
     def _run_handler(self, peer: AnyPeer) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(peer))
+        self._spawn(self._handle(peer))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -607,6 +636,14 @@ async def serve(
 
 def _fingerprint(identity: Any) -> str | None:
     return getattr(identity, "fingerprint", None)
+
+
+def _rejection_code(error: KoriNetError | None) -> CloseCode:
+    """The CLOSE code ServerHandshake sent with a rejection that is not an
+    authentication failure (it keeps only the bytes)."""
+    if isinstance(error, NegotiationError):
+        return CloseCode.UNSUPPORTED_CODEC if error.what == "codec" else CloseCode.UNSUPPORTED_VERSION
+    return CloseCode.PROTOCOL_ERROR
 
 
 #: The delay after a second failed authentication from one address; it doubles after

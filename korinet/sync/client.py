@@ -1360,6 +1360,7 @@ class SyncClient:
         mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
         if refusal is not None:
             queue_rejection(self.session, ev, refusal, self)
+            self._defer_hooks(self.plugins.message_rejected, self, ev.type, refusal)
             return
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
         if mtype is None or mtype.handler is None:
