@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from korinet import KoriNetError
+from korinet import KoriNetError, post_many, send_realtime_many
 
 from .codecs import negotiate
 from .frames import AudioFrame, MalformedFrame, UtterancePart
@@ -171,13 +171,10 @@ class AudioHub:
             self.stats.frames_over_rate += 1
             return
         wire = frame.with_src(member.name).to_wire()
-        for other in self.channels[member.channel].members.values():
-            if other is member:
-                continue
-            if other.peer.send_realtime(wire, FRAME):
-                self.stats.frames_out += 1
-            else:
-                self.stats.frames_dropped += 1
+        others = [m.peer for m in self.channels[member.channel].members.values() if m is not member]
+        sent = send_realtime_many(others, wire, FRAME)  # encoded once per codec
+        self.stats.frames_out += sent
+        self.stats.frames_dropped += len(others) - sent
 
     def _admit(self, member: Member, now: float) -> bool:
         # a token bucket: a talker cannot make the hub fan out more than 2x real time
@@ -197,15 +194,14 @@ class AudioHub:
         part = UtterancePart.parse(obj)  # already validated by the message type
         self.stats.utterances_in += 1
         wire = part.with_src(member.name).to_wire()
-        for other in self.channels[member.channel].members.values():
-            if other is member:
-                continue
-            try:
-                other.peer.post(wire, UTTERANCE)
-                self.stats.utterances_out += 1
-            except KoriNetError as exc:
-                self.stats.utterances_dropped += 1
-                logger.warning("utterance part for %s dropped: %s", other.name, exc)
+        others = [m for m in self.channels[member.channel].members.values() if m is not member]
+        result = post_many([m.peer for m in others], wire, UTTERANCE)  # encoded once per codec
+        self.stats.utterances_out += len(result.queued)
+        self.stats.utterances_dropped += len(result.failed)
+        for other in others:
+            error = result.failed.get(other.peer)
+            if error is not None:
+                logger.warning("utterance part for %s dropped: %s", other.name, error)
 
 
 def _who(peer: Any) -> str:

@@ -23,11 +23,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from korinet import KoriNetError, SendBufferFull, Server, SessionConfig
+from korinet import KoriNetError, SendBufferFull, Server, SessionConfig, post_many
 from korinet.plugins import PluginManager, default_manager
 
 from . import plugin, protocol, watch
@@ -252,6 +253,24 @@ class ChatHub:
         except KoriNetError:
             pass  # the session ended; _remove follows from its handler
 
+    def _post_all(self, members: Iterable[Member], type_: str, data: dict[str, Any]) -> None:
+        """:meth:`_post` to many members, the payload encoded once (korinet.post_many)."""
+        live: list[Member] = []
+        for member in members:
+            if member.lagging:
+                self._queue(member, type_, data)
+            else:
+                live.append(member)
+        result = post_many([m.peer for m in live], data, type_)
+        for member in live:
+            seq = result.queued.get(member.peer)
+            if seq is not None:
+                member.last_post = seq
+            elif isinstance(result.failed.get(member.peer), SendBufferFull):
+                self._queue(member, type_, data)
+                self._start_lagging(member)
+            # any other failure: the session ended; _remove follows from its handler
+
     def _queue(self, member: Member, type_: str, data: dict[str, Any]) -> None:
         """Keep a message for a lagging member, within OUTBOX_LIMIT: beyond it the oldest
         presence event goes (a stale "bob is back" is worth less than an answer)."""
@@ -266,18 +285,18 @@ class ChatHub:
                 outbox.popleft()
 
     def _fan_out(self, room: str, stored: StoredMessage) -> None:
-        payload = _msg_payload(stored)
         seq = stored["seq"]
-        for member in list(self.rooms.get(room, ())):
-            if member.lagging:
-                continue  # its drain will read this one from history
-            try:
-                member.last_post = member.peer.post(payload, protocol.MSG)
+        # a lagging member's drain reads this one from history
+        live = [member for member in self.rooms.get(room, ()) if not member.lagging]
+        result = post_many([m.peer for m in live], _msg_payload(stored), protocol.MSG)
+        for member in live:
+            posted = result.queued.get(member.peer)
+            if posted is not None:
+                member.last_post = posted
                 member.rooms[room] = seq
-            except SendBufferFull:
+            elif isinstance(result.failed.get(member.peer), SendBufferFull):
                 self._start_lagging(member)
-            except KoriNetError:
-                pass
+            # any other failure: the session ended; _remove follows from its handler
 
     def _start_lagging(self, member: Member) -> None:
         logger.info("%s lags behind: catching it up from history", member.nick)
@@ -336,8 +355,7 @@ class ChatHub:
         event = {"kind": kind, "nick": member.nick, **extra}
         if kind == "away" and member.away:
             event["text"] = member.away
-        for other in self._companions(member):
-            self._post(other, protocol.EVENT, event)
+        self._post_all(self._companions(member), protocol.EVENT, event)
 
     # ------------------------------------------------------------------ requests
 
@@ -418,8 +436,8 @@ class ChatHub:
         self.rooms.setdefault(room, set()).add(member)
         # A rejoin ("since": after a hub restart) is not news: no join spam for it.
         if not was_in and data.get("since") is None:
-            for other in self.rooms[room] - {member}:
-                self._post(other, protocol.EVENT, {"kind": "joined", "room": room, "nick": member.nick})
+            joined = {"kind": "joined", "room": room, "nick": member.nick}
+            self._post_all(self.rooms[room] - {member}, protocol.EVENT, joined)
         return {
             "room": room,
             "head": head,
@@ -436,8 +454,7 @@ class ChatHub:
         del member.rooms[room]
         members = self.rooms.get(room, set())
         members.discard(member)
-        for other in members:
-            self._post(other, protocol.EVENT, {"kind": "left", "room": room, "nick": member.nick})
+        self._post_all(members, protocol.EVENT, {"kind": "left", "room": room, "nick": member.nick})
         return {"room": room}
 
     def _op_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
