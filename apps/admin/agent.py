@@ -26,7 +26,7 @@ from typing import Any, Final
 from korinet import ConnectionClosed, KoriNetError, Message
 
 from . import protocol as p
-from .audit import AuditLog, RefusalTap
+from .audit import AuditLog
 from .jobs import MAX_RETAINED, MEMORY_LIMIT, Job, JobSpec, JobTable, OutputDiscarded, UnknownJob
 from .policy import DEFAULT_POLICY, Policy
 from .transfer import AgentTransfers
@@ -86,7 +86,6 @@ class Agent:
         self.jobs.on_finished = self._job_finished
         self.transfers = AgentTransfers(self.policy, self.audit)
         self._attachments: dict[tuple[int, str], asyncio.Task[None]] = {}
-        self._tap = RefusalTap(self.audit).install()
         self._hubs: list[Any] = []
         self._handlers: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
             p.EXEC: self._exec,
@@ -132,8 +131,24 @@ class Agent:
         self.jobs.on_finished = None  # killed by the stop: recorded once as agent-stopped
         self.jobs.close()
         self.transfers.close()
-        self._tap.uninstall()
         self.audit.close()
+
+    def refused(self, peername: str, fingerprint: str | None, reason: str, code: int) -> None:
+        """A client refused by the runtime before it could send a request (hook
+        ``korinet_session_refused`` of a hub this agent serves)."""
+        self.audit.record(
+            "refused",
+            stage="authentication",
+            peer=peername,
+            fingerprint=fingerprint,
+            reason=reason,
+            code=code,
+        )
+
+    def rejected(self, peer: Any, message_type: str, reason: str) -> None:
+        """A request the runtime rejected before our handler saw it: no admin role,
+        unknown type, invalid fields (hook ``korinet_message_rejected``)."""
+        self.audit.record("refused", stage="request", type=message_type, reason=reason, **self._who(peer))
 
     def handle(self, peer: Any, msg: Message) -> Awaitable[Any]:
         handler = self._handlers[msg.type]

@@ -17,8 +17,10 @@ from . import protocol as p
 
 __all__ = [
     "bind_agent",
+    "korinet_message_rejected",
     "korinet_register_message_types",
     "korinet_session_lost",
+    "korinet_session_refused",
     "korinet_session_resumed",
     "unbind_agent",
     "watch_links",
@@ -49,6 +51,25 @@ def korinet_session_resumed(session: Any, replayed: int) -> None:
     callback = _link_watchers.get(session)
     if callback is not None:
         callback("resumed", str(replayed))
+
+
+@hookimpl
+def korinet_session_refused(
+    server: Any, peername: str, fingerprint: str | None, reason: str, code: int
+) -> None:
+    # Only the agent of the refusing hub records it: several agents in one process
+    # (tests, or one per address) each audit their own clients.
+    agent = _agents.get(server)
+    if agent is not None:
+        agent.refused(peername, fingerprint, reason, code)
+
+
+@hookimpl
+def korinet_message_rejected(session: Any, message_type: str, reason: str) -> None:
+    # Server-side sessions know their hub; a client's rejections concern no agent.
+    agent = _agents.get(getattr(session, "hub", None))
+    if agent is not None:
+        agent.rejected(session, message_type, reason)
 
 
 def bind_agent(hub: Any, agent: Any) -> None:

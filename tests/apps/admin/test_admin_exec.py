@@ -203,7 +203,12 @@ async def test_unauthenticated_and_role_less_clients_run_nothing_and_are_audited
 ) -> None:
     marker = tmp_path / "ran"
     argv = ["touch", str(marker)]
-    async with running_agent(tmp_path, server_identity, authorized) as agent:
+    # A second agent in the same process: the runtime's hooks reach each agent with
+    # its own hub's events only, so its audit log must stay free of the first one's.
+    async with (
+        running_agent(tmp_path, server_identity, authorized) as agent,
+        running_agent(tmp_path, server_identity, authorized) as other,
+    ):
         stranger = Identity.generate()
         with pytest.raises(AuthenticationError, match="not authorized"):
             await connect(agent.target, stranger, tmp_path)
@@ -218,15 +223,21 @@ async def test_unauthenticated_and_role_less_clients_run_nothing_and_are_audited
         finally:
             await conn.close()
         entries = agent.audit()
+        others = other.audit()
     assert not marker.exists()
     assert not any(e["event"] == "exec" for e in entries)
     refused = [e for e in entries if e["event"] == "refused"]
     auth = [e for e in refused if e["stage"] == "authentication"]
-    assert any(e["fingerprint"] == stranger.fingerprint and "not authorized" in e["reason"] for e in auth)
-    assert any("no client certificate" in e["reason"] for e in auth)
+    assert len(auth) == 2, auth
+    unknown, anonymous = auth
+    assert unknown["fingerprint"] == stranger.fingerprint and "not authorized" in unknown["reason"]
+    assert anonymous["fingerprint"] is None and "presented none" in anonymous["reason"]
+    assert all(e["code"] == 1007 and e["peer"].startswith("127.0.0.1:") for e in auth)
     requests = [e for e in refused if e["stage"] == "request"]
-    assert {e["type"] for e in requests} == {"admin.exec", "admin.status"}
+    assert [e["type"] for e in requests] == ["admin.exec", "admin.status"]
     assert all(e["who"] == "bob" and e["fingerprint"] == bob.fingerprint for e in requests)
+    assert all("requires the role 'admin'" in e["reason"] for e in requests)
+    assert not any(e["event"] == "refused" for e in others), others
 
 
 async def test_the_policy_decides_and_every_decision_is_audited(
