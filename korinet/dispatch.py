@@ -12,10 +12,10 @@ from typing import Any
 
 from .exceptions import KoriNetError
 from .messages import MessageType
-from .session import MessageReceived, Session
+from .session import MessageReceived, RealtimeReceived, Session
 from .wire.frames import MessageFlags
 
-__all__ = ["admit", "has_role", "queue_answer", "queue_rejection", "rejection_reason"]
+__all__ = ["admit", "admit_realtime", "has_role", "queue_answer", "queue_rejection", "rejection_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,25 @@ def admit(
     mtype = types.get(ev.type)
     if mtype is None:
         return None, f"unknown message type {ev.type!r}"
+    if mtype.required_role is not None and not has_role(identity, mtype.required_role):
+        return None, f"message type {ev.type!r} requires the role {mtype.required_role!r}"
+    if mtype.validate is not None:
+        try:
+            mtype.validate(ev.obj)
+        except (ValueError, TypeError, KeyError) as exc:
+            return None, f"invalid {ev.type!r} message: {exc}"
+    return mtype, None
+
+
+def admit_realtime(
+    ev: RealtimeReceived, types: Mapping[str, MessageType], identity: Any
+) -> tuple[MessageType | None, str | None]:
+    """Decide on a realtime message: ``(type, None)`` takes it (type is None for an
+    untyped or unknown type: the realtime inbox takes those), ``(None, reason)``
+    drops it. The role and the validator are checked as for reliable messages."""
+    mtype = types.get(ev.type) if ev.type else None
+    if mtype is None:
+        return None, None
     if mtype.required_role is not None and not has_role(identity, mtype.required_role):
         return None, f"message type {ev.type!r} requires the role {mtype.required_role!r}"
     if mtype.validate is not None:

@@ -94,14 +94,15 @@ def korinet_session_refused(
 
 @hookspec
 def korinet_message_rejected(session: Any, message_type: str, reason: str) -> Any:
-    """A received reliable message was rejected by this side's rules (unknown type,
-    failed validation, missing role, untyped where only typed ones are accepted); the
-    sender gets :class:`~korinet.MessageRejected`. Called once per message, on the
-    receiving side: ``session`` is the :class:`~korinet.runtime.Peer`,
-    :class:`~korinet.runtime.Client` or :class:`~korinet.sync.SyncClient` that received it
-    (its ``identity`` says who sent it), ``message_type`` the type's name (``""`` for
-    an untyped message). A malformed realtime message is dropped and counted in
-    ``session.stats.realtime_malformed`` instead."""
+    """A received message was rejected by this side's rules (unknown type, failed
+    validation, missing role, untyped where only typed ones are accepted). A reliable
+    one is answered with a REJECT (the sender gets :class:`~korinet.MessageRejected`);
+    a realtime one (failed validation or missing role) is dropped and counted in
+    ``session.stats.realtime_malformed``. Called once per message, on the receiving
+    side: ``session`` is the :class:`~korinet.runtime.Peer`,
+    :class:`~korinet.runtime.Client` or :class:`~korinet.sync.SyncClient` that received
+    it (its ``identity`` says who sent it), ``message_type`` the type's name (``""``
+    for an untyped message)."""
 
 
 @hookspec

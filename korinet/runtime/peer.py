@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..dispatch import admit, queue_answer, queue_rejection, rejection_reason
+from ..dispatch import admit, admit_realtime, queue_answer, queue_rejection, rejection_reason
 from ..exceptions import (
     CodecError,
     ConnectionClosedError,
@@ -775,14 +775,12 @@ class Peer:
             self._schedule_flush()
 
     def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
-        mtype = self.message_types.get(ev.type) if ev.type else None
+        mtype, refusal = admit_realtime(ev, self.message_types, self.identity)
+        if refusal is not None:
+            self.session.stats.realtime_malformed += 1  # dropped: no REJECT for realtime
+            self._spawn(self.plugins.message_rejected(self, ev.type, refusal))
+            return
         msg = Message(ev.type, ev.obj, 0, 0, self)
-        if mtype is not None and mtype.validate is not None:
-            try:
-                mtype.validate(ev.obj)
-            except (ValueError, TypeError, KeyError):
-                self.session.stats.realtime_malformed += 1
-                return
         if mtype is not None and mtype.handler is not None:
             try:
                 mtype.handler(self, msg)

@@ -87,7 +87,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._loopthread import get_loop
-from ..dispatch import admit, queue_answer, queue_rejection, rejection_reason
+from ..dispatch import admit, admit_realtime, queue_answer, queue_rejection, rejection_reason
 from ..exceptions import (
     AuthenticationError,
     CodecError,
@@ -1390,14 +1390,12 @@ class SyncClient:
         queue_answer(self.session, msg.type, msg.corr, result, error, self)
 
     def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
-        mtype = self.message_types.get(ev.type) if ev.type else None
+        mtype, refusal = admit_realtime(ev, self.message_types, self.identity)
+        if refusal is not None:
+            self.session.stats.realtime_malformed += 1  # dropped: no REJECT for realtime
+            self._defer_hooks(self.plugins.message_rejected, self, ev.type, refusal)
+            return
         msg = Message(ev.type, ev.obj, 0, 0, self)
-        if mtype is not None and mtype.validate is not None:
-            try:
-                mtype.validate(ev.obj)
-            except (ValueError, TypeError, KeyError):
-                self.session.stats.realtime_malformed += 1
-                return
         if mtype is not None and mtype.handler is not None:
             handler: Callable[..., Any] = mtype.handler  # handlers take the client as their peer
             self._mutex.release()

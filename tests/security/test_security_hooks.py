@@ -15,7 +15,7 @@ import pytest
 from testutil import TIMEOUT_FACTOR
 from tls_helpers import close_code, echo, hello, raw_hello
 
-from korinet import AuthenticationError, Client, MessageRejected, MessageType, Server, hookimpl
+from korinet import REALTIME, AuthenticationError, Client, MessageRejected, MessageType, Server, hookimpl
 from korinet.plugins import PluginManager
 from korinet.runtime import Hub
 from korinet.security import AuthorizedKeys, ClientTLS, Identity, ServerTLS, client_context
@@ -334,6 +334,89 @@ async def test_the_blocking_client_reports_what_it_rejects() -> None:
     event = only(recorder.rejected)
     assert event["session"] is client and event["type"] == "test.push"
     assert "unknown message type" in event["reason"]
+
+
+class RealtimeTypes:
+    """Realtime types: one that needs a role (its handler records who got through),
+    one with a validator."""
+
+    def __init__(self) -> None:
+        self.handled: list[Any] = []
+        self.arrived = threading.Event()
+
+    @hookimpl
+    def korinet_register_message_types(self) -> list[MessageType]:
+        return [
+            MessageType("test.rt-admin", delivery=REALTIME, handler=self._handle, required_role="admin"),
+            MessageType("test.rt-even", delivery=REALTIME, validate=_even, handler=self._handle),
+        ]
+
+    def _handle(self, peer: Any, msg: Any) -> None:
+        self.handled.append(msg.data)
+        self.arrived.set()
+
+
+async def test_realtime_messages_need_the_role_too_and_each_rejection_is_reported(
+    server_identity: Identity, alice: Identity, bob: Identity, authorized: AuthorizedKeys
+) -> None:
+    recorder = Recorder()
+    types = RealtimeTypes()
+    plugins = manager(types, recorder)
+    tls = ServerTLS(server_identity, authorized=authorized)
+    async with Server("127.0.0.1", 0, tls=tls, handler=echo, plugins=plugins) as server:
+        user = await connect(server.port, plugins, tls=ClientTLS(bob))
+        admin = await connect(server.port, plugins, tls=ClientTLS(alice))
+        try:
+            for mtype, data, reason in [
+                ("test.rt-admin", "from bob", "requires the role 'admin'"),
+                ("test.rt-even", 3, "3 is not even"),
+            ]:
+                recorder.changed.clear()
+                assert user.send_realtime(data, mtype)
+                await asyncio.wait_for(asyncio.to_thread(recorder.changed.wait, WAIT), WAIT)
+                event = only(recorder.rejected)
+                assert event["type"] == mtype and reason in event["reason"]
+                assert event["session"].identity.name == "bob"
+                recorder.rejected.clear()
+            assert admin.send_realtime("from alice", "test.rt-admin")
+            await asyncio.wait_for(asyncio.to_thread(types.arrived.wait, WAIT), WAIT)
+            assert types.handled == ["from alice"], "a realtime message got past its role"
+            assert sum(p.session.stats.realtime_malformed for p in server.hub.sessions.values()) == 2
+        finally:
+            await user.close()
+            await admin.close()
+    assert recorder.rejected == []
+
+
+async def test_the_blocking_client_drops_and_reports_an_invalid_realtime_message() -> None:
+    recorder = Recorder()
+
+    async def handler(peer: Any) -> None:
+        peer.send_realtime(3, "test.rt-even")  # odd: the client's validator refuses it
+        peer.send_nowait("after")
+        await echo(peer)
+
+    async with Server("127.0.0.1", 0, handler=handler, plugins=manager(LaxRealtime())) as server:
+
+        def blocking() -> Any:
+            types = RealtimeTypes()
+            with SyncClient(
+                "127.0.0.1", server.port, plugins=manager(types, recorder), timeout=WAIT
+            ) as client:
+                assert client.recv(timeout=WAIT) == "after"
+                assert recorder.changed.wait(WAIT)
+                return client, types.handled
+
+        client, handled = await asyncio.to_thread(blocking)
+    assert handled == []
+    event = only(recorder.rejected)
+    assert event["session"] is client and event["type"] == "test.rt-even" and "not even" in event["reason"]
+
+
+class LaxRealtime:
+    @hookimpl
+    def korinet_register_message_types(self) -> list[MessageType]:
+        return [MessageType("test.rt-even", delivery=REALTIME)]
 
 
 # ------------------------------------------------------------------ isolation
