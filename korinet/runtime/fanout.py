@@ -1,12 +1,13 @@
 """Fan-out: one message to many peers, encoded once per codec.
 
 A hub relaying a message to N members would call ``Peer.post`` N times, and each
-call encodes the same object again: at 200 members the encoding is most of the
-hub's CPU. :func:`post_many` and :func:`send_realtime_many` encode once per
-negotiated codec and hand the bytes to each session (``Session.send_encoded``),
-which frames, buffers, stores and replays them exactly as it would its own
-encoding. For each peer the rest is what ``Peer.post`` / ``Peer.send_realtime``
-do: the same checks, the same durable-store commit, the same write coalescing.
+call encodes and frames the same object again. :func:`post_many` and
+:func:`send_realtime_many` encode and frame it once per negotiated codec (a
+``PreparedMessage``) and hand that to each session (``Session.send_prepared``),
+which only puts its seq in and buffers, stores and replays the frame exactly as
+it would its own. For each peer the rest is what ``Peer.post`` /
+``Peer.send_realtime`` do: the same checks, the same durable-store commit, the
+same write coalescing.
 
 One peer's trouble (a full window, an ended session) is reported in the result,
 never raised: the others still get the message.
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..codecs.base import Codec
 from ..exceptions import CodecError, KoriNetError, LocalProtocolError
+from ..session import PreparedMessage
 from ..wire.frames import MAX_TYPE_NAME
 from .peer import Peer
 
@@ -42,25 +44,29 @@ class FanoutResult:
     encodes: int = 0
 
 
-class _Payloads:
-    """The object encoded at most once per codec name, on first need (a codec's
-    CodecError is kept and given to every peer of that codec)."""
+class _Prepared:
+    """The message encoded and framed at most once per codec name, on first need
+    (a codec's CodecError is kept and given to every peer of that codec)."""
 
-    __slots__ = ("_by_codec", "encodes", "obj")
+    __slots__ = ("_by_codec", "encodes", "obj", "realtime", "type")
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: Any, type: str, *, realtime: bool) -> None:
         self.obj = obj
+        self.type = type
+        self.realtime = realtime
         self.encodes = 0
-        self._by_codec: dict[str, bytes | CodecError] = {}
+        self._by_codec: dict[str, PreparedMessage | CodecError] = {}
 
-    def get(self, codec: Codec) -> bytes:
+    def get(self, codec: Codec) -> PreparedMessage:
         found = self._by_codec.get(codec.name)
         if found is None:
             self.encodes += 1
             try:
-                found = codec.encode(self.obj)
+                payload = codec.encode(self.obj)
             except CodecError as exc:
                 found = exc
+            else:
+                found = PreparedMessage(codec.name, payload, self.type, realtime=self.realtime)
             self._by_codec[codec.name] = found
         if isinstance(found, CodecError):
             raise found
@@ -85,7 +91,7 @@ def post_many(peers: Iterable[Peer], obj: Any, type: str = "") -> FanoutResult:
         LocalProtocolError: ``type`` is too long a name (nothing was queued).
     """
     _check_type(type)
-    payloads = _Payloads(obj)
+    prepared = _Prepared(obj, type, realtime=False)
     result = FanoutResult()
     for peer in dict.fromkeys(peers):
         codec = peer.session.codec
@@ -94,12 +100,12 @@ def post_many(peers: Iterable[Peer], obj: Any, type: str = "") -> FanoutResult:
                 # never connected: post says so (InvalidState) the way it always does
                 seq = peer.post(obj, type)
             else:
-                seq = peer._post_encoded(payloads.get(codec), type)
+                seq = peer._post_prepared(prepared.get(codec))
         except KoriNetError as exc:
             result.failed[peer] = exc
         else:
             result.queued[peer] = seq
-    result.encodes = payloads.encodes
+    result.encodes = prepared.encodes
     return result
 
 
@@ -114,7 +120,7 @@ def send_realtime_many(peers: Iterable[Peer], obj: Any, type: str = "") -> int:
         LocalProtocolError: ``type`` is too long a name (nothing was sent).
     """
     _check_type(type)
-    payloads = _Payloads(obj)
+    prepared = _Prepared(obj, type, realtime=True)
     sent = 0
     for peer in dict.fromkeys(peers):
         conn = peer._realtime_link()
@@ -126,7 +132,7 @@ def send_realtime_many(peers: Iterable[Peer], obj: Any, type: str = "") -> int:
             session.stats.realtime_dropped += 1
             continue
         try:
-            if not session.send_realtime_encoded(payloads.get(codec), type):
+            if not session.send_realtime_prepared(prepared.get(codec)):
                 continue
         except (CodecError, LocalProtocolError) as exc:  # MessageTooLarge is a LocalProtocolError
             logger.warning("%r: realtime %r not sent: %s", peer, type, exc)

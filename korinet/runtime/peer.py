@@ -35,6 +35,7 @@ from ..session import (
     MessagesAcked,
     PeerClosed,
     PongReceived,
+    PreparedMessage,
     RealtimeReceived,
     Session,
     SessionExpiredEvent,
@@ -207,12 +208,12 @@ class Peer:
             raise self.closed.result()
         return self._posted(self.session.send_message(obj, type))
 
-    def _post_encoded(self, payload: bytes, type: str) -> int:
-        """:meth:`post` of a payload already encoded with the session's codec (the
-        fan-out's path: korinet.runtime.fanout); same checks, same side effects."""
+    def _post_prepared(self, message: PreparedMessage) -> int:
+        """:meth:`post` of a message framed once for many sessions (the fan-out's
+        path: korinet.runtime.fanout); same checks, same side effects."""
         if self.closed.done():
             raise self.closed.result()
-        return self._posted(self.session.send_encoded(payload, type))
+        return self._posted(self.session.send_prepared(message))
 
     def _posted(self, seq: int) -> int:
         # what every post does once the session took the message

@@ -15,7 +15,7 @@ from .events import (
 )
 from .handshake import HandshakeOutcome, Hello, ServerHandshake
 from .negotiation import choose_codec, choose_version
-from .session import Session, SessionStats
+from .session import PreparedMessage, Session, SessionStats
 from .state import (
     CLIENT,
     CLOSED,
@@ -48,6 +48,7 @@ __all__ = [
     "MessagesAcked",
     "PeerClosed",
     "PongReceived",
+    "PreparedMessage",
     "RealtimeReceived",
     "ServerHandshake",
     "Session",

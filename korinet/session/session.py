@@ -71,7 +71,7 @@ from .state import (
     State,
 )
 
-__all__ = ["Session", "SessionStats"]
+__all__ = ["PreparedMessage", "Session", "SessionStats"]
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
 _MSG = int(FrameType.MSG)
@@ -98,6 +98,38 @@ class SessionStats:
     realtime_dropped: int = 0
     realtime_malformed: int = 0
     heartbeat_timeouts: int = 0
+
+
+class PreparedMessage:
+    """A message framed once for many sessions that negotiated ``codec`` (a fan-out):
+    every copy's frame is this one with the copy's seq in it (§2.3), byte for byte
+    the frame :meth:`Session.send_message` would build.
+
+    Raises:
+        LocalProtocolError: ``type`` is too long a name.
+    """
+
+    __slots__ = ("_head", "_tail", "codec", "realtime", "size")
+
+    def __init__(
+        self,
+        codec: str,
+        payload: bytes,
+        type: str = "",
+        *,
+        flags: int = 0,
+        corr: int = 0,
+        realtime: bool = False,
+    ) -> None:
+        self.codec = codec
+        self.realtime = realtime
+        self.size = len(payload)  # what counts against the byte window
+        frame = encode_message(FrameType.RT if realtime else FrameType.MSG, 0, flags, corr, type, payload)
+        self._head = frame[:_SEQ_OFFSET]
+        self._tail = frame[_SEQ_OFFSET + 8 :]
+
+    def frame(self, seq: int) -> bytes:
+        return self._head + _U64.pack(seq) + self._tail
 
 
 def _peer_list(fields: dict[str, Any], name: str) -> list[Any]:
@@ -444,6 +476,22 @@ class Session:
         self._sending_codec()
         return self._queue_payload(payload, type, flags, corr)
 
+    def send_prepared(self, message: PreparedMessage) -> int:
+        """:meth:`send_encoded` of a message framed once for many sessions.
+
+        Raises:
+            InvalidState: as :meth:`send_message`, or ``message`` is not of this
+                session's codec, or is a realtime one.
+            SendBufferFull, MessageTooLarge: as :meth:`send_message`.
+        """
+        codec = self._sending_codec()
+        if message.codec != codec.name or message.realtime:
+            kind = "realtime" if message.realtime else f"{message.codec!r}"
+            raise InvalidState(f"a {kind} message for a {codec.name!r} session's reliable lane")
+        self._check_window(message.size)
+        seq = self._next_seq
+        return self._queue_frame(seq, message.frame(seq), message.size)
+
     def _sending_codec(self) -> Codec:
         if self.state is CLOSED:
             raise InvalidState("the session is closed")
@@ -452,22 +500,28 @@ class Session:
         return self.codec
 
     def _queue_payload(self, payload: bytes, type: str, flags: int, corr: int) -> int:
-        """The one path of a reliable message into the send buffer (§5.1)."""
         size = len(payload)
-        unacked = self._unacked
-        if unacked and (
-            len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes
-        ):
-            raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
+        self._check_window(size)
         seq = self._next_seq
         if flags or type:
             frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
         else:
             frame = _PLAIN_MSG_HEAD.pack(size + 11, _MSG, seq, 0, 0) + payload
+        return self._queue_frame(seq, frame, size)
+
+    def _check_window(self, size: int) -> None:
+        unacked = self._unacked
+        if unacked and (
+            len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes
+        ):
+            raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
+
+    def _queue_frame(self, seq: int, frame: bytes, size: int) -> int:
+        """The one path of a reliable message into the send buffer (§5.1)."""
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._next_seq = seq + 1
-        unacked.append((seq, frame, size))
+        self._unacked.append((seq, frame, size))
         self._unacked_bytes += size
         self.stats.messages_sent += 1
         if self.state is OPEN:
@@ -492,8 +546,26 @@ class Session:
             return False
         return self._send_realtime_payload(payload, type, flags)
 
+    def send_realtime_prepared(self, message: PreparedMessage) -> bool:
+        """:meth:`send_realtime_encoded` of a realtime message framed once for many
+        sessions.
+
+        Raises:
+            InvalidState: ``message`` is not a realtime one of this session's codec.
+            MessageTooLarge: as :meth:`send_realtime`.
+        """
+        if self.state is not OPEN or self.codec is None:
+            self.stats.realtime_dropped += 1
+            return False
+        if message.codec != self.codec.name or not message.realtime:
+            kind = f"{message.codec!r}" if message.realtime else "reliable"
+            raise InvalidState(f"a {kind} message for a {self.codec.name!r} session's realtime lane")
+        return self._send_realtime_frame(message.frame(0))
+
     def _send_realtime_payload(self, payload: bytes, type: str, flags: int) -> bool:
-        frame = encode_message(FrameType.RT, 0, flags, 0, type, payload)
+        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
+
+    def _send_realtime_frame(self, frame: bytes) -> bool:
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._out.append(frame)

@@ -17,6 +17,7 @@ from korinet import (
     REALTIME,
     Client,
     ConnectionClosed,
+    InvalidState,
     KoriNetTimeout,
     LocalProtocolError,
     MessageType,
@@ -30,7 +31,7 @@ from korinet import (
 )
 from korinet.codecs.base import Codec
 from korinet.plugins import PluginManager
-from korinet.session import OPEN
+from korinet.session import OPEN, PreparedMessage
 
 pytestmark = pytest.mark.timeout(30 * TIMEOUT_FACTOR)
 
@@ -239,19 +240,44 @@ async def test_too_long_a_type_name_raises_before_anything_is_queued() -> None:
         assert [p.last_seq for p in s.peers] == [0, 0]
 
 
-def test_send_encoded_buffers_the_frame_send_message_builds() -> None:
+def test_encoded_and_prepared_sends_buffer_the_frame_send_message_builds() -> None:
     """The durable store and the replay read the buffered frames: they must not differ."""
-    by_message, by_payload = SessionPair().open(), SessionPair().open()
-    for pair in (by_message, by_payload):
-        assert pair.server is not None and pair.server.state is OPEN
+    pairs = [SessionPair().open() for _ in range(3)]
+    servers = [pair.server for pair in pairs]
+    for server in servers:
+        assert server is not None and server.state is OPEN and server.codec is not None
+    by_message, by_payload, by_prepared = servers
+    assert by_message and by_payload and by_prepared and by_prepared.codec
+    codec = by_prepared.codec
     for obj, mtype, flags, corr in [({"a": 1}, "", 0, 0), ([1, 2], NEWS, 0, 0), ("r", NEWS, 1, 7)]:
-        server_a, server_b = by_message.server, by_payload.server
-        assert server_a is not None and server_b is not None and server_b.codec is not None
-        seq_a = server_a.send_message(obj, mtype, flags=flags, corr=corr)
-        seq_b = server_b.send_encoded(server_b.codec.encode(obj), mtype, flags=flags, corr=corr)
-        assert seq_a == seq_b
-        assert server_a.data_to_send() == server_b.data_to_send()
-    assert by_message.server is not None and by_payload.server is not None
-    assert by_message.server.unacked_after(0) == by_payload.server.unacked_after(0)
-    assert by_message.server.unacked_bytes == by_payload.server.unacked_bytes
-    assert by_message.server.stats == by_payload.server.stats
+        seqs = [
+            by_message.send_message(obj, mtype, flags=flags, corr=corr),
+            by_payload.send_encoded(codec.encode(obj), mtype, flags=flags, corr=corr),
+            by_prepared.send_prepared(
+                PreparedMessage(codec.name, codec.encode(obj), mtype, flags=flags, corr=corr)
+            ),
+        ]
+        assert len(set(seqs)) == 1
+        assert len({server.data_to_send() for server in servers}) == 1
+    assert by_message.unacked_after(0) == by_payload.unacked_after(0) == by_prepared.unacked_after(0)
+    assert by_message.unacked_bytes == by_payload.unacked_bytes == by_prepared.unacked_bytes
+    assert by_message.stats == by_payload.stats == by_prepared.stats
+    # realtime: the same frame too
+    assert by_message.send_realtime({"t": 1}, TICK)
+    assert by_prepared.send_realtime_prepared(
+        PreparedMessage(codec.name, codec.encode({"t": 1}), TICK, realtime=True)
+    )
+    assert by_message.data_to_send() == by_prepared.data_to_send()
+
+
+def test_a_prepared_message_of_another_codec_or_lane_is_refused() -> None:
+    pair = SessionPair().open()
+    server = pair.server
+    assert server is not None and server.codec is not None and server.codec.name == "msgpack"
+    with pytest.raises(InvalidState):
+        server.send_prepared(PreparedMessage("json", b"1"))
+    with pytest.raises(InvalidState):
+        server.send_prepared(PreparedMessage("msgpack", b"\x01", realtime=True))
+    with pytest.raises(InvalidState):
+        server.send_realtime_prepared(PreparedMessage("msgpack", b"\x01"))
+    assert server.last_seq == 0 and server.data_to_send() == b""
