@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,7 +85,9 @@ class Star:
 
 
 @contextlib.asynccontextmanager
-async def star(configs: list[SessionConfig | None], *, relayed: bool = False) -> AsyncIterator[Star]:
+async def star(
+    configs: list[SessionConfig | None], *, relayed: bool = False, store: Path | None = None
+) -> AsyncIterator[Star]:
     """Clients with these configs; with ``relayed``, the last one through ``Star.relay``."""
     plugins = PluginManager.load(entry_points=False, extra=[FanPlugin()])
     opened: asyncio.Queue[Peer] = asyncio.Queue()
@@ -92,7 +96,7 @@ async def star(configs: list[SessionConfig | None], *, relayed: bool = False) ->
         await opened.put(peer)
         await asyncio.Event().wait()  # the test drives the server side
 
-    async with Server("127.0.0.1", 0, handler=handler, plugins=plugins) as server:
+    async with Server("127.0.0.1", 0, handler=handler, plugins=plugins, store=store) as server:
         clients: list[Client] = []
         peers: list[Peer] = []
         relay = await Relay("127.0.0.1", server.port).start() if relayed else None
@@ -220,6 +224,26 @@ async def test_realtime_reaches_the_open_peers_and_drops_the_others() -> None:
         await s.clients[2].wait_connected(WAIT)  # the dropped frames are never replayed
         assert await recv_all(s.clients[2], 0) == []
         assert s.clients[2].recv_realtime_nowait() is None
+
+
+async def test_with_a_store_each_copy_is_committed_as_post_would_store_it(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    async with star([None, JSON_ONLY], store=db) as s:
+        reader = sqlite3.connect(db)  # another connection sees only what is committed
+        try:
+            post_many(s.peers, {"n": 1}, NEWS)
+            post_many(s.peers, {"n": 2}, NEWS)
+            for peer in s.peers:
+                rows = reader.execute(
+                    "SELECT seq, frame, size FROM korinet_messages WHERE key = ? ORDER BY seq",
+                    (peer.session_id,),
+                ).fetchall()
+                assert [tuple(row) for row in rows] == list(peer.session.unacked_after(0))
+                assert len(rows) == 2
+        finally:
+            reader.close()
+        for client in s.clients:
+            assert await recv_all(client, 2) == [{"n": 1}, {"n": 2}]
 
 
 async def test_a_codec_that_cannot_encode_fails_its_peers_only() -> None:
