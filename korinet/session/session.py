@@ -132,6 +132,13 @@ class PreparedMessage:
         return self._head + _U64.pack(seq) + self._tail
 
 
+def _message_frame(seq: int, payload: bytes, type: str, flags: int, corr: int) -> bytes:
+    """A whole MSG frame; the plain one (no type, flags or corr) with one pack (§2.3)."""
+    if flags or type:
+        return encode_message(FrameType.MSG, seq, flags, corr, type, payload)
+    return _PLAIN_MSG_HEAD.pack(len(payload) + 11, _MSG, seq, 0, 0) + payload
+
+
 def _peer_list(fields: dict[str, Any], name: str) -> list[Any]:
     """A list the peer put in a CLOSE frame, or [] if it sent something else."""
     value = fields.get(name)
@@ -462,8 +469,19 @@ class Session:
             CodecError: ``obj`` cannot be encoded.
             MessageTooLarge: the frame would exceed the peer's maximum.
         """
-        codec = self._sending_codec()
-        return self._queue_payload(codec.encode(obj), type, flags, corr)
+        if self.state is CLOSED:
+            raise InvalidState("the session is closed")
+        codec = self.codec
+        if codec is None:
+            raise InvalidState("no codec yet: the first handshake has not completed")
+        payload = codec.encode(obj)
+        seq = self._next_seq
+        # _message_frame inlined: this is every post's hot path
+        if flags or type:
+            frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
+        else:
+            frame = _PLAIN_MSG_HEAD.pack(len(payload) + 11, _MSG, seq, 0, 0) + payload
+        return self._queue_frame(seq, frame, len(payload))
 
     def send_encoded(self, payload: bytes, type: str = "", *, flags: int = 0, corr: int = 0) -> int:
         """:meth:`send_message` for a payload already encoded with this session's
@@ -474,7 +492,8 @@ class Session:
             InvalidState, SendBufferFull, MessageTooLarge: as :meth:`send_message`.
         """
         self._sending_codec()
-        return self._queue_payload(payload, type, flags, corr)
+        seq = self._next_seq
+        return self._queue_frame(seq, _message_frame(seq, payload, type, flags, corr), len(payload))
 
     def send_prepared(self, message: PreparedMessage) -> int:
         """:meth:`send_encoded` of a message framed once for many sessions.
@@ -488,7 +507,6 @@ class Session:
         if message.codec != codec.name or message.realtime:
             kind = "realtime" if message.realtime else f"{message.codec!r}"
             raise InvalidState(f"a {kind} message for a {codec.name!r} session's reliable lane")
-        self._check_window(message.size)
         seq = self._next_seq
         return self._queue_frame(seq, message.frame(seq), message.size)
 
@@ -499,29 +517,18 @@ class Session:
             raise InvalidState("no codec yet: the first handshake has not completed")
         return self.codec
 
-    def _queue_payload(self, payload: bytes, type: str, flags: int, corr: int) -> int:
-        size = len(payload)
-        self._check_window(size)
-        seq = self._next_seq
-        if flags or type:
-            frame = encode_message(FrameType.MSG, seq, flags, corr, type, payload)
-        else:
-            frame = _PLAIN_MSG_HEAD.pack(size + 11, _MSG, seq, 0, 0) + payload
-        return self._queue_frame(seq, frame, size)
-
-    def _check_window(self, size: int) -> None:
+    def _queue_frame(self, seq: int, frame: bytes, size: int) -> int:
+        """The one path of a reliable message (frame ``seq`` of ``size`` payload bytes)
+        into the send buffer (§5.1): window, frame limit, replay buffer, stats."""
         unacked = self._unacked
         if unacked and (
             len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes
         ):
             raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
-
-    def _queue_frame(self, seq: int, frame: bytes, size: int) -> int:
-        """The one path of a reliable message into the send buffer (§5.1)."""
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._next_seq = seq + 1
-        self._unacked.append((seq, frame, size))
+        unacked.append((seq, frame, size))
         self._unacked_bytes += size
         self.stats.messages_sent += 1
         if self.state is OPEN:
@@ -537,14 +544,15 @@ class Session:
         if self.state is not OPEN or self.codec is None:
             self.stats.realtime_dropped += 1
             return False
-        return self._send_realtime_payload(self.codec.encode(obj), type, flags)
+        payload = self.codec.encode(obj)
+        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
 
     def send_realtime_encoded(self, payload: bytes, type: str = "", *, flags: int = 0) -> bool:
         """:meth:`send_realtime` for a payload already encoded with :attr:`codec`."""
         if self.state is not OPEN or self.codec is None:
             self.stats.realtime_dropped += 1
             return False
-        return self._send_realtime_payload(payload, type, flags)
+        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
 
     def send_realtime_prepared(self, message: PreparedMessage) -> bool:
         """:meth:`send_realtime_encoded` of a realtime message framed once for many
@@ -561,9 +569,6 @@ class Session:
             kind = f"{message.codec!r}" if message.realtime else "reliable"
             raise InvalidState(f"a {kind} message for a {self.codec.name!r} session's realtime lane")
         return self._send_realtime_frame(message.frame(0))
-
-    def _send_realtime_payload(self, payload: bytes, type: str, flags: int) -> bool:
-        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
 
     def _send_realtime_frame(self, frame: bytes) -> bool:
         if len(frame) - 4 > self._peer_max_frame:
