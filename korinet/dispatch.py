@@ -40,14 +40,20 @@ def admit(
     mtype = types.get(ev.type)
     if mtype is None:
         return None, f"unknown message type {ev.type!r}"
+    reason = _refusal(mtype, ev.obj, identity)
+    return (None, reason) if reason else (mtype, None)
+
+
+def _refusal(mtype: MessageType, obj: Any, identity: Any) -> str | None:
+    """Why a message of this type from this identity is refused (role, then validator)."""
     if mtype.required_role is not None and not has_role(identity, mtype.required_role):
-        return None, f"message type {ev.type!r} requires the role {mtype.required_role!r}"
+        return f"message type {mtype.name!r} requires the role {mtype.required_role!r}"
     if mtype.validate is not None:
         try:
-            mtype.validate(ev.obj)
+            mtype.validate(obj)
         except (ValueError, TypeError, KeyError) as exc:
-            return None, f"invalid {ev.type!r} message: {exc}"
-    return mtype, None
+            return f"invalid {mtype.name!r} message: {exc}"
+    return None
 
 
 def admit_realtime(
@@ -59,14 +65,8 @@ def admit_realtime(
     mtype = types.get(ev.type) if ev.type else None
     if mtype is None:
         return None, None
-    if mtype.required_role is not None and not has_role(identity, mtype.required_role):
-        return None, f"message type {ev.type!r} requires the role {mtype.required_role!r}"
-    if mtype.validate is not None:
-        try:
-            mtype.validate(ev.obj)
-        except (ValueError, TypeError, KeyError) as exc:
-            return None, f"invalid {ev.type!r} message: {exc}"
-    return mtype, None
+    reason = _refusal(mtype, ev.obj, identity)
+    return (None, reason) if reason else (mtype, None)
 
 
 def rejection_reason(ev: MessageReceived) -> str:
