@@ -233,9 +233,9 @@ class JobRun:
 
     async def forward_stdin(self, fd: int = 0) -> None:
         """Forward ``fd`` until its EOF (then close the remote stdin)."""
-        queue = _read_in_thread(fd, STDIN_CHUNK)
+        reader = _ThreadReader(fd, STDIN_CHUNK)
         while True:
-            data = await queue.get()
+            data = await reader.get()
             await self.send_stdin(data, eof=not data)
             if not data:
                 return
@@ -246,27 +246,40 @@ def _terminal_type() -> str | None:
     return term if term and len(term) <= 64 and all(c.isalnum() or c in "._+-" for c in term) else None
 
 
-def _read_in_thread(fd: int, size: int) -> asyncio.Queue[bytes]:
+class _ThreadReader:
     """Chunks read from ``fd`` by a daemon thread (files, pipes and terminals alike),
-    at most a few ahead of the consumer; ``b""`` at EOF."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    at most a few ahead of the consumer; ``b""`` at EOF.
 
-    def reader() -> None:
+    The thread hands chunks over with ``call_soon_threadsafe`` and never builds a
+    coroutine: one made for a loop that closes before running it would be reported
+    as never awaited, on the user's stderr, as the command exits."""
+
+    AHEAD = 4
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._room = threading.Semaphore(self.AHEAD)
+        threading.Thread(target=self._run, args=(fd, size), name="korinet-admin-stdin", daemon=True).start()
+
+    def _run(self, fd: int, size: int) -> None:
         while True:
+            self._room.acquire()
             try:
                 data = os.read(fd, size)
             except OSError:
                 data = b""
             try:
-                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-            except (RuntimeError, asyncio.CancelledError, Exception):
-                return  # the loop is gone: we are exiting
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, data)
+            except RuntimeError:
+                return  # the loop is closed: we are exiting
             if not data:
                 return
 
-    threading.Thread(target=reader, name="korinet-admin-stdin", daemon=True).start()
-    return queue
+    async def get(self) -> bytes:
+        data = await self._queue.get()
+        self._room.release()
+        return data
 
 
 class AdminConnection:
