@@ -209,24 +209,32 @@ async def _attach(args: argparse.Namespace) -> int:
         await conn.close()
 
 
-async def _jobs(args: argparse.Namespace) -> int:
-    import time
-
+async def _ask(args: argparse.Namespace, request_type: str) -> Any:
+    """Connect to the one host in ``args``, make one request, close: the reply, or
+    None (the user was told why)."""
     from korinet import KoriNetError
-
-    from .protocol import JOBS, exit_status
 
     target = _one_target(args.host)
     conn = await _connect(args, target, _client_tls(args))
     if conn is None:
-        return FAILURE
+        return None
     try:
-        jobs = await conn.request({}, JOBS)
+        return await conn.request({}, request_type)
     except KoriNetError as exc:
         _err(f"{target.label}: {_explain(exc)}")
-        return FAILURE
+        return None
     finally:
         await conn.close()
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    import time
+
+    from .protocol import JOBS, exit_status
+
+    jobs = await _ask(args, JOBS)
+    if jobs is None:
+        return FAILURE
     if not jobs:
         print("no jobs")
         return 0
@@ -258,21 +266,11 @@ def _size(n: float) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from korinet import KoriNetError
-
     from .protocol import STATUS
 
-    target = _one_target(args.host)
-    conn = await _connect(args, target, _client_tls(args))
-    if conn is None:
+    st = await _ask(args, STATUS)
+    if st is None:
         return FAILURE
-    try:
-        st = await conn.request({}, STATUS)
-    except KoriNetError as exc:
-        _err(f"{target.label}: {_explain(exc)}")
-        return FAILURE
-    finally:
-        await conn.close()
     up = int(st["uptime"])
     days, rest = divmod(up, 86400)
     hours, rest = divmod(rest, 3600)

@@ -469,12 +469,7 @@ class Session:
             CodecError: ``obj`` cannot be encoded.
             MessageTooLarge: the frame would exceed the peer's maximum.
         """
-        if self.state is CLOSED:
-            raise InvalidState("the session is closed")
-        codec = self.codec
-        if codec is None:
-            raise InvalidState("no codec yet: the first handshake has not completed")
-        payload = codec.encode(obj)
+        payload = self._sending_codec().encode(obj)
         seq = self._next_seq
         # _message_frame inlined: this is every post's hot path
         if flags or type:
@@ -541,16 +536,14 @@ class Session:
 
         Realtime messages are never buffered, acknowledged or replayed (§5.4).
         """
-        if self.state is not OPEN or self.codec is None:
-            self.stats.realtime_dropped += 1
+        codec = self._realtime_codec()
+        if codec is None:
             return False
-        payload = self.codec.encode(obj)
-        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
+        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, codec.encode(obj)))
 
     def send_realtime_encoded(self, payload: bytes, type: str = "", *, flags: int = 0) -> bool:
         """:meth:`send_realtime` for a payload already encoded with :attr:`codec`."""
-        if self.state is not OPEN or self.codec is None:
-            self.stats.realtime_dropped += 1
+        if self._realtime_codec() is None:
             return False
         return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
 
@@ -562,13 +555,20 @@ class Session:
             InvalidState: ``message`` is not a realtime one of this session's codec.
             MessageTooLarge: as :meth:`send_realtime`.
         """
+        codec = self._realtime_codec()
+        if codec is None:
+            return False
+        if message.codec != codec.name or not message.realtime:
+            kind = f"{message.codec!r}" if message.realtime else "reliable"
+            raise InvalidState(f"a {kind} message for a {codec.name!r} session's realtime lane")
+        return self._send_realtime_frame(message.frame(0))
+
+    def _realtime_codec(self) -> Codec | None:
+        """The codec, if a realtime message can leave now; else None, counted as dropped."""
         if self.state is not OPEN or self.codec is None:
             self.stats.realtime_dropped += 1
-            return False
-        if message.codec != self.codec.name or not message.realtime:
-            kind = f"{message.codec!r}" if message.realtime else "reliable"
-            raise InvalidState(f"a {kind} message for a {self.codec.name!r} session's realtime lane")
-        return self._send_realtime_frame(message.frame(0))
+            return None
+        return self.codec
 
     def _send_realtime_frame(self, frame: bytes) -> bool:
         if len(frame) - 4 > self._peer_max_frame:
