@@ -24,6 +24,9 @@ class Relay:
         self.refuse = False  # accept and reset at once: the server looks down
         self._budget: int | None = None
         self._server: asyncio.base_events.Server | None = None
+        # Events for tests that cut on progress rather than on the clock.
+        self._linked = asyncio.Event()  # at least one relayed connection is open
+        self._cut = asyncio.Event()  # set by every counted cut
 
     async def start(self) -> Relay:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -46,14 +49,32 @@ class Relay:
         self._budget = None
         if self.pairs:
             self.cuts += 1
+            self._cut.set()
         for a, b in list(self.pairs):
             for w in (a, b):
                 w.transport.abort()
         self.pairs.clear()
+        self._linked.clear()
+
+    async def wait_linked(self) -> None:
+        """Return once a relayed connection is open (so that ``cut()`` will count)."""
+        await self._linked.wait()
+
+    async def wait_cut(self) -> None:
+        """Return at the next counted cut (e.g. when a ``cut_after`` budget runs out)."""
+        self._cut.clear()
+        await self._cut.wait()
 
     def cut_after(self, nbytes: int) -> None:
         """Forward ``nbytes`` more bytes (either direction), then cut: usually mid-frame."""
         self._budget = nbytes
+
+    def _drop(self, pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        self.pairs.discard(pair)
+        if not self.pairs:
+            self._linked.clear()
+        for w in pair:
+            w.transport.abort()
 
     async def _accept(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         if self.refuse:
@@ -67,12 +88,11 @@ class Relay:
         self.connections += 1
         pair = (cwriter, swriter)
         self.pairs.add(pair)
+        self._linked.set()
         with contextlib.suppress(asyncio.CancelledError):  # the test's loop is closing
             await asyncio.gather(self._pump(creader, swriter, pair), self._pump(sreader, cwriter, pair))
         if pair in self.pairs:
-            self.pairs.discard(pair)
-            for w in pair:
-                w.transport.abort()
+            self._drop(pair)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple) -> None:
         if self.delay is not None:
@@ -93,9 +113,7 @@ class Relay:
                     self._budget -= len(data)
                 writer.write(data)
         if pair in self.pairs:
-            self.pairs.discard(pair)
-            for w in pair:
-                w.transport.abort()
+            self._drop(pair)
 
     async def _delayed_pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pair: tuple
