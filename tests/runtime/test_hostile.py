@@ -10,7 +10,7 @@ import struct
 
 import msgpack
 import pytest
-from testutil import TIMEOUT_FACTOR
+from testutil import TIMEOUT_FACTOR, eventually
 
 from korinet import Client, Server, SessionConfig
 from korinet.plugins import PluginManager
@@ -87,9 +87,8 @@ async def setting():
     task = asyncio.create_task(well_behaved())
     session_id = client.session_id
     yield server
-    await asyncio.sleep(0.2)
     before = exchanged[0]
-    await asyncio.sleep(0.3)
+    await eventually(lambda: exchanged[0] >= before + 3, what="the well-behaved client stopped being served")
     stop.set()
     await asyncio.wait_for(task, 5)
     assert exchanged[0] > before, "the well-behaved client stopped being served"
@@ -153,8 +152,7 @@ async def test_connect_close_burst(setting) -> None:
     for _ in range(200):
         _, writer = await asyncio.open_connection("127.0.0.1", setting.port)
         writer.transport.abort()
-    await asyncio.sleep(0.2)
-    assert len(setting.hub.connections) <= 2
+    await eventually(lambda: len(setting.hub.connections) <= 2, what="aborted connections are released")
 
 
 async def test_unknown_frame_type(setting) -> None:
@@ -204,7 +202,7 @@ async def test_connections_per_address_are_capped_and_others_still_served() -> N
         held = []
         for _ in range(3):  # silent connections from 127.0.0.2 use up that address's share
             held.append(await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0)))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(server.hub.connections) >= 3, what="the server took the 3 connections")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
         with contextlib.suppress(ConnectionError):
             assert await asyncio.wait_for(reader.read(100), 2) == b"", "a 4th connection was kept"

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from testutil import TIMEOUT_FACTOR
+from testutil import TIMEOUT_FACTOR, eventually
 from testutil.relay import Relay
 
 from korinet import Client, Server, SessionConfig, SessionExpired, hookimpl
@@ -102,7 +102,7 @@ async def test_silent_peer_detected_within_three_heartbeats(plugins: PluginManag
             await asyncio.sleep(0.01)
         detected = [t - silent_since for t, _ in events.lost]
         assert len(detected) == 2, "both sides must notice the silence"
-        assert max(detected) <= 3 * interval + 0.1, detected
+        assert max(detected) <= 3 * interval + 0.3 * TIMEOUT_FACTOR, detected
         relay.black_hole = False
         await client.send("back")  # resumes through the relay again
         assert await asyncio.wait_for(client.recv(), 5) == "back"
@@ -111,20 +111,30 @@ async def test_silent_peer_detected_within_three_heartbeats(plugins: PluginManag
 
 
 @pytest.mark.timeout(30 * TIMEOUT_FACTOR)
-async def test_first_retry_is_immediate_after_a_cut(plugins: PluginManager) -> None:
-    events = _LinkEvents()
-    plugins.register(events)
+async def test_first_retry_is_immediate_after_a_cut(
+    plugins: PluginManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Record every reconnection delay the client draws: after each cut of a working
+    # link the first retry must not wait (checked on the delays, not on the clock).
+    import korinet.runtime.client as client_module
+
+    drawn: list[float] = []
+
+    def recording_backoff(**kwargs: float):  # type: ignore[no-untyped-def]
+        for delay in backoff(**kwargs):
+            drawn.append(delay)
+            yield delay
+
+    monkeypatch.setattr(client_module, "backoff", recording_backoff)
     async with Server("127.0.0.1", 0, handler=_echo_handler, plugins=plugins) as server:
         relay = await Relay("127.0.0.1", server.port).start()
         client = await Client.connect("127.0.0.1", relay.port, plugins=plugins)
-        gaps = []
         for _ in range(5):
-            cut_at = time.monotonic()
             relay.cut()
             await client.send("ping")
             assert await client.recv() == "ping"
-            gaps.append(time.monotonic() - cut_at)
-        assert sorted(gaps)[2] < 0.2, gaps  # median: reconnect, resume, round trip
+        assert relay.cuts == 5
+        assert drawn == [0.0] * 5, drawn  # one immediate retry per cut, each one succeeded
         await client.close()
         await relay.close()
 
@@ -176,6 +186,5 @@ async def test_a_replys_lazy_ack_still_leaves_when_nothing_else_does(plugins: Pl
         peer = next(iter(server.hub.sessions.values()))
         # The reply waits in the server's replay buffer until the client acks it; the
         # client sends nothing more, so its lazy ACK must leave on its own timer.
-        await asyncio.sleep(0.3)
-        assert peer.session.unacked == 0, "the reply was never acknowledged"
+        await eventually(lambda: peer.session.unacked == 0, what="the reply was never acknowledged")
         await client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from testutil import TIMEOUT_FACTOR
+from testutil import TIMEOUT_FACTOR, eventually
 from testutil.relay import Relay
 
 from korinet import REALTIME, Client, MessageType, Server, hookimpl
@@ -37,20 +37,20 @@ async def test_realtime_frames_are_dropped_while_down_and_never_replayed() -> No
         client = await Client.connect("127.0.0.1", relay.port, plugins=plugins)
         for i in range(10):
             await client.send(i, "test.voice")  # realtime type: goes out at once, no ack
-        await asyncio.sleep(0.2)
+        await eventually(lambda: len(voice.frames) >= 10)
         assert voice.frames == list(range(10))
 
         relay.refuse = True  # the server looks down: the client keeps retrying
         relay.cut()
-        while client.is_connected:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not client.is_connected)
         sent = [client.send_realtime(100 + i, "test.voice") for i in range(20)]
         assert sent == [False] * 20, "realtime frames must be dropped, not queued, while down"
         relay.refuse = False
         await client.request("marker", "korinet.echo", timeout=5)  # reliable: waits for the resume
         for i in range(5):
             await client.send(200 + i, "test.voice")
-        await asyncio.sleep(0.3)
+        # the server handles a link's frames in order: its echo follows the five frames
+        await client.request("barrier", "korinet.echo", timeout=5)
         assert voice.frames == [*list(range(10)), 200, 201, 202, 203, 204], "a frame was replayed or lost"
         assert client.session.stats.realtime_dropped == 20
         await client.close()
@@ -68,7 +68,7 @@ async def test_realtime_is_not_acknowledged_and_does_not_use_the_window() -> Non
         for i in range(50):
             assert client.send_realtime({"frame": i})
         assert client.queued == 0  # nothing waits for an acknowledgement
-        await asyncio.sleep(0.1)
+        await client.request("barrier", "korinet.echo", timeout=5)  # the frames are in by then
         peer = next(iter(server.hub.sessions.values()))
         got = []
         while (msg := peer.recv_realtime_nowait()) is not None:
@@ -85,10 +85,10 @@ async def test_realtime_inbox_is_bounded_dropping_the_oldest() -> None:
         client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
         total = REALTIME_INBOX + 100
         for i in range(total):
-            client.send_realtime(i)
-            if i % 50 == 0:
-                await asyncio.sleep(0.01)  # stay under the send backlog limit
-        await asyncio.sleep(0.2)
+            assert client.send_realtime(i), "dropped by the sender: the test paces too fast"
+            if i % 50 == 49:  # stay under the send backlog limit: let the link drain
+                await client.request("barrier", "korinet.echo", timeout=5)
+        await client.request("barrier", "korinet.echo", timeout=5)
         peer = next(iter(server.hub.sessions.values()))
         got = []
         while (msg := peer.recv_realtime_nowait()) is not None:
