@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["get_loop", "run"]
@@ -51,37 +51,3 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         future.cancel()
         raise
 
-
-def wait_for_future(start: Callable[[], asyncio.Future[T]], timeout: float | None = None) -> T:
-    """Call ``start()`` on the loop and wait for the future it returns.
-
-    The fast path of the blocking API: no Task, no coroutine, just a callback and a
-    lock, which halves the cost of a stop-and-wait send against :func:`run`.
-
-    Raises:
-        TimeoutError: ``timeout`` passed (the future is left running).
-    """
-    loop = get_loop()
-    lock = threading.Lock()
-    lock.acquire()
-    box: list[Any] = []
-
-    def settle(fut: asyncio.Future[T]) -> None:
-        box.append(fut)
-        lock.release()
-
-    def begin() -> None:
-        try:
-            fut = start()
-        except BaseException as exc:  # hand it to the caller's thread
-            failed: asyncio.Future[T] = loop.create_future()
-            failed.set_exception(exc)
-            settle(failed)
-            return
-        fut.add_done_callback(settle)
-
-    loop.call_soon_threadsafe(begin)
-    if not lock.acquire(timeout=-1 if timeout is None else timeout):
-        raise TimeoutError
-    result: T = box[0].result()
-    return result
