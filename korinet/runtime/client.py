@@ -269,11 +269,12 @@ class Client(Peer):
         """Check the server's key against the pin before anything is sent (§3.1 comes
         after TLS): sets :attr:`identity` to the server's."""
         from ..security.known_hosts import host_address
+        from ..security.tls import peer_certificate
 
         assert self.tls is not None
         address = host_address(self.host, self.port)
         try:
-            self.identity = self.tls.verify_server(address, conn.transport)
+            self.identity = self.tls.verify_server(address, peer_certificate(conn.transport))
         except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
             raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
 

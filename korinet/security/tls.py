@@ -144,15 +144,16 @@ class ClientTLS:
     def context(self) -> ssl.SSLContext:
         return client_context(self.identity)
 
-    def verify_server(self, address: str, transport: asyncio.BaseTransport | None) -> PeerIdentity:
-        """Check the key the server presented on ``transport`` for ``address``
-        (``host:port``); pin it if the address is new.
+    def verify_server(self, address: str, certificate: bytes | None) -> PeerIdentity:
+        """Check the key the server presented (``certificate``, DER, as the TLS layer
+        gives it: any driver, asyncio or blocking) for ``address`` (``host:port``);
+        pin it if the address is new.
 
         Raises:
             HostKeyChanged: the pinned key differs (the message says how to fix it).
             AuthenticationError: no certificate, or not the expected fingerprint.
         """
-        offered = peer_fingerprint(transport)
+        offered = certificate_fingerprint(certificate) if certificate else None
         if offered is None:
             raise AuthenticationError(f"{address} presented no certificate over TLS")
         if self.fingerprint is not None:

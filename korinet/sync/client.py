@@ -71,7 +71,6 @@ asyncio loop thread, which is started only if some plugin returns one.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 import logging
@@ -1142,9 +1141,9 @@ class SyncClient:
 
         assert self.tls is not None
         address = host_address(self.host, self.port)
-        view = asyncio.BaseTransport({"ssl_object": sock})  # what verify_server reads
+        assert isinstance(sock, ssl_module.SSLSocket)
         try:
-            self.identity = self.tls.verify_server(address, view)
+            self.identity = self.tls.verify_server(address, sock.getpeercert(binary_form=True))
         except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
             raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
 
