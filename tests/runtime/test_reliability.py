@@ -41,15 +41,7 @@ async def _cut_at_milestones(
         if rng.random() < 0.5:
             relay.cut()
             continue
-        cut = asyncio.ensure_future(relay.wait_cut())
-        relay.cut_after(rng.randint(1, 3000))
-        finished = asyncio.ensure_future(done.wait())
-        await asyncio.wait({cut, finished}, return_when=asyncio.FIRST_COMPLETED)
-        finished.cancel()
-        if not cut.done():  # the traffic ended inside the budget: cut cleanly instead
-            cut.cancel()
-            await relay.wait_linked()
-            relay.cut()
+        await relay.cut_within(rng.randint(1, 3000), done)
 
 
 @pytest.mark.timeout(120 * TIMEOUT_FACTOR)

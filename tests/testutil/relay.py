@@ -65,6 +65,20 @@ class Relay:
         self._cut.clear()
         await self._cut.wait()
 
+    async def cut_within(self, nbytes: int, finished: asyncio.Event) -> None:
+        """Cut after ``nbytes`` more bytes and wait for it; if ``finished`` is set first
+        (the traffic ended inside the budget), cut cleanly instead, once linked. Either
+        way exactly one counted cut."""
+        cut = asyncio.ensure_future(self.wait_cut())
+        self.cut_after(nbytes)
+        ended = asyncio.ensure_future(finished.wait())
+        await asyncio.wait({cut, ended}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if not cut.done():
+            cut.cancel()
+            await self.wait_linked()
+            self.cut()
+
     def cut_after(self, nbytes: int) -> None:
         """Forward ``nbytes`` more bytes (either direction), then cut: usually mid-frame."""
         self._budget = nbytes

@@ -21,23 +21,30 @@ async def test_three_clients_see_every_message_once_in_order_through_cuts() -> N
     rng = random.Random(5)
     async with rig() as r:
         clients = [await r.client(n) for n in ("alice", "bob", "carol")]
-        stop = asyncio.Event()
+        said = [0]
+        progressed = asyncio.Event()
+        delivered = asyncio.Event()  # every member has every line
 
         async def cutter() -> None:
-            cuts = 0
-            while not stop.is_set() and cuts < 12:
-                await asyncio.sleep(rng.uniform(0.03, 0.15))
+            # Cut on progress (every 10 lines said), not on the clock: all 12 cuts land
+            # while the conversation goes on, however fast the machine is.
+            for milestone in range(10, 10 * 13, 10):
+                while said[0] < milestone:
+                    progressed.clear()
+                    await progressed.wait()
                 relay = rng.choice(list(r.relays.values()))
+                await relay.wait_linked()
                 if rng.random() < 0.5:
                     relay.cut()
                 else:
-                    relay.cut_after(rng.randint(1, 400))  # usually mid-frame
-                cuts += 1
+                    await relay.cut_within(rng.randint(1, 400), delivered)  # usually mid-frame
 
         async def talk(index: int) -> None:
             client = clients[index]
             for i in range(per_client):
                 client.say(f"{client.nick} {i}")
+                said[0] += 1
+                progressed.set()
                 await asyncio.sleep(rng.uniform(0.01, 0.03))
 
         cutting = asyncio.create_task(cutter())
@@ -45,9 +52,9 @@ async def test_three_clients_see_every_message_once_in_order_through_cuts() -> N
         total = 3 * per_client
         for client in clients:
             await client.wait_for(lambda c: len(room_texts(c)) >= total and not c.pending, WAIT * 2)
-        stop.set()
-        await cutting
-        assert sum(relay.cuts for relay in r.relays.values()) >= 5
+        delivered.set()
+        await asyncio.wait_for(cutting, WAIT)
+        assert sum(relay.cuts for relay in r.relays.values()) == 12
         reference = room_texts(clients[0])
         for client in clients:
             seen = room_texts(client)
