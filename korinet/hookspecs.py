@@ -120,3 +120,10 @@ def korinet_add_cli_commands(subparsers: argparse._SubParsersAction[argparse.Arg
     """Add subcommands to the ``korinet`` command. Set ``func`` as the parser's
     default (``parser.set_defaults(func=callable)``); it receives the parsed args
     and returns an exit code."""
+
+
+@hookspec(firstresult=True)
+def korinet_cluster_bus(address: str) -> Any:
+    """Return a :class:`~korinet.cluster.ClusterBus` for ``address`` (e.g.
+    ``nats://host:4222``) if this plugin serves its scheme, else None. The first
+    answer wins. The bus is returned unconnected: the hub calls ``connect()``."""

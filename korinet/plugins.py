@@ -21,6 +21,7 @@ from .exceptions import KoriNetError
 if TYPE_CHECKING:
     import argparse
 
+    from .cluster import ClusterBus
     from .codecs.base import Codec
     from .messages import MessageType
 
@@ -206,6 +207,12 @@ class PluginManager:
 
     def add_cli_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         self._notify(self.pm.hook.korinet_add_cli_commands, subparsers=subparsers)
+
+    def cluster_bus(self, address: str) -> ClusterBus | None:
+        """The bus a plugin makes for ``address`` (first answer wins), or None.
+        A plugin that fails here is an error of the caller's set-up: it propagates."""
+        bus: ClusterBus | None = self.pm.hook.korinet_cluster_bus(address=address)
+        return bus
 
 
 class _Guarded:

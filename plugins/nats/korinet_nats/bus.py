@@ -1,0 +1,328 @@
+"""A :class:`korinet.cluster.ClusterBus` on NATS: logs are JetStream streams, key
+spaces are JetStream key-value buckets, signals are core NATS subjects.
+
+Names on the server (one KoriNet bus may share a NATS account with others):
+
+* log ``L``: stream ``KORINET_L`` on subject ``korinet.log.L``; the entry's
+  sequence number is the stream's, so every hub reads one order. ``append``
+  sends ``Nats-Msg-Id``: within the stream's duplicate window (2 minutes unless
+  the address says ``?dedup=SECONDS``) a re-sent entry is stored once.
+* key space ``S``: bucket ``KORINET_S`` whose ``ttl`` (max age) is the space's.
+* signal subject ``X``: ``korinet.sig.X``.
+
+Address: ``nats://host:port[,host:port...][?replicas=N&dedup=SECONDS]``; the
+replica count applies to the streams and buckets this bus creates (a cluster
+of 3 wants 3: see docs/CLUSTER.md for what each setting promises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from korinet.cluster import Appended, BusError, KeySpace, LogEntry, valid_name
+
+__all__ = ["NatsBus", "parse_address"]
+
+logger = logging.getLogger(__name__)
+
+#: how long one append keeps retrying (the same msg_id, so never twice) while the
+#: bus is unreachable or electing a leader
+APPEND_PATIENCE = 30.0
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+
+
+@dataclass(frozen=True)
+class BusAddress:
+    servers: list[str]
+    replicas: int = 1
+    dedup: float = 120.0
+
+
+def parse_address(address: str) -> BusAddress:
+    """``nats://a:4222,b:4222?replicas=3`` -> servers, replicas, dedup window."""
+    rest, _, query = address.partition("?")
+    scheme, sep, hosts = rest.partition("://")
+    if not sep or scheme not in ("nats", "tls") or not hosts:
+        raise BusError(f"not a NATS address: {address!r} (nats://HOST:PORT[,HOST:PORT...])")
+    servers = [h if "://" in h else f"{scheme}://{h}" for h in hosts.split(",") if h]
+    params = parse_qs(query)
+    try:
+        replicas = int(params.get("replicas", ["1"])[0])
+        dedup = float(params.get("dedup", ["120"])[0])
+    except ValueError as exc:
+        raise BusError(f"bad setting in {address!r}: {exc}") from None
+    if not 1 <= replicas <= 5 or dedup <= 0:
+        raise BusError(f"bad setting in {address!r}: replicas 1-5, dedup > 0 seconds")
+    return BusAddress(servers, replicas, dedup)
+
+
+def _name(kind: str, name: str) -> str:
+    if not valid_name(name):
+        raise BusError(f"not a valid {kind} name: {name!r} (letters, digits, - and _ only)")
+    return name
+
+
+class NatsBus:
+    """The cluster bus on a NATS server or cluster with JetStream enabled."""
+
+    def __init__(self, address: str, *, connect_timeout: float = 5.0) -> None:
+        self.address = address
+        self.settings = parse_address(address)
+        self.connect_timeout = connect_timeout
+        self._nc: Any = None
+        self._js: Any = None
+        self._streams: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<NatsBus {self.address}>"
+
+    # ------------------------------------------------------------------ link
+
+    async def connect(self) -> None:
+        """Connect within ``connect_timeout``; once connected, reconnect for ever (a hub
+        never gives up on its bus), saying so once per outage."""
+        warned = [False]
+
+        async def failed(exc: Exception) -> None:
+            if not warned[0]:
+                warned[0] = True
+                logger.warning("cluster bus %s: %s (reconnecting)", self.address, exc)
+
+        async def reconnected() -> None:
+            if warned[0]:
+                warned[0] = False
+                logger.warning("cluster bus %s: reconnected", self.address)
+
+        try:
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.settings.servers,
+                    connect_timeout=self.connect_timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=failed,
+                    reconnected_cb=reconnected,
+                ),
+                self.connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise BusError(
+                f"cannot reach the cluster bus at {self.address}: {exc or type(exc).__name__}"
+            ) from exc
+        self._js = self._nc.jetstream()
+        try:
+            await self._js.account_info()
+        except nats.js.errors.Error as exc:
+            await self.close()
+            raise BusError(
+                f"the NATS server at {self.address} has no JetStream (start it with -js): {exc}"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    @property
+    def js(self) -> Any:
+        if self._js is None:
+            raise BusError("the cluster bus is not connected (call connect() first)")
+        return self._js
+
+    # ------------------------------------------------------------------ logs
+
+    @staticmethod
+    def _stream(log: str) -> tuple[str, str]:
+        _name("log", log)
+        return f"KORINET_{log}", f"korinet.log.{log}"
+
+    async def _ensure_stream(self, log: str) -> tuple[str, str]:
+        stream, subject = self._stream(log)
+        if stream not in self._streams:
+            config = api.StreamConfig(
+                name=stream,
+                subjects=[subject],
+                storage=api.StorageType.FILE,
+                num_replicas=self.settings.replicas,
+                duplicate_window=self.settings.dedup,
+            )
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.stream_info(stream)  # exists with other settings: use it as it is
+            self._streams.add(stream)
+        return stream, subject
+
+    async def append(self, log: str, data: bytes, *, msg_id: str) -> Appended:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + APPEND_PATIENCE
+        while True:
+            try:
+                stream, subject = await self._ensure_stream(log)
+                ack = await self.js.publish(subject, data, stream=stream, headers={"Nats-Msg-Id": msg_id})
+                return Appended(int(ack.seq), bool(ack.duplicate))
+            except _TRANSIENT as exc:
+                if loop.time() > give_up:
+                    raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
+                await asyncio.sleep(0.2)  # the same msg_id again: stored once whatever happened
+            except nats.js.errors.Error as exc:
+                raise BusError(f"cannot append to {log!r} on {self.address}: {exc}") from exc
+
+    async def head(self, log: str) -> int:
+        stream, _ = self._stream(log)
+        try:
+            info = await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.state.last_seq)
+
+    async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
+        last = min(await self.head(log), max(after, 0) + limit)
+        if last <= after:
+            return []
+        entries: list[LogEntry] = []
+        async for entry in self.follow(log, after):
+            entries.append(entry)
+            if entry.seq >= last:
+                break
+        return entries
+
+    async def follow(self, log: str, after: int) -> AsyncIterator[LogEntry]:
+        _, subject = await self._ensure_stream(log)
+        # An ordered consumer: the client library re-creates it from the last
+        # sequence it saw whenever a gap, a missed heartbeat or a reconnect shows,
+        # so what we yield has no gap and no repeat.
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(after, 0) + 1
+        )
+        sub = await self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0)
+        expected = max(after, 0) + 1
+        try:
+            async for msg in sub.messages:
+                seq = int(msg.metadata.sequence.stream)
+                if seq < expected:
+                    continue  # already yielded (belt and braces over the library's check)
+                if seq > expected:  # entries removed by the stream's limits: say so
+                    logger.warning(
+                        "cluster bus: log %r skips %d..%d (no longer kept)", log, expected, seq - 1
+                    )
+                expected = seq + 1
+                yield LogEntry(seq, msg.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # ------------------------------------------------------------------ keys
+
+    async def key_space(self, name: str, ttl: float) -> KeySpace:
+        bucket = f"KORINET_{_name('key space', name)}"
+        try:
+            kv = await self.js.create_key_value(
+                api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=self.settings.replicas)
+            )
+        except nats.js.errors.BadRequestError:
+            kv = await self.js.key_value(bucket)  # exists already (another hub made it)
+        return _NatsKeySpace(kv, ttl)
+
+    # ------------------------------------------------------------------ signals
+
+    async def signal(self, subject: str, data: bytes) -> None:
+        if self._nc is None:
+            raise BusError("the cluster bus is not connected (call connect() first)")
+        await self._nc.publish(f"korinet.sig.{_name('signal', subject)}", data)
+
+    async def listen(self, subject: str) -> _NatsListener:
+        if self._nc is None:
+            raise BusError("the cluster bus is not connected (call connect() first)")
+        sub = await self._nc.subscribe(f"korinet.sig.{_name('signal', subject)}")
+        await self._nc.flush()  # the server has the subscription when we return
+        return _NatsListener(sub)
+
+
+class _NatsListener:
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for msg in self._sub.messages:
+            yield msg.data
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+
+
+_ABSENT = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.NotFoundError)
+
+
+class _NatsKeySpace:
+    def __init__(self, kv: Any, ttl: float) -> None:
+        self.kv = kv
+        self.ttl = ttl
+
+    async def _entry(self, key: str) -> Any:
+        try:
+            return await self.kv.get(_name("key", key))
+        except _ABSENT:
+            return None
+
+    async def claim(self, key: str, value: bytes) -> bool:
+        try:
+            await self.kv.create(_name("key", key), value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def renew(self, key: str, value: bytes) -> bool:
+        entry = await self._entry(key)
+        if entry is None or entry.value != value:
+            return False
+        try:
+            await self.kv.update(key, value, last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # someone changed it meanwhile: it is theirs
+        return True
+
+    async def release(self, key: str, value: bytes) -> None:
+        entry = await self._entry(key)
+        if entry is not None and entry.value == value:
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await self.kv.delete(key, last=entry.revision)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = await self._entry(key)
+        return None if entry is None else bytes(entry.value)
+
+    async def items(self) -> dict[str, bytes]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        found = {}
+        for key in keys:
+            value = await self.get(key)
+            if value is not None:
+                found[key] = value
+        return found

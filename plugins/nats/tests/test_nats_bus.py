@@ -1,0 +1,212 @@
+"""The cluster-bus contract (korinet.cluster), held against the in-process LocalBus
+and against NatsBus on a real nats-server with JetStream; then what only a real
+server can show: a kill -9 of the server in the middle of a follow."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from korinet_nats import NatsBus, parse_address
+from nats_server import NatsServer
+
+from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, bus_for
+from korinet.plugins import PluginManager
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(params=["local", "nats"])
+async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ClusterBus]:
+    server = None
+    if request.param == "local":
+        made: ClusterBus = LocalBus()
+    else:
+        server = NatsServer(tmp_path / "nats").start()
+        made = NatsBus(server.url)
+    await made.connect()
+    try:
+        yield made
+    finally:
+        await made.close()
+        if server is not None:
+            server.stop()
+
+
+def log_name() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+async def take(entries: AsyncIterator[LogEntry], n: int, timeout: float = 20) -> list[LogEntry]:
+    got: list[LogEntry] = []
+
+    async def collect() -> None:
+        async for entry in entries:
+            got.append(entry)
+            if len(got) == n:
+                return
+
+    await asyncio.wait_for(collect(), timeout)
+    return got
+
+
+async def test_append_numbers_entries_in_order_and_reads_them_back(bus: ClusterBus) -> None:
+    log = log_name()
+    assert await bus.head(log) == 0
+    acks = [await bus.append(log, f"m{i}".encode(), msg_id=f"id{i}") for i in range(5)]
+    assert [a.seq for a in acks] == [1, 2, 3, 4, 5] and not any(a.duplicate for a in acks)
+    assert await bus.head(log) == 5
+    assert [(e.seq, e.data) for e in await bus.read(log, 2)] == [(3, b"m2"), (4, b"m3"), (5, b"m4")]
+    assert [e.seq for e in await bus.read(log, 0, limit=2)] == [1, 2]
+    assert await bus.read(log, 5) == []
+
+
+async def test_a_repeated_msg_id_is_stored_once(bus: ClusterBus) -> None:
+    log = log_name()
+    first = await bus.append(log, b"hello", msg_id="hub1:s42:7")
+    await bus.append(log, b"other", msg_id="hub1:s42:8")
+    again = await bus.append(log, b"hello", msg_id="hub1:s42:7")  # a hub re-publishing after a failure
+    assert again.duplicate and again.seq == first.seq == 1
+    assert [e.data for e in await bus.read(log, 0)] == [b"hello", b"other"]
+
+
+async def test_follow_replays_then_goes_on_live_in_order(bus: ClusterBus) -> None:
+    log = log_name()
+    for i in range(3):
+        await bus.append(log, b"%d" % i, msg_id=f"a{i}")
+    follower = bus.follow(log, 1)
+    first = await take(follower, 2)
+    assert [(e.seq, e.data) for e in first] == [(2, b"1"), (3, b"2")]
+    for i in range(3, 6):
+        await bus.append(log, b"%d" % i, msg_id=f"a{i}")
+    assert [e.seq for e in await take(follower, 3)] == [4, 5, 6]
+    await follower.aclose()  # type: ignore[attr-defined]
+
+
+async def test_two_followers_see_one_order_of_concurrent_appends(bus: ClusterBus) -> None:
+    log = log_name()
+    a, b = bus.follow(log, 0), bus.follow(log, 0)
+
+    async def writer(name: str) -> None:
+        for i in range(20):
+            await bus.append(log, f"{name}{i}".encode(), msg_id=f"{name}{i}")
+
+    await asyncio.gather(writer("x"), writer("y"), writer("z"))
+    seen_a, seen_b = await take(a, 60), await take(b, 60)
+    assert seen_a == seen_b
+    assert [e.seq for e in seen_a] == list(range(1, 61))
+    for name in "xyz":  # each writer's own order is kept
+        mine = [e.data.decode() for e in seen_a if e.data.decode().startswith(name)]
+        assert mine == [f"{name}{i}" for i in range(20)]
+    await a.aclose()  # type: ignore[attr-defined]
+    await b.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_key_is_claimed_once_renewed_and_released_only_by_its_holder(bus: ClusterBus) -> None:
+    nicks = await bus.key_space("nicks" + uuid.uuid4().hex[:6], ttl=30)
+    results = await asyncio.gather(*(nicks.claim("ana", f"session-{i}".encode()) for i in range(8)))
+    assert sum(results) == 1, "exactly one of eight racing claims wins"
+    holder = f"session-{results.index(True)}".encode()
+    assert await nicks.get("ana") == holder
+    assert await nicks.renew("ana", holder)
+    assert not await nicks.renew("ana", b"someone-else")
+    await nicks.release("ana", b"someone-else")  # not theirs to release
+    assert await nicks.get("ana") == holder
+    assert await nicks.items() == {"ana": holder}
+    await nicks.release("ana", holder)
+    assert await nicks.get("ana") is None
+    assert await nicks.claim("ana", b"session-new"), "a released key is free again"
+
+
+async def test_an_unrenewed_key_expires(bus: ClusterBus) -> None:
+    space = await bus.key_space("short" + uuid.uuid4().hex[:6], ttl=1.0)
+    assert await space.claim("ben", b"s1")
+    assert not await space.claim("ben", b"s2")
+    for _ in range(100):  # a dead hub's key frees itself at its TTL (+ the server's sweep)
+        if await space.get("ben") is None:
+            break
+        await asyncio.sleep(0.1)
+    assert await space.get("ben") is None
+    assert await space.claim("ben", b"s2")
+
+
+async def test_signals_reach_listeners_and_are_never_replayed(bus: ClusterBus) -> None:
+    await bus.signal("voice", b"before anyone listened")
+    listener = await bus.listen("voice")
+    frames = aiter(listener)
+    await bus.signal("voice", b"frame 1")
+    await bus.signal("voice", b"frame 2")
+    assert await asyncio.wait_for(anext(frames), 10) == b"frame 1"
+    assert await asyncio.wait_for(anext(frames), 10) == b"frame 2"
+    await listener.close()
+
+
+async def test_bad_names_are_refused_with_a_clear_error(bus: ClusterBus) -> None:
+    with pytest.raises(BusError, match="letters, digits"):
+        await bus.append("room.general", b"x", msg_id="1")
+    with pytest.raises(BusError, match="letters, digits"):
+        await bus.key_space("a b", ttl=1)
+
+
+# ---------------------------------------------------------------- NATS only
+
+
+async def test_follow_survives_a_kill_of_the_server_with_no_gap_and_no_repeat(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    bus = NatsBus(server.url)
+    await bus.connect()
+    log = log_name()
+    follower = bus.follow(log, 0)
+    try:
+        for i in range(50):
+            await bus.append(log, b"%d" % i, msg_id=f"k{i}")
+        assert [e.seq for e in await take(follower, 50)] == list(range(1, 51))
+        server.kill()  # kill -9: the stream is on disk, the clients are cut
+        server = NatsServer(tmp_path / "nats", port=server.port).start()  # same port, same store
+
+        async def keep_appending() -> None:
+            for i in range(50, 100):  # append() retries, same msg_id: stored once
+                await bus.append(log, b"%d" % i, msg_id=f"k{i}")
+
+        appending = asyncio.create_task(keep_appending())
+        rest = await take(follower, 50, timeout=60)
+        await appending
+        assert [e.seq for e in rest] == list(range(51, 101))
+        assert [e.data for e in rest] == [b"%d" % i for i in range(50, 100)]
+        assert await bus.head(log) == 100
+    finally:
+        await follower.aclose()  # type: ignore[attr-defined]
+        await bus.close()
+        server.stop()
+
+
+async def test_no_jetstream_or_no_server_is_one_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bus = NatsBus(f"nats://127.0.0.1:{port}", connect_timeout=1.0)
+    with pytest.raises(BusError, match="cannot reach the cluster bus"):
+        await bus.connect()
+
+
+def test_addresses_and_the_plugin_hook() -> None:
+    settings = parse_address("nats://a:4222,b:4223?replicas=3&dedup=300")
+    assert settings.servers == ["nats://a:4222", "nats://b:4223"]
+    assert (settings.replicas, settings.dedup) == (3, 300.0)
+    with pytest.raises(BusError):
+        parse_address("http://a:4222")
+    with pytest.raises(BusError):
+        parse_address("nats://a:4222?replicas=9")
+    import korinet_nats.plugin
+
+    plugins = PluginManager.load(entry_points=False, extra=[korinet_nats.plugin])
+    made = bus_for("nats://127.0.0.1:4222", plugins)
+    assert isinstance(made, NatsBus) and made.address == "nats://127.0.0.1:4222"
+    assert isinstance(bus_for("local"), LocalBus)
+    with pytest.raises(BusError, match="pip install korinet-nats"):
+        bus_for("nats://x:1", PluginManager.load(entry_points=False))
