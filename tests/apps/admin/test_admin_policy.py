@@ -123,6 +123,7 @@ def test_the_default_lets_admin_do_everything() -> None:
     assert DEFAULT_POLICY.check_command({"admin"}, ["any", "thing"], shell=False).allowed
     assert DEFAULT_POLICY.check_command({"admin"}, ["x"], shell=True).allowed
     assert DEFAULT_POLICY.check_files({"admin"}).allowed
+    assert DEFAULT_POLICY.check_path({"admin"}, "/etc/shadow").allowed
     assert not DEFAULT_POLICY.check_command({"users"}, ["uptime"], shell=False).allowed
 
 
