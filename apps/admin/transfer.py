@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -176,7 +177,8 @@ class Receiver:
         try:
             fd = os.open(self.part, flags, dir_fd=self.dir_fd)
         except OSError as exc:
-            raise TransferError(f"partial file {where} cannot be resumed safely ({exc.strerror}); "
+            why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened ({exc.strerror})"
+            raise TransferError(f"partial file {where} {why}: refusing to resume into it; "
                                 "remove it if you did not make it") from None  # fmt: skip
         st = os.fstat(fd)
         problem = None

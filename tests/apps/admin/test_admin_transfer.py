@@ -99,7 +99,7 @@ def _writable_by_others(scene: Scene, at: Path) -> None:
 
 
 PLANTS: list[tuple[Callable[[Scene, Path], None], str]] = [
-    (_symlink, "cannot be resumed safely"),
+    (_symlink, "is a symbolic link: refusing to resume"),
     (_hardlink, "has 2 hard links"),
     (_fifo, "is not a regular file"),
     pytest.param(_others_file, "belongs to uid 65534", marks=as_root),  # type: ignore[list-item]
@@ -309,5 +309,8 @@ async def test_the_cli_says_why_and_never_verified(
     )
     out, err = await asyncio.wait_for(proc.communicate(), WAIT)
     assert proc.returncode == 255 and b"verified" not in out
-    assert b"cannot be resumed safely" in err and b"remove it if you did not make it" in err
+    assert (
+        b"is a symbolic link: refusing to resume into it" in err
+        and b"remove it if you did not make it" in err
+    )
     assert scene.victim_untouched()
