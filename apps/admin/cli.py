@@ -293,6 +293,11 @@ async def _status(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- put, get
 
+SETID_HELP = (
+    "keep the setuid, setgid and sticky bits of the file's mode (dropped by default: a setuid "
+    "file written by a root agent is a root shell for whoever may run it)"
+)
+
 
 async def _put(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -313,7 +318,7 @@ async def _put(args: argparse.Namespace) -> int:
     if conn is None:
         return FAILURE
     try:
-        done = await put_file(conn.client, source, remote)
+        done = await put_file(conn.client, source, remote, preserve_setid=args.preserve_setid)
     except (KoriNetError, TransferError, OSError) as exc:
         _err(f"put {source} -> {target.label}:{remote}: {exc}")
         return FAILURE
@@ -338,7 +343,7 @@ async def _get(args: argparse.Namespace) -> int:
     if conn is None:
         return FAILURE
     try:
-        info = await get_file(conn.client, args.source, destination)
+        info = await get_file(conn.client, args.source, destination, preserve_setid=args.preserve_setid)
     except (KoriNetError, TransferError, OSError) as exc:
         _err(f"get {target.label}:{args.source} -> {destination}: {exc}")
         return FAILURE
@@ -519,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host", metavar="HOST[:PORT]")
     p.add_argument("source", metavar="SRC", help="local file")
     p.add_argument("destination", metavar="DST", help="remote path (ending in / : into that directory)")
+    p.add_argument("--preserve-setid", action="store_true", help=SETID_HELP)
     client_options(p)
     p.set_defaults(func=_put)
 
@@ -526,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host", metavar="HOST[:PORT]")
     p.add_argument("source", metavar="SRC", help="remote file")
     p.add_argument("destination", metavar="DST", help="local path or directory")
+    p.add_argument("--preserve-setid", action="store_true", help=SETID_HELP)
     client_options(p)
     p.set_defaults(func=_get)
 

@@ -231,6 +231,8 @@ def validate_put_open(obj: Any) -> None:
     _uint(d.get("size"), "size")
     _sha256(d.get("sha256"))
     _uint(d.get("mode", 0o644), "mode")
+    if not isinstance(d.get("setid", False), bool):  # keep setuid, setgid, sticky: only on request
+        raise TypeError("setid must be a boolean")
 
 
 def validate_put_chunk(obj: Any) -> None:

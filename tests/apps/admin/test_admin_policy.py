@@ -15,7 +15,7 @@ commands = ["uptime", "df **", "systemctl status *", "echo 'two words'"]
 [roles.root]
 commands = ["**"]
 shell = true
-files = true
+files = ["/srv"]
 """
 
 
@@ -36,13 +36,50 @@ def policy(tmp_path: Path) -> Policy:
         (["systemctl", "status", "*"], ["systemctl", "status", "nginx"], True),
         (["systemctl", "status", "*"], ["systemctl", "status", "a", "b"], False),
         (["systemctl", "status", "*"], ["systemctl", "restart", "nginx"], False),
-        (["*"], ["rm -rf /"], True),  # one argument: * matches one element only
+        (["*"], ["rm -rf x"], True),  # one argument: * matches one element only
         (["*"], ["rm", "-rf"], False),
         (["**"], ["anything", "at", "all"], True),
     ],
 )
 def test_argv_patterns_match_one_argument_per_element(pattern: list, argv: list, expected: bool) -> None:
     assert argv_matches(pattern, argv) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "argv", "expected"),
+    [
+        # globs stay within one path component
+        ("cat /var/log/*", ["cat", "/var/log/syslog"], True),
+        ("cat /var/log/*", ["cat", "/var/log/nginx/access.log"], False),
+        ("cat /var/log/*", ["cat", "/var/log//etc/shadow"], False),
+        ("cat /var/log/*/*.log", ["cat", "/var/log/nginx/access.log"], True),
+        ("cat /var/log/?", ["cat", "/var/log/a"], True),
+        ("cat /var/log/[a/]b", ["cat", "/var/log/a"], False),
+        ("cat *", ["cat", "/etc/shadow"], False),
+        ("systemctl status *", ["systemctl", "status", "../../x"], False),
+        # .. is matched only literally, never by a glob
+        ("cat /var/log/*", ["cat", "/var/log/.."], False),
+        ("cat /var/log/*/*", ["cat", "/var/log/../shadow"], False),
+        ("cat /var/log/*/../x", ["cat", "/var/log/a/../x"], True),
+        ("cat /var/log/*", ["cat", "/var/log/..."], True),  # a name, not the parent
+        # options: only a pattern element starting with - matches one
+        ("ls -l *", ["ls", "-l", "--help"], False),
+        ("ls -l *", ["ls", "-l", "-a"], False),
+        ("ls -l *", ["ls", "-l", "docs"], True),
+        ("ls -l *", ["ls", "--l", "docs"], False),
+        ("ls -* *", ["ls", "-la", "docs"], True),
+        ("journalctl --unit=*", ["journalctl", "--unit=nginx"], True),
+        ("journalctl --unit=*", ["journalctl", "--unit=../../x"], False),
+        ("cat *", ["cat", "-"], False),
+        ("* status", ["--help", "status"], False),
+        # a last ** means any further arguments, options included: said in docs/ADMIN.md
+        ("find **", ["find", "/", "-exec", "sh", ";"], True),
+    ],
+)
+def test_a_pattern_means_what_it_says(pattern: str, argv: list, expected: bool) -> None:
+    policy = Policy.from_mapping({"roles": {"admin": {"commands": [pattern]}}})
+    assert argv_matches(policy.roles["admin"].commands[0], argv) is expected
+    assert policy.check_command({"admin"}, argv, shell=False).allowed is expected
 
 
 def test_roles_allow_what_they_list(policy: Policy) -> None:
@@ -59,12 +96,34 @@ def test_roles_allow_what_they_list(policy: Policy) -> None:
 def test_files_need_a_role_that_allows_them(policy: Policy) -> None:
     assert not policy.check_files({"admin"}).allowed
     assert policy.check_files({"admin", "root"}).allowed
+    assert "no role" in policy.check_path({"admin"}, "/srv/x").reason
+
+
+def test_files_are_limited_to_the_listed_directories(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(allowed)  # a listed directory may itself be a link
+    policy = Policy.from_mapping(
+        {"roles": {"ops": {"files": [str(tmp_path / "link"), "/srv/app/"]}, "other": {"files": False}}}
+    )
+    assert policy.roles["ops"].files == (str(tmp_path / "link"), "/srv/app")
+    assert policy.check_path({"ops"}, str(allowed / "f")).allowed
+    assert policy.check_path({"ops"}, str(allowed / "sub" / "f")).allowed
+    assert policy.check_path({"ops"}, "/srv/app/x").allowed
+    assert not policy.check_path({"ops"}, "/srv/app").allowed  # the directory itself is not a file in it
+    assert not policy.check_path({"ops"}, "/srv/application").allowed
+    denied = policy.check_path({"ops"}, str(tmp_path / "elsewhere" / "f"))
+    assert not denied.allowed and "outside the directories" in denied.reason and "/srv/app" in denied.reason
+    assert not policy.check_path({"other"}, str(allowed / "f")).allowed
+    assert not policy.check_files({"other"}).allowed
 
 
 def test_the_default_lets_admin_do_everything() -> None:
     assert DEFAULT_POLICY.check_command({"admin"}, ["any", "thing"], shell=False).allowed
     assert DEFAULT_POLICY.check_command({"admin"}, ["x"], shell=True).allowed
     assert DEFAULT_POLICY.check_files({"admin"}).allowed
+    assert DEFAULT_POLICY.check_path({"admin"}, "/etc/shadow").allowed
     assert not DEFAULT_POLICY.check_command({"users"}, ["uptime"], shell=False).allowed
 
 
@@ -77,6 +136,12 @@ def test_the_default_lets_admin_do_everything() -> None:
         ("[other]\nx = 1", "unknown section"),
         ("[roles.a]\ncommands = ['echo \"unterminated']", "bad pattern"),
         ("[roles.a\n", "policy.toml"),
+        ("[roles.a]\nfiles = true", r'files = true is no longer accepted: .*files = \["/srv/app"\]'),
+        ("[roles.a]\nfiles = '/srv'", "list of directories"),
+        ("[roles.a]\nfiles = ['srv/app']", "absolute path"),
+        ("[roles.a]\nfiles = ['/srv/../etc']", "without \\.\\."),
+        ("[roles.a]\ncommands = ['cat /var/**']", r"\*\* is only allowed on its own"),
+        ("[roles.a]\ncommands = ['ls ** -l']", r"\*\* is only allowed on its own"),
     ],
 )
 def test_a_bad_policy_file_is_refused_with_a_reason(tmp_path: Path, text: str, error: str) -> None:
