@@ -50,4 +50,3 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except (KeyboardInterrupt, concurrent.futures.CancelledError):
         future.cancel()
         raise
-

@@ -46,7 +46,7 @@ def test_blocking_server_and_client_over_tls(
     c.send({"n": 1})
     assert c.recv() == "over tls"
     thread.join(10 * TIMEOUT_FACTOR)
-    (data, identity), = results
+    ((data, identity),) = results
     assert data == {"n": 1} and identity is not None and identity.name == "alice"
     c.close()
     listener.close()
