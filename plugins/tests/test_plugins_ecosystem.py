@@ -82,9 +82,15 @@ def site_of(env: dict[str, str]) -> Path:
 def test_korinet_plugins_lists_ours_with_codecs_and_message_types(env: dict[str, str]) -> None:
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    blocks = {b.split("\n", 1)[0]: b for b in re.split(r"\n(?=\S)", result.stdout.strip())}
+    blocks = {b.split("  ", 1)[0]: b for b in re.split(r"\n(?=\S)", result.stdout.strip())}
     version = importlib.metadata.version
-    assert blocks[f"zstd {version('korinet-zstd')}"].splitlines()[1:] == ["  codec         zstd+msgpack"]
+    # installed, the codec is offered before the built-ins without being asked for
+    assert result.stdout.startswith("korinet 0.1.0; codecs offered by default: zstd+msgpack, msgpack, json\n")
+    zstd = blocks[f"zstd {version('korinet-zstd')}"].splitlines()
+    assert zstd == [
+        f"zstd {version('korinet-zstd')}  loaded (supports korinet >=0.1)",
+        "  codec         zstd+msgpack",
+    ]
     assert f"metrics {version('korinet-metrics')}" in blocks  # hooks only: no codec, no type
     notebook = blocks[f"notebook {version('korinet-notebook')}"]
     for op, what in [("put", "set a key"), ("watch", "be told of every change under a prefix")]:
@@ -95,8 +101,10 @@ def test_plugins_are_disabled_by_name_from_the_environment(env: dict[str, str]) 
     env["KORINET_DISABLE_PLUGINS"] += ",zstd,notebook"
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    assert "zstd" not in result.stdout and "notebook" not in result.stdout
-    assert "metrics" in result.stdout
+    assert "zstd+msgpack" not in result.stdout and "notebook.put" not in result.stdout
+    for name in ("zstd", "notebook"):  # still listed, with their state
+        assert re.search(rf"^{name} \S+  disabled: named in KORINET_DISABLE_PLUGINS", result.stdout, re.M)
+    assert re.search(r"^metrics \S+  loaded", result.stdout, re.M)
 
 
 CLONE = """
@@ -134,7 +142,9 @@ def test_a_name_claimed_twice_stops_start_up_naming_both_plugins(
     env["KORINET_DISABLE_PLUGINS"] += ",notebook"
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    assert "zstd-clone 1.0\n  codec         zstd+msgpack\n  message type  notebook.put" in result.stdout
+    assert (
+        "zstd-clone 1.0  loaded\n  codec         zstd+msgpack\n  message type  notebook.put" in result.stdout
+    )
 
 
 def test_a_conflict_stops_a_server_before_it_listens() -> None:
