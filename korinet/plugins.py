@@ -112,7 +112,9 @@ def supported_range(dist: importlib.metadata.Distribution) -> str | None:
             continue
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue  # an optional extra's requirement, not the plugin's own
-        return str(req.specifier)
+        # lower bounds first, as people write them (SpecifierSet's own str sorts by text)
+        specs = sorted(req.specifier, key=lambda sp: (sp.operator.startswith("<"), str(sp)))
+        return ",".join(str(sp) for sp in specs)
     return None
 
 
