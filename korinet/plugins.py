@@ -167,6 +167,7 @@ class PluginManager:
         self._type_owner: dict[str, str] = {}
         self._owner_of: dict[int, str] = {}  # id(item) -> plugin, filled while collecting
         self._implemented: frozenset[str] = frozenset()
+        self._callers: dict[str, pluggy.HookCaller] = dict(vars(self.pm.hook))
         self._not_loaded: list[PluginInfo] = []
         self._dists: dict[str, tuple[str, str, str]] = {}  # plugin -> (dist, version, range)
         #: True when some plugin implements korinet_ack_timed: the runtime times
@@ -299,7 +300,7 @@ class PluginManager:
                     if trace:
                         _trace(hook, plugin, started, f"raised {_describe(exc)}")
                     return None
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     if trace:
                         _trace(hook, plugin, started, "returned an awaitable")
                     return _Guarded(result, plugin, hook, trace)
@@ -389,7 +390,7 @@ class PluginManager:
         if hook not in self._implemented and not self.trace and not self.pm.monitors:
             return []  # nobody listens, nobody traces: not even pluggy's caller
         try:
-            return cast("list[Any]", getattr(self.pm.hook, hook)(**kwargs))
+            return cast("list[Any]", self._callers[hook](**kwargs))
         except Exception:
             # only a hook wrapper (the implementations are guarded) gets here
             logger.exception("a plugin's hook wrapper failed in %s", hook)
