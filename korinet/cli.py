@@ -85,9 +85,7 @@ def load_identity(command: str, *, hint: str = "") -> Identity:
     return identity
 
 
-def pinning_notice(
-    command: str, *, where: str = "the server"
-) -> Callable[[str, str, KnownHosts], None]:
+def pinning_notice(command: str, *, where: str = "the server") -> Callable[[str, str, KnownHosts], None]:
     """A ``ClientTLS(on_first_use=...)`` callback telling the user, on stderr, which
     key was pinned for which address, and how to check it."""
 
@@ -440,9 +438,7 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
         "start a real server on loopback, and a README.",
     )
     q.add_argument("name", help="the plugin's name (distribution korinet-NAME, package korinet_NAME)")
-    q.add_argument(
-        "--message-type", metavar="T", help="the message type to define (default NAME.hello)"
-    )
+    q.add_argument("--message-type", metavar="T", help="the message type to define (default NAME.hello)")
     q.add_argument(
         "--codec", metavar="C", help="define a codec named C (alone: a codec plugin without a message type)"
     )

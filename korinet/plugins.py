@@ -10,7 +10,7 @@ tracing (``add_hookcall_monitoring``, ``enable_tracing``) and hook wrappers see 
 Isolation (one failing plugin costs a log line, not the session) comes from a guard
 put around each implementation when its plugin is registered; the same guard times
 the call when ``KORINET_TRACE_PLUGINS=1``. A hook nobody implements is not called
-at all unless tracing is on (the per-message path stays free; docs/PLUGINS.md §6).
+at all unless tracing is on (the per-message path stays free; docs/PLUGINS.md §5).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``korinet plugin new``: write a new plugin package that installs, tests and
-publishes as it is (docs/PLUGINS.md §1).
+publishes as it is (docs/PLUGINS.md §0).
 
 The files are templates filled with :meth:`str.format`-free substitution (``@@KEY@@``
 markers), so that the braces of Python and TOML in them stay as they are.
@@ -393,7 +393,7 @@ from typing import Any
 from korinet import hookimpl
 '''
 
-PLUGIN_TYPES = '''
+PLUGIN_TYPES = """
 
 @hookimpl
 def korinet_register_message_types() -> list[Any]:
@@ -402,25 +402,25 @@ def korinet_register_message_types() -> list[Any]:
     from .messages import TYPE, handle, validate
 
     return [MessageType(TYPE, validate=validate, handler=handle, description="answers in capitals")]
-'''
+"""
 
-PLUGIN_CODECS = '''
+PLUGIN_CODECS = """
 
 @hookimpl
 def korinet_register_codecs() -> list[Any]:
     from .codec import PlainOrZlibCodec
 
     return [PlainOrZlibCodec()]
-'''
+"""
 
-PLUGIN_CLI = '''
+PLUGIN_CLI = """
 
 @hookimpl
 def korinet_add_cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .cli import add_command
 
     add_command(subparsers)
-'''
+"""
 
 CLI_TYPE = '''
 """``korinet @@NAME@@ ADDRESS TEXT``: send one ``@@TYPE@@`` request, print the reply."""
@@ -545,7 +545,7 @@ loopback, then the installed entry point and the `korinet @@NAME@@` command."""
 
 '''
 
-TESTS_HEAD = '''
+TESTS_HEAD = """
 from korinet import Client, Server
 from korinet.cli import main
 from korinet.plugins import PluginManager
@@ -562,9 +562,9 @@ def test_the_entry_point_is_installed_and_loads() -> None:
     info = {i.name: i for i in PluginManager.load().plugins()}["@@NAME@@"]
     assert info.state == "loaded", info.detail  # its korinet range admits this korinet
     assert info.requires and info.distribution == "@@DIST@@"
-'''
+"""
 
-TESTS_TYPE = '''
+TESTS_TYPE = """
 from korinet import MessageRejected
 from @@PKG@@.messages import MAX_TEXT, TYPE, validate
 
@@ -590,9 +590,9 @@ def test_a_request_is_answered_by_a_real_server() -> None:
                     await client.request({"text": 42}, TYPE, timeout=TIMEOUT)
 
     run(scenario())
-'''
+"""
 
-TESTS_CODEC = '''
+TESTS_CODEC = """
 from korinet import CodecError
 from @@PKG@@.codec import NAME, PlainOrZlibCodec
 
@@ -631,9 +631,9 @@ def test_a_server_without_the_codec_falls_back_to_msgpack() -> None:
                 assert client.session.codec is not None and client.session.codec.name == "msgpack"
 
     run(scenario())
-'''
+"""
 
-TESTS_CLI_TYPE = '''
+TESTS_CLI_TYPE = """
 
 def test_the_korinet_command_has_the_subcommand(
     server_address: str, capsys: pytest.CaptureFixture[str]
@@ -641,9 +641,9 @@ def test_the_korinet_command_has_the_subcommand(
     assert main(["@@NAME@@", server_address, "hi there"]) == 0
     out = capsys.readouterr().out
     assert "HI THERE (8 characters" in out, out
-'''
+"""
 
-TESTS_CLI_CODEC = '''
+TESTS_CLI_CODEC = """
 
 def test_the_korinet_command_has_the_subcommand(
     server_address: str, capsys: pytest.CaptureFixture[str]
@@ -651,4 +651,4 @@ def test_the_korinet_command_has_the_subcommand(
     assert main(["@@NAME@@", server_address]) == 0
     out = capsys.readouterr().out
     assert "codec " in out and "echo intact" in out, out
-'''
+"""
