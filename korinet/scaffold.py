@@ -175,7 +175,7 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 PYPROJECT = """
 [build-system]
-requires = ["setuptools>=61"]
+requires = ["setuptools>=77"]  # 77+: license = "MIT" as an SPDX expression
 build-backend = "setuptools.build_meta"
 
 [project]
@@ -184,7 +184,7 @@ version = "0.1.0"
 description = "@@WHAT@@"
 readme = "README.md"
 requires-python = ">=3.11"
-license = { text = "MIT" }
+license = "MIT"
 keywords = ["korinet", "korinet-plugin"]
 classifiers = ["Programming Language :: Python :: 3", "Typing :: Typed"]
 # The KoriNet versions this plugin supports: pip checks it when installing, and
