@@ -243,7 +243,8 @@ class PluginManager:
         for caller in self.pm.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    self._guard(impl, caller.name)
+                    lookup = bool(caller.spec and caller.spec.opts.get("firstresult"))
+                    self._guard(impl, caller.name, lookup)
         self._changed()
 
     def unregister(self, plugin: object) -> None:
@@ -259,8 +260,10 @@ class PluginManager:
 
     # -------------------------------------------------------------- guards
 
-    def _guard(self, impl: pluggy.HookImpl, hook: str) -> None:
+    def _guard(self, impl: pluggy.HookImpl, hook: str, lookup: bool = False) -> None:
         """Replace ``impl.function`` with one that isolates and, if asked, traces it.
+        Registrations and ``firstresult`` lookups (``lookup``) are traced, not
+        isolated: their answer and their failure belong to the caller.
 
         pluggy then runs the guard in its own caller, so its monitoring and the
         wrappers of other plugins work as usual. The guard takes the positional
@@ -288,6 +291,20 @@ class PluginManager:
                 if trace:
                     _trace(hook, plugin, started, f"ok, {len(items)} registered")
                 return items
+
+        elif lookup:
+
+            def guarded(*args: Any) -> Any:
+                started = time.perf_counter() if trace else 0.0
+                try:
+                    result = function(*args)
+                except BaseException as exc:
+                    if trace:
+                        _trace(hook, plugin, started, f"raised {_describe(exc)}")
+                    raise
+                if trace:
+                    _trace(hook, plugin, started, "no answer" if result is None else "answered")
+                return result
 
         else:
 

@@ -16,6 +16,7 @@ from testutil.relay import Relay
 from korinet import Client, MessageType, Server, SessionConfig, hookimpl
 from korinet.codecs.base import default_offer
 from korinet.codecs.json import JsonCodec
+from korinet.hookspecs import hookspec
 from korinet.plugins import DISABLE_ENV, TRACE_ENV, PluginConflict, PluginManager
 from korinet.session import CLIENT, Session
 
@@ -314,3 +315,30 @@ async def test_link_reopened_follows_resumed_and_acks_are_timed_except_across_a_
 async def recorder_calls(recorder: Recorder, hook: str) -> list[tuple[Any, ...]]:
     await asyncio.sleep(0)  # hooks are spawned as tasks: let the pending ones run
     return [a for h, a in recorder.calls if h == hook]
+
+
+class LookupSpecs:
+    """A firstresult lookup hook, as the core may add (main's korinet_cluster_bus is one)."""
+
+    @hookspec(firstresult=True)
+    def korinet_test_lookup(self, key: str) -> Any:
+        """The first answer wins."""
+
+
+class Answers:
+    @hookimpl
+    def korinet_test_lookup(self, key: str) -> Any:
+        if key == "boom":
+            raise LookupError("no such scheme")
+        return f"answer for {key}" if key != "none" else None
+
+
+def test_a_firstresult_lookup_passes_its_answer_and_its_failure_through_the_guard() -> None:
+    pm = PluginManager(trace=True)
+    pm.pm.add_hookspecs(LookupSpecs)
+    pm.register(Answers(), name="answers")
+    hook = pm.pm.hook.korinet_test_lookup
+    assert hook(key="x") == "answer for x"  # a notification guard would have swallowed it
+    assert hook(key="none") is None
+    with pytest.raises(LookupError, match="no such scheme"):  # not isolated: the caller's error
+        hook(key="boom")
