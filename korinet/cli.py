@@ -85,9 +85,7 @@ def load_identity(command: str, *, hint: str = "") -> Identity:
     return identity
 
 
-def pinning_notice(
-    command: str, *, where: str = "the server"
-) -> Callable[[str, str, KnownHosts], None]:
+def pinning_notice(command: str, *, where: str = "the server") -> Callable[[str, str, KnownHosts], None]:
     """A ``ClientTLS(on_first_use=...)`` callback telling the user, on stderr, which
     key was pinned for which address, and how to check it."""
 
@@ -321,8 +319,14 @@ async def _ping(args: argparse.Namespace, plugins: PluginManager) -> int:
 
 def _plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
     types = plugins.message_types()
+    offer = plugins.codec_offer()
+    print(f"korinet {__version__}; codecs offered by default: {', '.join(offer)}")
     for info in plugins.plugins():
-        print(f"{info.name}{' ' + info.version if info.version else ''}")
+        head = f"{info.name}{' ' + info.version if info.version else ''}  {info.state}"
+        if info.state != "loaded":
+            print(f"{head}: {info.detail}")
+            continue
+        print(f"{head}{f' (supports korinet {info.requires})' if info.requires else ''}")
         for name in info.codecs:
             print(f"  codec         {name}")
         for name in info.message_types:
@@ -331,6 +335,23 @@ def _plugins(args: argparse.Namespace, plugins: PluginManager) -> int:
                 f" role={mtype.required_role}" if mtype.required_role else ""
             )
             print(f"  message type  {name}{extra}  {mtype.description}".rstrip())
+    return 0
+
+
+def _plugin_new(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from pathlib import Path
+
+    from .scaffold import PluginSpec, ScaffoldError, write_plugin
+
+    spec = PluginSpec(args.name, message_type=args.message_type, codec=args.codec)
+    try:
+        root = write_plugin(spec, Path(args.directory), __version__)
+    except (ScaffoldError, OSError) as exc:
+        print(f"korinet plugin new: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {root}/ ({spec.distribution}, entry point {spec.name!r}). Next:")
+    print(f"  pip install -e '{root}[test]' && pytest {root}")
+    print(f"  korinet plugins; korinet {spec.name} --help")
     return 0
 
 
@@ -402,8 +423,27 @@ def build_parser(plugins: PluginManager) -> argparse.ArgumentParser:
     p.add_argument("--passphrase", action="store_true", help=PASSPHRASE_HELP)
     p.set_defaults(func=_ping, is_async=True)
 
-    p = sub.add_parser("plugins", help="list plugins with their codecs and message types")
+    p = sub.add_parser("plugins", help="list plugins: state, codecs, message types (= plugin list)")
     p.set_defaults(func=_plugins, is_async=False)
+
+    p = sub.add_parser("plugin", help="write a new plugin package, or list the installed ones")
+    plugin_sub = p.add_subparsers(dest="plugin_command", metavar="ACTION", required=True)
+    q = plugin_sub.add_parser("list", help="the installed plugins and their state")
+    q.set_defaults(func=_plugins, is_async=False)
+    q = plugin_sub.add_parser(
+        "new",
+        help="write korinet-NAME/: a tested, installable plugin package",
+        description="Write korinet-NAME/: pyproject with the korinet entry point, a typed message "
+        "type (or a codec) with a validator and handler, a `korinet NAME` command, tests that "
+        "start a real server on loopback, and a README.",
+    )
+    q.add_argument("name", help="the plugin's name (distribution korinet-NAME, package korinet_NAME)")
+    q.add_argument("--message-type", metavar="T", help="the message type to define (default NAME.hello)")
+    q.add_argument(
+        "--codec", metavar="C", help="define a codec named C (alone: a codec plugin without a message type)"
+    )
+    q.add_argument("-C", "--directory", default=".", help="where to write korinet-NAME/ (default: here)")
+    q.set_defaults(func=_plugin_new, is_async=False)
 
     p = sub.add_parser("keygen", help="create this node's identity (key pair and certificate)")
     p.add_argument("--force", action="store_true", help="replace an existing identity")

@@ -3,12 +3,15 @@
 Three kinds, on purpose:
 
 * ``korinet_register_*``: every plugin's lists are concatenated;
-* notifications (``korinet_session_*``, ``korinet_server_*``,
-  ``korinet_message_rejected``): return nothing; a plugin that raises is logged with
-  its name and the others still run;
+* notifications (``korinet_session_*``, ``korinet_link_reopened``,
+  ``korinet_ack_timed``, ``korinet_server_*``, ``korinet_message_rejected``): return
+  nothing; a plugin that raises is logged with its name and the others still run;
 * ``korinet_add_cli_commands``: extend the ``korinet`` command line.
 
-A hook that needs to await may return an awaitable; the runtime awaits it.
+A hook that needs to await may return an awaitable (an ``async def`` hook is
+fine): the runtime awaits it in a task, with the same isolation. Every call goes
+through pluggy's hook caller (korinet.plugins), so pluggy's tracing and wrappers
+see it; ``KORINET_TRACE_PLUGINS=1`` logs each plugin's call with its duration.
 """
 
 from __future__ import annotations
@@ -70,6 +73,29 @@ def korinet_session_lost(session: Any, error: BaseException) -> Any:
 @hookspec
 def korinet_session_closed(session: Any, reason: str) -> Any:
     """A session ended for good (orderly close, expiry or protocol error)."""
+
+
+@hookspec
+def korinet_link_reopened(session: Any, resumed: bool, replayed: int) -> Any:
+    """A session object has a link again after losing one: ``resumed`` True when
+    the session continued (after :func:`korinet_session_resumed`, ``replayed``
+    messages re-sent), False when the server had forgotten it and a new session
+    began on the same object (after :func:`korinet_session_opened`, ``replayed``
+    0). Not called for the first link. For "connection is back" notices, one hook
+    instead of two."""
+
+
+@hookspec
+def korinet_ack_timed(session: Any, seq: int, rtt: float) -> Any:
+    """A sampled acknowledgement round trip: message ``seq`` that this side sent was
+    acknowledged ``rtt`` seconds after it was queued.
+
+    Sampled as TCP samples its RTT: at most one message per session is timed at a
+    time (the first one queued while none is), and a sample whose link dropped in
+    between is discarded (Karn's rule: it would measure the outage, not the path).
+    Called on the sending side, on the event loop (the blocking client: after its
+    step, outside its lock). The runtime times nothing while no plugin implements
+    this hook."""
 
 
 @hookspec

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,8 @@ class Peer:
         self._opened_once = False
         #: handshakes completed on this session (first open and every resume)
         self.links_opened = 0
+        # the message timed for korinet_ack_timed: (seq, queued at, links_opened then)
+        self._probe: tuple[int, float, int] | None = None
         self._notice: KoriNetError | None = None  # raised once by recv (session expired)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
@@ -219,6 +222,8 @@ class Peer:
         # what every post does once the session took the message
         if self._stored is not None:
             self._accepted()
+        if self._probe is None and self.plugins.times_acks:
+            self._probe = (seq, time.perf_counter(), self.links_opened)
         self._after_queue()
         return seq
 
@@ -310,6 +315,8 @@ class Peer:
         self._acks.append((seq, fut))
         if flags & _REQUEST and corr in self._requests:
             self._requests[corr] = (self._requests[corr][0], seq)
+        if self._probe is None and self.plugins.times_acks:
+            self._probe = (seq, time.perf_counter(), self.links_opened)
         self._after_queue()
         return fut
 
@@ -548,10 +555,12 @@ class Peer:
         if not self._opened_once:
             self._opened_once = True
             self._spawn(self.plugins.session_opened(self))
-        elif ev.resumed:
+            return
+        if ev.resumed:
             self._spawn(self.plugins.session_resumed(self, ev.replayed))
         else:
             self._spawn(self.plugins.session_opened(self))
+        self._spawn(self.plugins.link_reopened(self, ev.resumed, ev.replayed))
 
     def _acked(self, seq: int) -> None:
         acks = self._acks
@@ -567,6 +576,11 @@ class Peer:
         if rejected:  # rejections of posted messages nobody awaits: already logged
             for s in [s for s in rejected if s <= seq]:
                 del rejected[s]
+        probe = self._probe
+        if probe is not None and probe[0] <= seq:
+            self._probe = None
+            if probe[2] == self.links_opened:  # Karn's rule: a sample across a lost link measures the outage
+                self._spawn(self.plugins.ack_timed(self, probe[0], time.perf_counter() - probe[1]))
         self._wake_space()
 
     def _expired(self, ev: SessionExpiredEvent) -> None:
@@ -590,6 +604,7 @@ class Peer:
             elif seq and not reply.done():
                 reply.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
         self._rejected.clear()
+        self._probe = None  # its sequence number belonged to the old session
         self._notice = error
         self._wake_inbox()
         self._spawn(self.plugins.session_closed(self, f"expired: {error}"))

@@ -21,6 +21,7 @@ import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..codecs.base import default_offer
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, NegotiationError
 from ..plugins import PluginManager, default_manager
 from ..security.passphrase import PassphraseVerifier
@@ -178,8 +179,9 @@ class Hub:
         self.connections: set[Connection] = set()
         self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._codec_names = tuple(n for n in self.config.codecs if n in self.codecs) + tuple(
-            n for n in self.codecs if n not in self.config.codecs
+        pinned = self.config.codecs or default_offer(self.codecs)
+        self._codec_names = tuple(n for n in pinned if n in self.codecs) + tuple(
+            n for n in self.codecs if n not in pinned
         )
         self._own_store: SessionStore | None = None
         if store is not None and not isinstance(store, SessionStore):

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..codecs.base import Codec
+from ..codecs.base import Codec, default_offer
 from ..exceptions import (
     AuthenticationError,
     CodecError,
@@ -162,6 +162,11 @@ class Session:
         self._prover = PassphraseProver(passphrase) if passphrase is not None else None
         self.config = config or SessionConfig()
         self.codecs = dict(codecs)
+        #: the codecs a HELLO offers, best first: the config's pinned list, or by
+        #: default every codec we were handed (korinet.codecs.base.default_offer)
+        self.codec_offer: tuple[str, ...] = tuple(
+            c for c in (self.config.codecs or default_offer(self.codecs)) if c in self.codecs
+        )
         self.state: State = DETACHED
         self.session_id: str | None = None
         self.token: str | None = None
@@ -358,7 +363,7 @@ class Session:
                 FrameType.HELLO,
                 {
                     "versions": list(self.config.versions),
-                    "codecs": [c for c in self.config.codecs if c in self.codecs],
+                    "codecs": list(self.codec_offer),
                     "heartbeat": self.config.heartbeat_interval,
                     "window": self.config.window,
                     "window_bytes": self.config.window_bytes,
@@ -787,8 +792,7 @@ class Session:
         if code == CloseCode.UNSUPPORTED_VERSION:
             error = NegotiationError("protocol version", self.config.versions, _peer_list(fields, "versions"))
         elif code == CloseCode.UNSUPPORTED_CODEC:
-            offered = [c for c in self.config.codecs if c in self.codecs]  # what the HELLO listed
-            error = NegotiationError("codec", offered, _peer_list(fields, "codecs"))
+            error = NegotiationError("codec", list(self.codec_offer), _peer_list(fields, "codecs"))
         elif code == CloseCode.AUTH_FAILED:
             error = AuthenticationError(reason)
         elif code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
@@ -839,7 +843,7 @@ class Session:
             return
         if w.version not in self.config.versions:
             raise RemoteProtocolError(f"the server chose version {w.version}, which we did not offer")
-        if w.codec not in self.codecs or w.codec not in self.config.codecs:
+        if w.codec not in self.codec_offer:
             raise RemoteProtocolError(f"the server chose codec {w.codec!r}, which we did not offer")
         new_codec = self.codecs[w.codec]
         replay_from = w.received

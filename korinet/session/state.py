@@ -66,7 +66,9 @@ class SessionConfig:
 
     Attributes:
         versions: protocol versions offered (client) or accepted (server).
-        codecs: codec names in order of preference (the client's order wins).
+        codecs: codec names in order of preference (the client's order wins); None
+            (the default) offers every installed codec, best first by its declared
+            preference, msgpack last (korinet.codecs.base.default_offer).
         max_frame_size: largest frame accepted, in bytes (checked before allocating).
         heartbeat_interval: seconds between PINGs on an open link.
         dead_after: a link with nothing received for ``dead_after`` times the *peer's*
@@ -80,7 +82,7 @@ class SessionConfig:
     """
 
     versions: tuple[int, ...] = PROTOCOL_VERSIONS
-    codecs: tuple[str, ...] = ("msgpack", "json")
+    codecs: tuple[str, ...] | None = None
     max_frame_size: int = 16 * 1024 * 1024
     heartbeat_interval: float = 5.0
     dead_after: float = 2.5

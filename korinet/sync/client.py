@@ -299,6 +299,8 @@ class SyncClient:
         self.attempts = 0
         #: handshakes completed on this session (first open and every resume)
         self.links_opened = 0
+        # the message timed for korinet_ack_timed: (seq, queued at, links_opened then)
+        self._probe: tuple[int, float, int] | None = None
         heartbeat = self.session.config.heartbeat_interval
         #: idle time after which the background thread reads (see the module docstring)
         self.idle_handover = min(IDLE_HANDOVER, heartbeat / 10)
@@ -441,6 +443,8 @@ class SyncClient:
             else:
                 pending = _Pending(seq)
                 self._acks.append(pending)
+                if self._probe is None and self.plugins.times_acks:
+                    self._probe = (seq, time.perf_counter(), self.links_opened)
                 out = session.data_to_send()
                 if out:
                     self._write(out)
@@ -581,6 +585,8 @@ class SyncClient:
                 self._wait_for_space(deadline)
         pending = _Pending(seq)
         self._acks.append(pending)
+        if self._probe is None and self.plugins.times_acks:
+            self._probe = (seq, time.perf_counter(), self.links_opened)
         self._flush()
         return pending
 
@@ -1261,10 +1267,12 @@ class SyncClient:
         if not self._opened_once:
             self._opened_once = True
             self._defer_hooks(self.plugins.session_opened, self)
-        elif ev.resumed:
+            return
+        if ev.resumed:
             self._defer_hooks(self.plugins.session_resumed, self, ev.replayed)
         else:
             self._defer_hooks(self.plugins.session_opened, self)
+        self._defer_hooks(self.plugins.link_reopened, self, ev.resumed, ev.replayed)
 
     def _acked(self, seq: int) -> None:
         acks = self._acks
@@ -1279,6 +1287,11 @@ class SyncClient:
         if rejected:  # rejections of messages nobody waits for: already logged
             for s in [s for s in rejected if s <= seq]:
                 del rejected[s]
+        probe = self._probe
+        if probe is not None and probe[0] <= seq:
+            self._probe = None
+            if probe[2] == self.links_opened:  # Karn's rule, as korinet.runtime.peer.Peer._acked
+                self._defer_hooks(self.plugins.ack_timed, self, probe[0], time.perf_counter() - probe[1])
 
     def _expired(self, ev: SessionExpiredEvent) -> None:
         # As korinet.runtime.peer.Peer._expired: waiters follow the session's renumbering.
@@ -1306,6 +1319,7 @@ class SyncClient:
                 box.error = error if box.seq <= ev.unconfirmed_through else codec_error
                 box.done = True
         self._rejected.clear()
+        self._probe = None  # its sequence number belonged to the old session
         self._notice = error
         self._defer_hooks(self.plugins.session_closed, self, f"expired: {error}")
 

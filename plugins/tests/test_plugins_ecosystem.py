@@ -40,11 +40,13 @@ def test_our_plugins_are_installed_distributions() -> None:
         assert eps[name].dist.name == f"korinet-{name}"
 
 
-def install_fake(site: Path, dist: str, plugin: str, module: str, source: str) -> None:
-    """Install distribution ``dist`` with entry point ``plugin = module`` into ``site``."""
+def install_fake(site: Path, dist: str, plugin: str, module: str, source: str, requires: str = "") -> None:
+    """Install distribution ``dist`` with entry point ``plugin = module`` into ``site``
+    (``requires``: its Requires-Dist lines)."""
     info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    requires_dist = "".join(f"Requires-Dist: {line}\n" for line in requires.splitlines() if line)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n{requires_dist}")
     (info / "entry_points.txt").write_text(f"[korinet]\n{plugin} = {module}\n")
     (site / f"{module}.py").write_text(textwrap.dedent(source))
 
@@ -82,9 +84,15 @@ def site_of(env: dict[str, str]) -> Path:
 def test_korinet_plugins_lists_ours_with_codecs_and_message_types(env: dict[str, str]) -> None:
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    blocks = {b.split("\n", 1)[0]: b for b in re.split(r"\n(?=\S)", result.stdout.strip())}
+    blocks = {b.split("  ", 1)[0]: b for b in re.split(r"\n(?=\S)", result.stdout.strip())}
     version = importlib.metadata.version
-    assert blocks[f"zstd {version('korinet-zstd')}"].splitlines()[1:] == ["  codec         zstd+msgpack"]
+    # installed, the codec is offered before the built-ins without being asked for
+    assert result.stdout.startswith("korinet 0.1.0; codecs offered by default: zstd+msgpack, msgpack, json\n")
+    zstd = blocks[f"zstd {version('korinet-zstd')}"].splitlines()
+    assert zstd == [
+        f"zstd {version('korinet-zstd')}  loaded (supports korinet >=0.1)",
+        "  codec         zstd+msgpack",
+    ]
     assert f"metrics {version('korinet-metrics')}" in blocks  # hooks only: no codec, no type
     notebook = blocks[f"notebook {version('korinet-notebook')}"]
     for op, what in [("put", "set a key"), ("watch", "be told of every change under a prefix")]:
@@ -95,8 +103,10 @@ def test_plugins_are_disabled_by_name_from_the_environment(env: dict[str, str]) 
     env["KORINET_DISABLE_PLUGINS"] += ",zstd,notebook"
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    assert "zstd" not in result.stdout and "notebook" not in result.stdout
-    assert "metrics" in result.stdout
+    assert "zstd+msgpack" not in result.stdout and "notebook.put" not in result.stdout
+    for name in ("zstd", "notebook"):  # still listed, with their state
+        assert re.search(rf"^{name} \S+  disabled: named in KORINET_DISABLE_PLUGINS", result.stdout, re.M)
+    assert re.search(r"^metrics \S+  loaded", result.stdout, re.M)
 
 
 CLONE = """
@@ -134,7 +144,9 @@ def test_a_name_claimed_twice_stops_start_up_naming_both_plugins(
     env["KORINET_DISABLE_PLUGINS"] += ",notebook"
     result = run_korinet(env, "plugins")
     assert result.returncode == 0, result.stderr
-    assert "zstd-clone 1.0\n  codec         zstd+msgpack\n  message type  notebook.put" in result.stdout
+    assert (
+        "zstd-clone 1.0  loaded\n  codec         zstd+msgpack\n  message type  notebook.put" in result.stdout
+    )
 
 
 def test_a_conflict_stops_a_server_before_it_listens() -> None:
@@ -244,3 +256,32 @@ async def test_failing_hooks_cost_only_a_log_line(caplog: pytest.LogCaptureFixtu
     text = caplog.text
     assert "plugin 'failing' failed in korinet_server_started" in text
     assert "plugin 'failing' failed in korinet_session_opened" in text and "async failure" in text
+
+
+NEEDS_THE_FUTURE = """
+    raise ImportError("never imported: its declared range is checked first")
+"""
+
+
+def test_an_incompatible_plugin_is_refused_at_start_up_in_one_line_and_listed(env: dict[str, str]) -> None:
+    site = site_of(env)
+    install_fake(site, "korinet-future", "future", "future_plugin", NEEDS_THE_FUTURE, "korinet>=9.0,<10")
+    fine_requires = "msgpack\nkorinet<0.1; extra == 'old'\nkorinet>=0.1"  # an extra's is not the range
+    install_fake(site, "korinet-fine", "fine", "fine_plugin", "", fine_requires)
+    install_fake(site, "korinet-broken", "broken", "broken_plugin", "import no_such_module_anywhere\n")
+    result = run_korinet(env, "plugins")
+    assert result.returncode == 0, result.stderr
+    refusal = [line for line in result.stderr.splitlines() if "'future'" in line]
+    assert refusal == [
+        "plugin 'future' (korinet-future 1.0) not loaded: supports korinet >=9.0,<10; this is korinet 0.1.0"
+    ]
+    assert "Traceback" not in result.stderr
+    out = result.stdout.splitlines()
+    assert "future 1.0  incompatible: supports korinet >=9.0,<10; this is korinet 0.1.0" in out
+    assert "fine 1.0  loaded (supports korinet >=0.1)" in out
+    assert (
+        "broken 1.0  failed: import failed: ModuleNotFoundError: No module named 'no_such_module_anywhere'"
+        in out
+    )
+    # the others still serve
+    assert any(line.startswith("zstd ") and "loaded" in line for line in out)

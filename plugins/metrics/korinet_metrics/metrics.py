@@ -8,12 +8,10 @@ Where the figures come from (only what the core hands a plugin):
   ``heartbeat_timeouts``, messages sent and received), read at scrape time from
   the live sessions and kept for the closed ones;
 * ``peer.queued`` and ``session.unacked_bytes``: the replay buffer's depth now;
-* the acknowledgement round trip, timed as TCP times its RTT: one message in
-  flight at a time per session is the probe, from the moment it is queued until
-  ``peer.wait_acked()`` returns; a probe that lived through a lost link is
-  discarded (Karn's rule), since its time measures the outage, not the path.
-  The core has no "message queued" hook, so the probe wraps the session's
-  ``send_message`` on that one object (see the report: a hook would be better).
+* the acknowledgement round trip from the ``korinet_ack_timed`` hook: KoriNet
+  times one message in flight at a time per session, from the moment it is queued
+  until its acknowledgement, and discards a sample that lived through a lost link
+  (Karn's rule), since its time measures the outage, not the path.
 
 Scrapes run on the HTTP server's thread while the event loop changes the session
 table: both sides take ``_lock``.
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from korinet import Client, KoriNetError, Peer, hookimpl
+from korinet import Client, hookimpl
 
 __all__ = ["ACK_RTT_BUCKETS", "SIDES", "STAT_COUNTERS", "DeliveryMetrics"]
 
@@ -62,10 +59,6 @@ class _Tracked:
     #: opens a new one on the same object, with the same growing counters)
     retired: dict[str, int] = field(default_factory=dict)
     links_lost: int = 0
-    probe_seq: int = 0
-    probe_started: float = 0.0
-    probe_link: int = 0
-    timed: bool = False
 
 
 class DeliveryMetrics:
@@ -113,7 +106,7 @@ class DeliveryMetrics:
         )
         self.ack_rtt = Histogram(
             f"{ns}_ack_rtt_seconds",
-            "From queueing a reliable message to its acknowledgement (one probe in flight per session).",
+            "From queueing a reliable message to its acknowledgement (one sample in flight per session).",
             labels,
             buckets=ACK_RTT_BUCKETS,
             registry=self.registry,
@@ -159,9 +152,6 @@ class DeliveryMetrics:
         self.opened.labels(side).inc()
         if again:  # a client whose session expired, now in a new one
             self.reconnects.labels(side).inc()
-        if not tracked.timed and isinstance(session, Peer):
-            tracked.timed = True
-            self._time_acks(session, tracked)
 
     @hookimpl
     def korinet_session_resumed(self, session: Any, replayed: int) -> None:
@@ -196,37 +186,10 @@ class DeliveryMetrics:
                 tracked.retired[name] = now
         self.closed.labels(tracked.side).inc()
 
-    # ------------------------------------------------------------------ ack probes
-
-    def _time_acks(self, peer: Peer, tracked: _Tracked) -> None:
-        session = peer.session
-        send_message = session.send_message
-        loop = peer.loop
-        histogram = self.ack_rtt.labels(tracked.side)
-
-        async def until_acked(seq: int) -> None:
-            try:
-                await peer.wait_acked(seq)
-            except KoriNetError:
-                pass  # the session ended or expired: no sample
-            else:
-                if tracked.probe_link == tracked.links_lost:
-                    histogram.observe(time.perf_counter() - tracked.probe_started)
-            finally:
-                tracked.probe_seq = 0
-
-        def timed_send_message(*args: Any, **kwargs: Any) -> int:
-            seq: int = send_message(*args, **kwargs)
-            if not tracked.probe_seq:
-                tracked.probe_seq = seq
-                tracked.probe_started = time.perf_counter()
-                tracked.probe_link = tracked.links_lost
-                task = loop.create_task(until_acked(seq))
-                _tasks.add(task)
-                task.add_done_callback(_tasks.discard)
-            return seq
-
-        session.send_message = timed_send_message  # type: ignore[method-assign]
+    @hookimpl
+    def korinet_ack_timed(self, session: Any, seq: int, rtt: float) -> None:
+        # KoriNet samples as TCP does (one message timed per session, Karn's rule)
+        self.ack_rtt.labels(_side(session)).observe(rtt)
 
     # ------------------------------------------------------------------ collection
 
@@ -267,9 +230,6 @@ class DeliveryMetrics:
         yield depth
         yield depth_bytes
         yield from totals.values()
-
-
-_tasks: set[Any] = set()  # keeps the probe tasks alive until done
 
 
 class _LiveCollector(Collector):

@@ -84,6 +84,12 @@ def korinet_session_closed(session: Any, reason: str) -> None:
 
 
 @hookimpl
+def korinet_ack_timed(session: Any, seq: int, rtt: float) -> None:
+    if (m := active()) is not None:
+        m.korinet_ack_timed(session, seq, rtt)
+
+
+@hookimpl
 def korinet_server_started(server: Any) -> None:
     active()  # a server with KORINET_METRICS_PORT serves metrics before its first session
 

@@ -1,8 +1,8 @@
 """korinet-zstd: the ``zstd+msgpack`` codec for KoriNet.
 
-Install it on both sides and list it first in the client's codecs
-(:func:`prefer_zstd`); a server that lacks it makes the session fall back to
-msgpack in the handshake (docs/PROTOCOL.md §3.2).
+Install it on both sides: clients offer it by default, before msgpack; a server
+that lacks it makes the session fall back to msgpack in the handshake
+(docs/PROTOCOL.md §3.2). :func:`prefer_zstd` puts it first in a pinned list.
 """
 
 from __future__ import annotations

@@ -61,6 +61,9 @@ class ZstdMsgpackCodec:
     """
 
     name = CODEC_NAME
+    #: Offered by default ahead of codecs with a lower preference (msgpack is always
+    #: last): installing the plugin on both sides is enough for it to be used.
+    preference = 20
 
     def __init__(
         self,

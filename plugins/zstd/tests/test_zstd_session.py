@@ -91,14 +91,17 @@ async def _echo(peer: Any) -> None:
         await peer.send(data)
 
 
-async def _session(server_pm: PluginManager, client_pm: PluginManager) -> tuple[str, int, list[Any]]:
+async def _session(
+    server_pm: PluginManager, client_pm: PluginManager, config: SessionConfig | None = None
+) -> tuple[str, int, list[Any]]:
     """Echo chat lines and admin output; return the codec, the bytes the client
-    sent, and what came back."""
+    sent, and what came back. The client's config is the default one unless given:
+    installed codecs are offered without being asked for."""
     server = await Server("127.0.0.1", 0, handler=_echo, plugins=server_pm).start()
     proxy = CountingProxy(server.port)
     port = await proxy.start()
     sent: list[Any] = [{"text": "hello"}, {"stdout": ADMIN_OUTPUT.encode()}, {"text": "é" * 20}]
-    client = await Client.connect("127.0.0.1", port, plugins=client_pm, config=prefer_zstd(), open_timeout=T)
+    client = await Client.connect("127.0.0.1", port, plugins=client_pm, config=config, open_timeout=T)
     try:
         assert client.session.codec is not None
         codec = client.session.codec.name
@@ -114,6 +117,11 @@ async def _session(server_pm: PluginManager, client_pm: PluginManager) -> tuple[
     return codec, proxy.up, got
 
 
+def test_installed_it_is_offered_first_by_default_and_msgpack_stays_last() -> None:
+    assert installed("zstd").codec_offer() == (CODEC_NAME, "msgpack", "json")
+    assert installed().codec_offer() == ("msgpack", "json")
+
+
 async def test_both_sides_have_it_so_it_is_negotiated_and_shrinks_the_wire() -> None:
     with_zstd, up_zstd, _ = await _session(installed("zstd"), installed("zstd"))
     without, up_plain, _ = await _session(installed("zstd"), installed())
@@ -125,6 +133,14 @@ async def test_both_sides_have_it_so_it_is_negotiated_and_shrinks_the_wire() -> 
 async def test_falls_back_to_msgpack_when_the_server_lacks_it() -> None:
     codec, _, _ = await _session(installed("zstd", disabled=("zstd",)), installed("zstd"))
     assert codec == "msgpack"
+
+
+async def test_an_application_can_still_pin_its_list() -> None:
+    pinned = SessionConfig(codecs=("msgpack",))
+    codec, _, _ = await _session(installed("zstd"), installed("zstd"), pinned)
+    assert codec == "msgpack"
+    codec, _, _ = await _session(installed("zstd"), installed("zstd"), prefer_zstd(pinned))
+    assert codec == CODEC_NAME
 
 
 async def test_falls_back_to_msgpack_when_the_client_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
