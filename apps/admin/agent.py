@@ -362,6 +362,7 @@ class Agent:
                 await peer.wait_acked(seq)
                 for _, stream, end, _size in inflight:
                     job.acknowledge(stream, end, reader)
+                self.jobs.enforce_caps(job)
                 if not job.exit_delivered:
                     self.audit.record("collected", job=job.id, **self._who(peer))
                 self.jobs.collected(job)
