@@ -251,7 +251,6 @@ class Job:
         self._events: int | None = None
         self._control: int | None = None
         self._pidfd: int | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
 
@@ -284,9 +283,10 @@ class Job:
 
     # ------------------------------------------------------------------ starting, adopting
 
-    async def start(self) -> None:
-        """Write the job directory and start its supervisor; returns once the command
-        runs (or could not start: an exited job with code 127 or 126, as a shell says)."""
+    async def start(self, launcher: Launcher) -> None:
+        """Write the job directory and have ``launcher`` start its supervisor; returns once
+        the command runs (or could not start: an exited job with code 127 or 126, as a
+        shell says)."""
         self.dir.mkdir(mode=0o700, parents=True)
         spec = {
             **asdict(self.spec),
@@ -299,17 +299,7 @@ class Job:
             os.mkfifo(self.dir / fifo, 0o600)
         self._save()
         self._watch_events()
-        log = os.open(self.dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            self._popen = subprocess.Popen(
-                [sys.executable, "-m", "korinet_admin.supervisor", str(self.dir)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True,  # the agent's end (a signal to its group) is not the job's
-            )  # fmt: skip
-        finally:
-            os.close(log)
-        self.supervisor_pid = self._popen.pid
-        self._watch_supervisor()
+        launcher.launch(self.dir)
         try:
             await asyncio.wait_for(self.started_event.wait(), START_TIMEOUT)
         except TimeoutError:
@@ -362,9 +352,7 @@ class Job:
         self._poll_timer = None
         if self.done.done():
             return
-        if self._popen is not None and self._popen.poll() is None:
-            pass
-        elif self.supervisor_pid is not None and _alive(self.supervisor_pid, self._supervisor_start):
+        if self.supervisor_pid is not None and _alive(self.supervisor_pid, self._supervisor_start):
             pass
         else:
             self._supervisor_ended()
@@ -376,8 +364,6 @@ class Job:
             asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-        if self._popen is not None:
-            self._popen.poll()  # reap it: it was our child
         self._refresh()
         if not self.done.done():
             self._lost("its supervisor ended (killed?) without an exit status")
@@ -394,10 +380,13 @@ class Job:
         if self.supervisor_pid is None or self.pid is None:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 info = json.loads((self.dir / sv.SUPERVISOR).read_text(encoding="utf-8"))
+                known = self.supervisor_pid is not None
                 self.supervisor_pid = int(info["pid"])
                 self._supervisor_start = info.get("start")
                 self.pid = info.get("child")
                 self.started_event.set()
+                if not known and self._events is not None:  # a job we started: follow it now
+                    self._watch_supervisor()
         grew = self.out.refresh() | self.err.refresh()
         if not self.done.done():
             try:
@@ -632,6 +621,58 @@ class Job:
         self.err.close()
 
 
+class Launcher:
+    """The agent's side of ``python -m korinet_admin.supervisor --launcher`` (see
+    :func:`korinet_admin.supervisor.launch_forever`): started once, it forks a
+    supervisor per job in a millisecond. Started again if it died."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "korinet_admin.supervisor", "--launcher"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True,  # a signal to the agent's group is not for the jobs
+            )  # fmt: skip
+        finally:
+            os.close(log)
+
+    def launch(self, job_dir: Path) -> None:
+        for attempt in range(2):
+            self.start()
+            assert self._proc is not None and self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(os.fsencode(job_dir) + b"\n")
+                self._proc.stdin.flush()
+                return
+            except BrokenPipeError:
+                logger.warning("the job launcher died (see %s); starting it again", self.log)
+                self._proc.wait()
+                if attempt:
+                    raise
+
+    def close(self) -> None:
+        """Let the launcher go (at EOF it exits; the jobs it started run on)."""
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
 def _alive(pid: int, start: int | None) -> bool:
     """Whether ``pid`` still names the process that started at ``start``."""
     try:
@@ -674,6 +715,7 @@ class JobTable:
         self._ids_file: IO[str] | None = None
         self.on_finished: Callable[[Job], None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.launcher = Launcher(state_dir / "launcher.log")
 
     def _load_ids(self) -> set[str]:
         try:
@@ -701,6 +743,7 @@ class JobTable:
             self._follow(job)
             adopted.append(job)
         self._sweep()
+        self.launcher.start()  # now, not when the first job waits for it
         return adopted
 
     def get(self, job_id: str) -> Job:
@@ -734,7 +777,7 @@ class JobTable:
         job = Job(spec, self.jobs_dir / spec.job_id, self.max_retained, time.time())
         self.jobs[spec.job_id] = job
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        await job.start()
+        await job.start(self.launcher)
         self._follow(job)
         return job, True
 
@@ -813,6 +856,7 @@ class JobTable:
         for job in list(self.jobs.values()):
             job.close(kill=kill)
         self.jobs.clear()
+        self.launcher.close()
         if self._ids_file is not None:
             self._ids_file.close()
             self._ids_file = None

@@ -47,8 +47,10 @@ __all__ = [
     "STDIN",
     "STREAM_FILES",
     "SUPERVISOR",
+    "launch_forever",
     "main",
     "process_start",
+    "supervise",
     "write_json",
 ]
 
@@ -418,17 +420,72 @@ class Supervisor:
         self.notify()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m korinet_admin.supervisor JOB_DIR (started by the agent)", file=sys.stderr)
-        return 2
+def supervise(job_dir: Path) -> None:
+    """Run the job in ``job_dir`` to its end (this process is its supervisor)."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # the command gets the default back (Popen)
-    supervisor = Supervisor(Path(args[0]))
+    supervisor = Supervisor(job_dir)
     # a SIGTERM or SIGHUP meant for the job (someone stopping it by hand) goes to the command
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda signum, _: supervisor._signal(signum))
     supervisor.run()
+
+
+def launch_forever() -> None:
+    """The launcher: one small process, started with the agent, that forks a supervisor
+    for each job directory the agent writes on our stdin (one path a line).
+
+    Forking this process costs a millisecond where starting Python costs tens; and a
+    supervisor forked from it is small, where one forked from the agent would hold a
+    copy of the agent's memory once the agent is gone. Each supervisor starts a
+    session of its own; we reap the ones that end while we run. At EOF (the agent is
+    gone) the launcher exits: its supervisors, adopted by init, run on.
+    """
+    import fcntl  # noqa: F401  (imported once here: every supervisor needs them)
+    import pty  # noqa: F401
+    import struct  # noqa: F401
+    import termios  # noqa: F401
+
+    def reap(*_: object) -> None:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+
+    signal.signal(signal.SIGCHLD, reap)
+    for line in sys.stdin.buffer:
+        job_dir = Path(os.fsdecode(line.rstrip(b"\n")))
+        if os.fork():
+            continue
+        code = 1
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            log = os.open(job_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(log, 2)
+            os.close(null)
+            os.close(log)
+            sys.stdin = sys.stdout = open(os.devnull, "w")
+            supervise(job_dir)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--launcher"]:
+        launch_forever()
+        return 0
+    if len(args) != 1:
+        print("usage: python -m korinet_admin.supervisor (--launcher | JOB_DIR)", file=sys.stderr)
+        return 2
+    supervise(Path(args[0]))
     return 0
 
 
