@@ -6,9 +6,10 @@ what that identity may run, and every decision goes to the audit log.
 
 A job's output reaches a client through an *attachment*: a task that posts the
 job's bytes from the client's offsets, at most ``MAX_INFLIGHT_BYTES`` unacknowledged
-at a time (flow control: a slow client slows the stream, the job spills to disk),
-then the exit notice once everything before it was sent. The runtime's
-acknowledgement of each message tells the job which bytes it may forget.
+at a time (flow control: a slow client slows the stream), then the exit notice once
+everything before it was sent. The runtime's acknowledgement of each message moves
+the job's acknowledged offset: how far its supervisor may read ahead, and which
+bytes a retention bound may discard.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Agent:
     """Jobs, policy and audit behind one or more KoriNet servers.
 
     Args:
-        state_dir: where job output spills and job ids are recorded.
+        state_dir: the jobs (STATE_DIR/jobs), job ids and, by default, the audit log.
         policy: what each role may run.
         audit: the audit log.
         insecure: the server is plaintext: every client is the ``anonymous`` admin.

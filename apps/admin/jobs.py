@@ -118,14 +118,20 @@ class OutputFile:
         """Bytes held on disk."""
         return self.end - self.start
 
-    def refresh(self) -> bool:
-        """Take the file's size as the end; True if it grew."""
+    def _open(self) -> int | None:
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDWR)
             except FileNotFoundError:
-                return False
-        size = os.fstat(self._fd).st_size
+                return None
+        return self._fd
+
+    def refresh(self) -> bool:
+        """Take the file's size as the end; True if it grew."""
+        fd = self._open()
+        if fd is None:
+            return False
+        size = os.fstat(fd).st_size
         if size > self.end:
             self.end = size
             return True
@@ -142,9 +148,10 @@ class OutputFile:
             raise OutputDiscarded(offset, self.start)
         if offset > self.end:
             raise ValueError(f"offset {offset} is beyond the end of the output ({self.end})")
-        if offset == self.end or self._fd is None:
+        fd = self._open() if offset < self.end else None
+        if fd is None:
             return b""
-        return os.pread(self._fd, min(max_bytes, self.end - offset), offset)
+        return os.pread(fd, min(max_bytes, self.end - offset), offset)
 
     def discard(self, upto: int) -> int:
         """Stop keeping the bytes below ``upto``; returns how many went."""
@@ -152,12 +159,15 @@ class OutputFile:
         if upto <= self.start:
             return 0
         gone = upto - self.start
-        if self._fd is not None and not _punch_hole(self._fd, self.start, gone):
+        fd = self._open()
+        if fd is not None and not _punch_hole(fd, self.start, gone):
             logger.debug("%s: cannot punch a hole; the disk space is freed with the job", self.path)
         self.start = upto
         return gone
 
     def close(self) -> None:
+        """Close the file (reads open it again): an agent holding 1000 finished jobs
+        must not hold 2000 descriptors."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -838,6 +848,9 @@ class JobTable:
         for job in list(self.jobs.values()):
             if job.finished is not None and now - job.finished >= self.retention:
                 self.remove(job.id)
+            elif job.done.done() and not job._readers:
+                job.out.close()
+                job.err.close()
         self.enforce_caps()
 
     def remove(self, job_id: str) -> None:

@@ -172,6 +172,8 @@ async def test_a_resubmitted_job_id_runs_once(
     table = JobTable(state)
     table.adopt()
     assert table.jobs[job_id].done.done() and table.jobs[job_id].returncode == 0
+    assert table.jobs[job_id].out._fd is None, "a finished job holds no descriptor"
+    assert table.jobs[job_id].out.read(0, 100) == b"output\n"
     table.remove(job_id)
     assert not (state / "jobs" / job_id).exists()
     with pytest.raises(UnknownJob, match="already ran"):
