@@ -233,6 +233,18 @@ async def test_the_client_gives_up_after_its_outage_limit_and_says_how_to_resume
         assert "Traceback" not in text
         pid = json.loads((state / "jobs" / JOB / "supervisor.json").read_text())["child"]
         os.kill(pid, 0)  # and it does keep running
+        # an agent started again adopts it, and a signal still reaches it (through its supervisor)
+        agent = await start_agent(state, home)
+        conn = await plain_connection(agent.port)
+        try:
+            sink = Collector()
+            run = await conn.attach(JOB, sink, [0, 0])
+            assert await run.signal(signal.SIGTERM)
+            assert exit_status(await run.wait(WAIT)) == 128 + signal.SIGTERM
+            assert sink.out == b"started\n"
+        finally:
+            await conn.close()
+            await agent.kill(signal.SIGTERM)
 
 
 # ---------------------------------------------------------------------- retention and honest attach
@@ -282,7 +294,7 @@ async def test_attach_says_how_many_bytes_are_gone_and_from_where_it_shows(
         assert (code, out) == (0, b"\0" * 1000)
         assert err.decode() == (
             f"korinet-admin: {host}: 4,000 bytes of stdout are no longer kept on the host "
-            "(over the 1000 bytes kept per job); showing from byte 4,000\n"
+            "(over the 1,000 bytes kept per job); showing from byte 4,000\n"
         )
         # what is kept, from an offset within it: no notice
         code, out, err = await cli(home, "attach", host, JOB, "--from", "4500,0")
@@ -318,6 +330,41 @@ async def test_a_job_id_reused_with_another_command_is_an_error_naming_both(
         assert (code, out) == (0, b"one\n")
         execs = [e for e in agent.audit() if e["event"] == "exec"]
         assert [e["decision"] for e in execs] == ["allowed", "attached"]
+
+
+async def test_the_total_cap_discards_the_oldest_acknowledged_output_first(
+    tmp_path: Path, home: Path
+) -> None:
+    async with running_agent(tmp_path, None, None, total_cap=3000) as agent:
+        host = f"127.0.0.1:{agent.port}"
+        ids = ["a" * 32, "b" * 32]
+        for job_id in ids:
+            code, out, err = await cli(
+                home, "exec", host, "--job", job_id, "--", "head", "-c", "2000", "/dev/zero"
+            )
+            assert (code, len(out)) == (0, 2000), err
+        table = agent.agent.jobs
+        await until(lambda: all(table.jobs[i].exit_delivered for i in ids), "collection")
+        table.enforce_caps()  # what the agent's periodic sweep does
+        old, new = (table.jobs[i] for i in ids)
+        assert (old.out.start, new.out.start) == (1000, 0)
+        code, out, err = await cli(home, "attach", host, ids[0], "--from", "0,0")
+        assert (code, len(out)) == (0, 1000)
+        assert err.decode().endswith(
+            "1,000 bytes of stdout are no longer kept on the host (over the 3,000 bytes kept for all jobs); "
+            "showing from byte 1,000\n"
+        )
+
+
+def test_the_cli_shows_the_defaults_the_agent_and_client_use() -> None:
+    """cli.py repeats a few defaults so that --help needs no heavy import: they agree."""
+    from korinet_admin import cli, jobs, runner
+
+    assert cli.OUTAGE_LIMIT == runner.OUTAGE_LIMIT
+    assert (cli.RETENTION, cli.JOB_CAP, cli.TOTAL_CAP) == (jobs.RETENTION, jobs.JOB_CAP, jobs.TOTAL_CAP)
+    assert [cli._size_arg(t) for t in ("500M", "2G", "1024", "1.5k")] == [500 << 20, 2 << 30, 1024, 1536]
+    with pytest.raises(Exception, match="not a size"):
+        cli._size_arg("lots")
 
 
 async def test_job_files_are_private(tmp_path: Path, home: Path) -> None:
