@@ -782,7 +782,11 @@ class JobTable:
                 f"job {spec.job_id} already ran and is no longer kept on the host; it is not run again"
             )
         if len(self.jobs) >= self.max_jobs:
-            raise RuntimeError(f"this agent holds {len(self.jobs)} jobs already; try again later")
+            # make room by the oldest job whose exit was collected, before its retention ends
+            collected = [j for j in self.jobs.values() if j.done.done() and j.exit_delivered]
+            if not collected:
+                raise RuntimeError(f"this agent holds {len(self.jobs)} jobs already; try again later")
+            self.remove(min(collected, key=lambda j: j.finished or 0).id)
         self._record_id(spec.job_id)
         job = Job(spec, self.jobs_dir / spec.job_id, self.max_retained, time.time())
         self.jobs[spec.job_id] = job

@@ -385,3 +385,21 @@ async def test_job_files_are_private(tmp_path: Path, home: Path) -> None:
             assert stat.S_IMODE((state / "job-ids").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+async def test_a_full_table_makes_room_by_the_job_collected_longest_ago(tmp_path: Path) -> None:
+    from korinet_admin.jobs import JobSpec, JobTable
+
+    table = JobTable(tmp_path / "state", max_jobs=2)
+    try:
+        first, _ = await table.submit(JobSpec("1" * 32, ["true"], "me", "me", stdin=False))
+        second, _ = await table.submit(JobSpec("2" * 32, ["true"], "me", "me", stdin=False))
+        await asyncio.wait_for(asyncio.gather(first.done, second.done), WAIT)
+        with pytest.raises(RuntimeError, match="try again later"):  # nothing collected yet
+            await table.submit(JobSpec("3" * 32, ["true"], "me", "me", stdin=False))
+        table.collected(second)
+        third, created = await table.submit(JobSpec("4" * 32, ["true"], "me", "me", stdin=False))
+        assert created and set(table.jobs) == {first.id, third.id}
+        assert not second.dir.exists()
+    finally:
+        table.close()
