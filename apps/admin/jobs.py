@@ -60,8 +60,9 @@ TOTAL_CAP: Final = 10 * 1024 * 1024 * 1024
 RETENTION: Final = 24 * 3600.0
 #: Seconds between SIGTERM and SIGKILL when a job's --timeout fires (its supervisor does it).
 KILL_GRACE: Final = 2.0
-#: Bytes written to a command's stdin and not yet taken by it before stdin writes wait.
-STDIN_HIGH_WATER: Final = 1024 * 1024
+#: Capacity asked for a command's stdin pipe (Linux): stdin the agent took and the
+#: command did not read yet waits there, where it outlives the agent.
+STDIN_PIPE_SIZE: Final = 1024 * 1024
 #: Seconds the supervisor gets to start the command and say so.
 START_TIMEOUT: Final = 30.0
 #: The agent's own record of a job (acknowledged offsets, stdin taken, collected).
@@ -210,11 +211,7 @@ class _StdinProtocol(asyncio.Protocol):
     def __init__(self, job: Job) -> None:
         self.job = job
 
-    def pause_writing(self) -> None:
-        self.job._stdin_paused = True
-
     def resume_writing(self) -> None:
-        self.job._stdin_paused = False
         self.job._stdin_space.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -254,7 +251,6 @@ class Job:
         self.out = OutputFile(job_dir / sv.STREAM_FILES[0])
         self.err = OutputFile(job_dir / sv.STREAM_FILES[1])
         self._stdin_space = _Waiters()
-        self._stdin_paused = False
         self._stdin_writer: asyncio.WriteTransport | None = None
         self._readers: dict[object, list[int]] = {}
         self._limits = [max_retained, max_retained]
@@ -531,20 +527,22 @@ class Job:
         if fresh and writer is not None:
             writer.write(fresh)
         self.stdin_offset += len(fresh)
-        if eof and not self.stdin_closed:
-            self.stdin_closed = True
-            self._send("eof")
-            if writer is not None:
-                writer.close()
-                self._stdin_writer = None
-        self._save()
+        # reply once the bytes are in the pipe: the kernel keeps them for the command
+        # (its supervisor holds the pipe open) even if this agent is killed next
         while (
             writer is not None
             and not writer.is_closing()
             and not self.done.done()
-            and (self._stdin_paused or writer.get_write_buffer_size() > STDIN_HIGH_WATER)
+            and writer.get_write_buffer_size()
         ):
             await self._stdin_space.wait()
+        if eof and not self.stdin_closed:
+            self.stdin_closed = True
+            if writer is not None:
+                writer.close()
+                self._stdin_writer = None
+            self._send("eof")
+        self._save()
         return self.stdin_offset
 
     async def _stdin(self) -> asyncio.WriteTransport | None:
@@ -557,8 +555,13 @@ class Job:
         except OSError:
             return None  # ENXIO: nobody reads it any more (the command closed its stdin)
         loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, AttributeError):
+            import fcntl
+
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), STDIN_PIPE_SIZE)
         pipe = os.fdopen(fd, "wb")
         self._stdin_writer, _ = await loop.connect_write_pipe(lambda: _StdinProtocol(self), pipe)
+        self._stdin_writer.set_write_buffer_limits(high=0)  # told when the buffer is empty
         return self._stdin_writer
 
     # ------------------------------------------------------------------ the agent's record
