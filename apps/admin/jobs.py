@@ -65,8 +65,10 @@ KILL_GRACE: Final = 2.0
 STDIN_PIPE_SIZE: Final = 1024 * 1024
 #: Seconds the supervisor gets to start the command and say so.
 START_TIMEOUT: Final = 30.0
-#: The agent's own record of a job (acknowledged offsets, stdin taken, collected).
+#: The agent's own record of a job (acknowledged offsets, stdin closed, collected).
 STATE: Final = "state.json"
+#: The stdin offset taken, rewritten in place at each stdin request.
+STDIN_OFFSET: Final = "stdin.offset"
 
 
 class OutputDiscarded(Exception):
@@ -259,6 +261,7 @@ class Job:
         self._pidfd: int | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
         self._save_timer: asyncio.TimerHandle | None = None
+        self._stdin_record: int | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.spec.argv[:3]!r} {self.state}>"
@@ -323,6 +326,9 @@ class Job:
             self.out.start, self.err.start = (int(o) for o in state.get("start", [0, 0]))
             self.discard_reason = state.get("discard_reason")
             self.exit_audited = bool(state.get("exit_audited", False))
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            recorded = int((self.dir / STDIN_OFFSET).read_bytes() or b"0")
+            self.stdin_offset = max(self.stdin_offset, recorded)
         self._limits = [a + self.max_retained for a in self.acked]
         if self.spec.tty:
             self.err.eof = True
@@ -447,6 +453,9 @@ class Job:
         if self._control is not None:
             os.close(self._control)
             self._control = None
+        if self._stdin_record is not None:
+            os.close(self._stdin_record)
+            self._stdin_record = None
 
     # ------------------------------------------------------------------ flow control
 
@@ -542,7 +551,8 @@ class Job:
                 writer.close()
                 self._stdin_writer = None
             self._send("eof")
-        self._save()
+            self._save()
+        self._record_stdin()
         return self.stdin_offset
 
     async def _stdin(self) -> asyncio.WriteTransport | None:
@@ -565,6 +575,16 @@ class Job:
         return self._stdin_writer
 
     # ------------------------------------------------------------------ the agent's record
+
+    def _record_stdin(self) -> None:
+        """The stdin offset taken, for the next agent: one pwrite of a fixed-width number
+        per request (state.json, rewritten and renamed, would cost more per chunk)."""
+        try:
+            if self._stdin_record is None:
+                self._stdin_record = os.open(self.dir / STDIN_OFFSET, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._stdin_record, b"%020d\n" % self.stdin_offset, 0)
+        except OSError as exc:
+            logger.debug("%r: cannot record its stdin offset: %s", self, exc)
 
     def _save_soon(self) -> None:
         if self._save_timer is None:

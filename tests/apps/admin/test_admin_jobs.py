@@ -209,6 +209,29 @@ async def test_a_job_keeps_running_across_an_agent_upgrade(tmp_path: Path, home:
         assert [e["code"] for e in audit if e["event"] == "exit"] == [3]
 
 
+async def test_stdin_survives_an_agent_killed_between_two_chunks(tmp_path: Path, home: Path) -> None:
+    """Stdin the agent answered for is in the command's pipe, which outlives the agent;
+    what the client sends while the agent is dead goes to the next agent, once."""
+    async with agent_dir(tmp_path) as state:
+        agent = await start_agent(state, home)
+        conn = await plain_connection(agent.port, backoff_cap=0.2)
+        sink = Collector()
+        try:
+            run = await conn.exec(["sh", "-c", "read a; echo got $a; cat"], sink, job_id=JOB)
+            await run.send_stdin(b"one\ntwo\n")
+            await until(lambda: sink.out == b"got one\ntwo\n", "the first chunk echoed")
+            await agent.kill(signal.SIGKILL)
+            sending = asyncio.ensure_future(run.send_stdin(b"three\n", eof=True))
+            agent = await start_agent(state, home, agent.port)
+            await asyncio.wait_for(sending, WAIT)
+            notice = await run.wait(WAIT)
+        finally:
+            await conn.close()
+            await agent.kill(signal.SIGTERM)
+        assert exit_status(notice) == 0
+        assert sink.out == b"got one\ntwo\nthree\n"
+
+
 async def test_the_client_gives_up_after_its_outage_limit_and_says_how_to_resume(
     tmp_path: Path, home: Path
 ) -> None:
