@@ -111,7 +111,6 @@ class Supervisor:
         self.stdin_fifo: int | None = None  # a --tty job's stdin, copied to the terminal
         self.stdin_keeper: int | None = None  # our write end: no EOF until the agent says so
         self.pending_input = b""
-        self.eof_wanted = False
         self.events: int | None = None
         self.deadlines: list[tuple[float, int]] = []
         self.control = os.open(job_dir / CONTROL, os.O_RDWR | os.O_NONBLOCK)
@@ -217,6 +216,8 @@ class Supervisor:
             timeout = None
             if self.deadlines:
                 timeout = max(0.0, min(d for d, _ in self.deadlines) - time.monotonic())
+            if self.pending_input:
+                timeout = min(timeout if timeout is not None else 0.01, 0.01)
             for key, _ in self.sel.select(timeout):
                 what = key.data
                 if what == "output":
@@ -229,6 +230,8 @@ class Supervisor:
                     with contextlib.suppress(BlockingIOError):
                         while os.read(wake_r, 512):
                             pass
+            if self.pending_input:
+                self._write_input()
             self._reap()
             self._fire_deadlines()
         self._write_status()
@@ -272,7 +275,8 @@ class Supervisor:
         if fd == self.master:
             self.master = None
             if self.stdin_fifo is not None:  # nothing reads the terminal's input now
-                self.sel.unregister(self.stdin_fifo)
+                with contextlib.suppress(KeyError):
+                    self.sel.unregister(self.stdin_fifo)
                 os.close(self.stdin_fifo)
                 self.stdin_fifo = None
 
@@ -354,7 +358,6 @@ class Supervisor:
             size = struct.pack("HHHH", int(words[2]), int(words[1]), 0, 0)
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
         elif words[0] == "eof":
-            self.eof_wanted = True
             if self.stdin_keeper is not None:
                 os.close(self.stdin_keeper)
                 self.stdin_keeper = None
@@ -369,27 +372,42 @@ class Supervisor:
                 self._drain_master()
 
     def _read_stdin(self) -> None:
-        """A --tty job: stdin bytes go to the terminal (after what is pending)."""
-        if self.stdin_fifo is None or self.master is None:
+        """A --tty job: stdin bytes go to the terminal."""
+        if self.stdin_fifo is None:
             return
-        if not self.pending_input:
-            try:
-                data = os.read(self.stdin_fifo, 65536)
-            except BlockingIOError:
-                return
-            if not data:  # every writer closed: the agent said eof and let go
-                self.sel.unregister(self.stdin_fifo)
-                os.close(self.stdin_fifo)
-                self.stdin_fifo = None
-                data = b"\x04"  # a terminal's EOF is ^D
-            self.pending_input = data
         try:
-            n = os.write(self.master, self.pending_input)
+            data = os.read(self.stdin_fifo, 65536)
         except BlockingIOError:
-            n = 0
-        except OSError:
-            n = len(self.pending_input)  # the terminal is gone: nobody reads it
-        self.pending_input = self.pending_input[n:]
+            return
+        if not data:  # every writer closed: the agent said eof and let go
+            self.sel.unregister(self.stdin_fifo)
+            os.close(self.stdin_fifo)
+            self.stdin_fifo = None
+            data = b"\x04"  # a terminal's EOF is ^D
+        self.pending_input += data
+        self._write_input()
+
+    def _write_input(self) -> None:
+        """Write what is pending to the terminal; while it takes no more, stop reading
+        stdin (the run loop retries every 10 ms: a terminal's input is rarely full)."""
+        if self.master is None:
+            self.pending_input = b""
+        else:
+            try:
+                n = os.write(self.master, self.pending_input)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = len(self.pending_input)  # the terminal is gone: nobody reads it
+            self.pending_input = self.pending_input[n:]
+        fifo = self.stdin_fifo
+        if fifo is None:
+            return
+        reading = fifo in self.sel.get_map()
+        if self.pending_input and reading:
+            self.sel.unregister(fifo)
+        elif not self.pending_input and not reading:
+            self.sel.register(fifo, selectors.EVENT_READ, "stdin")
 
     # ------------------------------------------------------------------ to the agent
 

@@ -287,6 +287,30 @@ async def test_shell_and_tty(
             await conn.close()
 
 
+async def test_a_tty_job_takes_more_input_than_its_terminal_holds_and_follows_resizes(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """A --tty job's stdin goes through its supervisor to the terminal: 200 kB (far more
+    than a terminal's input queue) arrive whole; a resize reaches the terminal."""
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            sink = Collector()
+            script = "stty raw -echo; echo ready; head -c 200000 | wc -c; stty size"
+            job = await conn.exec(["sh", "-c", script], sink, tty=True, size=(100, 30))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while b"ready" not in sink.out and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await job.resize(77, 22)
+            await job.send_stdin(bytes(range(32, 132)) * 2000)
+            notice = await job.wait(WAIT)
+        finally:
+            await conn.close()
+        assert exit_status(notice) == 0
+        assert sink.out.split()[-3:] == [b"200000", b"22", b"77"], sink.out
+
+
 async def test_status_and_jobs(
     tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
 ) -> None:
