@@ -47,7 +47,8 @@ def outage_message(host: str, job_id: str, limit: float | None, started: bool = 
 def describe(notice: dict[str, Any], timeout: float | None = None) -> str:
     """A few words on how a job ended, for the fan-out summary."""
     if notice.get("error"):
-        return f"cannot run: {notice['error']}"
+        # 127/126: the command could not start; no code: its supervisor vanished
+        return f"cannot run: {notice['error']}" if notice.get("code") is not None else str(notice["error"])
     if notice.get("timed_out"):
         return f"timed out after {timeout:g}s, killed" if timeout else "timed out, killed"
     sig = notice.get("signal")

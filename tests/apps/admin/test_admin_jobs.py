@@ -426,3 +426,23 @@ async def test_a_full_table_makes_room_by_the_job_collected_longest_ago(tmp_path
         assert not second.dir.exists()
     finally:
         table.close()
+
+
+async def test_a_job_whose_supervisor_is_killed_ends_with_an_unknown_status(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, None, None) as agent:
+        conn = await plain_connection(agent.port)
+        sink = Collector()
+        try:
+            run = await conn.exec(["sh", "-c", "echo hi; exec sleep 300"], sink, job_id=JOB, stdin=False)
+            await until(lambda: sink.out == b"hi\n", "the first line")
+            job = agent.agent.jobs.jobs[JOB]
+            assert job.supervisor_pid is not None and job.pid is not None
+            os.kill(job.supervisor_pid, signal.SIGKILL)
+            notice = await run.wait(WAIT)
+        finally:
+            await conn.close()
+            if job.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.killpg(job.pid, signal.SIGKILL)
+        assert exit_status(notice) == 255
+        assert notice["error"].startswith("the job's exit status is unknown: its supervisor ended")
