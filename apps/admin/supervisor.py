@@ -1,10 +1,14 @@
-"""The supervisor of one job: ``python -m korinet_admin.supervisor JOB_DIR``.
+"""The supervisor of one job, and the launcher that forks supervisors.
 
-The agent starts one per job, in a session of its own, so that a job outlives the
-agent that started it (killed, crashed, upgraded): the supervisor starts the
-command, appends its output to files in the job directory as it comes and, when
-the command has ended and its output is closed, writes the exit status to a file.
-A restarted agent finds the job there (see :class:`korinet_admin.jobs.JobTable`).
+Each job runs under a supervisor of its own, in a session of its own, so that it
+outlives the agent that started it (killed, crashed, upgraded): the supervisor
+starts the command, appends its output to files in the job directory as it comes
+and, when the command has ended and its output is closed, writes the exit status to
+a file. A restarted agent finds the job there (see :class:`korinet_admin.jobs.JobTable`).
+
+The agent runs ``python -m korinet_admin.supervisor --launcher`` once and writes each
+new job directory to it (:func:`launch_forever`); ``python -m
+korinet_admin.supervisor JOB_DIR`` supervises one job in the foreground (by hand).
 
 The job directory (the agent creates it, mode 0700; every file is 0600):
 
@@ -22,7 +26,8 @@ The job directory (the agent creates it, mode 0700; every file is 0600):
 ``limit S N`` is flow control: we read stream S only while its file is shorter
 than N, so a command nobody reads blocks on write (backpressure, never loss).
 
-Only the standard library, imported lazily: this starts once per job.
+The agent also keeps ``state.json`` and ``stdin.offset`` there (see jobs.py).
+Only the standard library: the launcher starts with every agent.
 """
 
 from __future__ import annotations
