@@ -429,9 +429,7 @@ class Job:
         self.finished = finished
         self.started_event.set()
         self._stop_watching()
-        if self._stdin_writer is not None:
-            self._stdin_writer.abort()
-            self._stdin_writer = None
+        self._drop_stdin()
         if not self.done.done():
             self.done.set_result(None)
         self._stdin_space.wake()
@@ -555,6 +553,11 @@ class Job:
         self._record_stdin()
         return self.stdin_offset
 
+    def _drop_stdin(self) -> None:
+        writer, self._stdin_writer = self._stdin_writer, None
+        if writer is not None and not writer.is_closing():  # closed already when the reader left
+            writer.abort()
+
     async def _stdin(self) -> asyncio.WriteTransport | None:
         if self._stdin_writer is not None and not self._stdin_writer.is_closing():
             return self._stdin_writer
@@ -646,9 +649,7 @@ class Job:
             self.send_signal(signal_module.SIGKILL)
         if self._save_timer is not None:
             self._save()
-        if self._stdin_writer is not None:
-            self._stdin_writer.abort()
-            self._stdin_writer = None
+        self._drop_stdin()
         self._stop_watching()
         self.out.close()
         self.err.close()
