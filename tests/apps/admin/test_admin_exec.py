@@ -81,6 +81,24 @@ async def test_stdin_is_forwarded_with_its_eof(
             await conn.close()
 
 
+async def test_a_command_that_leaves_its_stdin_open_at_the_client_still_finishes(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """The client never sends EOF; the command reads one line and exits: the agent's
+    end of the stdin pipe closes under it, and the job still ends."""
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            for _ in range(3):
+                sink = Collector()
+                job = await conn.exec(["sh", "-c", "read x; echo got $x"], sink)
+                await job.send_stdin(b"a\n")
+                assert exit_status(await job.wait(WAIT)) == 0
+                assert sink.out == b"got a\n"
+        finally:
+            await conn.close()
+
+
 async def test_signals_reach_the_process_group(
     tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
 ) -> None:
