@@ -443,6 +443,9 @@ async def _agent(args: argparse.Namespace) -> int:
         f"policy: {policy.source}"
         + ("  (the admin role may run anything)" if policy is DEFAULT_POLICY else "")
     )
+    if agent.jobs.jobs:
+        running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
+        say(f"jobs: {len(agent.jobs.jobs)} kept from an earlier agent, {running} of them running")
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
     audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
     await wait_for_stop_signal()

@@ -67,10 +67,11 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT)
 class AgentProcess:
     """``korinet-admin agent`` as a subprocess over ``state``."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path, banner: bytes) -> None:
         self.proc = proc
         self.port = port
         self.log = log
+        self.banner = banner
 
     @property
     def host(self) -> str:
@@ -100,7 +101,7 @@ async def start_agent(state: Path, home: Path, port: int = 0) -> AgentProcess:
         banner += line
     match = re.search(rb"agent on 127\.0\.0\.1:(\d+)", banner)
     assert match, banner
-    return AgentProcess(proc, int(match.group(1)), log)
+    return AgentProcess(proc, int(match.group(1)), log, banner)
 
 
 @contextlib.asynccontextmanager
@@ -197,6 +198,7 @@ async def test_a_job_keeps_running_across_an_agent_upgrade(tmp_path: Path, home:
             said = await agent.kill(signal.SIGTERM)
             assert b"1 running job(s) keep running" in said
             agent = await start_agent(state, home, agent.port)
+            assert b"jobs: 1 kept from an earlier agent, 1 of them running" in agent.banner
             marker.touch()
             notice = await run.wait(WAIT)
         finally:
