@@ -335,6 +335,13 @@ class Job:
         self._refresh()
         if self.done.done():
             return
+        if self.supervisor_pid is None and time.time() - self.started < START_TIMEOUT:
+            # the earlier agent stopped while this job was starting: its supervisor may
+            # still come (the launcher forks what it was given before it exits)
+            self._watch_events()
+            asyncio.get_running_loop().call_later(START_TIMEOUT, self._check_started)
+            self._refresh()
+            return
         if self.supervisor_pid is None or not _alive(self.supervisor_pid, self._supervisor_start):
             self._lost("its supervisor is gone (killed?) and left no exit status")
             return
@@ -343,6 +350,10 @@ class Job:
         for stream in (1, 2):
             self._send_limit(stream, force=True)
         self._refresh()  # anything written before we held the events FIFO
+
+    def _check_started(self) -> None:
+        if not self.done.done() and self.supervisor_pid is None:
+            self._lost("its supervisor did not start the command in time")
 
     def _watch_events(self) -> None:
         # read-write: the FIFO never reports EOF when a supervisor lets go of it

@@ -448,3 +448,41 @@ async def test_a_job_whose_supervisor_is_killed_ends_with_an_unknown_status(tmp_
                     os.killpg(job.pid, signal.SIGKILL)
         assert exit_status(notice) == 255
         assert notice["error"].startswith("the job's exit status is unknown: its supervisor ended")
+
+
+async def test_a_job_caught_starting_by_an_agent_restart_is_followed_once_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent stopped between writing a job and its supervisor's start: the next agent
+    waits for the supervisor (up to the start timeout), then follows the job; a job whose
+    supervisor never comes ends as lost."""
+    import time
+
+    from korinet_admin import supervisor as sv
+    from korinet_admin.jobs import JobTable
+
+    monkeypatch.setattr("korinet_admin.jobs.START_TIMEOUT", 5.0 * TIMEOUT_FACTOR)
+    state = tmp_path / "state"
+    for job_id, argv in (("c" * 32, ["sh", "-c", "echo late start; exit 4"]), ("d" * 32, ["true"])):
+        job_dir = state / "jobs" / job_id
+        job_dir.mkdir(parents=True)
+        spec = {"job_id": job_id, "argv": argv, "owner": "me", "owner_name": "me", "stdin": False}
+        sv.write_json(job_dir / sv.SPEC, {**spec, "started": time.time()})
+        for fifo in (sv.CONTROL, sv.EVENTS):
+            os.mkfifo(job_dir / fifo, 0o600)
+    table = JobTable(state)
+    try:
+        table.adopt()
+        late, never = table.jobs["c" * 32], table.jobs["d" * 32]
+        assert not late.done.done() and not never.done.done()
+        # its supervisor starts now (as the dead agent's launcher would still do)
+        supervisor = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "korinet_admin.supervisor", str(late.dir), env=cli_env(tmp_path)
+        )
+        await asyncio.wait_for(asyncio.shield(late.done), WAIT)
+        await asyncio.wait_for(supervisor.wait(), WAIT)
+        assert late.returncode == 4 and late.out.read(0, 100) == b"late start\n"
+        await asyncio.wait_for(asyncio.shield(never.done), WAIT)
+        assert never.error is not None and "did not start the command in time" in never.error
+    finally:
+        table.close()
