@@ -486,3 +486,20 @@ async def test_a_job_caught_starting_by_an_agent_restart_is_followed_once_it_sta
         assert never.error is not None and "did not start the command in time" in never.error
     finally:
         table.close()
+
+
+async def test_a_dead_launcher_is_started_again_for_the_next_job(tmp_path: Path) -> None:
+    from korinet_admin.jobs import JobSpec, JobTable
+
+    table = JobTable(tmp_path / "state")
+    try:
+        table.adopt()  # starts the launcher
+        proc = table.launcher._proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        job, _ = await table.submit(JobSpec("5" * 32, ["sh", "-c", "exit 3"], "me", "me", stdin=False))
+        await asyncio.wait_for(asyncio.shield(job.done), WAIT)
+        assert job.returncode == 3 and table.launcher._proc is not proc
+    finally:
+        table.close()
