@@ -6,9 +6,10 @@ what that identity may run, and every decision goes to the audit log.
 
 A job's output reaches a client through an *attachment*: a task that posts the
 job's bytes from the client's offsets, at most ``MAX_INFLIGHT_BYTES`` unacknowledged
-at a time (flow control: a slow client slows the stream, the job spills to disk),
-then the exit notice once everything before it was sent. The runtime's
-acknowledgement of each message tells the job which bytes it may forget.
+at a time (flow control: a slow client slows the stream), then the exit notice once
+everything before it was sent. The runtime's acknowledgement of each message moves
+the job's acknowledged offset: how far its supervisor may read ahead, and which
+bytes a retention bound may discard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,7 +29,18 @@ from korinet import ConnectionClosed, KoriNetError, Message
 
 from . import protocol as p
 from .audit import AuditLog
-from .jobs import MAX_RETAINED, MEMORY_LIMIT, Job, JobSpec, JobTable, OutputDiscarded, UnknownJob
+from .jobs import (
+    JOB_CAP,
+    MAX_RETAINED,
+    RETENTION,
+    TOTAL_CAP,
+    Job,
+    JobConflict,
+    JobSpec,
+    JobTable,
+    OutputDiscarded,
+    UnknownJob,
+)
 from .policy import DEFAULT_POLICY, Policy
 from .transfer import AgentTransfers
 
@@ -62,10 +75,13 @@ class Agent:
     """Jobs, policy and audit behind one or more KoriNet servers.
 
     Args:
-        state_dir: where job output spills and job ids are recorded.
+        state_dir: the jobs (STATE_DIR/jobs), job ids and, by default, the audit log.
         policy: what each role may run.
         audit: the audit log.
         insecure: the server is plaintext: every client is the ``anonymous`` admin.
+        keep_jobs: at :meth:`close`, leave running jobs running (for the next agent
+            over this state directory to adopt); otherwise they are killed.
+        retention, job_cap, total_cap, max_retained: see :mod:`korinet_admin.jobs`.
     """
 
     def __init__(
@@ -75,15 +91,26 @@ class Agent:
         policy: Policy = DEFAULT_POLICY,
         audit: AuditLog | None = None,
         insecure: bool = False,
-        memory_limit: int = MEMORY_LIMIT,
+        keep_jobs: bool = False,
         max_retained: int = MAX_RETAINED,
+        retention: float = RETENTION,
+        job_cap: int = JOB_CAP,
+        total_cap: int = TOTAL_CAP,
     ) -> None:
         self.state_dir = state_dir
         self.policy = policy
         self.audit = audit or AuditLog(state_dir / "audit.log")
         self.insecure = insecure
-        self.jobs = JobTable(state_dir, memory_limit=memory_limit, max_retained=max_retained)
+        self.keep_jobs = keep_jobs
+        self.jobs = JobTable(
+            state_dir, max_retained=max_retained, retention=retention, job_cap=job_cap, total_cap=total_cap
+        )
         self.jobs.on_finished = self._job_finished
+        adopted = self.jobs.adopt()
+        if adopted:
+            running = sum(1 for job in adopted if not job.done.done())
+            logger.info("adopted %d job(s) from %s, %d running", len(adopted), self.jobs.jobs_dir, running)
+            self.audit.record("adopted", jobs=len(adopted), running=running)
         self.transfers = AgentTransfers(self.policy, self.audit)
         self._attachments: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._hubs: list[Any] = []
@@ -108,6 +135,7 @@ class Agent:
         """Serve admin requests arriving at ``server`` (a korinet Server or Hub)."""
         from .plugin import bind_agent
 
+        _install_refusal_filter()
         hub = getattr(server, "hub", server)
         bind_agent(hub, self)
         self._hubs.append(hub)
@@ -128,8 +156,9 @@ class Agent:
         for task in list(self._attachments.values()):
             task.cancel()
         self._attachments.clear()
-        self.jobs.on_finished = None  # killed by the stop: recorded once as agent-stopped
-        self.jobs.close()
+        if not self.keep_jobs:
+            self.jobs.on_finished = None  # killed by the stop: recorded once as agent-stopped
+        self.jobs.close(kill=not self.keep_jobs)
         self.transfers.close()
         self.audit.close()
 
@@ -175,15 +204,16 @@ class Agent:
     async def _exec(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
         job_id: str = req["job"]
         offsets = [int(o) for o in req.get("offsets", [0, 0])]
+        argv: list[str] = req["argv"]
+        shell = bool(req.get("shell", False))
         existing = self.jobs.jobs.get(job_id)
         if existing is not None:
             job = self._owned_job(peer, job_id)
+            self._same_command(job, argv, shell)
             self.audit.record("exec", job=job_id, resubmitted=True, decision="attached", **self._who(peer))
             return self._job_reply(job, created=False, offsets=self._attach(peer, job, offsets))
         identity = getattr(peer, "identity", None)
         roles = getattr(identity, "roles", ()) or ()
-        argv: list[str] = req["argv"]
-        shell = bool(req.get("shell", False))
         decision = self.policy.check_command(roles, argv, shell)
         self.audit.record(
             "exec",
@@ -218,7 +248,23 @@ class Agent:
             raise LookupError(str(exc)) from None
         if not created:  # submitted meanwhile by a concurrent copy of this request
             self._owned_job(peer, job_id)
+            self._same_command(job, req["argv"], shell)
         return self._job_reply(job, created=created, offsets=self._attach(peer, job, offsets))
+
+    @staticmethod
+    def _same_command(job: Job, argv: list[str], shell: bool) -> None:
+        """A job id given again must come with the same command (a retry), else it is a
+        mistake the user must hear about, not a silent attach to another command."""
+        if job.spec.shell:
+            same = shell and job.spec.argv == ["/bin/sh", "-c", " ".join(argv)]
+        else:
+            same = not shell and job.spec.argv == argv
+        if not same:
+            asked = " ".join(argv) if shell else shlex.join(argv)
+            had = job.spec.argv[2] if job.spec.shell else shlex.join(job.spec.argv)
+            raise JobConflict(
+                f"job {job.id} runs `{had}`, not `{asked}`: a job id names one command (choose a new --job)"
+            )
 
     def _job_reply(self, job: Job, *, created: bool, offsets: list[int] | None = None) -> dict[str, Any]:
         return {
@@ -228,6 +274,7 @@ class Agent:
             "stdin_offset": job.stdin_offset,
             "offsets": offsets,
             "collected": job.exit_delivered,
+            "discarded": job.discard_reason,
         }
 
     async def _attach_request(self, peer: Any, req: dict[str, Any]) -> dict[str, Any]:
@@ -289,6 +336,7 @@ class Agent:
                 _, stream, end, size = inflight.popleft()
                 inflight_bytes -= size
                 job.acknowledge(stream, end, reader)
+                self.jobs.enforce_caps(job)
             for index, buffer in enumerate(buffers):
                 while (
                     offsets[index] < buffer.end
@@ -315,6 +363,7 @@ class Agent:
                 await peer.wait_acked(seq)
                 for _, stream, end, _size in inflight:
                     job.acknowledge(stream, end, reader)
+                self.jobs.enforce_caps(job)
                 if not job.exit_delivered:
                     self.audit.record("collected", job=job.id, **self._who(peer))
                 self.jobs.collected(job)
@@ -363,6 +412,36 @@ class Agent:
     async def _status(self, peer: Any, req: Any) -> dict[str, Any]:
         self.audit.record("status", **self._who(peer))
         return await asyncio.to_thread(host_status, len(self.jobs.jobs))
+
+
+class _OneLineRefusals(logging.Filter):
+    """An admin request refused for an ordinary reason (an unknown or expired job,
+    another identity's job, a reused job id, the policy) is one line in the agent's
+    log, not a traceback: the runtime logs every failed handler with one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (
+            exc is not None
+            and len(args) == 2
+            and str(args[1]).startswith("admin.")
+            and (isinstance(exc, UnknownJob | JobConflict) or type(exc) in (LookupError, PermissionError))
+        ):
+            record.msg = "%r: %s refused: %s"
+            record.args = (args[0], args[1], exc)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_refusal_filter = _OneLineRefusals()
+
+
+def _install_refusal_filter() -> None:
+    peer_logger = logging.getLogger("korinet.runtime.peer")
+    if _refusal_filter not in peer_logger.filters:
+        peer_logger.addFilter(_refusal_filter)
 
 
 def _fingerprint(peer: Any) -> str:

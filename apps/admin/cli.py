@@ -22,6 +22,12 @@ __all__ = ["main"]
 PROG = "korinet-admin"
 #: ssh's code for "the remote command did not run because of the tool itself".
 FAILURE = 255
+#: Defaults shown in --help (kept equal to those of runner.py and jobs.py, which the
+#: client does not import at start-up; a test checks they agree).
+OUTAGE_LIMIT = 60.0
+RETENTION = 24 * 3600.0
+JOB_CAP = 2 << 30
+TOTAL_CAP = 10 << 30
 
 
 def _err(text: str) -> None:
@@ -50,7 +56,9 @@ async def _connect(args: argparse.Namespace, target: Target, tls: ClientTLS | No
     from .execclient import AdminConnection, explain
 
     try:
-        return await AdminConnection.open(target, tls=tls, open_timeout=args.connect_timeout)
+        return await AdminConnection.open(
+            target, tls=tls, open_timeout=args.connect_timeout, outage_limit=args.outage_limit
+        )
     except (KoriNetError, OSError) as exc:
         _err(f"{target.label}: {explain(exc)}")
         return None
@@ -127,6 +135,7 @@ async def _exec(args: argparse.Namespace) -> int:
                     on_started=runs.append,
                     report=_err,
                     label=target.label if several else None,
+                    outage_limit=args.outage_limit,
                 )
             finally:
                 sink.close()
@@ -164,10 +173,11 @@ async def _attach(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from korinet import KoriNetError, MessageRejected
+    from korinet import KoriNetError, KoriNetTimeout, MessageRejected
 
     from .execclient import StdSink
     from .protocol import exit_status
+    from .runner import outage_message
 
     target = _one_target(args.host)
     offsets = None
@@ -181,6 +191,7 @@ async def _attach(args: argparse.Namespace) -> int:
     conn = await _connect(args, target, _client_tls(args))
     if conn is None:
         return FAILURE
+    conn.notify = lambda line: _err(f"{target.label}: {line}")
     loop = asyncio.get_running_loop()
     try:
         run = await conn.attach(args.job, StdSink(), offsets)
@@ -201,6 +212,12 @@ async def _attach(args: argparse.Namespace) -> int:
         return exit_status(notice)
     except MessageRejected as exc:
         _err(f"{target.label}: {_explain(exc)}")
+        return FAILURE
+    except KoriNetTimeout as exc:
+        if conn.client.is_closed:  # the outage limit: the agent is gone, the job is not
+            _err(outage_message(target.label, args.job, args.outage_limit))
+        else:
+            _err(f"{target.label}: {_explain(exc)}")
         return FAILURE
     except KoriNetError as exc:
         _err(f"{target.label}: {_explain(exc)}")
@@ -388,7 +405,10 @@ async def _agent(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         _err(f"agent: {exc}")
         return 1
-    agent = Agent(state_dir, policy=policy, audit=audit, insecure=args.insecure_plaintext)
+    agent = Agent(
+        state_dir, policy=policy, audit=audit, insecure=args.insecure_plaintext, keep_jobs=True,
+        retention=args.retention, job_cap=args.job_cap, total_cap=args.total_cap,
+    )  # fmt: skip
     server = Server(
         host,
         port,
@@ -428,12 +448,15 @@ async def _agent(args: argparse.Namespace) -> int:
         f"policy: {policy.source}"
         + ("  (the admin role may run anything)" if policy is DEFAULT_POLICY else "")
     )
+    if agent.jobs.jobs:
+        running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
+        say(f"jobs: {len(agent.jobs.jobs)} kept from an earlier agent, {running} of them running")
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
     audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
     await wait_for_stop_signal()
     logging.getLogger(__name__).info("stopping")
     running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
-    say(f"stopping ({running} running job(s) killed)", flush=True)
+    say(f"stopping ({running} running job(s) keep running; the next agent adopts them)", flush=True)
     audit.record("agent-stopped", running_jobs=running)
     await server.close()
     await agent.close()
@@ -464,6 +487,19 @@ def _positive(text: str) -> float:
     return value
 
 
+def _size_arg(text: str) -> int:
+    """``BYTES`` with an optional K, M or G (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -481,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to open a session with an agent (default 10)")  # fmt: skip
         p.add_argument("--insecure-plaintext", action="store_true",
                        help="for an agent run with --insecure-plaintext (no TLS; loopback only)")  # fmt: skip
+        p.add_argument("--outage-limit", type=_positive, default=OUTAGE_LIMIT, metavar="S",
+                       help="give up (exit 255) after S seconds without the agent; a job keeps "
+                       f"running there (default {OUTAGE_LIMIT:g})")  # fmt: skip
 
     p = sub.add_parser(
         "exec",
@@ -547,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", metavar="FILE", help="TOML policy: what each role may run (docs/ADMIN.md)")
     p.add_argument("--state-dir", metavar="DIR", help="job output and ids (default: KORINET_HOME/admin)")
     p.add_argument("--audit-log", metavar="FILE", help="default: STATE_DIR/audit.log")
+    p.add_argument("--retention", type=_positive, default=RETENTION, metavar="S",
+                   help=f"seconds a finished job's output is kept (default {RETENTION:g}: 24 h)")  # fmt: skip
+    p.add_argument("--job-cap", type=_size_arg, default=JOB_CAP, metavar="BYTES",
+                   help="output kept per job, e.g. 500M (default 2G); beyond, the oldest "
+                   "bytes clients have go")  # fmt: skip
+    p.add_argument("--total-cap", type=_size_arg, default=TOTAL_CAP, metavar="BYTES",
+                   help="output kept for all jobs (default 10G)")  # fmt: skip
     p.add_argument("--session-ttl", type=_positive, default=600.0, metavar="S",
                    help="seconds a disconnected client's session is kept (default 600)")  # fmt: skip
     p.add_argument("--insecure-plaintext", action="store_true",

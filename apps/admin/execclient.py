@@ -198,11 +198,18 @@ class JobRun:
         self.stdin_offset = int(reply.get("stdin_offset") or 0)
         offsets = reply.get("offsets")
         if offsets is not None:
-            # the agent starts a stream later than asked when another session already
-            # acknowledged those bytes (or, for attach without offsets, at what it holds)
+            # the agent starts a stream later than asked when a retention bound discarded
+            # those bytes: say so, with counts, rather than print less than was written
             skipped = [max(0, int(o) - have) for o, have in zip(offsets, self.offsets, strict=True)]
             self.skipped = [a + b for a, b in zip(self.skipped, skipped, strict=True)]
             self.offsets = [max(int(o), have) for o, have in zip(offsets, self.offsets, strict=True)]
+            why = reply.get("discarded") or "retention"
+            for name, count, start in zip(("stdout", "stderr"), skipped, self.offsets, strict=True):
+                if count:
+                    self.conn.notify(
+                        f"{count:,} bytes of {name} are no longer kept on the host ({why}); "
+                        f"showing from byte {start:,}"
+                    )
         self._release()
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:

@@ -1,188 +1,179 @@
-"""Jobs on the agent: a command's process, its output kept at absolute byte offsets,
-and its exit, all independent of any connection.
+"""Jobs on the agent: each runs under a supervisor process of its own, its output in
+files at absolute byte offsets, independent of any connection and of the agent.
 
-Theory of operation: a :class:`Job` is created once per client-chosen id and runs
-whether or not anyone is attached. Each output stream is an :class:`OutputBuffer`:
-bytes are numbered from 0 as the command writes them; readers ask for bytes at an
-offset; acknowledged bytes are forgotten. The newest bytes stay in memory up to a
-bound; older unacknowledged ones spill to a file under the agent's state directory;
-past a second bound (``max_retained``) the agent stops reading the command's pipe,
-so the command blocks on write until a client catches up (backpressure, never loss).
+Theory of operation: a :class:`Job` is created once per client-chosen id. The agent
+writes what to run to a job directory (``STATE_DIR/jobs/ID``, see
+:mod:`korinet_admin.supervisor` for its files) and starts a supervisor there, in a
+session of its own. The supervisor runs the command, appends its stdout and stderr
+to two files as they come and writes the exit status last, so a job keeps running
+when the agent is killed, crashes or is upgraded; an agent started again over the
+same state directory re-adopts every job it finds (:meth:`JobTable.adopt`).
+
+Byte N of a stream is byte N of its file, so a client asks for output at any
+offset it has. Output is kept after clients acknowledged it (``attach --from``
+works for any offset) until one of the retention bounds says otherwise: a job
+finished longer than ``retention`` ago is removed; beyond ``job_cap`` bytes in one
+job, or ``total_cap`` in all, the oldest *acknowledged* bytes are discarded (holes
+punched in the files, offsets unchanged). Unacknowledged bytes are never discarded:
+past ``max_retained`` of them in a stream, the supervisor stops reading the
+command's pipe and the command blocks on write (backpressure, never loss).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import shutil
 import signal as signal_module
+import subprocess
+import sys
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-__all__ = ["Job", "JobSpec", "JobTable", "OutputBuffer", "OutputDiscarded", "UnknownJob"]
+from . import supervisor as sv
+
+__all__ = [
+    "Job",
+    "JobConflict",
+    "JobSpec",
+    "JobTable",
+    "OutputDiscarded",
+    "OutputFile",
+    "UnknownJob",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Bytes of a stream kept in memory before older ones spill to disk.
-MEMORY_LIMIT: Final = 4 * 1024 * 1024
-#: Unacknowledged bytes of a stream (memory + disk) before the command's pipe is paused.
+#: Unacknowledged bytes of a stream before the command's pipe is paused.
 MAX_RETAINED: Final = 1024 * 1024 * 1024
-#: Appends smaller than this extend the last chunk, so tiny writes do not make tiny chunks.
-COALESCE: Final = 64 * 1024
-#: Seconds between SIGTERM and SIGKILL when --timeout fires.
+#: Output bytes (both streams) kept per job; beyond, the oldest acknowledged ones go.
+JOB_CAP: Final = 2 * 1024 * 1024 * 1024
+#: Output bytes kept for all jobs together; beyond, the oldest acknowledged ones go.
+TOTAL_CAP: Final = 10 * 1024 * 1024 * 1024
+#: Seconds a finished job (its output, its exit) is kept, collected or not.
+RETENTION: Final = 24 * 3600.0
+#: Seconds between SIGTERM and SIGKILL when a job's --timeout fires (its supervisor does it).
 KILL_GRACE: Final = 2.0
-#: Finished jobs whose exit was delivered are forgotten after this many seconds.
-KEEP_FINISHED: Final = 600.0
-#: Finished jobs nobody collected are forgotten after this many seconds.
-KEEP_UNCOLLECTED: Final = 24 * 3600.0
-#: Capacity asked for the command's output pipes (Linux F_SETPIPE_SZ).
-PIPE_SIZE: Final = 1024 * 1024
-#: Bytes written to a command's stdin and not yet taken by it before stdin writes wait.
-STDIN_HIGH_WATER: Final = 1024 * 1024
+#: Capacity asked for a command's stdin pipe (Linux): stdin the agent took and the
+#: command did not read yet waits there, where it outlives the agent.
+STDIN_PIPE_SIZE: Final = 1024 * 1024
+#: Seconds the supervisor gets to start the command and say so.
+START_TIMEOUT: Final = 30.0
+#: The agent's own record of a job (acknowledged offsets, stdin closed, collected).
+STATE: Final = "state.json"
+#: The stdin offset taken, rewritten in place at each stdin request.
+STDIN_OFFSET: Final = "stdin.offset"
 
 
 class OutputDiscarded(Exception):
-    """The bytes asked for were acknowledged and forgotten."""
+    """The bytes asked for are no longer kept (a retention bound discarded them)."""
 
     def __init__(self, offset: int, start: int) -> None:
-        super().__init__(f"output before offset {start} was acknowledged and discarded (asked {offset})")
+        super().__init__(f"output before offset {start} is no longer kept (asked {offset})")
         self.offset = offset
         self.start = start
 
 
-class UnknownJob(Exception):
-    """No such job on this agent (never started, or collected and forgotten)."""
+class UnknownJob(LookupError):
+    """No such job on this agent (never started, or removed after its retention)."""
 
 
-class OutputBuffer:
-    """One output stream: bytes at absolute offsets, memory first, then a spill file.
+class JobConflict(ValueError):
+    """A job id given again with another command."""
 
-    Offsets ``[start, end)`` are held: ``[start, mem_start)`` in the spill file and
-    ``[mem_start, end)`` in memory chunks. :meth:`acknowledge` moves ``start`` up.
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks of ``[offset, offset+length)`` keeping the file's size and
+    offsets (Linux fallocate PUNCH_HOLE|KEEP_SIZE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return False
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return bool(fallocate(fd, 0x02 | 0x01, offset, length) == 0)
+
+
+class OutputFile:
+    """One output stream as the agent sees it: the file its supervisor appends to.
+
+    Offsets ``[start, end)`` are held; ``start`` moves up only when a retention bound
+    discards bytes (:meth:`discard`).
     """
 
-    def __init__(self, spill_path: Path, memory_limit: int = MEMORY_LIMIT) -> None:
-        self.spill_path = spill_path
-        self.memory_limit = memory_limit
-        self.start = 0
+    def __init__(self, path: Path, start: int = 0) -> None:
+        self.path = path
+        self.start = start
         self.end = 0
         self.eof = False
-        self._chunks: deque[bytes | bytearray] = deque()
-        self._mem_start = 0
-        self._mem_bytes = 0
-        self._file: IO[bytes] | None = None
-        self._file_origin = 0  # the absolute offset of byte 0 of the spill file
-        #: bytes ever written to the spill file (for tests and `jobs`)
-        self.spilled = 0
+        self._fd: int | None = None
 
     @property
     def retained(self) -> int:
-        """Bytes held (in memory and on disk): appended, not yet acknowledged."""
+        """Bytes held on disk."""
         return self.end - self.start
 
-    @property
-    def in_memory(self) -> int:
-        return self._mem_bytes
+    def _open(self) -> int | None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                return None
+        return self._fd
 
-    @property
-    def on_disk(self) -> int:
-        if self._file is None:
-            return 0
-        return max(0, self._mem_start - max(self.start, self._file_origin))
-
-    def append(self, data: bytes) -> None:
-        if not data:
-            return
-        last = self._chunks[-1] if self._chunks else None
-        if isinstance(last, bytearray) and len(last) < COALESCE:
-            last += data
-        elif len(data) >= COALESCE:
-            self._chunks.append(data)  # kept as is: a read of the whole chunk copies nothing
-        else:
-            self._chunks.append(bytearray(data))
-        self.end += len(data)
-        self._mem_bytes += len(data)
-        if self._mem_bytes > self.memory_limit:
-            self._spill(self.memory_limit // 2)
-
-    def _spill(self, keep: int) -> None:
-        """Move the oldest memory chunks to the file until at most ``keep`` bytes remain."""
-        if self._file is None:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.spill_path, "w+b", buffering=0)
-            self._file_origin = self._mem_start
-        while self._chunks and self._mem_bytes > keep:
-            chunk = self._chunks.popleft()
-            skip = max(0, self.start - self._mem_start)  # acknowledged bytes never reach the disk
-            if skip < len(chunk):
-                self._file.seek(self._mem_start + skip - self._file_origin)
-                self._file.write(memoryview(chunk)[skip:])
-                self.spilled += len(chunk) - skip
-            self._mem_start += len(chunk)
-            self._mem_bytes -= len(chunk)
+    def refresh(self) -> bool:
+        """Take the file's size as the end; True if it grew."""
+        fd = self._open()
+        if fd is None:
+            return False
+        size = os.fstat(fd).st_size
+        if size > self.end:
+            self.end = size
+            return True
+        return False
 
     def read(self, offset: int, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` bytes from ``offset`` (empty at the end).
 
         Raises:
-            OutputDiscarded: ``offset`` was acknowledged already.
+            OutputDiscarded: ``offset`` is below what is kept.
             ValueError: ``offset`` is beyond the end.
         """
         if offset < self.start:
             raise OutputDiscarded(offset, self.start)
         if offset > self.end:
             raise ValueError(f"offset {offset} is beyond the end of the output ({self.end})")
-        if offset < self._mem_start:
-            assert self._file is not None
-            size = min(max_bytes, self._mem_start - offset)
-            return os.pread(self._file.fileno(), size, offset - self._file_origin)
-        parts: list[bytes] = []
-        position = self._mem_start
-        wanted = max_bytes
-        for chunk in self._chunks:
-            chunk_end = position + len(chunk)
-            if chunk_end > offset:
-                lo = max(0, offset - position)
-                if lo == 0 and len(chunk) <= wanted and isinstance(chunk, bytes):
-                    piece = chunk
-                else:
-                    piece = bytes(memoryview(chunk)[lo : lo + wanted])
-                parts.append(piece)
-                wanted -= len(piece)
-                if wanted <= 0:
-                    break
-            position = chunk_end
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        fd = self._open() if offset < self.end else None
+        if fd is None:
+            return b""
+        return os.pread(fd, min(max_bytes, self.end - offset), offset)
 
-    def acknowledge(self, offset: int) -> None:
-        """Forget everything below ``offset`` (a client has it)."""
-        offset = min(offset, self.end)
-        if offset <= self.start:
-            return
-        self.start = offset
-        while self._chunks and self._mem_start + len(self._chunks[0]) <= offset:
-            chunk = self._chunks.popleft()
-            self._mem_start += len(chunk)
-            self._mem_bytes -= len(chunk)
-        if self._file is not None and self.start >= self._mem_start:
-            # the reader caught up with the disk: give the space back
-            self._file.truncate(0)
-            self._file_origin = self._mem_start
+    def discard(self, upto: int) -> int:
+        """Stop keeping the bytes below ``upto``; returns how many went."""
+        upto = min(upto, self.end)
+        if upto <= self.start:
+            return 0
+        gone = upto - self.start
+        fd = self._open()
+        if fd is not None and not _punch_hole(fd, self.start, gone):
+            logger.debug("%s: cannot punch a hole; the disk space is freed with the job", self.path)
+        self.start = upto
+        return gone
 
     def close(self) -> None:
-        """Free memory and delete the spill file."""
-        self._chunks.clear()
-        self._mem_bytes = 0
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            with contextlib.suppress(FileNotFoundError):
-                self.spill_path.unlink()
+        """Close the file (reads open it again): an agent holding 1000 finished jobs
+        must not hold 2000 descriptors."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,59 +209,31 @@ class _Waiters:
                 fut.set_result(None)
 
 
-class _JobProtocol(asyncio.SubprocessProtocol):
+class _StdinProtocol(asyncio.Protocol):
     def __init__(self, job: Job) -> None:
         self.job = job
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # before subprocess_exec returns: a quick command may exit before that
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.job._transport = transport
-        self.job.pid = transport.get_pid()
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.job._output(fd, data)
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd in (1, 2):
-            self.job._stream_closed(fd)
-
-    def pause_writing(self) -> None:
-        self.job._stdin_paused = True
 
     def resume_writing(self) -> None:
-        self.job._stdin_paused = False
         self.job._stdin_space.wake()
 
-    def process_exited(self) -> None:
-        self.job._process_exited()
-
-
-class _PtyReader(asyncio.Protocol):
-    """Reads a pseudo-terminal's master side: stream 1. EIO means the slave is gone."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-
-    def data_received(self, data: bytes) -> None:
-        self.job._output(1, data)
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self.job._stream_closed(1)
+        self.job._stdin_space.wake()
 
 
 class Job:
-    """One command, from start to collected exit. Create through :class:`JobTable`."""
+    """One command under its supervisor, from start to removal. Create through
+    :class:`JobTable` (``start`` for a new job, ``adopt`` for one found on disk)."""
 
-    def __init__(self, spec: JobSpec, state_dir: Path, memory_limit: int, max_retained: int) -> None:
+    def __init__(self, spec: JobSpec, job_dir: Path, max_retained: int, started: float) -> None:
         self.spec = spec
         self.id = spec.job_id
-        self.started = time.time()
+        self.dir = job_dir
+        self.started = started
         self.finished: float | None = None
-        self.out = OutputBuffer(state_dir / f"{self.id}.stdout", memory_limit)
-        self.err = OutputBuffer(state_dir / f"{self.id}.stderr", memory_limit)
         self.max_retained = max_retained
-        self.pid: int | None = None
+        self.pid: int | None = None  # the command's
+        self.supervisor_pid: int | None = None
+        self._supervisor_start: int | None = None  # its start time: a pid names it only with this
         self.returncode: int | None = None
         self.timed_out = False
         self.error: str | None = None
@@ -278,19 +241,27 @@ class Job:
         self.stdin_closed = False
         #: set once a client acknowledged the exit notice
         self.exit_delivered = False
+        #: per stream, the offset every attached client had acknowledged (flow control)
+        self.acked = [0, 0]
+        #: the agent audited the exit (an adopting agent does it for a job that ended meanwhile)
+        self.exit_audited = False
+        #: why bytes were discarded, for the notice a client prints
+        self.discard_reason: str | None = None
         self.changed = _Waiters()
-        self._stdin_space = _Waiters()
-        self._stdin_paused = False
-        self._transport: asyncio.SubprocessTransport | None = None
-        self._open_streams = {1, 2}
-        self._exited = False
-        self._paused_streams: set[int] = set()
-        self._readers: dict[object, list[int]] = {}
-        self._timers: list[asyncio.TimerHandle] = []
-        self._pty_master: int | None = None
-        self._pty_reader: asyncio.ReadTransport | None = None
-        self._pty_writer: asyncio.WriteTransport | None = None
+        self.started_event = asyncio.Event()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.out = OutputFile(job_dir / sv.STREAM_FILES[0])
+        self.err = OutputFile(job_dir / sv.STREAM_FILES[1])
+        self._stdin_space = _Waiters()
+        self._stdin_writer: asyncio.WriteTransport | None = None
+        self._readers: dict[object, list[int]] = {}
+        self._limits = [max_retained, max_retained]
+        self._events: int | None = None
+        self._control: int | None = None
+        self._pidfd: int | None = None
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self._save_timer: asyncio.TimerHandle | None = None
+        self._stdin_record: int | None = None
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.spec.argv[:3]!r} {self.state}>"
@@ -302,8 +273,12 @@ class Job:
         return "running" if self.pid is not None else "starting"
 
     @property
-    def stream_buffers(self) -> tuple[OutputBuffer, OutputBuffer]:
+    def stream_buffers(self) -> tuple[OutputFile, OutputFile]:
         return self.out, self.err
+
+    def paused(self, stream: int) -> bool:
+        """Whether the supervisor stopped reading stream ``stream`` (flow control)."""
+        return not self.done.done() and self.stream_buffers[stream - 1].end >= self._limits[stream - 1]
 
     def exit_notice(self) -> dict[str, Any]:
         rc = self.returncode
@@ -315,109 +290,187 @@ class Job:
             "error": self.error,
         }
 
-    # ------------------------------------------------------------------ starting
+    # ------------------------------------------------------------------ starting, adopting
 
-    async def start(self) -> None:
-        """Start the process; a command that cannot start becomes an exited job with
-        code 127 (not found) or 126 (not executable), as a shell reports it."""
-        loop = asyncio.get_running_loop()
-        stdin: int = asyncio.subprocess.PIPE if self.spec.stdin else asyncio.subprocess.DEVNULL
+    async def start(self, launcher: Launcher) -> None:
+        """Write the job directory and have ``launcher`` start its supervisor; returns once
+        the command runs (or could not start: an exited job with code 127 or 126, as a
+        shell says)."""
+        self.dir.mkdir(mode=0o700, parents=True)
+        spec = {
+            **asdict(self.spec),
+            "started": self.started,
+            "limit": self.max_retained,
+            "kill_grace": KILL_GRACE,
+        }
+        sv.write_json(self.dir / sv.SPEC, spec)
+        for fifo in (sv.CONTROL, sv.EVENTS, *((sv.STDIN,) if self.spec.stdin else ())):
+            os.mkfifo(self.dir / fifo, 0o600)
+        self._save()
+        self._watch_events()
+        launcher.launch(self.dir)
         try:
-            if self.spec.tty:
-                await self._start_pty(loop)
-            else:
-                transport, _ = await loop.subprocess_exec(
-                    lambda: _JobProtocol(self),
-                    *self.spec.argv,
-                    stdin=stdin,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,  # its own process group: signals reach its children
-                )
-                self._transport = transport
-                self.pid = transport.get_pid()
-                for fd in (1, 2):
-                    _widen_pipe(transport.get_pipe_transport(fd))
-        except OSError as exc:
-            self.error = f"{self.spec.argv[0]}: {exc.strerror or exc}"
-            self.returncode = 127 if isinstance(exc, FileNotFoundError) else 126
-            self.err.append(f"korinet-admin agent: cannot run {self.error}\n".encode())
-            self._open_streams.clear()
-            self._exited = True
-            self._maybe_done()
+            await asyncio.wait_for(self.started_event.wait(), START_TIMEOUT)
+        except TimeoutError:
+            self._lost("its supervisor did not start the command in time")
+
+    def adopt(self) -> None:
+        """Take over a job found on disk: read what the agent recorded, then follow the
+        supervisor (running: by its pid and start time; finished: its status file)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            state = json.loads((self.dir / STATE).read_text(encoding="utf-8"))
+            self.stdin_offset = int(state.get("stdin_offset", 0))
+            self.stdin_closed = bool(state.get("stdin_closed", False))
+            self.exit_delivered = bool(state.get("collected", False))
+            self.acked = [int(o) for o in state.get("acked", [0, 0])]
+            self.out.start, self.err.start = (int(o) for o in state.get("start", [0, 0]))
+            self.discard_reason = state.get("discard_reason")
+            self.exit_audited = bool(state.get("exit_audited", False))
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            recorded = int((self.dir / STDIN_OFFSET).read_bytes() or b"0")
+            self.stdin_offset = max(self.stdin_offset, recorded)
+        self._limits = [a + self.max_retained for a in self.acked]
+        if self.spec.tty:
+            self.err.eof = True
+        self._refresh()
+        if self.done.done():
             return
-        if self.spec.timeout is not None:
-            self._timers.append(loop.call_later(self.spec.timeout, self._time_out))
+        if self.supervisor_pid is None and time.time() - self.started < START_TIMEOUT:
+            # the earlier agent stopped while this job was starting: its supervisor may
+            # still come (the launcher forks what it was given before it exits)
+            self._watch_events()
+            asyncio.get_running_loop().call_later(START_TIMEOUT, self._check_started)
+            self._refresh()
+            return
+        if self.supervisor_pid is None or not _alive(self.supervisor_pid, self._supervisor_start):
+            self._lost("its supervisor is gone (killed?) and left no exit status")
+            return
+        self._watch_events()
+        self._watch_supervisor()
+        for stream in (1, 2):
+            self._send_limit(stream, force=True)
+        self._refresh()  # anything written before we held the events FIFO
 
-    async def _start_pty(self, loop: asyncio.AbstractEventLoop) -> None:
-        import fcntl
-        import pty
-        import struct
-        import termios
+    def _check_started(self) -> None:
+        if not self.done.done() and self.supervisor_pid is None:
+            self._lost("its supervisor did not start the command in time")
 
-        master, slave = pty.openpty()
-        if self.spec.cols and self.spec.rows:
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", self.spec.rows, self.spec.cols, 0, 0))
+    def _watch_events(self) -> None:
+        # read-write: the FIFO never reports EOF when a supervisor lets go of it
+        self._events = os.open(self.dir / sv.EVENTS, os.O_RDWR | os.O_NONBLOCK)
+        asyncio.get_running_loop().add_reader(self._events, self._on_events)
 
-        def controlling_terminal() -> None:  # runs in the child, after setsid()
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
+    def _watch_supervisor(self) -> None:
+        """Know when the supervisor ends: a pidfd where there is one, else a poll."""
+        assert self.supervisor_pid is not None
+        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: _JobProtocol(self),
-                *self.spec.argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                env={**os.environ, "TERM": self.spec.term} if self.spec.term else None,
-                start_new_session=True,
-                preexec_fn=controlling_terminal,
-            )
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        self._transport = transport
-        self.pid = transport.get_pid()
-        self._pty_master = master
-        self._open_streams = {1}
-        self.err.eof = True
-        os.set_blocking(master, False)
-        reader_fd = os.dup(master)
-        self._pty_reader, _ = await loop.connect_read_pipe(
-            lambda: _PtyReader(self), os.fdopen(reader_fd, "rb")
-        )
-        writer_fd = os.dup(master)
-        self._pty_writer, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(writer_fd, "wb"))
+            self._pidfd = os.pidfd_open(self.supervisor_pid)
+        except (OSError, AttributeError):
+            self._poll_timer = loop.call_later(1.0, self._poll_supervisor)
+            return
+        loop.add_reader(self._pidfd, self._supervisor_ended)
 
-    # ------------------------------------------------------------------ process events
+    def _poll_supervisor(self) -> None:
+        self._poll_timer = None
+        if self.done.done():
+            return
+        if self.supervisor_pid is not None and _alive(self.supervisor_pid, self._supervisor_start):
+            pass
+        else:
+            self._supervisor_ended()
+            return
+        self._poll_timer = asyncio.get_running_loop().call_later(1.0, self._poll_supervisor)
 
-    def _output(self, fd: int, data: bytes) -> None:
-        buffer = self.out if fd == 1 else self.err
-        buffer.append(data)
-        if buffer.retained > self.max_retained:
-            self._pause(fd)
+    def _supervisor_ended(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._refresh()
+        if not self.done.done():
+            self._lost("its supervisor ended (killed?) without an exit status")
+
+    def _on_events(self) -> None:
+        assert self._events is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._events, 65536):
+                pass
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Look at the job directory: the supervisor's pids, the output sizes, the exit."""
+        if self.supervisor_pid is None or self.pid is None:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                info = json.loads((self.dir / sv.SUPERVISOR).read_text(encoding="utf-8"))
+                known = self.supervisor_pid is not None
+                self.supervisor_pid = int(info["pid"])
+                self._supervisor_start = info.get("start")
+                self.pid = info.get("child")
+                self.started_event.set()
+                if not known and self._events is not None:  # a job we started: follow it now
+                    self._watch_supervisor()
+        grew = self.out.refresh() | self.err.refresh()
+        if not self.done.done():
+            try:
+                status = json.loads((self.dir / sv.STATUS).read_text(encoding="utf-8"))
+            except (FileNotFoundError, ValueError):
+                status = None
+            if status is not None:
+                self.out.refresh()
+                self.err.refresh()
+                self.returncode = status.get("returncode")
+                self.timed_out = bool(status.get("timed_out"))
+                self.error = status.get("error")
+                self._finish(float(status.get("finished") or time.time()))
+                return
+        if grew:
+            self.changed.wake()
+
+    def _lost(self, why: str) -> None:
+        """The job ended without an exit status we can read."""
+        logger.warning("%r: %s", self, why)
+        self.error = f"the job's exit status is unknown: {why}"
+        self.out.refresh()
+        self.err.refresh()
+        self._finish(time.time())
+
+    def _finish(self, finished: float) -> None:
+        self.out.eof = self.err.eof = True
+        self.finished = finished
+        self.started_event.set()
+        self._stop_watching()
+        self._drop_stdin()
+        if not self.done.done():
+            self.done.set_result(None)
+        self._stdin_space.wake()
         self.changed.wake()
 
-    def _pause(self, fd: int) -> None:
-        transport = self._read_transport(fd)
-        if transport is not None and fd not in self._paused_streams:
-            logger.info("%r: %d bytes of stream %d unacknowledged: pausing it", self, self.max_retained, fd)
-            transport.pause_reading()
-            self._paused_streams.add(fd)
+    def _stop_watching(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._events is not None:
+            loop.remove_reader(self._events)
+            os.close(self._events)
+            self._events = None
+        if self._pidfd is not None:
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
+        if self._control is not None:
+            os.close(self._control)
+            self._control = None
+        if self._stdin_record is not None:
+            os.close(self._stdin_record)
+            self._stdin_record = None
 
-    def _read_transport(self, fd: int) -> asyncio.ReadTransport | None:
-        if self._pty_reader is not None:
-            return self._pty_reader if fd == 1 else None
-        if self._transport is None:
-            return None
-        pipe = self._transport.get_pipe_transport(fd)
-        return pipe if isinstance(pipe, asyncio.ReadTransport) else None
+    # ------------------------------------------------------------------ flow control
 
     def add_reader(self, reader: object, offsets: list[int]) -> None:
-        """A client streams this job from ``offsets`` (what it has): bytes are forgotten
-        only once every reader has them, so a fast terminal never starves a slow one."""
+        """A client streams this job from ``offsets`` (what it has): flow control waits
+        for the slowest attached client, so a fast terminal never starves a slow one."""
         self._readers[reader] = list(offsets)
 
     def remove_reader(self, reader: object) -> None:
@@ -430,80 +483,52 @@ class Job:
         if acked is not None:
             acked[stream - 1] = max(acked[stream - 1], offset)
             offset = min(r[stream - 1] for r in self._readers.values())
-        buffer = self.out if stream == 1 else self.err
-        buffer.acknowledge(offset)
-        if stream in self._paused_streams and buffer.retained <= self.max_retained // 2:
-            self._paused_streams.discard(stream)
-            transport = self._read_transport(stream)
-            if transport is not None:
-                transport.resume_reading()
+        index = stream - 1
+        offset = min(offset, self.stream_buffers[index].end)
+        if offset <= self.acked[index]:
+            return
+        self.acked[index] = offset
+        self._send_limit(stream)
+        self._save_soon()
 
-    def _stream_closed(self, fd: int) -> None:
-        self._open_streams.discard(fd)
-        (self.out if fd == 1 else self.err).eof = True
-        self._maybe_done()
+    def _send_limit(self, stream: int, force: bool = False) -> None:
+        index = stream - 1
+        limit = self.acked[index] + self.max_retained
+        sent = self._limits[index]
+        if self.done.done() or not (force or limit > sent):
+            return
+        # a supervisor paused near the old limit needs the news now; otherwise batch them
+        near = self.stream_buffers[index].end + sv.READ_SIZE >= sent
+        if force or near or limit - sent >= self.max_retained // 4:
+            if self._send(f"limit {stream} {limit}"):
+                self._limits[index] = limit
 
-    def _process_exited(self) -> None:
-        self._exited = True
-        if self._transport is not None:
-            self.returncode = self._transport.get_returncode()
-        if self._pty_master is not None:
-            # the slave may be held open by a background child; the job is its process
-            self._close_pty()
-        self._maybe_done()
-
-    def _close_pty(self) -> None:
-        if self._pty_writer is not None:
-            self._pty_writer.close()
-            self._pty_writer = None
-        if self._pty_master is not None:
-            os.close(self._pty_master)
-            self._pty_master = None
-
-    def _maybe_done(self) -> None:
-        if self._exited and not self._open_streams and not self.done.done():
-            self.out.eof = self.err.eof = True
-            self.finished = time.time()
-            for timer in self._timers:
-                timer.cancel()
-            if self._transport is not None:
-                self._transport.close()
-            self._close_pty()
-            self.done.set_result(None)
-            self._stdin_space.wake()
-            self.changed.wake()
+    def _send(self, line: str) -> bool:
+        """A line to the supervisor; False if there is none to hear it."""
+        if self.done.done() and not line.startswith("signal"):
+            return False
+        try:
+            if self._control is None:
+                self._control = os.open(self.dir / sv.CONTROL, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(self._control, line.encode("ascii") + b"\n")
+        except OSError:
+            if self._control is not None:
+                os.close(self._control)
+                self._control = None
+            return False
+        return True
 
     # ------------------------------------------------------------------ control
 
     def send_signal(self, sig: int) -> bool:
-        """Signal the job's process group; False if it is gone."""
-        if self.pid is None or self.done.done() or self._exited:
+        """Signal the job's process group (through its supervisor); False if it is gone."""
+        if self.done.done() or self.returncode is not None:
             return False
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            os.kill(self.pid, sig)
-        return True
-
-    def _time_out(self) -> None:
-        if self._exited:
-            return
-        self.timed_out = True
-        logger.info("%r: timed out after %ss, sending SIGTERM", self, self.spec.timeout)
-        self.send_signal(signal_module.SIGTERM)
-        loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(KILL_GRACE, lambda: self.send_signal(signal_module.SIGKILL)))
+        return self._send(f"signal {int(sig)}")
 
     def resize(self, cols: int, rows: int) -> None:
-        if self._pty_master is None:
-            return
-        import fcntl
-        import struct
-        import termios
-
-        fcntl.ioctl(self._pty_master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if self.spec.tty:
+            self._send(f"resize {cols} {rows}")
 
     async def write_stdin(self, offset: int, data: bytes, eof: bool) -> int:
         """Take stdin bytes at an absolute offset (repeats are skipped, so a client that
@@ -516,33 +541,102 @@ class Job:
         if offset > self.stdin_offset:
             raise ValueError(f"stdin offset {offset} leaves a gap (have {self.stdin_offset})")
         fresh = data[self.stdin_offset - offset :]
-        writer = self._stdin_writer()
-        if fresh and writer is not None and not writer.is_closing():
+        writer = await self._stdin() if (fresh or eof) and not self.stdin_closed else None
+        if fresh and writer is not None:
             writer.write(fresh)
         self.stdin_offset += len(fresh)
-        if eof and not self.stdin_closed:
-            self.stdin_closed = True
-            if writer is not None and not writer.is_closing():
-                if self._pty_writer is not None:
-                    writer.write(b"\x04")  # a terminal's EOF is ^D
-                else:
-                    writer.close()
+        # reply once the bytes are in the pipe: the kernel keeps them for the command
+        # (its supervisor holds the pipe open) even if this agent is killed next
         while (
             writer is not None
             and not writer.is_closing()
             and not self.done.done()
-            and (self._stdin_paused or writer.get_write_buffer_size() > STDIN_HIGH_WATER)
+            and writer.get_write_buffer_size()
         ):
             await self._stdin_space.wait()
+        if eof and not self.stdin_closed:
+            self.stdin_closed = True
+            if writer is not None:
+                writer.close()
+                self._stdin_writer = None
+            self._send("eof")
+            self._save()
+        self._record_stdin()
         return self.stdin_offset
 
-    def _stdin_writer(self) -> asyncio.WriteTransport | None:
-        if self._pty_writer is not None:
-            return self._pty_writer
-        if self._transport is None:
+    def _drop_stdin(self) -> None:
+        writer, self._stdin_writer = self._stdin_writer, None
+        if writer is not None and not writer.is_closing():  # closed already when the reader left
+            writer.abort()
+
+    async def _stdin(self) -> asyncio.WriteTransport | None:
+        if self._stdin_writer is not None and not self._stdin_writer.is_closing():
+            return self._stdin_writer
+        if not self.spec.stdin or self.done.done():
             return None
-        pipe = self._transport.get_pipe_transport(0)
-        return pipe if isinstance(pipe, asyncio.WriteTransport) else None
+        try:
+            fd = os.open(self.dir / sv.STDIN, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return None  # ENXIO: nobody reads it any more (the command closed its stdin)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError, AttributeError):
+            import fcntl
+
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), STDIN_PIPE_SIZE)
+        pipe = os.fdopen(fd, "wb")
+        self._stdin_writer, _ = await loop.connect_write_pipe(lambda: _StdinProtocol(self), pipe)
+        self._stdin_writer.set_write_buffer_limits(high=0)  # told when the buffer is empty
+        return self._stdin_writer
+
+    # ------------------------------------------------------------------ the agent's record
+
+    def _record_stdin(self) -> None:
+        """The stdin offset taken, for the next agent: one pwrite of a fixed-width number
+        per request (state.json, rewritten and renamed, would cost more per chunk)."""
+        try:
+            if self._stdin_record is None:
+                self._stdin_record = os.open(self.dir / STDIN_OFFSET, os.O_RDWR | os.O_CREAT, 0o600)
+            os.pwrite(self._stdin_record, b"%020d\n" % self.stdin_offset, 0)
+        except OSError as exc:
+            logger.debug("%r: cannot record its stdin offset: %s", self, exc)
+
+    def _save_soon(self) -> None:
+        if self._save_timer is None:
+            self._save_timer = asyncio.get_running_loop().call_later(1.0, self._save)
+
+    def _save(self) -> None:
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        state = {
+            "stdin_offset": self.stdin_offset,
+            "stdin_closed": self.stdin_closed,
+            "collected": self.exit_delivered,
+            "acked": self.acked,
+            "start": [self.out.start, self.err.start],
+            "discard_reason": self.discard_reason,
+            "exit_audited": self.exit_audited,
+        }
+        try:
+            sv.write_json(self.dir / STATE, state)
+        except OSError as exc:  # removed meanwhile, or a full disk: the job runs on
+            logger.debug("%r: cannot save its state: %s", self, exc)
+
+    def discard(self, budget: int, reason: str) -> int:
+        """Discard up to ``budget`` of the oldest acknowledged bytes; returns how many."""
+        freed = 0
+        for index, buffer in enumerate(self.stream_buffers):
+            if freed >= budget:
+                break
+            freed += buffer.discard(min(self.acked[index], buffer.start + budget - freed))
+        if freed:
+            self.discard_reason = reason
+            self._save()
+        return freed
+
+    @property
+    def held(self) -> int:
+        return self.out.retained + self.err.retained
 
     def info(self) -> dict[str, Any]:
         """What `korinet-admin jobs` shows."""
@@ -560,60 +654,113 @@ class Job:
             "collected": self.exit_delivered,
         }
 
-    def close(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        if not self.done.done():
+    def close(self, kill: bool = False) -> None:
+        """Let go of the job (it keeps running unless ``kill``)."""
+        if kill and not self.done.done():
             self.send_signal(signal_module.SIGKILL)
-        if self._pty_reader is not None:
-            self._pty_reader.close()
-        self._close_pty()
-        if self._transport is not None:
-            self._transport.close()
+        if self._save_timer is not None:
+            self._save()
+        self._drop_stdin()
+        self._stop_watching()
         self.out.close()
         self.err.close()
 
 
-def _widen_pipe(transport: asyncio.BaseTransport | None) -> None:
-    """Give a pipe 1 MiB instead of 64 KiB (Linux): a command writing fast wakes us
-    16 times less often, which is most of the cost of streaming its output."""
-    pipe = transport.get_extra_info("pipe") if transport is not None else None
-    if pipe is None:
-        return
-    import fcntl
+class Launcher:
+    """The agent's side of ``python -m korinet_admin.supervisor --launcher`` (see
+    :func:`korinet_admin.supervisor.launch_forever`): started once, it forks a
+    supervisor per job in a millisecond. Started again if it died."""
 
-    with contextlib.suppress(OSError, AttributeError, ValueError):  # ValueError: closed already
-        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "korinet_admin.supervisor", "--launcher"],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True,  # a signal to the agent's group is not for the jobs
+            )  # fmt: skip
+        finally:
+            os.close(log)
+
+    def launch(self, job_dir: Path) -> None:
+        for attempt in range(2):
+            self.start()
+            assert self._proc is not None and self._proc.stdin is not None
+            try:
+                self._proc.stdin.write(os.fsencode(job_dir) + b"\n")
+                self._proc.stdin.flush()
+                return
+            except BrokenPipeError:
+                logger.warning("the job launcher died (see %s); starting it again", self.log)
+                self._proc.wait()
+                if attempt:
+                    raise
+
+    def close(self) -> None:
+        """Let the launcher go (at EOF it exits; the jobs it started run on)."""
+        if self._proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    """Whether ``pid`` still names the process that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return start is None or sv.process_start(pid) in (start, None)
 
 
 class JobTable:
     """Every job of an agent, by id. A job id is used once: a second submission with
     the same id gets the existing job (the client then attaches), never a second run.
 
-    Ids are also appended to ``state_dir/job-ids``, so that an agent restarted after a
-    crash refuses to run a resubmitted id again (its output is lost, its effect is not).
+    Ids are also appended to ``state_dir/job-ids``, so that an agent never runs an id
+    again, even after the job was removed.
     """
 
     def __init__(
         self,
         state_dir: Path,
         *,
-        memory_limit: int = MEMORY_LIMIT,
         max_retained: int = MAX_RETAINED,
         max_jobs: int = 1024,
-        keep_finished: float = KEEP_FINISHED,
+        retention: float = RETENTION,
+        job_cap: int = JOB_CAP,
+        total_cap: int = TOTAL_CAP,
     ) -> None:
         self.state_dir = state_dir
-        self.output_dir = state_dir / "output"
-        self.memory_limit = memory_limit
+        self.jobs_dir = state_dir / "jobs"
         self.max_retained = max_retained
         self.max_jobs = max_jobs
-        self.keep_finished = keep_finished
+        self.retention = retention
+        self.job_cap = job_cap
+        self.total_cap = total_cap
         self.jobs: dict[str, Job] = {}
         self._ids_path = state_dir / "job-ids"
         self._past_ids = self._load_ids()
         self._ids_file: IO[str] | None = None
         self.on_finished: Callable[[Job], None] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.launcher = Launcher(state_dir / "launcher.log")
 
     def _load_ids(self) -> set[str]:
         try:
@@ -621,13 +768,36 @@ class JobTable:
         except FileNotFoundError:
             return set()
 
+    def adopt(self) -> list[Job]:
+        """Take over the jobs an earlier agent left in the state directory; returns them."""
+        adopted = []
+        for job_dir in sorted(self.jobs_dir.glob("*")) if self.jobs_dir.is_dir() else []:
+            try:
+                raw = json.loads((job_dir / sv.SPEC).read_text(encoding="utf-8"))
+                started = float(raw.pop("started"))
+                raw.pop("limit", None)
+                raw.pop("kill_grace", None)
+                spec = JobSpec(**raw)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                logger.warning("%s: not a job directory (%s); left alone", job_dir, exc)
+                continue
+            job = Job(spec, job_dir, self.max_retained, started)
+            job.adopt()
+            self._past_ids.add(job.id)
+            self.jobs[job.id] = job
+            self._follow(job)
+            adopted.append(job)
+        self._sweep()
+        self.launcher.start()  # now, not when the first job waits for it
+        return adopted
+
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
             if job_id in self._past_ids:
                 raise UnknownJob(
-                    f"job {job_id} is no longer held (collected and forgotten, or run by an earlier agent "
-                    "process): its output is gone"
+                    f"job {job_id} is no longer kept on the host (removed {self.retention / 3600:g} h after "
+                    "it finished): its output is gone"
                 )
             raise UnknownJob(f"no job {job_id} on this agent")
         return job
@@ -636,8 +806,7 @@ class JobTable:
         """The job with this id, started now if new. Returns ``(job, created)``.
 
         Raises:
-            UnknownJob: the id was used before (by a job since forgotten, or by an
-                earlier agent process over the same state directory).
+            UnknownJob: the id was used before, by a job since removed.
             RuntimeError: too many jobs.
         """
         job = self.jobs.get(spec.job_id)
@@ -645,51 +814,109 @@ class JobTable:
             return job, False
         if spec.job_id in self._past_ids:
             raise UnknownJob(
-                f"job {spec.job_id} already ran (it is forgotten now, or it ran under an earlier agent "
-                "process); it is not run again"
+                f"job {spec.job_id} already ran and is no longer kept on the host; it is not run again"
             )
         if len(self.jobs) >= self.max_jobs:
-            raise RuntimeError(f"this agent holds {len(self.jobs)} jobs already; try again later")
+            # make room by the oldest job whose exit was collected, before its retention ends
+            collected = [j for j in self.jobs.values() if j.done.done() and j.exit_delivered]
+            if not collected:
+                raise RuntimeError(f"this agent holds {len(self.jobs)} jobs already; try again later")
+            self.remove(min(collected, key=lambda j: j.finished or 0).id)
         self._record_id(spec.job_id)
-        job = Job(spec, self.output_dir, self.memory_limit, self.max_retained)
+        job = Job(spec, self.jobs_dir / spec.job_id, self.max_retained, time.time())
         self.jobs[spec.job_id] = job
-        await job.start()
-        job.done.add_done_callback(lambda _: self._finished(job))
+        self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await job.start(self.launcher)
+        self._follow(job)
         return job, True
+
+    def _follow(self, job: Job) -> None:
+        job.done.add_done_callback(lambda _: self._finished(job))
+        if self._sweeper is None:
+            self._schedule_sweep()
 
     def _record_id(self, job_id: str) -> None:
         self._past_ids.add(job_id)
         try:
             if self._ids_file is None:
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                self._ids_file = open(self._ids_path, "a", encoding="ascii")
+                self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(self._ids_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.fchmod(fd, 0o600)  # an older agent made it 0644
+                self._ids_file = os.fdopen(fd, "a", encoding="ascii")
             self._ids_file.write(job_id + "\n")
             self._ids_file.flush()
         except OSError as exc:
             logger.warning("cannot record job ids in %s: %s", self._ids_path, exc)
 
     def _finished(self, job: Job) -> None:
-        if self.on_finished is not None:
+        if self.on_finished is not None and self.jobs.get(job.id) is job and not job.exit_audited:
             self.on_finished(job)
-        loop = asyncio.get_running_loop()
-        loop.call_later(KEEP_UNCOLLECTED, self._forget, job.id)
+            job.exit_audited = True
+            job._save()
 
     def collected(self, job: Job) -> None:
-        """A client acknowledged the exit: keep the job a while for `jobs`, then forget it."""
+        """A client acknowledged the exit (kept until the retention period ends)."""
         if not job.exit_delivered:
             job.exit_delivered = True
-            asyncio.get_running_loop().call_later(self.keep_finished, self._forget, job.id)
+            job._save()
 
-    def _forget(self, job_id: str) -> None:
+    def enforce_caps(self, job: Job | None = None) -> None:
+        """Discard the oldest acknowledged bytes of ``job`` beyond the per-job cap; with
+        no job, of the oldest jobs beyond the total cap."""
+        if job is not None:
+            if job.held > self.job_cap:
+                job.discard(job.held - self.job_cap, f"over the {_size(self.job_cap)} kept per job")
+            return
+        excess = sum(j.held for j in self.jobs.values()) - self.total_cap
+        for old in sorted(self.jobs.values(), key=lambda j: j.started):
+            if excess <= 0:
+                break
+            excess -= old.discard(excess, f"over the {_size(self.total_cap)} kept for all jobs")
+
+    def _schedule_sweep(self) -> None:
+        period = max(0.05, min(60.0, self.retention / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep_and_reschedule)
+
+    def _sweep_and_reschedule(self) -> None:
+        self._sweep()
+        self._schedule_sweep()
+
+    def _sweep(self) -> None:
+        """Remove the jobs finished longer than the retention period ago; keep the caps."""
+        now = time.time()
+        for job in list(self.jobs.values()):
+            if job.finished is not None and now - job.finished >= self.retention:
+                self.remove(job.id)
+            elif job.done.done() and not job._readers:
+                job.out.close()
+                job.err.close()
+        self.enforce_caps()
+
+    def remove(self, job_id: str) -> None:
+        """Forget a finished job and delete its directory (its id stays used)."""
         job = self.jobs.pop(job_id, None)
         if job is not None:
             job.close()
+            shutil.rmtree(job.dir, ignore_errors=True)
 
-    def close(self) -> None:
-        """Kill every running job (the agent is stopping) and free everything."""
+    def close(self, kill: bool = True) -> None:
+        """Let go of every job: kill the running ones if ``kill`` (else they keep
+        running, for the next agent to adopt)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for job in list(self.jobs.values()):
-            job.close()
+            job.close(kill=kill)
         self.jobs.clear()
+        self.launcher.close()
         if self._ids_file is not None:
             self._ids_file.close()
             self._ids_file = None
+
+
+def _size(n: int) -> str:
+    """A size as the user set it: whole GiB, MiB or KiB, else bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n:,} bytes"

@@ -12,19 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from korinet import KoriNetError, MessageRejected
+from korinet import KoriNetError, KoriNetTimeout, MessageRejected
 
-from .execclient import AdminConnection, JobRun, OutputClosed, Sink, Target, explain
+from .execclient import AdminConnection, JobRun, OutputClosed, Sink, Target, explain, new_job_id
 from .protocol import exit_status
 
 if TYPE_CHECKING:
     from korinet.plugins import PluginManager
     from korinet.security import ClientTLS
 
-__all__ = ["FAILURE", "HostResult", "describe", "run_on_host"]
+__all__ = ["FAILURE", "OUTAGE_LIMIT", "HostResult", "describe", "outage_message", "run_on_host"]
 
 #: ssh's exit code when the tool itself failed.
 FAILURE = 255
+#: Seconds without a connection to the agent before a client gives up (--outage-limit).
+OUTAGE_LIMIT = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +35,20 @@ class HostResult:
     note: str = ""
 
 
+def outage_message(host: str, job_id: str, limit: float | None, started: bool = True) -> str:
+    """What a client says when it gives up on an unreachable agent: the job is not lost."""
+    state = "keeps running" if started else "may be running"
+    return (
+        f"{host}: agent unreachable for {limit or 0:g} s; job {job_id} {state} on the host; "
+        f"`korinet-admin attach {host} {job_id}` to resume"
+    )
+
+
 def describe(notice: dict[str, Any], timeout: float | None = None) -> str:
     """A few words on how a job ended, for the fan-out summary."""
     if notice.get("error"):
-        return f"cannot run: {notice['error']}"
+        # 127/126: the command could not start; no code: its supervisor vanished
+        return f"cannot run: {notice['error']}" if notice.get("code") is not None else str(notice["error"])
     if notice.get("timed_out"):
         return f"timed out after {timeout:g}s, killed" if timeout else "timed out, killed"
     sig = notice.get("signal")
@@ -65,27 +77,36 @@ async def run_on_host(
     on_started: Callable[[JobRun], None] | None = None,
     report: Callable[[str], None] = lambda line: None,
     label: str | None = None,
+    outage_limit: float | None = OUTAGE_LIMIT,
     **client_kwargs: Any,
 ) -> HostResult:
     """Run ``argv`` on ``target`` and wait for its exit. Never raises for a KoriNet
-    failure: that is exit code 255 with a note (and a line given to ``report``)."""
+    failure: that is exit code 255 with a note (and a line given to ``report``).
+    After ``outage_limit`` seconds without a connection it gives up (255), saying
+    how to re-attach: the job runs on."""
     name = label or target.label
+    job_id = job_id or new_job_id()
+    run: JobRun | None = None
     try:
         conn = await AdminConnection.open(
-            target, tls=tls, plugins=plugins, open_timeout=connect_timeout, **client_kwargs
-        )
+            target, tls=tls, plugins=plugins, open_timeout=connect_timeout, outage_limit=outage_limit,
+            **client_kwargs,
+        )  # fmt: skip
     except (KoriNetError, OSError) as exc:
         report(f"{name}: {explain(exc)}")
         return HostResult(FAILURE, f"no session: {exc}")
     from .plugin import watch_links
 
+    within = f" for up to {outage_limit:g} s" if outage_limit else ""
+
     def link_event(event: str, detail: str) -> None:
         if event == "lost":
-            report(f"{name}: connection lost ({detail}); reconnecting, the command keeps running")
+            report(f"{name}: connection lost ({detail}); reconnecting{within}, the command keeps running")
         else:
             report(f"{name}: reconnected; continuing where the output stopped")
 
     watch_links(conn.client, link_event)
+    conn.notify = lambda line: report(f"{name}: {line}")
     stdin_task: asyncio.Task[None] | None = None
     restore_terminal: Callable[[], None] | None = None
     loop = asyncio.get_running_loop()
@@ -114,12 +135,20 @@ async def run_on_host(
         return HostResult(code, note)
     except OutputClosed:
         # as in a local pipeline (cmd | head): the writer gets SIGPIPE, silently
-        with contextlib.suppress(KoriNetError, TimeoutError):
-            await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
+        if run is not None:
+            with contextlib.suppress(KoriNetError, TimeoutError):
+                await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
         return HostResult(128 + signal.SIGPIPE, "local output closed")
     except MessageRejected as exc:
         report(f"{name}: refused: {explain(exc)}")
         return HostResult(FAILURE, f"refused: {exc}")
+    except KoriNetTimeout as exc:
+        if not conn.client.is_closed:
+            report(f"{name}: {exc}")
+            return HostResult(FAILURE, str(exc))
+        # the client's outage limit ended the session: the agent is gone, the job is not
+        report(outage_message(target.label, job_id, outage_limit, started=run is not None))
+        return HostResult(FAILURE, f"agent unreachable for {outage_limit or 0:g} s")
     except KoriNetError as exc:
         report(f"{name}: {exc}")
         return HostResult(FAILURE, str(exc))

@@ -40,5 +40,3 @@ def authorized(tmp_path: Path, alice: Identity, bob: Identity) -> AuthorizedKeys
     keys.authorize(alice.fingerprint, "alice", ["admin"])
     keys.authorize(bob.fingerprint, "bob", ["users"])
     return keys
-
-

@@ -238,12 +238,14 @@ async def test_status_jobs_and_attach(
                 break
             await asyncio.sleep(0.01)
         assert seen.out == b"early\n"
-        await asyncio.sleep(0.1)  # its acknowledgement reaches the agent: "early" is forgotten there
         await conn.client.abort()  # the laptop closes: no goodbye
         await conn.close()
-        # another terminal attaches: it gets what the agent still holds, then the exit
+        # another terminal attaches: all the output (the agent keeps it), then the exit;
+        # --from continues after what that first client had
         code, out, err = await cli(client_home, "attach", host(agent), run.id)
-        assert (code, out) == (5, b"late\n"), err
+        assert (code, out, err) == (5, b"early\nlate\n", b"")
+        code, out, err = await cli(client_home, "attach", host(agent), run.id, "--from", "6,0")
+        assert (code, out, err) == (5, b"late\n", b"")
 
 
 async def test_usage_errors_and_unreachable_hosts_are_reported_without_tracebacks(

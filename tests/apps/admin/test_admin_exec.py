@@ -81,6 +81,24 @@ async def test_stdin_is_forwarded_with_its_eof(
             await conn.close()
 
 
+async def test_a_command_that_leaves_its_stdin_open_at_the_client_still_finishes(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """The client never sends EOF; the command reads one line and exits: the agent's
+    end of the stdin pipe closes under it, and the job still ends."""
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            for _ in range(3):
+                sink = Collector()
+                job = await conn.exec(["sh", "-c", "read x; echo got $x"], sink)
+                await job.send_stdin(b"a\n")
+                assert exit_status(await job.wait(WAIT)) == 0
+                assert sink.out == b"got a\n"
+        finally:
+            await conn.close()
+
+
 async def test_signals_reach_the_process_group(
     tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
 ) -> None:
@@ -92,9 +110,8 @@ async def test_signals_reach_the_process_group(
             job = await conn.exec(["sh", "-c", "echo ready; sleep 100; echo not reached"], sink, stdin=False)
             loop = asyncio.get_running_loop()
             # (a SIGINT that reaches dash while it starts is lost: wait until it runs)
-            for _ in range(int(200 * TIMEOUT_FACTOR)):
-                if sink.out:
-                    break
+            deadline = loop.time() + WAIT
+            while not sink.out and loop.time() < deadline:
                 await asyncio.sleep(0.01)
             started = loop.time()
             assert await job.signal(signal.SIGINT)
@@ -162,14 +179,21 @@ async def test_a_resubmitted_job_id_runs_once(
             await first.close()
             await second.close()
         assert marker.read_text() == "x\n" * 2, "a job id ran more than once"
-        # the first session acknowledged the output: the second gets the exit, and is told
-        assert sink1.out == b"output\n" and sink2.out == b"" and job2.skipped == [7, 0]
+        # the output is kept after the first session acknowledged it: the second gets it all
+        assert sink1.out == b"output\n" and sink2.out == b"output\n" and job2.skipped == [0, 0]
         assert [e.get("resubmitted") for e in agent.audit() if e["event"] == "exec"].count(True) == 2
-    # an agent restarted over the same state directory refuses an id it ran before
+    # an agent restarted over the same state directory adopts the finished job, and once
+    # it is removed (as the retention period does) refuses to run its id again
     state = agent.agent.state_dir
     from korinet_admin.jobs import JobSpec, JobTable, UnknownJob
 
     table = JobTable(state)
+    table.adopt()
+    assert table.jobs[job_id].done.done() and table.jobs[job_id].returncode == 0
+    assert table.jobs[job_id].out._fd is None, "a finished job holds no descriptor"
+    assert table.jobs[job_id].out.read(0, 100) == b"output\n"
+    table.remove(job_id)
+    assert not (state / "jobs" / job_id).exists()
     with pytest.raises(UnknownJob, match="already ran"):
         await table.submit(JobSpec(job_id, argv, "x", "x"))
     table.close()
@@ -279,6 +303,30 @@ async def test_shell_and_tty(
             assert status == 1
         finally:
             await conn.close()
+
+
+async def test_a_tty_job_takes_more_input_than_its_terminal_holds_and_follows_resizes(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys
+) -> None:
+    """A --tty job's stdin goes through its supervisor to the terminal: 200 kB (far more
+    than a terminal's input queue) arrive whole; a resize reaches the terminal."""
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        conn = await connect(agent.target, alice, tmp_path)
+        try:
+            sink = Collector()
+            script = "stty raw -echo; echo ready; head -c 200000 | wc -c; stty size"
+            job = await conn.exec(["sh", "-c", script], sink, tty=True, size=(100, 30))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while b"ready" not in sink.out and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            await job.resize(77, 22)
+            await job.send_stdin(bytes(range(32, 132)) * 2000)
+            notice = await job.wait(WAIT)
+        finally:
+            await conn.close()
+        assert exit_status(notice) == 0
+        assert sink.out.split()[-3:] == [b"200000", b"22", b"77"], sink.out
 
 
 async def test_status_and_jobs(
