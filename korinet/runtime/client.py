@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, KoriNetTimeout
 from ..plugins import PluginManager, default_manager
@@ -236,17 +236,13 @@ class Client(Peer):
             self.last_error = exc
             if isinstance(exc, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(exc))
-            elif isinstance(exc, ssl_module.SSLError) and exc.reason in NOT_TLS:
-                # The server answered our ClientHello with bytes that are no TLS record
-                # (a KoriNet server answers a CLOSE frame at once): retrying cannot help.
-                error = ConnectionClosedError(
-                    CloseCode.PROTOCOL_ERROR,
-                    f"the server at {self.host}:{self.port} speaks plaintext, not TLS "
-                    "(started with --insecure-plaintext?)",
-                )
-                error.__cause__ = exc
-                self.last_error = error
-                self._finish(error)
+            elif isinstance(exc, ssl_module.SSLError):
+                from ..security.tls import plaintext_answer  # TLS users only pay for it
+
+                error = plaintext_answer(exc, f"{self.host}:{self.port}")
+                if error is not None:
+                    self.last_error = error
+                    self._finish(error)
             elif isinstance(exc, TimeoutError) and not str(exc):  # say what took too long
                 self.last_error = TimeoutError(
                     f"no answer from {self.host}:{self.port} within {self.connect_timeout:g}s"
@@ -292,12 +288,6 @@ class Client(Peer):
             self.identity = self.tls.verify_server(address, conn.transport)
         except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
             raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
-
-
-#: OpenSSL's reasons for a first answer that is not a TLS record at all.
-NOT_TLS: Final = frozenset(
-    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
-)
 
 
 def _fatal(exc: BaseException) -> KoriNetError:

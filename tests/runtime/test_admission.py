@@ -197,3 +197,17 @@ async def test_a_tls_client_at_a_plaintext_server_is_told_at_once(tmp_path: Path
 async def _until(condition: Any) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+async def test_the_blocking_client_too_is_told_at_once_by_a_plaintext_server(tmp_path: Path) -> None:
+    from korinet.sync import SyncClient
+
+    async with Server("127.0.0.1", 0, plugins=PluginManager.load(entry_points=False), handler=echo) as server:
+        tls = ClientTLS(known_hosts=KnownHosts(tmp_path / "known_hosts"))
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosedError, match="speaks plaintext, not TLS"):
+            await asyncio.to_thread(
+                SyncClient, "127.0.0.1", server.port, tls=tls, open_timeout=WAIT * 3,
+                plugins=PluginManager.load(entry_points=False),
+            )  # fmt: skip
+        assert time.monotonic() - started < WAIT
