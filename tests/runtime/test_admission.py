@@ -211,3 +211,23 @@ async def test_the_blocking_client_too_is_told_at_once_by_a_plaintext_server(tmp
                 plugins=PluginManager.load(entry_points=False),
             )  # fmt: skip
         assert time.monotonic() - started < WAIT
+
+
+async def test_a_server_that_never_answers_tls_is_reported_in_words(tmp_path: Path) -> None:
+    # Before: "last error: " and nothing (a bare TimeoutError from wait_for).
+    from korinet import KoriNetTimeout
+
+    with socket.socket() as listener:  # the kernel completes TCP; nobody speaks TLS
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        tls = ClientTLS(known_hosts=KnownHosts(tmp_path / "known_hosts"))
+        expected = (
+            rf"last error: no answer from 127\.0\.0\.1:{port} within [\d.]+s "
+            r"\(TCP connect and TLS handshake\)"
+        )
+        with pytest.raises(KoriNetTimeout, match=expected):
+            await Client.connect(
+                "127.0.0.1", port, plugins=PluginManager.load(entry_points=False), tls=tls,
+                connect_timeout=0.2 * TIMEOUT_FACTOR, open_timeout=WAIT / 2,
+            )  # fmt: skip
