@@ -787,7 +787,10 @@ class Hub:
             holder.append(conn)
             return conn
 
-        await loop.connect_accepted_socket(factory, sock, ssl=ssl)
+        # The application accepted the socket: its TLS handshake is bounded by our
+        # handshake timeout, not asyncio's 60 s (it counts in the limits after TLS).
+        timeout = self.config.handshake_timeout if ssl is not None else None
+        await loop.connect_accepted_socket(factory, sock, ssl=ssl, ssl_handshake_timeout=timeout)
         return await fut
 
     async def close(self) -> None:
