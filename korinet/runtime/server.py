@@ -363,9 +363,10 @@ class Hub:
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             if admission.conn is None and self._stop_handshaking(admission):
-                why = _tls_failure(exc) if ssl is not None else str(exc)
-                self._warn(admission.address, "%s: TLS handshake failed: %s", admission.peername, why)
-                self._refused(admission.peername, CloseCode.PROTOCOL_ERROR, f"TLS handshake failed: {why}")
+                what = "TLS handshake failed" if ssl is not None else "connection set-up failed"
+                why = f"{what}: {_tls_failure(exc)}"
+                self._warn(admission.address, "%s: %s", admission.peername, why)
+                self._refused(admission.peername, CloseCode.PROTOCOL_ERROR, why)
 
     def _set_up_done(self, admission: _Admission) -> None:
         admission.task = None
