@@ -28,7 +28,7 @@ from typing import Any, Final
 from korinet import ConnectionClosed, KoriNetError, Message
 
 from . import protocol as p
-from .audit import AuditLog
+from .audit import AuditLog, Throttle, peer_address
 from .jobs import (
     JOB_CAP,
     MAX_RETAINED,
@@ -112,6 +112,7 @@ class Agent:
             logger.info("adopted %d job(s) from %s, %d running", len(adopted), self.jobs.jobs_dir, running)
             self.audit.record("adopted", jobs=len(adopted), running=running)
         self.transfers = AgentTransfers(self.policy, self.audit)
+        self._refusals = Throttle(self.audit)
         self._attachments: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._hubs: list[Any] = []
         self._handlers: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
@@ -160,14 +161,20 @@ class Agent:
             self.jobs.on_finished = None  # killed by the stop: recorded once as agent-stopped
         self.jobs.close(kill=not self.keep_jobs)
         self.transfers.close()
+        self._refusals.close()
         self.audit.close()
 
     def refused(self, peername: str, fingerprint: str | None, reason: str, code: int) -> None:
         """A client refused by the runtime before it could send a request (hook
-        ``korinet_session_refused`` of a hub this agent serves)."""
-        self.audit.record(
+        ``korinet_session_refused`` of a hub this agent serves): a key refused, or a
+        connection refused or dropped before authentication (limits, a failed or late
+        TLS handshake, the wrong protocol). One line per address, code and key in an
+        interval, then a summary (see :class:`~korinet_admin.audit.Throttle`)."""
+        stage = "authentication" if code == 1007 else "connection"  # CloseCode.AUTH_FAILED
+        self._refusals.record(
+            (peer_address(peername), code, fingerprint),
             "refused",
-            stage="authentication",
+            stage=stage,
             peer=peername,
             fingerprint=fingerprint,
             reason=reason,

@@ -28,10 +28,31 @@ OUTAGE_LIMIT = 60.0
 RETENTION = 24 * 3600.0
 JOB_CAP = 2 << 30
 TOTAL_CAP = 10 << 30
+#: 128 + SIGPIPE: what the shell reports for a tool whose reader (`| head`) left.
+PIPE_CLOSED = 141
+
+
+class _Failure(Exception):
+    """korinet-admin cannot go on; the message is the one line the user reads (exit 255)."""
 
 
 def _err(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def _identity_error(exc: OSError | ValueError) -> str:
+    """The one line for an identity that cannot be used, naming the file and the fix."""
+    from korinet.security import korinet_home
+
+    if isinstance(exc, PermissionError) and exc.filename is None:
+        return str(exc)  # too open: Identity names the file and the chmod
+    if isinstance(exc, OSError) and exc.filename is not None:
+        name = exc.filename
+        return (
+            f"cannot read {name}: {exc.strerror}; it must be yours and private: "
+            f"chown $(id -un) {name} && chmod 600 {name} (or set KORINET_HOME)"
+        )
+    return f"cannot use the identity in {korinet_home()}: {exc} (`korinet id` shows it)"
 
 
 # ---------------------------------------------------------------------- shared client bits
@@ -44,9 +65,13 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
     from korinet.cli import load_identity, pinning_notice
     from korinet.security import ClientTLS
 
-    identity = load_identity(
-        "korinet-admin", hint="on each agent run: korinet authorize {fingerprint} --name NAME --role admin"
-    )
+    try:
+        identity = load_identity(
+            "korinet-admin",
+            hint="on each agent run: korinet authorize {fingerprint} --name NAME --role admin",
+        )
+    except (OSError, ValueError) as exc:
+        raise _Failure(_identity_error(exc)) from None
     return ClientTLS(identity, on_first_use=pinning_notice("korinet-admin", where="the agent"))
 
 
@@ -379,7 +404,9 @@ async def _agent(args: argparse.Namespace) -> int:
 
     from korinet.cli import parse_address, wait_for_stop_signal
     from korinet.runtime import Server
+    from korinet.runtime.server import raise_open_file_limit
     from korinet.security import AuthorizedKeys, Identity, ServerTLS, korinet_home
+    from korinet.session import SessionConfig
 
     from .agent import DEFAULT_AGENT_PORT, Agent
     from .audit import AuditLog
@@ -401,10 +428,17 @@ async def _agent(args: argparse.Namespace) -> int:
         audit = AuditLog(Path(args.audit_log) if args.audit_log else state_dir / "audit.log")
         tls = None
         if not args.insecure_plaintext:
-            tls = ServerTLS(Identity.load_or_create(), authorized=AuthorizedKeys())
+            try:
+                identity = Identity.load_or_create()
+            except (OSError, ValueError) as exc:
+                _err(f"agent: {_identity_error(exc)}")
+                return 1
+            tls = ServerTLS(identity, authorized=AuthorizedKeys())
     except (OSError, ValueError) as exc:
         _err(f"agent: {exc}")
         return 1
+    # Before the Server sizes its cap of connections without a session from it.
+    open_files, _ = raise_open_file_limit()
     agent = Agent(
         state_dir, policy=policy, audit=audit, insecure=args.insecure_plaintext, keep_jobs=True,
         retention=args.retention, job_cap=args.job_cap, total_cap=args.total_cap,
@@ -418,6 +452,7 @@ async def _agent(args: argparse.Namespace) -> int:
         session_ttl=args.session_ttl,
         handler=agent.session,
         legacy=False,
+        config=SessionConfig(handshake_timeout=args.handshake_timeout),
     )
     agent.bind(server)
     try:
@@ -451,6 +486,11 @@ async def _agent(args: argparse.Namespace) -> int:
     if agent.jobs.jobs:
         running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
         say(f"jobs: {len(agent.jobs.jobs)} kept from an earlier agent, {running} of them running")
+    say(
+        f"open files: {open_files if open_files >= 0 else 'no limit'}; at most "
+        f"{server.hub.max_handshaking} connections without a session, "
+        f"{args.handshake_timeout:g}s each to authenticate"
+    )
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
     audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
     await wait_for_stop_signal()
@@ -595,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output kept for all jobs (default 10G)")  # fmt: skip
     p.add_argument("--session-ttl", type=_positive, default=600.0, metavar="S",
                    help="seconds a disconnected client's session is kept (default 600)")  # fmt: skip
+    p.add_argument("--handshake-timeout", type=_positive, default=10.0, metavar="S",
+                   help="seconds a client has from connecting to an authenticated session, TLS "
+                   "included (default 10)")  # fmt: skip
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="no TLS, no authentication: anyone reaching the port is admin (tests)")  # fmt: skip
     p.set_defaults(func=_agent)
@@ -646,25 +689,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the client reports failures itself; the runtime's warnings would say it twice
         logging.getLogger("korinet").setLevel(logging.ERROR)
     try:
-        return int(asyncio.run(args.func(args)) or 0)
+        code = int(asyncio.run(args.func(args)) or 0)
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    except BrokenPipeError:  # `| head` left: stop quietly, as other tools do
+        code = PIPE_CLOSED
+    except _Failure as exc:
+        _err(str(exc))
+        code = FAILURE
     except ValueError as exc:  # a malformed HOST list, mostly
         _err(str(exc))
-        return 2
-    finally:
-        _quiet_closed_stdout()
+        code = 2
+    if not _flush_stdout() and code == 0:
+        code = PIPE_CLOSED
+    return code
 
 
-def _quiet_closed_stdout() -> None:
-    """After `| head` closed our stdout, flushing it at exit would print a traceback."""
+def _flush_stdout() -> bool:
+    """Flush stdout now; after `| head` closed it, point it at /dev/null so that the
+    flush at exit prints no traceback. Returns whether stdout was still open."""
     try:
         sys.stdout.flush()
+        return True
     except BrokenPipeError:
         import os
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
 
 
 if __name__ == "__main__":

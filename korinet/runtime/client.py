@@ -236,6 +236,18 @@ class Client(Peer):
             self.last_error = exc
             if isinstance(exc, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(exc))
+            elif isinstance(exc, ssl_module.SSLError):
+                from ..security.tls import plaintext_answer  # TLS users only pay for it
+
+                error = plaintext_answer(exc, f"{self.host}:{self.port}")
+                if error is not None:
+                    self.last_error = error
+                    self._finish(error)
+            elif isinstance(exc, TimeoutError) and not str(exc):  # say what took too long
+                self.last_error = TimeoutError(
+                    f"no answer from {self.host}:{self.port} within {self.connect_timeout:g}s"
+                    + (" (TCP connect and TLS handshake)" if self.ssl else " (TCP connect)")
+                )
             return False
         if conn.lost.done():
             # Reset between connect and here: no peer was attached to hear it, so

@@ -23,8 +23,9 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
-from ..exceptions import AuthenticationError
+from ..exceptions import AuthenticationError, ConnectionClosedError
 from .anchor import anchor_certificate_der
 from .authorized import AuthorizedKeys
 from .identity import Identity, PeerIdentity, certificate_fingerprint
@@ -36,6 +37,7 @@ __all__ = [
     "client_context",
     "peer_certificate",
     "peer_fingerprint",
+    "plaintext_answer",
     "server_context",
 ]
 
@@ -81,6 +83,29 @@ def client_context(identity: Identity | None) -> ssl.SSLContext:
     if identity is not None:
         identity.load_into(context)
     return context
+
+
+#: OpenSSL's reasons for a first answer that is no TLS record at all.
+NOT_TLS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)
+
+
+def plaintext_answer(exc: BaseException, address: str) -> ConnectionClosedError | None:
+    """The error that ends a client's session when ``exc`` (from its TLS handshake) says
+    the server at ``address`` answered in plaintext: a KoriNet server without TLS
+    answers a ClientHello with a CLOSE frame at once (runtime/server.py), and retrying
+    cannot help. None for any other error."""
+    if not isinstance(exc, ssl.SSLError) or exc.reason not in NOT_TLS:
+        return None
+    from ..session import CloseCode
+
+    error = ConnectionClosedError(
+        CloseCode.PROTOCOL_ERROR,
+        f"the server at {address} speaks plaintext, not TLS (started with --insecure-plaintext?)",
+    )
+    error.__cause__ = exc
+    return error
 
 
 def peer_certificate(transport: asyncio.BaseTransport | None) -> bytes | None:

@@ -1097,6 +1097,11 @@ class SyncClient:
                 self._finish(error)  # retrying cannot make the key match
             elif isinstance(error, ssl_module.SSLCertVerificationError):
                 self._finish(_fatal(error))
+            elif isinstance(error, ssl_module.SSLError) and (
+                plain := _plaintext_answer(error, f"{self.host}:{self.port}")
+            ):
+                self.last_error = plain
+                self._finish(plain)  # a plaintext server: retrying cannot help
             else:
                 self._schedule_retry(opened=False)
             return
@@ -1540,6 +1545,12 @@ def _fatal(exc: BaseException) -> KoriNetError:
     error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
     error.__cause__ = exc
     return error
+
+
+def _plaintext_answer(exc: BaseException, address: str) -> KoriNetError | None:
+    from ..security.tls import plaintext_answer  # TLS users only pay for cryptography
+
+    return plaintext_answer(exc, address)
 
 
 def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> SyncClient:
