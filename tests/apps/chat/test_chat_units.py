@@ -145,6 +145,7 @@ class _FakeClient:
     current = "general"
     rooms = {"general": None, "dev": None}
     members = {"general": {"alice", "bob", "Bea"}, "dev": {"carol"}}
+    known_rooms = {"design", "general"}  # rooms the hub named, joined or not
 
 
 def _complete(text: str) -> list[str]:
@@ -159,7 +160,7 @@ def test_completion_of_commands_nicks_and_rooms() -> None:
     assert set(_complete("/")) >= {"/join ", "/quit ", "/search "}
     assert _complete("b") == ["Bea: ", "bob: "]
     assert _complete("hello c") == ["carol "]
-    assert _complete("/join #d") == ["#dev"]
+    assert _complete("/join #d") == ["#design", "#dev"]
     assert _complete("a") == []  # not oneself
 
 
