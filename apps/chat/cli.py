@@ -282,9 +282,10 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> FoundHub | None:
-    """The first hub announced on the LAN that answers; each one that does not is
-    said in one line (an announcement outlives a hub that crashed)."""
+async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
+    """The first hub announced on the LAN that answers, and how many were passed over:
+    each one that does not answer is said in one line (an announcement outlives a hub
+    that crashed)."""
     from .discovery import answers, browse
 
     print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
@@ -292,16 +293,16 @@ async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> F
         found = await browse(timeout, interfaces=[interface] if interface else None)
     except Exception as exc:  # no multicast at all
         print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
-        return None
+        return None, 0
     usable = [h for h in found if h.tls != plaintext]
     for index, hub in enumerate(usable):
         if await answers(hub.host, hub.port, PROBE_TIMEOUT):
             others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
             print(f"found {hub.name!r} at {hub.host}:{hub.port}{others}", flush=True)
-            return hub
+            return hub, index
         then = "trying the next one" if index + 1 < len(usable) else "starting one here"
         print(f"the hub announced at {hub.host}:{hub.port} does not answer; {then}", flush=True)
-    return None
+    return None, len(usable)
 
 
 async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
@@ -331,7 +332,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         timeout = (
             args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
         )
-        hub_found = await _find_hub(float(timeout), plaintext, interface)
+        hub_found, skipped = await _find_hub(float(timeout), plaintext, interface)
         if hub_found is not None:
             host, port = hub_found.host, hub_found.port
         else:
@@ -341,9 +342,9 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             except OSError as exc:
                 print(f"korinet-chat: cannot start a hub here: {exc.strerror or exc}", file=sys.stderr)
                 return 1
-            host, port, pinned = "127.0.0.1", server.port, server.fingerprint
+            host, port, pinned = interface or "127.0.0.1", server.port, server.fingerprint
             announcement = await _announce(server, plaintext, interface)
-            print(f"started a chat hub here on port {port}"
+            print(("" if skipped else "no hub on the LAN: ") + f"started one here on port {port}"
                   + (", announced: others who run korinet-chat will join it" if announcement else ""),
                   flush=True)  # fmt: skip
     try:

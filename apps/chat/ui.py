@@ -174,8 +174,15 @@ class ChatCompleter(Completer):
 class InputCheck(Validator):
     """Enter on a line that cannot be sent keeps it in the input, with the reason."""
 
+    def __init__(self, client: ChatClient) -> None:
+        self.client = client
+
     def validate(self, document: Document) -> None:
-        reason = check_input(document.text)
+        text = document.text
+        reason = check_input(text)
+        is_text = paste_lines(text) is not None or not text.startswith("/") or text.startswith("//")
+        if not reason and is_text and text.strip() and self.client.current is None:
+            reason = "you are in no room: /join one first (what you typed is kept)"
         if reason:
             raise ValidationError(cursor_position=document.cursor_position, message=reason)
 
@@ -215,7 +222,7 @@ class ChatUI:
             input=input,
             output=output or terminal_output(),
             completer=ChatCompleter(client),
-            validator=InputCheck(),
+            validator=InputCheck(client),
             validate_while_typing=False,
             bottom_toolbar=self.toolbar,
             style=STYLE,

@@ -14,7 +14,7 @@ from korinet_chat.client import ChatClient, Line, check_input, describe, paste_l
 from korinet_chat.limits import TokenBucket
 from korinet_chat.sanitize import clean, is_clean
 from korinet_chat.store import History
-from korinet_chat.ui import ChatCompleter, ChatUI, _quit_command, plain, render
+from korinet_chat.ui import ChatCompleter, ChatUI, InputCheck, _quit_command, plain, render
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
@@ -124,6 +124,20 @@ def test_errors_are_told_in_words() -> None:
     assert describe(MessageRejected("'text' too long", message_type="chat.request")) == (
         "refused: 'text' too long"
     )
+
+
+def test_text_typed_outside_any_room_stays_in_the_input() -> None:
+    from prompt_toolkit.validation import ValidationError
+
+    class _NoRoom:
+        current = None
+
+    check = InputCheck(_NoRoom())  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="you are in no room"):
+        check.validate(Document("hello?"))
+    with pytest.raises(ValidationError, match="you are in no room"):
+        check.validate(Document("one\ntwo"))
+    check.validate(Document("/join #general"))  # a command goes through
 
 
 def test_quit_commands() -> None:
