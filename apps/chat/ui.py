@@ -228,7 +228,7 @@ class ChatUI:
             style=STYLE,
             refresh_interval=1.0,
             complete_while_typing=False,
-            erase_when_done=True,  # the line comes back from the hub, in its place in the order
+            erase_when_done=True,  # at quit: the scrollback keeps no prompt
         )
         # One prompt for the whole session: Enter hands the line over and clears the
         # input, the prompt never ends. Between two prompts the terminal would be back in
@@ -288,6 +288,8 @@ class ChatUI:
         ring, self._ring = self._ring, False
         app = get_app_or_none()
         drawn = app is not None and app.is_running and not app.is_done
+        # (prompt-toolkit has no public flag for "a run_in_terminal is under way": the
+        # prompt is erased then, and printing straight away is right)
         if app is None or not drawn or getattr(app, "_running_in_terminal", False):
             for frags in batch:
                 print_formatted_text(FormattedText(frags), style=STYLE, output=self.session.output)
