@@ -30,10 +30,13 @@ if TYPE_CHECKING:
     from korinet.security import ClientTLS, ServerTLS
 
     from .client import ChatClient
-    from .discovery import Announcement, HubWatcher
+    from .discovery import Announcement, FoundHub, HubWatcher
     from .hub import ChatHub
 
 __all__ = ["load_config", "main"]
+
+#: Seconds an announced hub has to accept a TCP connection before it is passed over.
+PROBE_TIMEOUT = 1.0
 
 CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "nick": str,
@@ -46,6 +49,7 @@ CONFIG_KEYS: dict[str, type | tuple[type, ...]] = {
     "bell": bool,
     "rate": (int, float),
     "burst": (int, float),
+    "interface": str,
 }
 
 
@@ -142,6 +146,11 @@ def _client_parser() -> argparse.ArgumentParser:
         "--connect-timeout", type=float, default=10.0, help="seconds to wait for the hub (default 10)"
     )
     p.add_argument("--no-bell", action="store_true", help="no terminal bell on mentions")
+    p.add_argument(
+        "--interface",
+        metavar="ADDRESS",
+        help="look for (and start) a hub on this interface only, e.g. 192.168.1.20 (default: all)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log the runtime's events")
     return p
 
@@ -155,7 +164,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-announce", action="store_true", help="do not announce the hub on the LAN (mDNS)")
     p.add_argument("--session-ttl", type=float, default=120.0, help="seconds a dropped client keeps its nick")
     p.add_argument("--rate", type=float, help="messages per second per user after a burst (0: no limit)")
-    p.add_argument("--burst", type=float, help="messages a user may send at once (default 20)")
+    p.add_argument("--burst", type=float, help="messages a user may send at once, e.g. a paste (default 500)")
     p.add_argument("--verbose", "-v", action="store_true", help="log every session event")
     return p
 
@@ -212,14 +221,18 @@ async def start_hub(
     return hub, server
 
 
-async def _announce(server: Server, plaintext: bool) -> Announcement | None:
+async def _announce(server: Server, plaintext: bool, interface: str | None = None) -> Announcement | None:
     from .discovery import announce
 
     try:
         host = server.host
         addresses = None if host in ("0.0.0.0", "", "::") else [host]
         return await announce(
-            server.port, addresses=addresses, fingerprint=server.fingerprint, tls=not plaintext
+            server.port,
+            addresses=addresses,
+            fingerprint=server.fingerprint,
+            tls=not plaintext,
+            interfaces=[interface] if interface else None,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
         print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
@@ -269,10 +282,33 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
-    from korinet import KoriNetError
+async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
+    """The first hub announced on the LAN that answers, and how many were passed over:
+    each one that does not answer is said in one line (an announcement outlives a hub
+    that crashed)."""
+    from .discovery import answers, browse
 
-    from .client import ChatClient, ChatError
+    print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
+    try:
+        found = await browse(timeout, interfaces=[interface] if interface else None)
+    except Exception as exc:  # no multicast at all
+        print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
+        return None, 0
+    usable = [h for h in found if h.tls != plaintext]
+    for index, hub in enumerate(usable):
+        if await answers(hub.host, hub.port, PROBE_TIMEOUT):
+            others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
+            print(f"found {hub.name!r} at {hub.host}:{hub.port}{others}", flush=True)
+            return hub, index
+        then = "trying the next one" if index + 1 < len(usable) else "starting one here"
+        print(f"the hub announced at {hub.host}:{hub.port} does not answer; {then}", flush=True)
+    return None, len(usable)
+
+
+async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    from korinet import KoriNetError, KoriNetTimeout
+
+    from .client import ChatClient, ChatError, describe
     from .ui import ChatUI
 
     nick = args.nick or cfg.get("nick") or default_nick()
@@ -286,38 +322,29 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     if plaintext:
         _warn_plaintext("client")
     address = args.address or cfg.get("host")
+    interface = args.interface or cfg.get("interface")
     hub = server = announcement = watcher = None
+    hub_found: FoundHub | None = None
     pinned: str | None = None
     if address:
         host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
     else:
-        from .discovery import browse
-
         timeout = (
             args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
         )
-        print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
-        try:
-            found = await browse(float(timeout))
-        except Exception as exc:  # no multicast at all
-            print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
-            found = []
-        usable = [h for h in found if h.tls != plaintext]
-        if usable:
-            hub_found = usable[0]
+        hub_found, skipped = await _find_hub(float(timeout), plaintext, interface)
+        if hub_found is not None:
             host, port = hub_found.host, hub_found.port
-            others = f" (and {len(usable) - 1} more)" if len(usable) > 1 else ""
-            print(f"found {hub_found.name!r} at {host}:{port}{others}", flush=True)
         else:
             try:
-                hub, server = await start_hub("0.0.0.0", DEFAULT_PORT, cfg.get("db") or default_db(),
-                                              plaintext=plaintext)  # fmt: skip
+                hub, server = await start_hub(interface or "0.0.0.0", int(cfg.get("port", DEFAULT_PORT)),
+                                              cfg.get("db") or default_db(), plaintext=plaintext)  # fmt: skip
             except OSError as exc:
                 print(f"korinet-chat: cannot start a hub here: {exc.strerror or exc}", file=sys.stderr)
                 return 1
-            host, port, pinned = "127.0.0.1", server.port, server.fingerprint
-            announcement = await _announce(server, plaintext)
-            print(f"no hub on the LAN: started one here on port {port}"
+            host, port, pinned = interface or "127.0.0.1", server.port, server.fingerprint
+            announcement = await _announce(server, plaintext, interface)
+            print(("" if skipped else "no hub on the LAN: ") + f"started one here on port {port}"
                   + (", announced: others who run korinet-chat will join it" if announcement else ""),
                   flush=True)  # fmt: skip
     try:
@@ -325,17 +352,25 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
         try:
             await client.start(open_timeout=args.connect_timeout)
+        except KoriNetTimeout as exc:
+            why = f" ({describe(exc.__cause__)})" if exc.__cause__ is not None else ""
+            print(f"korinet-chat: cannot join the hub at {host}:{port}: no answer within "
+                  f"{args.connect_timeout:g}s{why}", file=sys.stderr)  # fmt: skip
+            return 1
         except (ChatError, KoriNetError, OSError) as exc:
-            print(f"korinet-chat: cannot join the hub at {host}:{port}: {exc}", file=sys.stderr)
+            print(f"korinet-chat: cannot join the hub at {host}:{port}: {describe(exc)}", file=sys.stderr)
             return 1
         if announcement is not None:
-            watcher = _watch_rivals(client, announcement.name)
+            watcher = _watch_rivals(client, announcement.name, interface)
+        elif hub_found is not None:
+            watcher = _follow_hub(client, hub_found.name, interface)
         await ui.run()
-        undelivered = client.queued if client.state != "connected" else 0  # connected: close() delivers
-        await client.close()
-        if undelivered:
-            print(f"korinet-chat: {undelivered} line(s) you typed had not reached the hub, and are dropped",
-                  file=sys.stderr)  # fmt: skip
+        await client.close()  # waits a moment for what is in flight to be acknowledged
+        dropped = client.undelivered
+        if dropped:
+            lines = "1 line" if dropped == 1 else f"{dropped} lines"
+            print(f"korinet-chat: {lines} you typed had not reached the hub; dropped", file=sys.stderr)
+            return 1
         return 0
     finally:
         if watcher is not None:
@@ -350,7 +385,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             hub.close()
 
 
-def _watch_rivals(client: ChatClient, own_name: str) -> HubWatcher | None:
+def _watch_rivals(client: ChatClient, own_name: str, interface: str | None) -> HubWatcher | None:
     """Two people who start korinet-chat within the same few seconds may each start a
     hub; tell the user when another hub shows up, so they can meet on one."""
     from .discovery import HubWatcher
@@ -362,8 +397,23 @@ def _watch_rivals(client: ChatClient, own_name: str) -> HubWatcher | None:
             )
 
     try:
-        return HubWatcher(found)
+        return HubWatcher(found, [interface] if interface else None)
     except Exception:  # no multicast: nothing to watch
+        return None
+
+
+def _follow_hub(client: ChatClient, name: str, interface: str | None) -> HubWatcher | None:
+    """Reconnect the moment the hub we found announces itself again (it restarted),
+    rather than at the next backoff attempt."""
+    from .discovery import HubWatcher
+
+    def found(announced: str) -> None:
+        if announced == name:
+            client.reconnect_now()
+
+    try:
+        return HubWatcher(found, [interface] if interface else None, updates=True)
+    except Exception:  # no multicast: the backoff alone brings the link back
         return None
 
 

@@ -24,6 +24,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 import re
 import secrets
 import time
@@ -35,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 from korinet import (
     Client,
     ConnectionClosed,
+    ConnectionClosedOK,
     KoriNetError,
     MessageRejected,
     SendBufferFull,
     SessionConfig,
     SessionExpired,
 )
+from korinet.session import CloseCode
 
 from . import protocol, watch
 from .hub import chat_plugins
@@ -50,12 +53,16 @@ if TYPE_CHECKING:
     from korinet.plugins import PluginManager
     from korinet.security import ClientTLS
 
-__all__ = ["COMMANDS", "ChatClient", "ChatError", "Line", "Pending"]
+__all__ = ["COMMANDS", "ChatClient", "ChatError", "Line", "Pending", "describe"]
 
 logger = logging.getLogger(__name__)
 
 #: A dead link is noticed within about 2.5 heartbeats: keep them short on a LAN.
 CLIENT_CONFIG = SessionConfig(heartbeat_interval=2.0)
+
+#: The longest wait between reconnection attempts: on a LAN a hub that is back is
+#: used again within a second (the runtime's default, 5 s, suits the internet).
+BACKOFF_CAP = 1.0
 
 #: Slash commands and their one-line help (the UI completes these).
 COMMANDS: dict[str, str] = {
@@ -70,7 +77,7 @@ COMMANDS: dict[str, str] = {
     "/search": "/search WORDS        search the history of your rooms",
     "/away": "/away [MESSAGE]      mark yourself away (no message: back)",
     "/help": "/help                this list",
-    "/quit": "/quit                leave",
+    "/quit": "/quit [--force]      leave (lines not yet delivered: asks first)",
 }
 
 
@@ -112,6 +119,7 @@ class Pending:
     to: str | None = None
     kind: str = "say"
     rid: int = 0
+    acked: bool = False  # the hub's application has the request (it will be stored)
 
 
 @dataclass
@@ -153,7 +161,7 @@ class ChatClient:
         config: SessionConfig | None = None,
         on_line: Callable[[Line], None] | None = None,
         on_status: Callable[[], None] | None = None,
-        backoff_cap: float = 2.0,
+        backoff_cap: float = BACKOFF_CAP,
         keep_lines: int = 5000,
     ) -> None:
         self.host, self.port = host, port
@@ -169,6 +177,8 @@ class ChatClient:
         self.peer: Client | None = None
         self.rooms: dict[str, _RoomView] = {}
         self.members: dict[str, set[str]] = {}  # room -> nicks, for completion
+        self.known_rooms: set[str] = set()  # every room the hub told us of, for completion
+        self._rooms_asked = -1e9  # when the hub's room list was last asked for (monotonic)
         self.pending: OrderedDict[str, Pending] = OrderedDict()
         self.lines: deque[Line] = deque(maxlen=keep_lines)
         self.lines_total = 0
@@ -187,6 +197,7 @@ class ChatClient:
         self._holding: list[dict[str, Any]] | None = None  # msgs held until the "away" marker
         self._mark: dict[str, int] = {}
         self._registering = False
+        self._closing = False
         self._mention_re = self._mention_pattern()
 
     # ------------------------------------------------------------------ lifecycle
@@ -213,6 +224,7 @@ class ChatClient:
         await self._register(first=True)
 
     async def close(self) -> None:
+        self._closing = True
         watch.remove(self)
         if self.peer is not None:
             await self.peer.close("bye", timeout=2.0)
@@ -222,10 +234,21 @@ class ChatClient:
         self.state = "closed"
         self._status()
 
+    def reconnect_now(self) -> None:
+        """The hub is known to be back (it announced itself): try at once instead of
+        waiting out the backoff delay."""
+        if self.peer is not None and not self.peer.is_connected and not self.peer.is_closed:
+            self.peer.reconnect_now()
+
     @property
     def queued(self) -> int:
         """Lines typed and not yet confirmed by the hub."""
         return len(self.pending)
+
+    @property
+    def undelivered(self) -> int:
+        """Lines typed that the hub does not have yet (quitting now would lose them)."""
+        return sum(1 for p in self.pending.values() if not p.acked)
 
     @property
     def status(self) -> str:
@@ -286,7 +309,7 @@ class ChatClient:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_for(self, predicate: Callable[[ChatClient], bool], timeout: float = 10.0) -> None:
+    async def wait_for(self, predicate: Callable[[ChatClient], bool], timeout: float | None = 10.0) -> None:
         """Wait until ``predicate(self)`` holds (checked after every line or status change).
 
         Raises:
@@ -364,17 +387,22 @@ class ChatClient:
             return
         error = ack.exception()
         if error is None:
+            waiting = self._waiting.get(rid)
+            pending = self.pending.get(waiting.mid) if waiting and waiting.mid else None
+            if pending is not None and pending.rid == rid:
+                pending.acked = True
+                self._status()
             return
         if isinstance(error, SessionExpired):
             return  # the hub may or may not have it: re-registration re-sends what is pending
-        self._fail(rid, error)
+        self._fail(rid, error, keep_pending=self._closing)
 
-    def _fail(self, rid: int, error: BaseException) -> None:
+    def _fail(self, rid: int, error: BaseException, *, keep_pending: bool = False) -> None:
         waiting = self._waiting.pop(rid, None)
         if waiting is None:
             return
-        text = error.reason if isinstance(error, MessageRejected) else str(error)
-        if waiting.mid is not None:
+        text = describe(error)
+        if waiting.mid is not None and not keep_pending:
             pending = self.pending.pop(waiting.mid, None)
             if pending is not None:
                 self._info(f"not sent ({clean(text)}): {clean(pending.text, 80)}", "error")
@@ -393,6 +421,7 @@ class ChatClient:
                 nick = wanted if attempt == 0 else f"{wanted}{'_' * attempt}"
                 result = await self._request("hello", nick=nick)
                 if result.get("ok"):
+                    self._learn_rooms(result.get("rooms"))
                     if nick != self.nick or attempt:
                         self._info(f"the nick {clean(wanted)} is taken: you are {clean(nick)}")
                     self._set_nick(nick)
@@ -433,6 +462,7 @@ class ChatClient:
         room = result["room"]
         if room not in self.wanted_rooms:
             self.wanted_rooms.append(room)
+        self._learn_rooms([room])
         head = int(result["head"])
         history = [m for m in result.get("history", ()) if _valid_msg(m)]
         self.members[room] = {str(m.get("nick")) for m in result.get("members", ()) if isinstance(m, dict)}
@@ -509,9 +539,11 @@ class ChatClient:
                 continue
             except ConnectionClosed as exc:
                 self.state = "closed"
-                self._info(f"disconnected: {clean(exc)}", "error")
+                if not (self._closing and isinstance(exc, ConnectionClosedOK)):  # our own quit: no news
+                    self._info(f"disconnected from the hub: {describe(exc)}", "error")
                 for rid in list(self._waiting):
-                    self._fail(rid, exc)
+                    # quitting: what never reached the hub stays counted (undelivered)
+                    self._fail(rid, exc, keep_pending=self._closing)
                 self._status()
                 return
             try:
@@ -525,7 +557,7 @@ class ChatClient:
         try:
             await self._register(first=False)
         except (ChatError, KoriNetError) as exc:
-            self._info(f"could not join again: {clean(exc)}", "error")
+            self._info(f"could not join again: {describe(exc)}", "error")
 
     def _received(self, type_: str, data: dict[str, Any]) -> None:
         if type_ == protocol.RESULT:
@@ -622,6 +654,7 @@ class ChatClient:
         raw_nick = str(data.get("nick") or "")
         if kind == "joined" and room:
             self.members.setdefault(room, set()).add(raw_nick)
+            self._learn_rooms([room])
             text = f"{nick} joined{where}"
         elif kind == "left":
             for names in [self.members.get(room, set())] if room else self.members.values():
@@ -750,6 +783,7 @@ class ChatClient:
     async def list_rooms(self) -> list[dict[str, Any]]:
         result = await self._ask("rooms")
         rooms = [r for r in result.get("rooms", ()) if isinstance(r, dict)]
+        self._learn_rooms([r.get("room") for r in rooms])
         for r in rooms:
             self._info(
                 f"{clean(protocol.display_room(str(r.get('room'))))}  "
@@ -758,6 +792,27 @@ class ChatClient:
         if not rooms:
             self._info("no rooms yet: /join #general")
         return rooms
+
+    def _learn_rooms(self, names: Any) -> None:
+        """Remember rooms the hub named (a list, or the hello's room -> head map)."""
+        for name in names if isinstance(names, (list, dict)) else ():
+            try:
+                self.known_rooms.add(protocol.normalize_room(name))
+            except ValueError:
+                pass  # a hostile hub's junk never reaches the completer
+
+    async def refresh_rooms(self, max_age: float = 2.0, timeout: float = 0.5) -> None:
+        """Ask the hub for its rooms, quietly (for completion), unless that was done in
+        the last ``max_age`` seconds or the link is down. Gives up after ``timeout``."""
+        now = time.monotonic()
+        if self.state != "connected" or self.peer is None or now - self._rooms_asked < max_age:
+            return
+        self._rooms_asked = now
+        try:
+            result = await asyncio.wait_for(self._ask("rooms"), timeout)
+        except (ChatError, KoriNetError, TimeoutError):
+            return
+        self._learn_rooms([r.get("room") for r in result.get("rooms", ()) if isinstance(r, dict)])
 
     async def history(self, count: int = 20, room: str | None = None) -> None:
         room = protocol.normalize_room(room) if room else self.current
@@ -785,26 +840,33 @@ class ChatClient:
     async def handle_input(self, text: str) -> bool:
         """Act on one line the user typed. Returns False when the user wants to quit.
         Mistakes become "error" lines, never exceptions."""
-        text = text.rstrip("\n")
+        text = text.rstrip("\r\n")
         if not text.strip():
             return True
         try:
+            lines = paste_lines(text)
+            if lines is not None:
+                # A paste: every line is a message of its own, in order; a line that
+                # starts with "/" is text here, never a command (a pasted "/quit"...).
+                reason = check_input(text)
+                if reason:
+                    raise ChatError(reason)
+                for line in lines:
+                    self.say(line)
+                return True
             if text.startswith("/") and not text.startswith("//"):
                 return await self._command(text)
             self.say(text[1:] if text.startswith("//") else text)
         except (ChatError, ValueError) as exc:
             self._info(str(exc), "error")
         except KoriNetError as exc:
-            self._info(f"not possible now: {clean(exc)}", "error")
+            self._info(f"not possible now: {describe(exc)}", "error")
         return True
 
     async def _command(self, text: str) -> bool:
         name, _, rest = text.partition(" ")
-        name = name.lower()
+        name = _command_name(name)  # an unambiguous prefix works: /j #dev
         rest = rest.strip()
-        matches = [c for c in COMMANDS if c.startswith(name)]
-        if name not in COMMANDS and len(matches) == 1:
-            name = matches[0]  # an unambiguous prefix: /j #dev
         if name == "/quit":
             return False
         if name == "/help":
@@ -861,6 +923,74 @@ class ChatClient:
 def _check_length(text: str) -> None:
     if len(text) > protocol.MAX_TEXT:
         raise ChatError(f"message too long ({len(text)} > {protocol.MAX_TEXT} characters): not sent")
+
+
+def paste_lines(text: str) -> list[str] | None:
+    """The lines of a multi-line input (a paste), blank ones left out; None for one line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").strip("\n")
+    if "\n" not in text:
+        return None
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def check_input(text: str) -> str | None:
+    """Why ``text`` cannot be sent as typed (the UI keeps it in the input and shows
+    this), or None when it can. Pure: only what is known without asking the hub."""
+    lines = paste_lines(text)
+    if lines is not None:
+        for number, line in enumerate(lines, 1):
+            if len(line) > protocol.MAX_TEXT:
+                return (
+                    f"line {number} of {len(lines)} is too long ({len(line)} > {protocol.MAX_TEXT} "
+                    "characters): shorten or split it; nothing was sent"
+                )
+        return None
+    text = text.strip("\r\n")
+    name, _, rest = text.partition(" ")
+    body, limit = text, protocol.MAX_TEXT
+    if text.startswith("//"):
+        body = text[1:]
+    elif text.startswith("/"):
+        command = _command_name(name)
+        if command == "/msg":
+            body = rest.strip().partition(" ")[2]
+        elif command in ("/me", "/away"):
+            body = rest.strip()
+        elif command == "/search":
+            body, limit = rest.strip(), protocol.MAX_QUERY
+        else:
+            return None
+    if len(body) > limit:
+        return f"too long ({len(body)} > {limit} characters): shorten or split it; nothing was sent"
+    return None
+
+
+def _command_name(word: str) -> str:
+    """``/j`` -> ``/join``: a command or an unambiguous prefix of one, else as typed."""
+    word = word.lower()
+    matches = [c for c in COMMANDS if c.startswith(word)]
+    return matches[0] if word not in COMMANDS and len(matches) == 1 else word
+
+
+def describe(error: BaseException) -> str:
+    """An error in words for the user, never a Python repr."""
+    if isinstance(error, ConnectionClosed):
+        try:
+            why = CloseCode(error.code).name.lower().replace("_", " ")
+        except ValueError:
+            why = f"code {error.code}"
+        if error.code == CloseCode.NORMAL:
+            why = "the session ended"
+        elif error.code == CloseCode.GOING_AWAY:
+            why = "the hub shut down"
+        return clean(f"{why} ({error.reason})" if error.reason else why, 300)
+    if isinstance(error, MessageRejected):
+        return clean(f"refused: {error.reason}", 300)
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno).lower()  # asyncio's own text carries a tuple
+    if isinstance(error, TimeoutError) and not str(error):
+        return "no answer in time"
+    return clean(str(error) or type(error).__name__, 300)
 
 
 def _valid_msg(data: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "HubWatcher", "announce", "browse"]
+__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "HubWatcher", "announce", "answers", "browse"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +93,48 @@ async def browse(timeout: float = 1.5, *, interfaces: Sequence[str] | None = Non
     return found
 
 
+async def answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port`` within ``timeout``.
+
+    An announcement outlives a hub that crashed (mDNS records are cached for their
+    TTL), so a found hub is probed before anyone waits on it.
+    """
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
 class HubWatcher:
     """Calls ``on_found(name)`` for every hub that appears on the LAN from now on, until
-    :meth:`close` (an embedded hub uses it to tell its user of a rival hub)."""
+    :meth:`close` (an embedded hub uses it to tell its user of a rival hub; a client, to
+    hear its hub announce itself again after a restart).
 
-    def __init__(self, on_found: Callable[[str], None], interfaces: Sequence[str] | None = None) -> None:
+    Args:
+        updates: also call it when a known hub's record changes (a hub that crashed
+            and came back may be cached still: it is updated, not added).
+    """
+
+    def __init__(
+        self,
+        on_found: Callable[[str], None],
+        interfaces: Sequence[str] | None = None,
+        *,
+        updates: bool = False,
+    ) -> None:
         self.azc = AsyncZeroconf(interfaces=_interfaces(interfaces), ip_version=IPVersion.V4Only)
+        wanted = (
+            {ServiceStateChange.Added, ServiceStateChange.Updated} if updates else {ServiceStateChange.Added}
+        )
 
         def on_change(zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange) -> None:
-            if state_change is ServiceStateChange.Added:
+            if state_change in wanted:
                 on_found(name.removesuffix("." + SERVICE_TYPE))
 
         self.browser = AsyncServiceBrowser(self.azc.zeroconf, [SERVICE_TYPE], handlers=[on_change])

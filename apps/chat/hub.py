@@ -14,7 +14,9 @@ Theory of operation (docs/CHAT.md):
   it is level with the room again.
 * Requests from one member are taken one at a time, at most ``rate`` per second
   after a ``burst``: a flooder is slowed down, by backpressure on its own session,
-  and nobody else waits for it. A lagging member's requests wait until it drains.
+  and nobody else waits for it. The burst is sized for a paste (hundreds of lines
+  at once, then quiet), the rate for typing: what tells a flood from a paste is
+  that it goes on. A lagging member's requests wait until it drains.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ DEFAULT_PORT = 1236
 HUB_CONFIG = SessionConfig(window=1024, heartbeat_interval=2.0)
 
 
+#: Lines one member may send at once (a paste) before the hub's rate applies.
+PASTE_BURST = 500.0
+
 #: Most answers and events kept for one lagging member (room messages come from history).
 OUTBOX_LIMIT = 1000
 
@@ -68,7 +73,9 @@ class HubSettings:
     """Tunables of a hub.
 
     Attributes:
-        rate, burst: requests per second per member after a burst (0: no limit).
+        rate, burst: requests per second per member after a burst (0: no limit). The
+            burst lets a paste of PASTE_BURST lines through at once; the rate is more
+            than anyone types, so only a sustained flood waits.
         history_on_join: messages shown to someone joining a room afresh.
         max_catchup: most missed messages sent on a rejoin ("since N"); older ones
             are counted, not sent.
@@ -77,7 +84,7 @@ class HubSettings:
     """
 
     rate: float = 5.0
-    burst: float = 20.0
+    burst: float = PASTE_BURST
     history_on_join: int = 20
     max_catchup: int = protocol.MAX_HISTORY
     max_rooms: int = 1000

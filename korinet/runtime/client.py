@@ -98,6 +98,7 @@ class Client(Peer):
         self.attempts = 0
         self._runner: asyncio.Task[None] | None = None
         self._link_down = asyncio.Event()
+        self._wake = asyncio.Event()
         self._own_store: SessionStore | None = None
         if store is not None:
             self._open_store(store)
@@ -133,6 +134,11 @@ class Client(Peer):
             await self.abort()
             raise
         return self
+
+    def reconnect_now(self) -> None:
+        """Cut the current wait between reconnection attempts short: the caller knows
+        the server is back (it announced itself, say). Does nothing while linked."""
+        self._wake.set()
 
     def start(self) -> None:
         if self._runner is None:
@@ -203,6 +209,7 @@ class Client(Peer):
             if opened:
                 delays = backoff(cap=self.backoff_cap)  # a success restarts it: immediate retry first
                 outage_since = now
+                self._wake.clear()  # a nudge from before this outage is stale
             elif outage_since is None:
                 outage_since = now
             if self.outage_limit is not None and now - outage_since > self.outage_limit:
@@ -216,7 +223,12 @@ class Client(Peer):
             delay = next(delays)
             if delay:
                 logger.debug("%r: reconnecting in %.2fs", self, delay)
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                    logger.debug("%r: reconnecting now (nudged)", self)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
 
     async def _one_link(self) -> bool:
         """Connect, run the link until it drops; return whether a handshake completed."""

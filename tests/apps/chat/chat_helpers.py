@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,3 +125,89 @@ def lines_of(client: ChatClient, kind: str) -> list[Line]:
 
 def has_line(kind: str, text: str) -> Callable[[ChatClient], bool]:
     return lambda c: any(line.kind == kind and text in line.text for line in c.lines)
+
+
+# ---------------------------------------------------------------------- a real terminal
+
+
+_EXIT = re.compile(r"\[exit status (\d+)\]")
+
+
+class Pane:
+    """One tmux session on a private server socket."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.socket = f"korinet-chat-test-{uuid.uuid4().hex[:8]}"
+        self.name = "chat"
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        # The shell says how the program ended: tmux may take its time to reap it.
+        wrapped = shlex.quote(f'{command}; echo "[exit status $?]"')
+        self._tmux(
+            "new-session", "-d", "-s", self.name, "-x", "110", "-y", "30", f"env {exports} sh -c {wrapped}"
+        )
+        self._tmux("set-option", "-t", self.name, "remain-on-exit", "on")
+
+    def _tmux(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"tmux {args[0]} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def send(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", self.name, *keys)
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-t", self.name, "-l", text)
+        self.send("Enter")
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-t", self.name)
+
+    def scrollback(self) -> str:
+        """Everything the terminal holds: the scrollback, then the screen."""
+        return self._tmux("capture-pane", "-p", "-S", "-", "-t", self.name)
+
+    def paste(self, text: str) -> None:
+        """Paste as a terminal does (bracketed: the program sees one paste, not keys)."""
+        subprocess.run(
+            ["tmux", "-L", self.socket, "load-buffer", "-"], input=text, text=True, check=True, timeout=10
+        )
+        self._tmux("paste-buffer", "-p", "-t", self.name)
+
+    async def exited(self) -> int:
+        """Wait for the program to end; its exit status."""
+        screen = await self.wait(lambda s: _EXIT.search(s) is not None, "the program exiting")
+        found = _EXIT.search(screen)
+        assert found is not None
+        return int(found.group(1))
+
+    def dead(self) -> bool:
+        return self._tmux("display-message", "-p", "-t", self.name, "#{pane_dead}").strip() == "1"
+
+    async def wait(self, predicate: Callable[[str], bool], what: str) -> str:
+        """Poll the screen (there is no event to await from a terminal) until it shows ``what``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while True:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            if loop.time() > deadline:
+                raise AssertionError(f"the terminal never showed {what}; it shows:\n{screen}")
+            await asyncio.sleep(0.1)
+
+    async def shows(self, text: str) -> str:
+        return await self.wait(lambda s: text in s, repr(text))
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+
+
+def program() -> str:
+    """The korinet-chat command of this tree."""
+    found = shutil.which("korinet-chat") or str(Path(sys.executable).parent / "korinet-chat")
+    if os.path.exists(found):
+        return found
+    return f"{sys.executable} -c 'from korinet_chat.cli import main; raise SystemExit(main())'"

@@ -5,18 +5,12 @@ other client is a scripted ChatClient."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shlex
 import shutil
-import subprocess
-import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from chat_helpers import WAIT, come_back, fresh_plugins, go_down, has_line, room_texts
+from chat_helpers import WAIT, Pane, come_back, fresh_plugins, go_down, has_line, program, room_texts
 from korinet_chat.client import ChatClient
 from korinet_chat.hub import ChatHub
 from testutil import TIMEOUT_FACTOR
@@ -27,63 +21,6 @@ pytestmark = [
     pytest.mark.timeout(60 * TIMEOUT_FACTOR),
     pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package tmux)"),
 ]
-
-
-class Pane:
-    """One tmux session on a private server socket."""
-
-    def __init__(self, command: str, env: dict[str, str]) -> None:
-        self.socket = f"korinet-chat-test-{uuid.uuid4().hex[:8]}"
-        self.name = "chat"
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        self._tmux("new-session", "-d", "-s", self.name, "-x", "110", "-y", "30", f"env {exports} {command}")
-        self._tmux("set-option", "-t", self.name, "remain-on-exit", "on")
-
-    def _tmux(self, *args: str) -> str:
-        result = subprocess.run(
-            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=10
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"tmux {args[0]} failed: {result.stderr.strip()}")
-        return result.stdout
-
-    def send(self, *keys: str) -> None:
-        self._tmux("send-keys", "-t", self.name, *keys)
-
-    def type(self, text: str) -> None:
-        self._tmux("send-keys", "-t", self.name, "-l", text)
-        self.send("Enter")
-
-    def screen(self) -> str:
-        return self._tmux("capture-pane", "-p", "-t", self.name)
-
-    def dead(self) -> bool:
-        return self._tmux("display-message", "-p", "-t", self.name, "#{pane_dead}").strip() == "1"
-
-    async def wait(self, predicate: Callable[[str], bool], what: str) -> str:
-        """Poll the screen (there is no event to await from a terminal) until it shows ``what``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while True:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            if loop.time() > deadline:
-                raise AssertionError(f"the terminal never showed {what}; it shows:\n{screen}")
-            await asyncio.sleep(0.1)
-
-    async def shows(self, text: str) -> str:
-        return await self.wait(lambda s: text in s, repr(text))
-
-    def kill(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
-
-
-def _program() -> str:
-    found = shutil.which("korinet-chat") or str(Path(sys.executable).parent / "korinet-chat")
-    if os.path.exists(found):
-        return found
-    return f"{sys.executable} -c 'from korinet_chat.cli import main; raise SystemExit(main())'"
 
 
 @pytest.fixture
@@ -104,7 +41,7 @@ async def test_the_real_program_in_tmux(home: Path, tmp_path: Path) -> None:
     )
     await bob.start(open_timeout=WAIT)
     env = {"KORINET_HOME": str(home), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
-    pane = Pane(f"{_program()} 127.0.0.1:{server.port} --nick alice --no-bell", env)
+    pane = Pane(f"{program()} 127.0.0.1:{server.port} --nick alice --no-bell", env)
     try:
         screen = await pane.shows("joined #general (2 here)")
         # TOFU, said out loud (compared without spaces: the notice wraps at the pane's width)
@@ -138,7 +75,7 @@ async def test_the_real_program_in_tmux(home: Path, tmp_path: Path) -> None:
         pane.type("/who")
         await pane.shows("#dev: alicia, bob")
         pane.type("/quit")
-        await pane.wait(lambda s: pane.dead(), "the program exiting")
+        assert await pane.exited() == 0
         await bob.wait_for(has_line("event", "alicia left"), WAIT)
     finally:
         pane.kill()
@@ -160,7 +97,7 @@ async def test_offline_typing_in_a_real_terminal(home: Path, tmp_path: Path) -> 
     bob = ChatClient("127.0.0.1", server.port, "bob", plugins=plugins)
     await bob.start(open_timeout=WAIT)
     env = {"KORINET_HOME": str(home), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
-    pane = Pane(f"{_program()} 127.0.0.1:{relay.port} --nick alice --insecure-plaintext --no-bell", env)
+    pane = Pane(f"{program()} 127.0.0.1:{relay.port} --nick alice --insecure-plaintext --no-bell", env)
     try:
         await pane.shows("#general · alice · connected")
         port = await go_down(relay)

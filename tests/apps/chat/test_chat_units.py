@@ -10,11 +10,11 @@ from chat_helpers import WAIT, rig, room_texts
 from hypothesis import given
 from hypothesis import strategies as st
 from korinet_chat import protocol
-from korinet_chat.client import ChatClient, Line
+from korinet_chat.client import ChatClient, Line, check_input, describe, paste_lines
 from korinet_chat.limits import TokenBucket
 from korinet_chat.sanitize import clean, is_clean
 from korinet_chat.store import History
-from korinet_chat.ui import ChatCompleter, ChatUI, plain, render
+from korinet_chat.ui import ChatCompleter, ChatUI, InputCheck, _quit_command, plain, render
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
@@ -87,6 +87,68 @@ def test_requests_are_validated() -> None:
         protocol.validate_msg(["not", "a", "map"])
 
 
+# ---------------------------------------------------------------------- input
+
+
+def test_a_paste_is_lines_and_a_single_line_is_not() -> None:
+    assert paste_lines("just one line\n") is None
+    assert paste_lines("one\r\ntwo\n\n   \nthree\n") == ["one", "two", "three"]
+    assert paste_lines("/quit\nnot a command") == ["/quit", "not a command"]
+
+
+def test_check_input_names_what_is_too_long_and_passes_the_rest() -> None:
+    limit = protocol.MAX_TEXT
+    assert check_input("x" * limit) is None
+    assert check_input("x" * (limit + 1)) == (
+        f"too long ({limit + 1} > {limit} characters): shorten or split it; nothing was sent"
+    )
+    reason = check_input(f"fine\n{'y' * (limit + 5)}\nfine too")
+    assert reason is not None and reason.startswith(f"line 2 of 3 is too long ({limit + 5} > {limit}")
+    assert check_input(f"/msg bob {'z' * limit}") is None  # the body counts, not the command
+    assert check_input(f"/ms bob {'z' * (limit + 1)}") is not None  # a prefix is the command
+    assert check_input(f"/me {'z' * (limit + 1)}") is not None
+    assert check_input(f"/search {'q' * (protocol.MAX_QUERY + 1)}") is not None
+    assert check_input("/join #anything") is None
+
+
+def test_errors_are_told_in_words() -> None:
+    from korinet import ConnectionClosedError, ConnectionClosedOK, MessageRejected
+
+    assert describe(ConnectionClosedOK(1000, "bye")) == "the session ended (bye)"
+    assert describe(ConnectionClosedError(1013, "")) == "link lost"
+    assert describe(ConnectionClosedOK(1001, "")) == "the hub shut down"
+    assert describe(ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")) == (
+        "connection refused"
+    )
+    assert describe(TimeoutError()) == "no answer in time"
+    assert describe(MessageRejected("'text' too long", message_type="chat.request")) == (
+        "refused: 'text' too long"
+    )
+
+
+def test_text_typed_outside_any_room_stays_in_the_input() -> None:
+    from prompt_toolkit.validation import ValidationError
+
+    class _NoRoom:
+        current = None
+
+    check = InputCheck(_NoRoom())  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="you are in no room"):
+        check.validate(Document("hello?"))
+    with pytest.raises(ValidationError, match="you are in no room"):
+        check.validate(Document("one\ntwo"))
+    check.validate(Document("/join #general"))  # a command goes through
+
+
+def test_quit_commands() -> None:
+    assert _quit_command("/quit") is False
+    assert _quit_command("/qu") is False
+    assert _quit_command("/quit --force") is True
+    assert _quit_command("/q") is False  # an unambiguous prefix
+    assert _quit_command("/quit\nsecond line") is None  # a paste is text
+    assert _quit_command("hello") is None
+
+
 # ---------------------------------------------------------------------- limits
 
 
@@ -145,6 +207,7 @@ class _FakeClient:
     current = "general"
     rooms = {"general": None, "dev": None}
     members = {"general": {"alice", "bob", "Bea"}, "dev": {"carol"}}
+    known_rooms = {"design", "general"}  # rooms the hub named, joined or not
 
 
 def _complete(text: str) -> list[str]:
@@ -159,7 +222,7 @@ def test_completion_of_commands_nicks_and_rooms() -> None:
     assert set(_complete("/")) >= {"/join ", "/quit ", "/search "}
     assert _complete("b") == ["Bea: ", "bob: "]
     assert _complete("hello c") == ["carol "]
-    assert _complete("/join #d") == ["#dev"]
+    assert _complete("/join #d") == ["#design", "#dev"]
     assert _complete("a") == []  # not oneself
 
 
