@@ -346,6 +346,7 @@ async def _put(args: argparse.Namespace) -> int:
 
     from korinet import KoriNetError
 
+    from .progress import Meter
     from .transfer import TransferError, put_file
 
     source = Path(args.source)
@@ -359,13 +360,16 @@ async def _put(args: argparse.Namespace) -> int:
     conn = await _connect(args, target, _client_tls(args))
     if conn is None:
         return FAILURE
+    meter = Meter(f"{source.name} -> {target.label}")
     try:
-        done = await put_file(conn.client, source, remote, preserve_setid=args.preserve_setid)
+        done = await put_file(conn.client, source, remote, progress=meter, preserve_setid=args.preserve_setid)
     except (KoriNetError, TransferError, OSError) as exc:
+        meter.finish()
         _err(f"put {source} -> {target.label}:{remote}: {exc}")
         return FAILURE
     finally:
         await conn.close()
+    meter.finish()
     print(f"{source} -> {target.label}:{done['path']} (sha256 {done['sha256'][:16]}..., verified)")
     return 0
 
@@ -375,6 +379,7 @@ async def _get(args: argparse.Namespace) -> int:
 
     from korinet import KoriNetError
 
+    from .progress import Meter
     from .transfer import TransferError, get_file
 
     destination = Path(args.destination)
@@ -384,13 +389,18 @@ async def _get(args: argparse.Namespace) -> int:
     conn = await _connect(args, target, _client_tls(args))
     if conn is None:
         return FAILURE
+    meter = Meter(f"{target.label}:{Path(args.source).name} -> {destination}")
     try:
-        info = await get_file(conn.client, args.source, destination, preserve_setid=args.preserve_setid)
+        info = await get_file(
+            conn.client, args.source, destination, progress=meter, preserve_setid=args.preserve_setid
+        )
     except (KoriNetError, TransferError, OSError) as exc:
+        meter.finish()
         _err(f"get {target.label}:{args.source} -> {destination}: {exc}")
         return FAILURE
     finally:
         await conn.close()
+    meter.finish()
     print(f"{target.label}:{info['path']} -> {destination} (sha256 {info['sha256'][:16]}..., verified)")
     return 0
 

@@ -448,23 +448,32 @@ async def put_file(
     opened = await peer.request({"path": remote, "size": size, "sha256": sha, "mode": mode,
                                  "setid": preserve_setid}, p.PUT_OPEN, timeout=timeout)  # fmt: skip
     offset = int(opened["offset"])
-    pending: set[asyncio.Task[Any]] = set()
+    confirmed = offset  # bytes the agent has written (what progress shows)
+    if progress is not None:
+        progress(confirmed, size)
+    pending: dict[asyncio.Future[Any], int] = {}
+
+    async def settle(when: str) -> None:
+        nonlocal confirmed
+        done, _ = await asyncio.wait(pending, return_when=when)
+        for task in done:
+            task.result()
+            confirmed += pending.pop(task)
+        if progress is not None:
+            progress(confirmed, size)
+
     with open(source, "rb") as f:
         while offset < size:
             data = os.pread(f.fileno(), CHUNK, offset)
             if not data:
                 raise TransferError(f"{source} shrank while being sent")
             request = {"path": remote, "sha256": sha, "offset": offset, "data": data}
-            pending.add(asyncio.ensure_future(peer.request(request, p.PUT_CHUNK, timeout=timeout)))
+            pending[asyncio.ensure_future(peer.request(request, p.PUT_CHUNK, timeout=timeout))] = len(data)
             offset += len(data)
             if len(pending) >= IN_FLIGHT:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            if progress is not None:
-                progress(offset, size)
-        for task in pending:
-            await task
+                await settle(asyncio.FIRST_COMPLETED)
+        if pending:
+            await settle(asyncio.ALL_COMPLETED)
     return dict(await peer.request({"path": remote, "sha256": sha}, p.PUT_CLOSE, timeout=timeout))
 
 
@@ -493,6 +502,8 @@ async def get_file(
     try:
         digest = _digest_fd(receiver.fd, have)  # of what a resumed partial already holds
         offset = have
+        if progress is not None:
+            progress(have, size)
         queue: deque[tuple[int, asyncio.Future[Any]]] = deque()
         try:
             while offset < size or queue:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import stat
 import subprocess
@@ -314,3 +315,56 @@ async def test_the_cli_says_why_and_never_verified(
         and b"remove it if you did not make it" in err
     )
     assert scene.victim_untouched()
+
+
+# ---------------------------------------------------------------------- progress
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_progress_counts_confirmed_bytes_from_a_resumed_offset_to_the_end(
+    scene: Scene, conn: AdminConnection, tmp_path: Path
+) -> None:
+    big = os.urandom(5 * 1024 * 1024 + 123)  # several chunks, the last one short
+    scene.source.write_bytes(big)
+    sha = hashlib.sha256(big).hexdigest()
+    destination = scene.srv / "big.bin"
+    part = partial_path(destination, sha)
+    part.write_bytes(big[: 1024 * 1024])  # an earlier, interrupted upload
+    part.chmod(0o600)
+    seen: list[tuple[int, int]] = []
+    await put_file(conn.client, scene.source, str(destination), progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (1024 * 1024, len(big)), "starts where the resumed upload was"
+    assert seen[-1] == (len(big), len(big))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen), "never goes back"
+    got: list[tuple[int, int]] = []
+    await get_file(
+        conn.client, str(destination), tmp_path / "back.bin", progress=lambda d, t: got.append((d, t))
+    )
+    assert got[0] == (0, len(big)) and got[-1] == (len(big), len(big))
+    assert (tmp_path / "back.bin").read_bytes() == big
+
+
+def test_the_meter_draws_on_a_terminal_only_and_says_rate_and_time_left() -> None:
+    from korinet_admin.progress import Meter
+
+    now = [100.0]
+    screen = FakeTerminal()
+    meter = Meter("upload.bin -> web1", screen, clock=lambda: now[0])
+    meter(0, 100 << 20)
+    now[0] += 1.0
+    meter(10 << 20, 100 << 20)
+    now[0] += 0.05
+    meter(11 << 20, 100 << 20)  # within the redraw interval: not drawn
+    meter.finish()
+    lines = screen.getvalue().split("\r")
+    assert "upload.bin -> web1  10.0 MiB / 100.0 MiB   10%  10.0 MiB/s  0:09 left" in lines[2]
+    assert screen.getvalue().endswith("\n") and "11.0 MiB / 100.0 MiB" in lines[-1]
+    quiet = io.StringIO()  # not a terminal: a script's stderr stays clean
+    meter = Meter("x", quiet)
+    meter(5, 10)
+    meter.finish()
+    assert quiet.getvalue() == ""
