@@ -28,7 +28,7 @@ from prompt_toolkit.application import get_app_or_none
 from prompt_toolkit.buffer import Buffer
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
-from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.formatted_text import FormattedText, StyleAndTextTuples
 from prompt_toolkit.output.vt100 import Vt100_Output
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.renderer import print_formatted_text as print_fragments
@@ -240,12 +240,12 @@ class ChatUI:
         self._printer: asyncio.Task[None] | None = None
         self._quit_asked = False
 
-    def prompt(self) -> list[tuple[str, str]]:
+    def prompt(self) -> StyleAndTextTuples:
         room = protocol.display_room(self.client.current) if self.client.current else ""
         return [("class:room", f"{room}"), ("", "> ")]
 
-    def toolbar(self) -> list[tuple[str, str]]:
-        frags: list[tuple[str, str]] = []
+    def toolbar(self) -> StyleAndTextTuples:
+        frags: StyleAndTextTuples = []
         pending = list(self.client.pending.values())
         for item in pending[:3]:
             where = f"→{item.to}" if item.to else protocol.display_room(item.room or "")
