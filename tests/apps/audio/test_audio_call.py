@@ -253,3 +253,55 @@ async def test_a_jittery_link_is_smoothed_by_a_deeper_buffer(server: Server, plu
     await talker.client.close()
     await listener.client.close()
     await relay.close()
+
+
+def median_delay(call: Call, since: float, until: float) -> float | None:
+    """Median capture-to-ear delay of the frames heard between two wall-clock times."""
+    delays = sorted(h - c for h, c in call.receiver.history if since <= h < until)
+    return delays[len(delays) // 2] if len(delays) >= 25 else None
+
+
+@pytest.mark.parametrize("freeze", ["black_hole", "stall"])
+async def test_after_a_2s_freeze_the_delay_is_back_within_10s(
+    server: Server, plugins: PluginManager, freeze: str
+) -> None:
+    """The hub-to-listener link freezes for 2 s, open but passing nothing: what it
+    carries is lost (black hole) or held and delivered in a burst (stall, as TCP does
+    when a frozen link thaws). Within 10 s the delay is back within 5 ms of before."""
+    relay = await Relay("127.0.0.1", server.port).start()
+    listener, _ = await open_call(relay.port, plugins, "bob")
+    talker, _ = await open_call(server.port, plugins, "alice", capture=FileCapture(tone(40.0)))
+    runs = asyncio.gather(talker.run(40), listener.run(40))
+    start = time.time()
+    await wait_for(lambda: median_delay(listener, start + 1.0, time.time()) is not None, 10, "a steady call")
+    await asyncio.sleep(1.0)  # a realtime call: a second of delays to measure
+    before = median_delay(listener, start + 1.0, time.time())
+    assert before is not None
+    if freeze == "stall":
+        relay.stall()
+    else:
+        relay.black_hole = True
+    await asyncio.sleep(2.0)
+    relay.resume()
+    relay.black_hole = False
+    thawed = time.time()
+
+    def recovered() -> bool:
+        now = time.time()
+        last = median_delay(listener, max(thawed, now - 1.0), now)
+        return last is not None and last <= before + 0.005
+
+    await wait_for(recovered, 10.0, "the delay to come back down")
+    back = time.time() - thawed
+    peak = max(h - c for h, c in listener.receiver.history if h > thawed)
+    jitter = listener.receiver.sources["alice"].jitter
+    print(
+        f"{freeze}: delay before {before * 1000:.0f} ms, peak {peak * 1000:.0f} ms, back within 5 ms "
+        f"after {back:.1f} s; {jitter.stats}"
+    )
+    for call in (talker, listener):
+        call.stop()
+    await runs
+    await talker.client.close()
+    await listener.client.close()
+    await relay.close()
