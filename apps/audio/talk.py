@@ -461,6 +461,8 @@ class Receiver:
             playout = source.jitter.pop(heard_at)
             frame = playout.frame
             samples: Samples | None = None
+            if source.catch_up is not None and frame is not None and frame.stream != source.catch_up.stream:
+                source.catch_up = None  # the talker restarted: live again, that backlog is gone
             if source.catch_up is not None:
                 if frame is not None:  # behind: the live frame waits its turn
                     audio = self._render(source, frame).copy()

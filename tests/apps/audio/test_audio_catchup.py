@@ -102,3 +102,21 @@ def test_a_listener_cut_mid_utterance_hears_every_pulse_once_then_live_again(cod
     assert max(late) <= back + 5.0  # ...and live again 2 s x 1.5 / 0.5 later
     assert max(d for _, d in delays) <= back - cut + 0.3
     assert receiver.stats.missed_parts_played >= 4 and not receiver.replaying
+
+
+def test_a_talker_restarting_during_a_catch_up_is_heard_live_at_once() -> None:
+    from korinet_audio.frames import AudioFrame, UtterancePart
+
+    now = 1000.0
+    receiver = Receiver(CallStats(), clock=lambda: now)
+    tone = (np.sin(np.arange(FRAME_SAMPLES) * 0.3) * 8000).astype(np.int16).tobytes()
+    part = UtterancePart(1, 0, 0, int(990e6), "pcm16", (tone,) * 25, False, "alice")
+    receiver.on_utterance(part.to_wire())  # 0.5 s missed, 10 s ago: a catch-up starts
+    receiver.next_frame(now)
+    assert receiver.replaying == "alice"
+    for seq in range(10):  # the talker's process restarted: a new stream, live
+        now += 0.020
+        receiver.on_frame(AudioFrame(2, seq, int(now * 1e6), "pcm16", tone, "alice").to_wire())
+        receiver.next_frame(now)
+    assert not receiver.replaying, "the old stream's backlog kept the new one waiting"
+    assert receiver.history and now - receiver.history[-1][1] <= 0.080
