@@ -57,6 +57,11 @@ class Stretcher:
         """Input samples not played yet."""
         return self._base + len(self._in) - self.position
 
+    def rest_level(self) -> float:
+        """Peak of what is queued but not played yet (is it a pause?)."""
+        rest = self._in[self.position - self._base :]
+        return float(max(np.abs(rest).max(initial=0.0), np.abs(self._out).max(initial=0.0)))
+
     def feed(self, samples: Samples) -> None:
         self._in = np.concatenate([self._in, samples.astype(np.float32)])
 

@@ -78,6 +78,10 @@ MIN_MISSED: Final = 3
 MAX_CATCH_UP: Final = 3000
 #: Speed of the catch-up while the talker is still talking live.
 CATCH_UP_SPEED: Final = 1.5
+#: Peak level under which the last bit of a catch-up is a pause, and can go (-36 dBFS);
+#: frames played at the edge waiting for one, before it goes anyway (0.5 s).
+QUIET: Final = 500
+JOIN_WAIT: Final = 25
 
 
 def past_deadline(captured: float, now: float, deadline_ms: float = DEADLINE_MS) -> bool:
@@ -257,20 +261,29 @@ class _Memory:
 class _CatchUp:
     """One talker's audio from a missed seq on, played faster until it meets the live
     edge: missed frames from utterance parts, live frames as the jitter buffer gives
-    them, each seq once, in seq order, a gap (time the talker was silent) skipped."""
+    them, each seq once, in seq order, a gap (time the talker was silent) skipped.
+    Payloads are decoded as they are played, by decoders of its own: in seq order
+    whichever lane brought them, so Opus never jumps between two decoder states; they
+    become the live decoders at the end, which go on from the last frame played."""
 
-    def __init__(self, stream: int, first: int) -> None:
+    def __init__(
+        self, stream: int, first: int, decode: Callable[[dict[str, AudioCodec], str, bytes], Samples]
+    ) -> None:
         self.stream = stream
         self.next = first  # next seq to play
-        self.pending: dict[int, tuple[Samples, float]] = {}  # seq -> (audio, capture time)
+        self.pending: dict[int, tuple[str, bytes, float]] = {}  # seq -> codec, payload, capture time
+        self.decoders: dict[str, AudioCodec] = {}
+        self.last_codec: str | None = None
+        self._decode = decode
         self.stretcher = Stretcher()
         self.marks: deque[tuple[int, float]] = deque()  # (stretcher input index, capture time)
         self._fed = 0  # stretcher input index of the next sample fed
+        self._waited = 0  # frames played at the live edge waiting for a pause
 
-    def add(self, seq: int, audio: Samples, captured: float) -> bool:
+    def add(self, seq: int, codec: str, payload: bytes, captured: float) -> bool:
         if seq < self.next or seq in self.pending:
             return False
-        self.pending[seq] = (audio, captured)
+        self.pending[seq] = (codec, payload, captured)
         return True
 
     @property
@@ -287,7 +300,9 @@ class _CatchUp:
         while True:
             item = self.pending.pop(self.next, None)
             if item is not None:
-                audio, captured = item
+                codec, payload, captured = item
+                audio = self._decode(self.decoders, codec, payload)
+                self.last_codec = codec
                 played.add((self.stream, self.next))  # fed is as good as played: never twice
                 self.marks.append((self._fed, captured))
                 self.stretcher.feed(audio)
@@ -302,12 +317,20 @@ class _CatchUp:
         while not self.stretcher.can_read(FRAME_SAMPLES, speed) and self.pending:
             self.next = min(self.pending)  # a gap: the talker was silent, skip it
             self._feed(played)
-        if not self.stretcher.can_read(FRAME_SAMPLES, speed):
-            return None
-        return self.stretcher.read(FRAME_SAMPLES, speed)
+        if self.stretcher.can_read(FRAME_SAMPLES, speed):
+            return self.stretcher.read(FRAME_SAMPLES, speed)
+        if (
+            self.stretcher.can_read(FRAME_SAMPLES, 1.0)
+            and self.stretcher.rest_level() > QUIET
+            and self._waited < JOIN_WAIT
+        ):
+            self._waited += 1
+            return self.stretcher.read(FRAME_SAMPLES, 1.0)  # at the edge: join it in a pause
+        return None
 
     def finish(self) -> Samples:
-        """The last 20 ms; the rest of the backlog (under two frames) is dropped."""
+        """The last 20 ms; the rest of the backlog (under two frames, quiet unless the
+        talker stopped) is dropped."""
         out = np.zeros(FRAME_SAMPLES, np.int16)
         rest = self.stretcher.flush()[:FRAME_SAMPLES]
         out[: len(rest)] = rest
@@ -403,17 +426,16 @@ class Receiver:
             if len(missed) < MIN_MISSED or catch_up is not None:
                 self.stats.missed_parts_heard += 1  # or another stream's, after this one
                 return
-            catch_up = source.catch_up = _CatchUp(part.stream, missed[0])
-        try:
-            decoder = codec_registry.create(part.codec)
-        except CodecUnavailable:
-            self.stats.undecodable += 1
-            return
+            catch_up = source.catch_up = _CatchUp(part.stream, missed[0], self._decode)
+            for seq, payload in zip(part.seqs, part.payloads, strict=True):
+                if seq >= missed[0]:
+                    break
+                self._decode(catch_up.decoders, part.codec, payload)  # what comes before: Opus state
         added = 0
         for i, (seq, payload) in enumerate(zip(part.seqs, part.payloads, strict=True)):
-            audio = self._decode_or_conceal(decoder, payload)  # all, in order: decoder state
             if (part.stream, seq) not in source.played:
-                added += catch_up.add(seq, audio.copy(), part.capture_us / 1e6 + i * FRAME_MS / 1000)
+                captured = part.capture_us / 1e6 + i * FRAME_MS / 1000
+                added += catch_up.add(seq, part.codec, payload, captured)
         if not added:
             self.stats.missed_parts_heard += 1
             return
@@ -465,8 +487,7 @@ class Receiver:
                 source.catch_up = None  # the talker restarted: live again, that backlog is gone
             if source.catch_up is not None:
                 if frame is not None:  # behind: the live frame waits its turn
-                    audio = self._render(source, frame).copy()
-                    source.catch_up.add(frame.seq, audio, frame.capture_time)
+                    source.catch_up.add(frame.seq, frame.codec, frame.payload, frame.capture_time)
                 samples = self._catch_up(source, heard_at)
             elif playout.kind is not PlayoutKind.SILENCE:
                 samples = self._render(source, frame)
@@ -490,6 +511,8 @@ class Receiver:
         if samples is None:
             samples = catch_up.finish()
             source.catch_up = None
+            source.decoders.update(catch_up.decoders)  # they decoded up to the live edge
+            source.last_codec = catch_up.last_codec or source.last_codec
         if captured is not None:
             self.stats.latencies.append(heard_at - captured)
             self.history.append((heard_at, captured))
@@ -504,15 +527,19 @@ class Receiver:
         if frame is None:  # conceal with the decoder that played last
             decoder = source.decoders.get(source.last_codec) if source.last_codec else None
             return decoder.conceal() if decoder is not None else self._out * 0
-        decoder = source.decoders.get(frame.codec)
+        source.last_codec = frame.codec
+        return self._decode(source.decoders, frame.codec, frame.payload)
+
+    def _decode(self, decoders: dict[str, AudioCodec], codec: str, payload: bytes) -> Samples:
+        """Decode with the decoder of ``decoders`` for ``codec`` (made on first use)."""
+        decoder = decoders.get(codec)
         if decoder is None:
             try:
-                decoder = source.decoders[frame.codec] = codec_registry.create(frame.codec)
+                decoder = decoders[codec] = codec_registry.create(codec)
             except CodecUnavailable:
                 self.stats.undecodable += 1
                 return self._out * 0
-        source.last_codec = frame.codec
-        return self._decode_or_conceal(decoder, frame.payload)
+        return self._decode_or_conceal(decoder, payload)
 
     def _decode_or_conceal(self, decoder: AudioCodec, payload: bytes) -> Samples:
         try:

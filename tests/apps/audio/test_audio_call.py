@@ -325,6 +325,16 @@ async def ptt_through_a_cut(
     talker, _ = await open_call(server.port, plugins, "alice", capture=capture, ptt=True)
     if codec is not None:
         talker.sender.use_codec(codec)
+    dropped: set[int] = set()  # seqs the talker dropped (too old to send: a stalled loop)
+    capture_frame = talker.sender.capture
+
+    def capture_and_note(samples: Any, captured: float, now: float) -> Any:
+        frame = capture_frame(samples, captured, now)
+        if frame is None:
+            dropped.add(talker.sender.seq - 1)
+        return frame
+
+    talker.sender.capture = capture_and_note  # type: ignore[method-assign]
     talker.set_talking(True)
     runs = asyncio.gather(talker.run(seconds + 60), listener.run(seconds + 60))
     frames_at_cut = int(cut_at / 0.020)
@@ -336,6 +346,9 @@ async def ptt_through_a_cut(
     relay.refuse = False
     await wait_for(lambda: listener.client.links_opened > links, 5.0, "the reconnect")
     back_at = time.time()
+    await wait_for(lambda: listener.receiver.replaying, 5.0, "the catch-up to start")
+    await wait_for(lambda: not listener.receiver.replaying, seconds, "the catch-up to meet the live edge")
+    live_at = time.time()
     await wait_for(lambda: capture.finished, seconds + 10, "the end of the utterance")
     ended_at = time.time()
     talker.set_talking(False)
@@ -344,16 +357,21 @@ async def ptt_through_a_cut(
     for call in (talker, listener):
         call.stop()
     await runs
-    once, missing, extra = compare_pulses(pulses_heard(heard.recorded), int(seconds / PULSE_EVERY))
-    history = [(h, h - c) for h, c in listener.receiver.history if back_at < h < ended_at]
-    over = [h for h, d in history if d > 0.080]
-    live_at = max(over, default=back_at)
+    # a pulse is in the first frame of its 100 ms (5 frames): that frame dropped at the
+    # source is lost for everyone, live or not, and not what this measures
+    lost = {seq // 5 for seq in dropped if seq % 5 == 0}
+    once, missing, extra = compare_pulses(pulses_heard(heard.recorded), int(seconds / PULSE_EVERY), lost)
+    delays = [(h, h - c) for h, c in listener.receiver.history if back_at < h < ended_at]
+    live = sorted(d for h, d in delays if h > live_at)
     figures = {
         "once": once, "missing": missing, "extra": extra,
-        "peak_delay": max((d for _, d in history), default=0.0),
-        "back_under_80ms_after": live_at - back_at,
-        "live_after_that": ended_at - live_at,
+        "peak_delay": max((d for _, d in delays), default=0.0),
+        "live_edge_after": live_at - back_at,
+        "live_for": ended_at - live_at,
+        "live_p50": live[len(live) // 2] if live else 1.0,
+        "live_p90": live[len(live) * 9 // 10] if live else 1.0,
         "parts_played": listener.stats.missed_parts_played,
+        "lost_at_source": len(lost),
     }  # fmt: skip
     for call in (talker, listener):
         await call.client.close()
@@ -364,12 +382,15 @@ async def ptt_through_a_cut(
 async def test_push_to_talk_through_a_cut_loses_nothing_and_catches_up(
     server: Server, plugins: PluginManager
 ) -> None:
-    """A 12 s utterance, the listener cut off 2 s into it for 2 s: every pulse is heard
+    """A 15 s utterance, the listener cut off 2 s into it for 2 s: every pulse is heard
     once (the missed ones, then what was said meanwhile, at 1.5x), and the delay is
-    under 80 ms again within 10 s of the reconnect."""
-    figures = await ptt_through_a_cut(server, plugins, seconds=12.0, cut_at=2.0, cut_for=2.0)
+    under 80 ms again within 10 s of the reconnect: the catch-up meets the live edge
+    (about 4 s: 2 s missed, caught up at half a second per second) and live frames
+    play from then on (median delay under 80 ms; p90 too, unless the machine stalls)."""
+    figures = await ptt_through_a_cut(server, plugins, seconds=15.0, cut_at=2.0, cut_for=2.0)
     print(f"push-to-talk through a 2 s cut: {figures}")
     assert figures["missing"] == 0 and figures["extra"] == 0, figures
-    assert figures["once"] == 120
-    assert figures["back_under_80ms_after"] <= 10.0, figures
-    assert figures["live_after_that"] >= 0.5, "the catch-up never met the live edge"
+    assert figures["once"] + figures["lost_at_source"] == 150
+    assert figures["lost_at_source"] <= 6, "the machine is too busy to measure this"
+    assert figures["live_edge_after"] <= 10.0, figures
+    assert figures["live_for"] >= 0.5 and figures["live_p50"] <= 0.080, figures
