@@ -426,9 +426,11 @@ class Receiver:
             if len(missed) < MIN_MISSED or catch_up is not None:
                 self.stats.missed_parts_heard += 1  # or another stream's, after this one
                 return
-            catch_up = source.catch_up = _CatchUp(part.stream, missed[0], self._decode)
+            # from the first frame not played yet (received ones may still be in the jitter buffer)
+            first = next(s for s in part.seqs if (part.stream, s) not in source.played)
+            catch_up = source.catch_up = _CatchUp(part.stream, first, self._decode)
             for seq, payload in zip(part.seqs, part.payloads, strict=True):
-                if seq >= missed[0]:
+                if seq >= first:
                     break
                 self._decode(catch_up.decoders, part.codec, payload)  # what comes before: Opus state
         added = 0
