@@ -91,8 +91,9 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
 # ---------------------------------------------------------------------- talk
 
 
-def _devices_for(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Capture and playback for the options given.
+def _devices_for(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """Capture and playback for the options given, sound devices checked (not started)
+    so that a missing card is said before anyone sees us join; and what was checked.
 
     Raises:
         OSError, ValueError: a device or a file cannot be used (the message says why).
@@ -101,23 +102,24 @@ def _devices_for(args: argparse.Namespace) -> tuple[Any, Any]:
 
     capture: Any
     playback: Any
+    named: list[str] = []
     if args.listen_only:
         capture = None
     elif args.input_file:
         capture = FileCapture(args.input_file, loop=args.loop)
     else:
-        from .devices import DeviceCapture, open_sounddevice
+        from .devices import DeviceCapture
 
-        open_sounddevice()
         capture = DeviceCapture(_device(args.input_device))
+        named.append(f"microphone: {capture.check()}")
     if args.output_file:
         playback = FilePlayback(args.output_file)
     else:
-        from .devices import DevicePlayback, open_sounddevice
+        from .devices import DevicePlayback
 
-        open_sounddevice()
         playback = DevicePlayback(_device(args.output_device))
-    return capture, playback
+        named.append(f"speaker: {playback.check()}")
+    return capture, playback, named
 
 
 def _device(text: str | None) -> int | str | None:
@@ -140,11 +142,13 @@ async def _talk(args: argparse.Namespace, plugins: PluginManager) -> int:
             return 1
         codecs = [args.codec, *(c for c in codecs if c != args.codec)]
     try:
-        capture, playback = _devices_for(args)
+        capture, playback, named = _devices_for(args)
         tls = _client_tls(args)
     except (OSError, ValueError) as exc:
         _say(str(exc))
         return 1
+    if named:
+        _say("; ".join(named))
     try:
         client = await Client.connect(
             host, port, plugins=plugins, tls=tls, backoff_cap=1.0, open_timeout=args.timeout

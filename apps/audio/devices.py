@@ -26,7 +26,15 @@ import numpy.typing as npt
 
 from .frames import FRAME_SAMPLES, SAMPLE_RATE
 
-__all__ = ["DeviceCapture", "DevicePlayback", "DeviceStats", "SampleRing", "list_devices", "open_sounddevice"]
+__all__ = [
+    "DeviceCapture",
+    "DevicePlayback",
+    "DeviceStats",
+    "SampleRing",
+    "check_device",
+    "list_devices",
+    "open_sounddevice",
+]
 
 Samples = npt.NDArray[np.int16]
 
@@ -127,6 +135,32 @@ def list_devices() -> list[dict[str, Any]]:
     return found
 
 
+def check_device(kind: str, device: int | str | None) -> str:
+    """Check that a ``"input"`` or ``"output"`` device is there and takes 16 kHz mono
+    int16, without starting it; returns its name (so the user sees which one).
+
+    Raises:
+        OSError: PortAudio is missing, or there is no such device, or it refuses the
+            format (one line that says which and what to do instead).
+    """
+    sd = open_sounddevice()
+    what, instead = ("microphone", "--input-file or --listen-only") if kind == "input" else (
+        "speaker", "--output-file"
+    )  # fmt: skip
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        if device is None and sd.default.device[0 if kind == "input" else 1] < 0:
+            raise ValueError(f"no default {kind} device (no sound card?)")
+        info = sd.query_devices(device, kind)
+        check(device, channels=1, dtype="int16", samplerate=SAMPLE_RATE)
+    except (sd.PortAudioError, ValueError) as exc:
+        which = "the default one" if device is None else repr(device)
+        raise OSError(
+            f"no usable {what} ({which}): {exc}; see `korinet-audio devices`, or use {instead}"
+        ) from exc
+    return str(info["name"])
+
+
 def _open_stream(kind: str, what: str, device: int | str | None, callback: Any) -> Any:
     """Open and start a 16 kHz mono int16 callback stream of 20 ms blocks.
 
@@ -171,6 +205,10 @@ class DeviceCapture:
             self._stamp_written = self.ring.written
         except Exception:
             self.stats.errors += 1
+
+    def check(self) -> str:
+        """The device's name, once checked (:func:`check_device`; raises OSError)."""
+        return check_device("input", self.device)
 
     def start(self) -> None:
         self._stream = _open_stream("InputStream", "microphone", self.device, self._callback)
@@ -220,6 +258,10 @@ class DevicePlayback:
         except Exception:
             self.stats.errors += 1
             outdata.fill(0)
+
+    def check(self) -> str:
+        """The device's name, once checked (:func:`check_device`; raises OSError)."""
+        return check_device("output", self.device)
 
     def start(self) -> None:
         self._stream = _open_stream("OutputStream", "speaker", self.device, self._callback)

@@ -13,6 +13,11 @@ Theory of operation (docs/AUDIO.md, "Jitter buffer"):
     jumps to ``target`` behind the newest frame: the live edge;
   - the talker's clock running fast makes depth creep up: when its average stays a
     frame above target, one frame is skipped;
+  - after a jitter spike or a freeze the buffer can be left a frame or more deeper
+    than its (by then lower again) target needs, for good: so when the smallest depth
+    over the last second never came down to the nominal one, a frame is skipped too,
+    one per second at most, until it does (NetEQ "accelerates" instead; a 20 ms skip
+    is the simple, bounded form of it);
   - the talker's clock running slow (or a jitter spike) empties the buffer: the
     missing frame is concealed *without* moving the playout point, so the frame
     still plays if it comes a little late and depth grows back by one frame;
@@ -41,6 +46,8 @@ __all__ = ["JitterBuffer", "JitterStats", "Playout", "PlayoutKind", "PushResult"
 
 #: Pops between two drift corrections, so one correction is seen before the next.
 DRIFT_HOLD: Final = 25
+#: Pops over which the smallest depth is watched to see whether a frame can go.
+SHRINK_WINDOW: Final = 50
 #: Consecutive stale frames after which the talker's clock is taken to have jumped.
 STALE_RESET: Final = 25
 #: Transits remembered to find the smallest (the base network delay): 2 s of frames.
@@ -81,7 +88,7 @@ class JitterStats:
     stale: int = 0
     duplicate: int = 0
     overflow: int = 0  # dropped to get back under the cap
-    skipped: int = 0  # dropped to follow a fast talker clock
+    skipped: int = 0  # dropped to come back down: a fast talker clock, or left by a spike
     idle: int = 0  # times the buffer ran dry and went idle
     resets: int = 0  # new streams
 
@@ -124,6 +131,8 @@ class JitterBuffer:
         self._starved = 0
         self._avg_depth = 0.0
         self._hold = 0
+        self._window = 0  # pops watched since the last shrink decision
+        self._min_depth = 0  # smallest depth over those pops
         self._transits: deque[float] = deque(maxlen=TRANSIT_WINDOW)
         self._last_transit: float | None = None
         self._stale_run = 0
@@ -230,6 +239,7 @@ class JitterBuffer:
             self._starved = 0
             self._avg_depth = float(self.depth)
             self._hold = DRIFT_HOLD
+            self._window, self._min_depth = 0, self.cap
         frame = self._frames.pop(self._next, None)
         if frame is not None:
             self._next += 1
@@ -256,13 +266,26 @@ class JitterBuffer:
     def _follow_drift(self) -> None:
         depth = self.depth
         self._avg_depth += (depth - self._avg_depth) / 16
+        self._min_depth = min(self._min_depth, depth)
+        self._window += 1
         if self._hold:
             self._hold -= 1
             return
         if self._avg_depth > self.target + 1 and depth > self.target:
             # the talker's clock is ahead of ours: skip a frame to stay near the target
-            if self._frames.pop(self._next, None) is not None:
-                self.stats.skipped += 1
-            self._next += 1
-            self._avg_depth -= 1
-            self._hold = DRIFT_HOLD
+            self._skip()
+        elif self._window >= SHRINK_WINDOW:
+            # Right after a pop, depth is target - 1 when frames come on time. Never
+            # below target for a whole window: a frame of margin that the jitter of
+            # the last second did not use (left by a spike or a freeze). One goes.
+            if self._min_depth >= self.target:
+                self._skip()
+            self._window, self._min_depth = 0, self.cap
+
+    def _skip(self) -> None:
+        self.stats.skipped += 1
+        self._frames.pop(self._next, None)
+        self._next += 1
+        self._avg_depth -= 1
+        self._hold = DRIFT_HOLD
+        self._window, self._min_depth = 0, self.cap

@@ -6,8 +6,10 @@
   With push-to-talk it also posts each utterance, a part per half second, on the
   reliable lane.
 * :class:`Receiver` keeps a jitter buffer and a decoder per talker heard, mixes
-  them into one 20 ms frame per tick of the playback clock, and plays utterances
-  missed while the link was down, once, before rejoining live.
+  them into one 20 ms frame per tick of the playback clock. A push-to-talk
+  utterance missed while the link was down is played once, followed by what the
+  talker said meanwhile, at 1.5x (:mod:`.stretch`) until it meets the live edge:
+  nothing is lost and nothing plays twice.
 * :class:`Call` wires both to a KoriNet client, a capture and a playback (devices or
   WAV files), and runs the clock: every 5 ms it sends what was captured and tops up
   the playback. After a reconnect every jitter buffer restarts at the live edge.
@@ -32,9 +34,18 @@ from korinet import Client, KoriNetError
 
 from . import codecs as codec_registry
 from .codecs import AudioCodec, CodecUnavailable, PayloadError
-from .frames import FRAME_SAMPLES, PART_FRAMES, AudioFrame, MalformedFrame, UtterancePart
+from .frames import (
+    FRAME_MS,
+    FRAME_SAMPLES,
+    PART_FRAMES,
+    SAMPLE_RATE,
+    AudioFrame,
+    MalformedFrame,
+    UtterancePart,
+)
 from .jitter import JitterBuffer, PlayoutKind, PushResult
 from .plugin import FRAME, JOIN, UTTERANCE, receivers
+from .stretch import Stretcher
 
 __all__ = [
     "Call",
@@ -58,12 +69,19 @@ DEADLINE_MS: Final = 60
 TICK: Final = 0.005
 #: Talkers a listener keeps state for; more are ignored (and counted).
 MAX_SOURCES: Final = 16
-#: Received seqs remembered per talker, to tell whether an utterance was heard live.
+#: Seqs remembered per talker (received, played), to tell what an utterance part adds.
 HEARD_MEMORY: Final = 1500
-#: An utterance part is replayed if less than this share of it was received live.
-HEARD_ENOUGH: Final = 0.5
-#: Missed utterance parts kept to play (60 s of audio); the oldest go first beyond.
-MAX_MISSED_PARTS: Final = 120
+#: Frames of an utterance part not received live that make a listener catch up on it
+#: (fewer are a glitch the jitter buffer concealed, not worth falling behind for).
+MIN_MISSED: Final = 3
+#: Frames a listener may be behind while catching up (60 s); the oldest go beyond.
+MAX_CATCH_UP: Final = 3000
+#: Speed of the catch-up while the talker is still talking live.
+CATCH_UP_SPEED: Final = 1.5
+#: Peak level under which the last bit of a catch-up is a pause, and can go (-36 dBFS);
+#: frames played at the edge waiting for one, before it goes anyway (0.5 s).
+QUIET: Final = 500
+JOIN_WAIT: Final = 25
 
 
 def past_deadline(captured: float, now: float, deadline_ms: float = DEADLINE_MS) -> bool:
@@ -219,6 +237,116 @@ class Sender:
 # ---------------------------------------------------------------------- receiving
 
 
+class _Memory:
+    """The last HEARD_MEMORY (stream, seq) keys added."""
+
+    __slots__ = ("_keys", "_order")
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[int, int]] = set()
+        self._order: deque[tuple[int, int]] = deque()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: tuple[int, int]) -> None:
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self._order.append(key)
+        if len(self._order) > HEARD_MEMORY:
+            self._keys.discard(self._order.popleft())
+
+
+class _CatchUp:
+    """One talker's audio from a missed seq on, played faster until it meets the live
+    edge: missed frames from utterance parts, live frames as the jitter buffer gives
+    them, each seq once, in seq order, a gap (time the talker was silent) skipped.
+    Payloads are decoded as they are played, by decoders of its own: in seq order
+    whichever lane brought them, so Opus never jumps between two decoder states; they
+    become the live decoders at the end, which go on from the last frame played."""
+
+    def __init__(
+        self, stream: int, first: int, decode: Callable[[dict[str, AudioCodec], str, bytes], Samples]
+    ) -> None:
+        self.stream = stream
+        self.next = first  # next seq to play
+        self.pending: dict[int, tuple[str, bytes, float]] = {}  # seq -> codec, payload, capture time
+        self.decoders: dict[str, AudioCodec] = {}
+        self.last_codec: str | None = None
+        self._decode = decode
+        self.stretcher = Stretcher()
+        self.marks: deque[tuple[int, float]] = deque()  # (stretcher input index, capture time)
+        self._fed = 0  # stretcher input index of the next sample fed
+        self._waited = 0  # frames played at the live edge waiting for a pause
+
+    def add(self, seq: int, codec: str, payload: bytes, captured: float) -> bool:
+        if seq < self.next or seq in self.pending:
+            return False
+        self.pending[seq] = (codec, payload, captured)
+        return True
+
+    @property
+    def behind(self) -> int:
+        """Frames waiting to be played."""
+        return len(self.pending) + self.stretcher.buffered // FRAME_SAMPLES
+
+    def drop_oldest(self) -> None:
+        self.next = min(self.pending) + 1
+        for seq in [s for s in self.pending if s < self.next]:
+            del self.pending[seq]
+
+    def _feed(self, played: _Memory) -> None:
+        while True:
+            item = self.pending.pop(self.next, None)
+            if item is not None:
+                codec, payload, captured = item
+                audio = self._decode(self.decoders, codec, payload)
+                self.last_codec = codec
+                played.add((self.stream, self.next))  # fed is as good as played: never twice
+                self.marks.append((self._fed, captured))
+                self.stretcher.feed(audio)
+                self._fed += len(audio)
+            elif (self.stream, self.next) not in played:
+                return
+            self.next += 1
+
+    def read(self, played: _Memory, speed: float) -> Samples | None:
+        """The next 20 ms, or None: caught up (then :meth:`finish`)."""
+        self._feed(played)
+        while not self.stretcher.can_read(FRAME_SAMPLES, speed) and self.pending:
+            self.next = min(self.pending)  # a gap: the talker was silent, skip it
+            self._feed(played)
+        if self.stretcher.can_read(FRAME_SAMPLES, speed):
+            return self.stretcher.read(FRAME_SAMPLES, speed)
+        if (
+            self.stretcher.can_read(FRAME_SAMPLES, 1.0)
+            and self.stretcher.rest_level() > QUIET
+            and self._waited < JOIN_WAIT
+        ):
+            self._waited += 1
+            return self.stretcher.read(FRAME_SAMPLES, 1.0)  # at the edge: join it in a pause
+        return None
+
+    def finish(self) -> Samples:
+        """The last 20 ms; the rest of the backlog (under two frames, quiet unless the
+        talker stopped) is dropped."""
+        out = np.zeros(FRAME_SAMPLES, np.int16)
+        rest = self.stretcher.flush()[:FRAME_SAMPLES]
+        out[: len(rest)] = rest
+        return out
+
+    def capture_time(self) -> float | None:
+        """Capture time of the audio played now (for the latency figures)."""
+        position = self.stretcher.position
+        while len(self.marks) > 1 and self.marks[1][0] <= position:
+            self.marks.popleft()
+        if not self.marks:
+            return None
+        index, captured = self.marks[0]
+        return captured + (position - index) / SAMPLE_RATE
+
+
 @dataclass(slots=True)
 class _Source:
     """What a listener keeps per talker."""
@@ -227,18 +355,10 @@ class _Source:
     jitter: JitterBuffer
     decoders: dict[str, AudioCodec] = field(default_factory=dict)
     last_codec: str | None = None
-    heard: set[tuple[int, int]] = field(default_factory=set)
-    heard_order: deque[tuple[int, int]] = field(default_factory=deque)
+    heard: _Memory = field(default_factory=_Memory)  # received live
+    played: _Memory = field(default_factory=_Memory)  # played, live or catching up
     last_heard: float = 0.0
-
-    def remember(self, stream: int, seq: int) -> None:
-        key = (stream, seq)
-        if key in self.heard:
-            return
-        self.heard.add(key)
-        self.heard_order.append(key)
-        if len(self.heard_order) > HEARD_MEMORY:
-            self.heard.discard(self.heard_order.popleft())
+    catch_up: _CatchUp | None = None
 
 
 class Receiver:
@@ -266,12 +386,8 @@ class Receiver:
         self.on_roster_cb = on_roster
         self.sources: dict[str, _Source] = {}
         self.members: list[str] = []
-        #: who is being replayed from the missed queue ("" when live)
-        self.replaying = ""
-        #: (heard_at, capture_time) of the last minute of frames played live
+        #: (heard_at, capture_time) of the last minute of frames played
         self.history: deque[tuple[float, float]] = deque(maxlen=3000)
-        self._missed: deque[tuple[str, Samples]] = deque()
-        self._missed_pos = 0
         self._mix = np.zeros(FRAME_SAMPLES, np.int32)
         self._out = np.zeros(FRAME_SAMPLES, np.int16)
 
@@ -291,9 +407,11 @@ class Receiver:
         source.last_heard = now
         result = source.jitter.push(frame, now)
         if result is PushResult.ACCEPTED or result is PushResult.DUPLICATE:
-            source.remember(frame.stream, frame.seq)
+            source.heard.add((frame.stream, frame.seq))
 
     def on_utterance(self, obj: Any) -> None:
+        """A push-to-talk utterance part: the frames of it not played yet are caught up
+        on, if enough of it was missed or a catch-up on its talker is under way."""
         try:
             part = UtterancePart.parse(obj)
         except MalformedFrame:
@@ -302,22 +420,32 @@ class Receiver:
         source = self._source(part.src)
         if source is None:
             return
-        heard = sum((part.stream, s) in source.heard for s in part.seqs)
-        if heard >= HEARD_ENOUGH * len(part.payloads):
+        catch_up = source.catch_up
+        if catch_up is None or catch_up.stream != part.stream:
+            missed = [s for s in part.seqs if (part.stream, s) not in source.heard]
+            if len(missed) < MIN_MISSED or catch_up is not None:
+                self.stats.missed_parts_heard += 1  # or another stream's, after this one
+                return
+            # from the first frame not played yet (received ones may still be in the jitter buffer)
+            first = next(s for s in part.seqs if (part.stream, s) not in source.played)
+            catch_up = source.catch_up = _CatchUp(part.stream, first, self._decode)
+            for seq, payload in zip(part.seqs, part.payloads, strict=True):
+                if seq >= first:
+                    break
+                self._decode(catch_up.decoders, part.codec, payload)  # what comes before: Opus state
+        added = 0
+        for i, (seq, payload) in enumerate(zip(part.seqs, part.payloads, strict=True)):
+            if (part.stream, seq) not in source.played:
+                captured = part.capture_us / 1e6 + i * FRAME_MS / 1000
+                added += catch_up.add(seq, part.codec, payload, captured)
+        if not added:
             self.stats.missed_parts_heard += 1
             return
-        try:
-            decoder = codec_registry.create(part.codec)
-            audio = np.concatenate([self._decode_or_conceal(decoder, p) for p in part.payloads])
-        except CodecUnavailable:
-            self.stats.undecodable += 1
-            return
         self.stats.missed_parts_played += 1
-        if len(self._missed) >= MAX_MISSED_PARTS:
-            self._missed.popleft()
-            self._missed_pos = 0
+        if catch_up.behind > MAX_CATCH_UP:
+            while catch_up.behind > MAX_CATCH_UP and catch_up.pending:
+                catch_up.drop_oldest()
             self.stats.missed_parts_dropped += 1
-        self._missed.append((part.src, audio))
 
     def on_roster(self, obj: Any) -> None:
         self.members = [str(m) for m in obj.get("members", [])]
@@ -355,21 +483,42 @@ class Receiver:
         mix.fill(0)
         for source in self.sources.values():
             playout = source.jitter.pop(heard_at)
-            if playout.kind is PlayoutKind.SILENCE:
-                continue
-            samples = self._render(source, playout.frame)
-            if playout.frame is not None and source.jitter.last_latency is not None:
-                self.stats.latencies.append(source.jitter.last_latency)
-                self.history.append((heard_at, playout.frame.capture_time))
-            if not self.replaying:
+            frame = playout.frame
+            samples: Samples | None = None
+            if source.catch_up is not None and frame is not None and frame.stream != source.catch_up.stream:
+                source.catch_up = None  # the talker restarted: live again, that backlog is gone
+            if source.catch_up is not None:
+                if frame is not None:  # behind: the live frame waits its turn
+                    source.catch_up.add(frame.seq, frame.codec, frame.payload, frame.capture_time)
+                samples = self._catch_up(source, heard_at)
+            elif playout.kind is not PlayoutKind.SILENCE:
+                samples = self._render(source, frame)
+                if frame is not None and source.jitter.last_latency is not None:
+                    source.played.add((frame.stream, frame.seq))
+                    self.stats.latencies.append(source.jitter.last_latency)
+                    self.history.append((heard_at, frame.capture_time))
+            if samples is not None:
                 mix += samples
-        if self._missed:
-            self._play_missed(mix)  # live frames were taken above: we stay at the live edge
-        else:
-            self.replaying = ""
         np.clip(mix, -32768, 32767, out=mix)
         self._out[:] = mix
         return self._out
+
+    def _catch_up(self, source: _Source, heard_at: float) -> Samples:
+        catch_up = source.catch_up
+        assert catch_up is not None
+        # faster while the talker talks on (the live edge runs away), else as spoken
+        speed = CATCH_UP_SPEED if source.jitter.playing else 1.0
+        captured = catch_up.capture_time()
+        samples = catch_up.read(source.played, speed)
+        if samples is None:
+            samples = catch_up.finish()
+            source.catch_up = None
+            source.decoders.update(catch_up.decoders)  # they decoded up to the live edge
+            source.last_codec = catch_up.last_codec or source.last_codec
+        if captured is not None:
+            self.stats.latencies.append(heard_at - captured)
+            self.history.append((heard_at, captured))
+        return samples
 
     @property
     def level(self) -> float:
@@ -380,15 +529,19 @@ class Receiver:
         if frame is None:  # conceal with the decoder that played last
             decoder = source.decoders.get(source.last_codec) if source.last_codec else None
             return decoder.conceal() if decoder is not None else self._out * 0
-        decoder = source.decoders.get(frame.codec)
+        source.last_codec = frame.codec
+        return self._decode(source.decoders, frame.codec, frame.payload)
+
+    def _decode(self, decoders: dict[str, AudioCodec], codec: str, payload: bytes) -> Samples:
+        """Decode with the decoder of ``decoders`` for ``codec`` (made on first use)."""
+        decoder = decoders.get(codec)
         if decoder is None:
             try:
-                decoder = source.decoders[frame.codec] = codec_registry.create(frame.codec)
+                decoder = decoders[codec] = codec_registry.create(codec)
             except CodecUnavailable:
                 self.stats.undecodable += 1
                 return self._out * 0
-        source.last_codec = frame.codec
-        return self._decode_or_conceal(decoder, frame.payload)
+        return self._decode_or_conceal(decoder, payload)
 
     def _decode_or_conceal(self, decoder: AudioCodec, payload: bytes) -> Samples:
         try:
@@ -397,19 +550,15 @@ class Receiver:
             self.stats.undecodable += 1
             return decoder.conceal()
 
-    def _play_missed(self, mix: npt.NDArray[np.int32]) -> None:
-        src, audio = self._missed[0]
-        self.replaying = src
-        chunk = audio[self._missed_pos : self._missed_pos + FRAME_SAMPLES]
-        mix[: len(chunk)] += chunk
-        self._missed_pos += FRAME_SAMPLES
-        if self._missed_pos >= len(audio):
-            self._missed.popleft()
-            self._missed_pos = 0
+    @property
+    def replaying(self) -> str:
+        """Who is being caught up on ("" when everything plays live)."""
+        return ", ".join(s.name for s in self.sources.values() if s.catch_up is not None)
 
     @property
     def missed_pending(self) -> int:
-        return len(self._missed)
+        """Frames waiting in catch-ups (how far behind the live edge playback is)."""
+        return sum(s.catch_up.behind for s in self.sources.values() if s.catch_up is not None)
 
     @property
     def depth_ms(self) -> float:

@@ -92,9 +92,9 @@ def render(call: Call, *, connected: bool, rtt: float | None) -> list[str]:
     else:
         mode = "live"
     keys = "space: hold or tap to talk" if sender.ptt else "m: mute"
-    heard = f"missed while away: {receiver.replaying}" if receiver.replaying else "live"
-    if receiver.missed_pending > 1:
-        heard += f" (+{receiver.missed_pending - 1} waiting)"
+    heard = "live"
+    if receiver.replaying:  # missed push-to-talk audio, then what was said meanwhile
+        heard = f"catching up on {receiver.replaying}, {receiver.missed_pending * 0.020:.1f} s behind"
     latencies = list(stats.latencies)[-100:]
     return [
         f"korinet-audio  #{call.channel} as {call.joined_as or call.name}  codec {call.codec}  {link}",

@@ -1,6 +1,8 @@
 """A loopback TCP relay for fault injection: it forwards bytes between a client and
 a server and can cut every connection at once, after N more bytes (so mid-frame),
-stop forwarding without closing (a black hole, as a half-open link), or delay
+stop forwarding without closing (a black hole, as a half-open link: what it reads is
+lost), stall (stop reading, so the bytes wait in the kernel's buffers and arrive in a
+burst on resume, as on a frozen link that TCP then recovers), or delay
 every chunk by a random time in a range, keeping each direction in order."""
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class Relay:
         self.black_hole = False
         self.refuse = False  # accept and reset at once: the server looks down
         self._budget: int | None = None
+        self._flowing = asyncio.Event()  # cleared by stall(): the pumps stop reading
+        self._flowing.set()
         self._server: asyncio.base_events.Server | None = None
         # Events for tests that cut on progress rather than on the clock.
         self._linked = asyncio.Event()  # at least one relayed connection is open
@@ -39,6 +43,7 @@ class Relay:
         return port
 
     async def close(self) -> None:
+        self.resume()  # a stalled pump would otherwise wait forever
         self.cut()
         if self._server is not None:
             self._server.close()
@@ -79,6 +84,13 @@ class Relay:
             await self.wait_linked()
             self.cut()
 
+    def stall(self) -> None:
+        """Stop reading from either side, connections left open (until :meth:`resume`)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def cut_after(self, nbytes: int) -> None:
         """Forward ``nbytes`` more bytes (either direction), then cut: usually mid-frame."""
         self._budget = nbytes
@@ -114,6 +126,7 @@ class Relay:
             return
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, ConnectionError):
             while pair in self.pairs:
+                await self._flowing.wait()
                 data = await reader.read(65536)
                 if not data:
                     break

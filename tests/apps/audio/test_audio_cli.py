@@ -17,6 +17,7 @@ from korinet_audio.talk import Call
 from korinet_audio.tui import PushToTalkKey, meter, render, summary
 from korinet_audio.wavio import FileCapture, FilePlayback, WavFormatError, read_wav, write_wav
 from testutil import TIMEOUT_FACTOR
+from testutil.relay import Relay
 
 from korinet import Client, Server
 from korinet.plugins import PluginManager
@@ -24,8 +25,8 @@ from korinet.plugins import PluginManager
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
 
 
-def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KORINET_HOME": str(home)}
+def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KORINET_HOME": str(home), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "korinet_audio.cli", *args],
         env=env, capture_output=True, text=True, timeout=30 * TIMEOUT_FACTOR,
@@ -62,6 +63,37 @@ def test_user_mistakes_get_a_message_not_a_traceback(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2 and "cannot reach the hub" in r.stderr and "Traceback" not in r.stderr
     assert "WARNING" in r.stderr and "unencrypted" in r.stderr
+
+
+#: An ALSA configuration whose only device is a card that is not there: PortAudio then
+#: sees no sound device at all, as on a server (whatever cards this machine has).
+NO_CARD_ALSA = "pcm.!default { type hw card 99 }\nctl.!default { type hw card 99 }\n"
+
+
+async def test_talk_without_a_sound_card_says_so_before_joining(tmp_path: Path) -> None:
+    (tmp_path / "alsa.conf").write_text(NO_CARD_ALSA)
+    no_card = {"ALSA_CONFIG_PATH": str(tmp_path / "alsa.conf")}
+    plugins = PluginManager.load(entry_points=False, extra=[audio_plugin])
+    async with Server("127.0.0.1", 0, plugins=plugins) as server:
+        relay = await Relay("127.0.0.1", server.port).start()  # counts who connects
+        address = f"127.0.0.1:{relay.port}"
+        for args, device in [
+            ((), "microphone"),
+            (("--input-file", str(tmp_path / "in.wav")), "speaker"),
+            (("--listen-only",), "speaker"),
+            (("--output-file", str(tmp_path / "out.wav")), "microphone"),
+        ]:
+            write_wav(tmp_path / "in.wav", np.zeros(3200, np.int16))
+            cmd = ("talk", address, "--insecure-plaintext", "--no-tui", *args)
+            r = await asyncio.to_thread(run_cli, *cmd, home=tmp_path, env=no_card)
+            said = [line for line in r.stderr.splitlines() if line.startswith("korinet-audio:")]
+            assert r.returncode == 1, (args, r.returncode, r.stderr)
+            assert "Traceback" not in r.stderr and "joined" not in r.stdout
+            assert len(said) == 1, said  # one line, before the plaintext warning or anything else
+            assert f"no usable {device}" in said[0] or "PortAudio" in said[0], said
+            assert relay.connections == 0, "the hub saw us before the devices were checked"
+        assert not server.hub.sessions
+        await relay.close()
 
 
 def test_wav_round_trip(tmp_path: Path) -> None:

@@ -223,3 +223,30 @@ def test_go_live_drops_what_is_buffered() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         JitterBuffer(target_ms=200, max_ms=120)
+
+
+@pytest.mark.parametrize("released", ["in a burst", "never"])
+def test_after_a_freeze_the_delay_comes_back_down_within_10s(released: str) -> None:
+    """A 2 s freeze of a link: the frames it held come in a burst when it thaws (TCP),
+    or never (a black hole). Either way the delay must not stay above what it was."""
+    freeze, thaw = 200, 300  # seqs captured while frozen
+    arrivals = []
+    for s in range(1000):  # 20 s
+        at = 1000.0 + s * F + NET + 0.001
+        if freeze <= s < thaw:
+            if released == "never":
+                continue
+            at = 1000.0 + thaw * F + NET + 0.001 + (s - freeze) * 0.0001
+        arrivals.append((at, frame(s)))
+    jb = JitterBuffer()
+    pops = run(jb, arrivals, 1000)
+    delay = {s: now - frame(s).capture_time for now, k, s in pops if s is not None}
+    before = sorted(delay[s] for s in range(100, freeze))[freeze // 2 - 50]
+    peak = max(delay[s] for s in delay if s >= thaw)
+    after = [delay[s] for s in delay if s >= thaw + 500]  # 10 s after the thaw
+    print(
+        f"{released}: before {before * 1e3:.0f} ms, peak {peak * 1e3:.0f} ms, "
+        f"after 10 s {max(after) * 1e3:.0f} ms"
+    )
+    assert after and max(after) <= before + 0.005, (before, max(after), jb.stats)
+    assert jb.stats.skipped <= 10  # one frame per second at most, only while too deep

@@ -112,15 +112,15 @@ def test_switching_codec_closes_the_open_part() -> None:
 
 
 def test_missed_utterances_waiting_to_play_are_bounded() -> None:
-    from korinet_audio.talk import MAX_MISSED_PARTS, Receiver
+    from korinet_audio.talk import MAX_CATCH_UP, Receiver
 
     stats = CallStats()
     receiver = Receiver(stats, clock=lambda: 1000.0)
     payload = bytes(FRAME_SAMPLES * 2)
-    for i in range(MAX_MISSED_PARTS + 5):
+    for i in range(MAX_CATCH_UP // PART_FRAMES + 5):
         part = UtterancePart(1, i, i * PART_FRAMES, 0, "pcm16", (payload,) * PART_FRAMES, True, "bob")
         receiver.on_utterance(part.to_wire())
-    assert receiver.missed_pending == MAX_MISSED_PARTS
+    assert receiver.missed_pending == MAX_CATCH_UP
     assert stats.missed_parts_dropped == 5
     receiver.next_frame(1000.0)
     assert receiver.replaying == "bob"
