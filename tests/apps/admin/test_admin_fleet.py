@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -225,3 +226,89 @@ async def test_every_host_ends_in_one_state_with_its_bytes(tmp_path: Path) -> No
     for rec in by.values():
         assert set(rec) >= {"host", "address", "state", "exit_code", "signal", "reason", "job", "bytes_out",
                             "bytes_err", "started", "duration_s"}  # fmt: skip
+
+
+class Terminal:
+    """A pseudo-terminal for a CLI's stdin and stderr: what it writes, read as it comes."""
+
+    def __init__(self) -> None:
+        import pty
+
+        self.master, self.slave = pty.openpty()
+        os.set_blocking(self.master, False)
+        self.seen = b""
+        self._more = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # the other side closed (EIO on Linux)
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.seen += data
+        self._more.set()
+
+    async def wait_for(self, pattern: str) -> None:
+        async def scan() -> None:
+            while not re.search(pattern, self.seen.decode(errors="replace")):
+                self._more.clear()
+                await self._more.wait()
+
+        try:
+            await asyncio.wait_for(scan(), WAIT)
+        except TimeoutError:
+            shown = self.seen[-2000:]
+            raise AssertionError(f"{pattern!r} never came; the terminal shows {shown!r}") from None
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.mark.parametrize("answer", ["d", "s"])
+async def test_ctrl_c_on_a_terminal_asks_whether_to_stop_or_detach(
+    tmp_path: Path, home: Path, answer: str
+) -> None:
+    flag = tmp_path / "release"
+    script = f"echo started; while [ ! -e {flag} ]; do sleep 0.05; done; echo finished"
+    async with (
+        running_agent(tmp_path, None, None) as a,
+        running_agent(tmp_path, None, None) as b,
+        running_agent(tmp_path, None, None) as c,
+    ):
+        agents = {f"127.0.0.1:{x.port}": x for x in (a, b, c)}
+        term = Terminal()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, "exec", ",".join(agents), "--insecure-plaintext", "--", "sh", "-c", script,
+                stdin=term.slave, stdout=subprocess.PIPE, stderr=term.slave, env=cli_env(home),
+            )  # fmt: skip
+            # the live line, on the terminal
+            await term.wait_for(r"\x1b\[K3/3 running · still running: ")
+            for x in agents.values():  # every job runs, and the client has what it printed
+                await eventually(lambda x=x: any(j.acked[0] >= 8 for j in x.agent.jobs.jobs.values()), WAIT)
+            proc.send_signal(signal.SIGINT)
+            await term.wait_for(r"\[s\]top the remote commands, \[d\]etach .*\? \[s\] ")
+            os.write(term.master, answer.encode() + b"\n")
+            out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
+            jobs = {h: list(x.agent.jobs.jobs.values()) for h, x in agents.items()}
+            if answer == "d":
+                assert proc.returncode == 255
+                for host, (job,) in jobs.items():
+                    assert not job.done.done(), "a detached job was stopped"
+                    h = re.escape(host)
+                    await term.wait_for(rf"{h}: korinet-admin attach {h} {job.id}")
+                    await term.wait_for(rf"{h}\s+lost\s+detached")
+            else:
+                assert proc.returncode == 128 + signal.SIGINT
+                await term.wait_for(r"sending SIGINT to the remote commands")
+                for host, (job,) in jobs.items():
+                    assert job.done.done()
+                    await term.wait_for(rf"{re.escape(host)}\s+done\s+130\s+killed by SIGINT")
+            assert sorted(out.decode().splitlines()) == sorted(f"{h}: started" for h in agents)
+        finally:
+            flag.touch()
+            term.close()
