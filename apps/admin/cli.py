@@ -649,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exec",
         help="run a command on one or more hosts",
         description="Run CMD on each host's agent. Output streams live; the exit code is the remote "
-        "one (255: korinet-admin failed; 128+N: killed by signal N; 124: --timeout; several hosts: the "
-        "largest). Ctrl-C sends SIGINT to the remote command, again SIGTERM, again SIGKILL.",
+        "one (255: korinet-admin failed; 128+N: killed by signal N; 124: --timeout; several hosts: 255 "
+        "if any host did not finish, else the first non-zero). Ctrl-C sends SIGINT to the remote "
+        "command, again SIGTERM, again SIGKILL; in a fan-out on a terminal it asks: stop or detach.",
     )
     p.add_argument("hosts", metavar="SELECTION",
                    help="HOST[:PORT][,...] (default port 1237), inventory names, globs (web*), "

@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +64,11 @@ def resolve(selection: str, inventory: Inventory) -> list[FleetHost]:
         (target,) = parse_targets(host.address)
         hosts.append(FleetHost(host.name if host.known else target.label, target, host.key))
     return hosts
+
+
+def _address(target: Target) -> str:
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return f"{host}:{target.port}"
 
 
 def attach_command(name: str, job: str) -> str:
@@ -281,7 +285,7 @@ class Fleet:
         self.runs: dict[str, JobRun] = {}
         self.client_kwargs = client_kwargs
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._detached = False
+        self._cancel_reason = "interrupted"
 
     def say(self, line: str) -> None:
         self.progress.say(line)
@@ -299,17 +303,16 @@ class Fleet:
             if isinstance(result, BaseException) and host.name not in self.outcomes:
                 # cancelled (a quit, a detach) before it ended, or a bug: it still gets a state
                 if isinstance(result, asyncio.CancelledError):
-                    reason = "interrupted"
+                    reason = f"{self._cancel_reason} before its turn"
                 else:
                     reason = f"internal error: {result!r}"
                     self.say(f"{host.name}: {reason}")
-                self._end(host, None, "skipped", reason, None, HostOutput(host.name, output_dir=None,
-                          keep=False, forward=None), None)  # fmt: skip
+                nothing = HostOutput(host.name, output_dir=None, keep=False, forward=None)
+                self._end(host, None, "skipped", reason, None, nothing, None)
         return [self.outcomes[h.name] for h in self.hosts]
 
     def cancel(self, reason: str) -> None:
         """Stop waiting for every host (the jobs run on): a quit or a detach."""
-        self._detached = True
         self._cancel_reason = reason
         for task in self._tasks.values():
             task.cancel()
@@ -359,7 +362,7 @@ class Fleet:
                 )
             except asyncio.CancelledError:
                 started_job = host.name in self.runs
-                why = getattr(self, "_cancel_reason", "interrupted")
+                why = self._cancel_reason
                 if started_job:
                     reason = f"{why}; job {job_id} keeps running: {attach_command(host.name, job_id)}"
                     self._end(host, None, "lost", reason, job_id, output, started, clock)
@@ -390,7 +393,7 @@ class Fleet:
     ) -> None:
         outcome = Outcome(
             host=host.name,
-            address=f"{host.target.host}:{host.target.port}",
+            address=_address(host.target),
             state=state,
             exit_code=code,
             signal=sig,
@@ -429,7 +432,3 @@ def interrupt_keys(answer: bytes) -> str:
     """The choice in what the user typed at the Ctrl-C question: s(top), d(etach), c(ontinue)."""
     text = answer.decode(errors="replace").strip().lower()
     return text[:1] if text[:1] in ("s", "d", "c") else "s"
-
-
-def signal_name(sig: int) -> str:
-    return signal.Signals(sig).name

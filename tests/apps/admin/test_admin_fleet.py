@@ -312,3 +312,24 @@ async def test_ctrl_c_on_a_terminal_asks_whether_to_stop_or_detach(
         finally:
             flag.touch()
             term.close()
+
+
+async def test_a_detach_leaves_started_jobs_lost_and_the_rest_skipped(tmp_path: Path) -> None:
+    flag = tmp_path / "release"
+    async with running_agent(tmp_path, None, None) as a, running_agent(tmp_path, None, None) as b:
+        hosts = [FleetHost("first", a.target), FleetHost("second", b.target)]
+        argv = ["sh", "-c", f"echo started; while [ ! -e {flag} ]; do sleep 0.05; done"]
+        fleet = Fleet(hosts, FleetOptions(argv, fanout=1, json=True), None)
+        try:
+            task = asyncio.ensure_future(fleet.run())
+            await eventually(lambda: "first" in fleet.runs and fleet.runs["first"].offsets[0] == 8, WAIT)
+            fleet.cancel("detached")
+            first, second = await asyncio.wait_for(task, WAIT)
+            (job,) = a.agent.jobs.jobs.values()
+            assert not job.done.done() and not b.agent.jobs.jobs  # left running; never asked
+        finally:
+            flag.touch()
+    assert (first.state, first.job, first.extra["stdout"]) == ("lost", job.id, "started\n")
+    assert first.reason == f"detached; job {job.id} keeps running: korinet-admin attach first {job.id}"
+    assert (second.state, second.reason, second.job) == ("skipped", "detached before its turn", None)
+    assert fleet_exit_code([first, second]) == 255
