@@ -216,6 +216,8 @@ async def _exec(args: argparse.Namespace) -> int:
         loop.remove_signal_handler(signal.SIGINT)
         for task in pending:
             task.cancel()
+        if choice is not None and not choice.done():
+            sys.stderr.write("\n")  # every host ended while the question was open
     if several and not args.json:
         print(fleet.summary(), file=sys.stderr, flush=True)
     for o in outcomes:

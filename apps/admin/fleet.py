@@ -339,7 +339,8 @@ class Fleet:
         async with semaphore:
             started = time.time()
             clock = time.monotonic()
-            output = HostOutput(host.name, output_dir=opts.output_dir, keep=opts.json, forward=forward)
+            keep = opts.json and opts.output_dir is None  # with files, JSON names them
+            output = HostOutput(host.name, output_dir=opts.output_dir, keep=keep, forward=forward)
             self.progress.started(host.name)
             result: HostResult | None = None
             try:
