@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from admin_helpers import CLI, cli_env, install_client_identity, running_agent
+from admin_helpers import CLI, cli_env, client_tls, install_client_identity, running_agent
 from korinet_admin.execclient import Target
 from korinet_admin.fleet import Fleet, FleetHost, FleetOptions, Outcome, Progress, fleet_exit_code
 from korinet_admin.inventory import load_seen
@@ -333,3 +333,13 @@ async def test_a_detach_leaves_started_jobs_lost_and_the_rest_skipped(tmp_path: 
     assert first.reason == f"detached; job {job.id} keeps running: korinet-admin attach first {job.id}"
     assert (second.state, second.reason, second.job) == ("skipped", "detached before its turn", None)
     assert fleet_exit_code([first, second]) == 255
+
+
+async def test_a_key_without_the_admin_role_is_refused_for_the_role(
+    tmp_path: Path, server_identity: Identity, authorized: AuthorizedKeys, bob: Identity
+) -> None:
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        host = FleetHost("h", agent.target, server_identity.fingerprint)
+        (result,) = await Fleet([host], FleetOptions(["true"], json=True), client_tls(bob, tmp_path)).run()
+    assert result.state == "refused" and result.reason.startswith("role: "), result
+    assert "korinet authorize" in result.reason  # what to do, on the agent
