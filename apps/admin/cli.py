@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ def _identity_error(exc: OSError | ValueError) -> str:
 # ---------------------------------------------------------------------- shared client bits
 
 
-def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
+def _client_tls(args: argparse.Namespace, key: str | None = None) -> ClientTLS | None:
+    """Our TLS settings; ``key``: accept only this agent key (pinned in the inventory)."""
     if args.insecure_plaintext:
         _err("WARNING: --insecure-plaintext: no encryption, no server key check; use on loopback only")
         return None
@@ -72,7 +74,8 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
         )
     except (OSError, ValueError) as exc:
         raise _Failure(_identity_error(exc)) from None
-    return ClientTLS(identity, on_first_use=pinning_notice("korinet-admin", where="the agent"))
+    notice = pinning_notice("korinet-admin", where="the agent")
+    return ClientTLS(identity, fingerprint=key, on_first_use=notice)
 
 
 async def _connect(args: argparse.Namespace, target: Target, tls: ClientTLS | None) -> AdminConnection | None:
@@ -95,13 +98,16 @@ def _explain(error: BaseException) -> str:
     return explain(error)
 
 
-def _one_target(text: str) -> Target:
+def _one_target(text: str) -> tuple[Target, str | None]:
+    """One host: an inventory name (its address and pinned key) or HOST[:PORT]."""
     from .execclient import parse_targets
+    from .inventory import load_inventory
 
-    targets = parse_targets(text)
+    host = load_inventory().hosts.get(text)
+    targets = parse_targets(host.address if host is not None else text)
     if len(targets) != 1:
         raise ValueError("give one host here")
-    return targets[0]
+    return targets[0], host.key if host is not None else None
 
 
 # ---------------------------------------------------------------------- exec
@@ -109,86 +115,166 @@ def _one_target(text: str) -> Target:
 
 async def _exec(args: argparse.Namespace) -> int:
     import asyncio
+    import json
     import signal
 
-    from .execclient import PrefixSink, StdSink, parse_targets
-    from .runner import HostResult, run_on_host
+    from .execclient import _ThreadReader
+    from .fleet import Fleet, FleetOptions, Outcome, fleet_exit_code, interrupt_keys, resolve
+    from .inventory import load_inventory
 
-    targets = parse_targets(args.hosts)
-    several = len(targets) > 1
+    hosts = resolve(args.hosts, load_inventory())
+    several = len(hosts) > 1
     if args.tty and several:
         _err("--tty works with one host only")
         return 2
+    if args.output_dir is not None:
+        try:
+            args.output_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            _err(f"--output-dir {args.output_dir}: {exc.strerror or exc}")
+            return 2
     tls = _client_tls(args)
-    loop = asyncio.get_running_loop()
-    runs: list[Any] = []
-    signalling: set[asyncio.Task[None]] = set()
-    presses = 0
 
-    def interrupt() -> None:
+    def on_outcome(outcome: Outcome) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps(outcome.record()) + "\n")
+            sys.stdout.flush()
+
+    options = FleetOptions(
+        argv=args.command,
+        fanout=args.fanout,
+        connect_timeout=args.connect_timeout,
+        outage_limit=args.outage_limit,
+        shell=args.shell,
+        tty=args.tty,
+        timeout=args.timeout,
+        stdin=not (args.no_stdin or several),
+        job_id=args.job,
+        json=args.json,
+        output_dir=args.output_dir,
+    )
+    terminal = sys.stderr if sys.stderr.isatty() else None
+    fleet = Fleet(hosts, options, tls, on_outcome=on_outcome, terminal=terminal)
+    loop = asyncio.get_running_loop()
+    # On a terminal a fan-out asks what Ctrl-C means; elsewhere (and for one host) it
+    # escalates: SIGINT, SIGTERM, SIGKILL to the remote commands, then quit.
+    interactive = several and sys.stdin.isatty() and sys.stderr.isatty()
+    presses = 0
+    choice: asyncio.Future[str] | None = None
+    pending: set[asyncio.Task[Any]] = set()
+
+    def escalate() -> None:
         nonlocal presses
         presses += 1
-        sig = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[min(presses, 3) - 1]
         if presses > 3:
-            _err("interrupted again: leaving; the job keeps running (see: korinet-admin jobs HOST)")
-            for task in tasks:
-                task.cancel()
+            fleet.say("interrupted again: leaving; the jobs keep running (see: korinet-admin jobs HOST)")
+            fleet.cancel("quit")
             return
+        sig = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)[presses - 1]
         nxt = {1: " (Ctrl-C again: SIGTERM)", 2: " (Ctrl-C again: SIGKILL)", 3: " (Ctrl-C again: quit)"}
-        _err(f"sending {sig.name} to the remote command{nxt[presses]}")
-        for run in runs:
-            signalling.add(loop.create_task(_quiet(run.signal(sig))))
+        fleet.say(f"sending {sig.name} to the remote command{'s' if several else ''}{nxt[presses]}")
+        pending.update(fleet.signal_all(sig))
 
-    results: dict[Target, HostResult] = {}
-    semaphore = asyncio.Semaphore(max(1, args.fanout))
+    async def ask() -> None:
+        nonlocal choice
+        choice = loop.create_future()
+        fleet.progress.finish()
+        fleet.progress.paused = True
+        sys.stderr.write(
+            "\nCtrl-C: [s]top the remote commands, [d]etach (they keep running), [c]ontinue? [s] "
+        )
+        sys.stderr.flush()
+        reader = _ThreadReader(sys.stdin.fileno(), 1024)
+        typed = loop.create_task(reader.get())
 
-    async def one(target: Target) -> None:
-        async with semaphore:
-            sink = PrefixSink(target.label) if several else StdSink()
-            try:
-                results[target] = await run_on_host(
-                    target,
-                    args.command,
-                    sink,
-                    tls=tls,
-                    connect_timeout=args.connect_timeout,
-                    shell=args.shell,
-                    tty=args.tty,
-                    timeout=args.timeout,
-                    stdin=not (args.no_stdin or several),
-                    job_id=args.job,
-                    on_started=runs.append,
-                    report=_err,
-                    label=target.label if several else None,
-                    outage_limit=args.outage_limit,
-                )
-            finally:
-                sink.close()
+        def answered(task: asyncio.Task[bytes]) -> None:
+            if choice is not None and not choice.done() and not task.cancelled():
+                choice.set_result(interrupt_keys(task.result()))
+
+        typed.add_done_callback(answered)
+        answer = await choice
+        typed.cancel()
+        fleet.progress.paused = False
+        if answer == "s":
+            escalate()
+        elif answer == "d":
+            fleet.say("detached: the remote commands keep running")
+            fleet.cancel("detached")
+
+    def interrupt() -> None:
+        if interactive and choice is None:
+            pending.add(loop.create_task(ask()))
+        elif choice is not None and not choice.done():
+            choice.set_result("s")  # Ctrl-C at the question: stop
+        else:
+            escalate()
 
     loop.add_signal_handler(signal.SIGINT, interrupt)
-    tasks = [loop.create_task(one(t)) for t in targets]
-    for target, outcome in zip(targets, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
-        if isinstance(outcome, BaseException):  # a bug: say so rather than exit quietly
-            _err(f"{target.label}: internal error: {outcome!r}")
-            results.setdefault(target, HostResult(FAILURE, f"internal error: {outcome!r}"))
-    loop.remove_signal_handler(signal.SIGINT)
-    for target in targets:
-        results.setdefault(target, HostResult(FAILURE, "abandoned (the job may still be running)"))
-    if several:
-        width = max(len("HOST"), *(len(t.label) for t in targets))
-        lines = [f"{'HOST':<{width}}  EXIT  NOTE"]
-        lines += [f"{t.label:<{width}}  {results[t].code:>4}  {results[t].note}".rstrip() for t in targets]
-        failed = sum(1 for t in targets if results[t].code)
-        lines.append(f"{len(targets)} host(s), {failed} failed")
-        print("\n".join(lines), file=sys.stderr, flush=True)
-    return max(r.code for r in results.values())
-
-
-async def _quiet(awaitable: Any) -> None:
     try:
-        await awaitable
-    except Exception as exc:
-        _err(f"could not signal the job: {exc}")
+        outcomes = await fleet.run()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        for task in pending:
+            task.cancel()
+        if choice is not None and not choice.done():
+            sys.stderr.write("\n")  # every host ended while the question was open
+    if several and not args.json:
+        print(fleet.summary(), file=sys.stderr, flush=True)
+    for o in outcomes:
+        if o.state == "lost" and o.job and o.reason.startswith("detached"):
+            print(f"{o.host}: {_attach_line(o.host, o.job)}", file=sys.stderr, flush=True)
+    _record_seen(outcomes)
+    return fleet_exit_code(outcomes)
+
+
+def _attach_line(host: str, job: str) -> str:
+    from .fleet import attach_command
+
+    return attach_command(host, job)
+
+
+def _record_seen(outcomes: list[Any]) -> None:
+    from .inventory import record_seen
+
+    try:
+        record_seen({o.host: (o.state, o.detail) for o in outcomes})
+    except OSError as exc:  # the run happened; only the bookkeeping failed
+        _err(f"cannot record the hosts' states: {exc}")
+
+
+async def _hosts(args: argparse.Namespace) -> int:
+    import time
+
+    from .inventory import age, load_inventory, load_seen
+
+    inventory = load_inventory()
+    if not inventory.hosts:
+        print(f"no hosts in {inventory.path} (docs/ADMIN.md, Fleet, shows the format)")
+        return 0
+    if args.groups:
+        groups = inventory.groups()
+        width = max(len(g) for g in groups) + 1
+        for group, members in groups.items():
+            print(f"{'@' + group:<{width}}  {len(members):>4}  {', '.join(members)}")
+        return 0
+    hosts = inventory.select(args.selection) if args.selection else list(inventory.hosts.values())
+    seen = load_seen()
+    now = time.time()
+    rows = [("NAME", "ADDRESS", "GROUPS", "KEY", "LAST SEEN")]
+    for host in hosts:
+        key = host.key[:15] + "…" if host.key else "-"
+        last = seen.get(host.name)
+        if isinstance(last, dict) and "state" in last:
+            when = age(now - float(last.get("at", now)))
+            detail = f" ({last['detail']})" if last.get("detail") else ""
+            state = f"{last['state']}{detail}, {when}"
+        else:
+            state = "never"
+        rows.append((host.name, host.address, ",".join(host.groups) or "-", key, state))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
 
 
 # ---------------------------------------------------------------------- attach, jobs, status
@@ -204,7 +290,7 @@ async def _attach(args: argparse.Namespace) -> int:
     from .protocol import exit_status
     from .runner import outage_message
 
-    target = _one_target(args.host)
+    target, key = _one_target(args.host)
     offsets = None
     if args.offsets:
         try:
@@ -213,7 +299,7 @@ async def _attach(args: argparse.Namespace) -> int:
         except ValueError:
             _err("--from takes STDOUT,STDERR byte offsets, e.g. --from 1024,0")
             return 2
-    conn = await _connect(args, target, _client_tls(args))
+    conn = await _connect(args, target, _client_tls(args, key))
     if conn is None:
         return FAILURE
     conn.notify = lambda line: _err(f"{target.label}: {line}")
@@ -256,8 +342,8 @@ async def _ask(args: argparse.Namespace, request_type: str) -> Any:
     None (the user was told why)."""
     from korinet import KoriNetError
 
-    target = _one_target(args.host)
-    conn = await _connect(args, target, _client_tls(args))
+    target, key = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args, key))
     if conn is None:
         return None
     try:
@@ -356,8 +442,8 @@ async def _put(args: argparse.Namespace) -> int:
     remote = args.destination
     if remote.endswith("/"):
         remote += source.name
-    target = _one_target(args.host)
-    conn = await _connect(args, target, _client_tls(args))
+    target, key = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args, key))
     if conn is None:
         return FAILURE
     meter = Meter(f"{source.name} -> {target.label}")
@@ -385,8 +471,8 @@ async def _get(args: argparse.Namespace) -> int:
     destination = Path(args.destination)
     if destination.is_dir():
         destination = destination / Path(args.source).name
-    target = _one_target(args.host)
-    conn = await _connect(args, target, _client_tls(args))
+    target, key = _one_target(args.host)
+    conn = await _connect(args, target, _client_tls(args, key))
     if conn is None:
         return FAILURE
     meter = Meter(f"{target.label}:{Path(args.source).name} -> {destination}")
@@ -575,10 +661,17 @@ def build_parser() -> argparse.ArgumentParser:
         "exec",
         help="run a command on one or more hosts",
         description="Run CMD on each host's agent. Output streams live; the exit code is the remote "
-        "one (255: korinet-admin failed; 128+N: killed by signal N; 124: --timeout; several hosts: the "
-        "largest). Ctrl-C sends SIGINT to the remote command, again SIGTERM, again SIGKILL.",
+        "one (255: korinet-admin failed; 128+N: killed by signal N; 124: --timeout; several hosts: 255 "
+        "if any host did not finish, else the first non-zero). Ctrl-C sends SIGINT to the remote "
+        "command, again SIGTERM, again SIGKILL; in a fan-out on a terminal it asks: stop or detach.",
     )
-    p.add_argument("hosts", metavar="HOST[:PORT][,HOST...]", help="agent(s), default port 1237")
+    p.add_argument("hosts", metavar="SELECTION",
+                   help="HOST[:PORT][,...] (default port 1237), inventory names, globs (web*), "
+                   "@GROUP, @all, !TERM to exclude (docs/ADMIN.md, Fleet)")  # fmt: skip
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per host on stdout as it ends, output included")  # fmt: skip
+    p.add_argument("--output-dir", type=Path, metavar="DIR",
+                   help="write each host's output to DIR/HOST.out and DIR/HOST.err")  # fmt: skip
     p.add_argument("--timeout", type=_positive, metavar="S", help="kill the command after S seconds")
     p.add_argument("--fanout", type=int, default=32, metavar="N", help="hosts at once (default 32)")
     p.add_argument("--shell", action="store_true", help="run CMD through /bin/sh -c (if your role allows)")
@@ -590,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(p)
     p.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]", help="the command (after --)")
     p.set_defaults(func=_exec)
+
+    p = sub.add_parser("hosts", help="the inventory: hosts, addresses, groups, keys, last states")
+    p.add_argument("selection", nargs="?", metavar="SELECTION", help="only these (as exec takes)")
+    p.add_argument("--groups", action="store_true", help="the groups and their hosts")
+    p.set_defaults(func=_hosts)
 
     p = sub.add_parser("attach", help="re-join a job: its output from where you left, then its exit")
     p.add_argument("host", metavar="HOST[:PORT]")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from korinet.plugins import PluginManager
     from korinet.security import ClientTLS
 
-__all__ = ["FAILURE", "OUTAGE_LIMIT", "HostResult", "describe", "outage_message", "run_on_host"]
+__all__ = ["FAILURE", "OUTAGE_LIMIT", "STATES", "HostResult", "describe", "outage_message", "run_on_host"]
 
 #: ssh's exit code when the tool itself failed.
 FAILURE = 255
@@ -29,10 +29,21 @@ FAILURE = 255
 OUTAGE_LIMIT = 60.0
 
 
+#: How a host's run ended (docs/ADMIN.md, "Fleet"): ``done`` the command exited
+#: (``code`` is its exit status); ``unreachable`` no session (connect or TLS failed);
+#: ``lost`` reached, then gone past the outage limit (the job keeps running there);
+#: ``refused`` the agent or its key said no (key, role, policy).
+STATES = ("done", "unreachable", "lost", "refused")
+
+
 @dataclass(frozen=True, slots=True)
 class HostResult:
     code: int
     note: str = ""
+    state: str = "done"
+    signal: int | None = None
+    #: the job id when the agent was asked to run it (for ``attach``)
+    job: str | None = None
 
 
 def outage_message(host: str, job_id: str, limit: float | None, started: bool = True) -> str:
@@ -94,7 +105,9 @@ async def run_on_host(
         )  # fmt: skip
     except (KoriNetError, OSError) as exc:
         report(f"{name}: {explain(exc)}")
-        return HostResult(FAILURE, f"no session: {exc}")
+        if _refused_key(exc):
+            return HostResult(FAILURE, f"key: {explain(exc)}", "refused")
+        return HostResult(FAILURE, f"no session: {exc}", "unreachable")
     from .plugin import watch_links
 
     within = f" for up to {outage_limit:g} s" if outage_limit else ""
@@ -128,30 +141,33 @@ async def run_on_host(
         notice = await run.wait()
         code = exit_status(notice)
         note = describe(notice, timeout)
+        sig = notice.get("signal") or None
         if notice.get("timed_out"):
             report(f"{name}: timed out after {timeout:g}s: the command was killed")
         elif notice.get("error"):
             report(f"{name}: {notice['error']}")
-        return HostResult(code, note)
+        return HostResult(code, note, "done", sig, job_id)
     except OutputClosed:
         # as in a local pipeline (cmd | head): the writer gets SIGPIPE, silently
         if run is not None:
             with contextlib.suppress(KoriNetError, TimeoutError):
                 await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
-        return HostResult(128 + signal.SIGPIPE, "local output closed")
+        return HostResult(128 + signal.SIGPIPE, "local output closed", "done", signal.SIGPIPE, job_id)
     except MessageRejected as exc:
         report(f"{name}: refused: {explain(exc)}")
-        return HostResult(FAILURE, f"refused: {exc}")
+        kind = "role" if "requires the role" in str(exc) else "policy"
+        return HostResult(FAILURE, f"{kind}: {explain(exc)}", "refused", job=job_id)
     except KoriNetTimeout as exc:
         if not conn.client.is_closed:
             report(f"{name}: {exc}")
-            return HostResult(FAILURE, str(exc))
+            return HostResult(FAILURE, str(exc), "lost", job=job_id)
         # the client's outage limit ended the session: the agent is gone, the job is not
-        report(outage_message(target.label, job_id, outage_limit, started=run is not None))
-        return HostResult(FAILURE, f"agent unreachable for {outage_limit or 0:g} s")
+        report(outage_message(label or target.label, job_id, outage_limit, started=run is not None))
+        return HostResult(FAILURE, f"agent unreachable for {outage_limit or 0:g} s", "lost", job=job_id)
     except KoriNetError as exc:
+        # reached, then the session or the job went away: the job may run on
         report(f"{name}: {exc}")
-        return HostResult(FAILURE, str(exc))
+        return HostResult(FAILURE, str(exc), "lost", job=job_id)
     finally:
         if tty:
             with contextlib.suppress(Exception):
@@ -163,6 +179,17 @@ async def run_on_host(
             with contextlib.suppress(asyncio.CancelledError, KoriNetError):
                 await stdin_task
         await conn.close()
+
+
+def _refused_key(exc: BaseException) -> bool:
+    """Whether a failed open was a key refused (theirs by our pin, ours by the agent)
+    rather than a host we could not reach."""
+    from korinet.exceptions import AuthenticationError, ConnectionClosed
+    from korinet.session import CloseCode
+
+    if isinstance(exc, AuthenticationError):
+        return True
+    return isinstance(exc, ConnectionClosed) and getattr(exc, "code", None) == CloseCode.AUTH_FAILED
 
 
 def _resize(run: JobRun, fd: int) -> None:

@@ -9,7 +9,7 @@ import itertools
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,18 @@ async def running_agent(
     *,
     policy: Policy = DEFAULT_POLICY,
     session_ttl: float = 60.0,
+    job_env: dict[str, str] | None = None,
     **agent_kwargs: Any,
 ) -> AsyncIterator[RunningAgent]:
     """An agent on a free loopback port: TLS with ``authorized`` keys, or plaintext
-    (every client anonymous admin) when ``identity`` is None."""
+    (every client anonymous admin) when ``identity`` is None. ``job_env``: variables its
+    jobs see (so that agents of one process can play different hosts)."""
     state = base / f"agent-{next(_agent_numbers)}"
     audit_path = state / "audit.log"
-    agent = Agent(state, policy=policy, audit=AuditLog(audit_path), insecure=identity is None, **agent_kwargs)
+    with job_environment(job_env or {}):  # the agent starts its job launcher here
+        agent = Agent(
+            state, policy=policy, audit=AuditLog(audit_path), insecure=identity is None, **agent_kwargs
+        )
     tls = ServerTLS(identity, authorized=authorized) if identity is not None else None
     server = Server(
         "127.0.0.1",
@@ -80,6 +85,22 @@ async def running_agent(
     finally:
         await server.close()
         await agent.close()
+
+
+@contextlib.contextmanager
+def job_environment(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` while an Agent is made: its job launcher (started then) and so every
+    job it starts inherit it."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def client_tls(identity: Identity | None, base: Path) -> ClientTLS:
