@@ -73,16 +73,19 @@ class Relay:
     async def cut_within(self, nbytes: int, finished: asyncio.Event) -> None:
         """Cut after ``nbytes`` more bytes and wait for it; if ``finished`` is set first
         (the traffic ended inside the budget), cut cleanly instead, once linked. Either
-        way exactly one counted cut."""
+        way exactly one counted cut (judged on the counter, not on which wait woke first:
+        both can be ready in the same loop turn)."""
+        before = self.cuts
         cut = asyncio.ensure_future(self.wait_cut())
         self.cut_after(nbytes)
         ended = asyncio.ensure_future(finished.wait())
         await asyncio.wait({cut, ended}, return_when=asyncio.FIRST_COMPLETED)
         ended.cancel()
-        if not cut.done():
-            cut.cancel()
+        cut.cancel()
+        if self.cuts == before:
             await self.wait_linked()
-            self.cut()
+            if self.cuts == before:
+                self.cut()
 
     def stall(self) -> None:
         """Stop reading from either side, connections left open (until :meth:`resume`)."""
@@ -132,6 +135,8 @@ class Relay:
                     break
                 if self.black_hole:
                     continue  # swallowed: the peers see silence, not a close
+                if pair not in self.pairs:
+                    break  # read before a cut landed: this link is gone, its bytes with it
                 if self._budget is not None:
                     if len(data) >= self._budget:
                         writer.write(data[: self._budget])
