@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
     from .client import ChatClient
     from .discovery import Announcement, FoundHub, HubWatcher
-    from .hub import ChatHub
+    from .handover import LocalHost
+    from .hub import ChatHub, HubSettings
 
 __all__ = ["load_config", "main"]
 
@@ -200,14 +201,9 @@ async def start_hub(
     rate: float | None = None, burst: float | None = None,
 ) -> tuple[ChatHub, Server]:  # fmt: skip
     """A hub listening on ``host:port`` (``port`` busy and the default: any free one)."""
-    from .hub import ChatHub, HubSettings
+    from .hub import ChatHub
 
-    settings = HubSettings()
-    if rate is not None:
-        settings.rate = rate
-    if burst is not None:
-        settings.burst = burst
-    hub = ChatHub(db, settings=settings)
+    hub = ChatHub(db, settings=_hub_settings(rate, burst))
     tls = _server_tls(plaintext)
     server = hub.server(host, port, tls=tls, session_ttl=session_ttl)
     try:
@@ -219,6 +215,17 @@ async def start_hub(
         server = hub.server(host, 0, tls=tls, session_ttl=session_ttl)
         await server.start()
     return hub, server
+
+
+def _hub_settings(rate: float | None, burst: float | None) -> HubSettings:
+    from .hub import HubSettings
+
+    settings = HubSettings()
+    if rate is not None:
+        settings.rate = rate
+    if burst is not None:
+        settings.burst = burst
+    return settings
 
 
 async def _announce(server: Server, plaintext: bool, interface: str | None = None) -> Announcement | None:
@@ -323,9 +330,12 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         _warn_plaintext("client")
     address = args.address or cfg.get("host")
     interface = args.interface or cfg.get("interface")
-    hub = server = announcement = watcher = None
+    watcher = None
     hub_found: FoundHub | None = None
     pinned: str | None = None
+    # This process's hub: started now if no hub answers, or later if the hub's host
+    # quits and hands it to us (docs/CHAT.md, "Handover").
+    local = _local_host(cfg, plaintext, interface)
     if address:
         host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
     else:
@@ -337,19 +347,18 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             host, port = hub_found.host, hub_found.port
         else:
             try:
-                hub, server = await start_hub(interface or "0.0.0.0", int(cfg.get("port", DEFAULT_PORT)),
-                                              cfg.get("db") or default_db(), plaintext=plaintext)  # fmt: skip
+                host, port, pinned = await local.start()
             except OSError as exc:
                 print(f"korinet-chat: cannot start a hub here: {exc.strerror or exc}", file=sys.stderr)
                 return 1
-            host, port, pinned = interface or "127.0.0.1", server.port, server.fingerprint
-            announcement = await _announce(server, plaintext, interface)
             print(("" if skipped else "no hub on the LAN: ") + f"started one here on port {port}"
-                  + (", announced: others who run korinet-chat will join it" if announcement else ""),
+                  + (", announced: others who run korinet-chat will join it" if local.announcement else ""),
                   flush=True)  # fmt: skip
     try:
-        client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned))
+        client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned), taker=local,
+                            hosting=local.hub is not None)  # fmt: skip
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
+        _quit_on_sigterm(ui)
         try:
             await client.start(open_timeout=args.connect_timeout)
         except KoriNetTimeout as exc:
@@ -360,8 +369,8 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         except (ChatError, KoriNetError, OSError) as exc:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {describe(exc)}", file=sys.stderr)
             return 1
-        if announcement is not None:
-            watcher = _watch_rivals(client, announcement.name, interface)
+        if local.announcement is not None:
+            watcher = _watch_rivals(client, local.announcement.name, interface)
         elif hub_found is not None:
             watcher = _follow_hub(client, hub_found.name, interface)
         await ui.run()
@@ -376,13 +385,41 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         if watcher is not None:
             with contextlib.suppress(Exception):
                 await watcher.close()
-        if announcement is not None:
-            await announcement.close()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await server.close()
-        if hub is not None:
-            hub.close()
+        if local.hub is not None:
+            hosted = len(local.hub.handover.able)
+            if hosted:
+                print(f"handing the hub over ({hosted} member(s) can host it)…", flush=True)
+            successor = await local.close()
+            if successor:
+                print(f"the hub is now hosted by {successor}", flush=True)
+            elif hosted:
+                print("nobody could take the hub over: it closed", file=sys.stderr, flush=True)
+
+
+def _local_host(cfg: dict[str, Any], plaintext: bool, interface: str | None) -> LocalHost:
+    """The hub this process would run (not started yet)."""
+    from .handover import LocalHost
+
+    async def announce(server: Server) -> Announcement | None:
+        return await _announce(server, plaintext, interface)
+
+    return LocalHost(
+        cfg.get("db") or default_db(),
+        listen=interface or "0.0.0.0",
+        local=interface or "127.0.0.1",
+        port=int(cfg.get("port", DEFAULT_PORT)),
+        tls=lambda: _server_tls(plaintext),
+        settings=_hub_settings(cfg.get("rate"), cfg.get("burst")),
+        announce=announce,
+    )
+
+
+def _quit_on_sigterm(ui: Any) -> None:
+    """SIGTERM quits as /quit --force does (so the hub is handed over, not dropped)."""
+    import signal
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: ui._spawn(ui._quit(True)))
 
 
 def _watch_rivals(client: ChatClient, own_name: str, interface: str | None) -> HubWatcher | None:

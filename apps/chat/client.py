@@ -46,6 +46,7 @@ from korinet import (
 from korinet.session import CloseCode
 
 from . import protocol, watch
+from .handover import RoomState, Taker, collect
 from .hub import chat_plugins
 from .sanitize import clean
 
@@ -63,6 +64,12 @@ CLIENT_CONFIG = SessionConfig(heartbeat_interval=2.0)
 #: The longest wait between reconnection attempts: on a LAN a hub that is back is
 #: used again within a second (the runtime's default, 5 s, suits the internet).
 BACKOFF_CAP = 1.0
+
+#: Seconds to reach the hub a handover moved us to.
+MOVE_TIMEOUT = 10.0
+
+#: Room messages each client keeps (its own copy, for a takeover after a crash).
+KEEP_PER_ROOM = 2000
 
 #: Slash commands and their one-line help (the UI completes these).
 COMMANDS: dict[str, str] = {
@@ -134,6 +141,7 @@ class _RoomView:
     seen: int = 0  # the last sequence number shown
     held: dict[int, dict[str, Any]] = field(default_factory=dict)  # beyond a gap
     asked: int = 0  # the gap start already asked for
+    log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=KEEP_PER_ROOM))  # shown, raw
 
 
 class ChatClient:
@@ -147,6 +155,9 @@ class ChatClient:
         plugins: plugin manager (the chat plugin is added if missing).
         on_line: called with every new :class:`Line`.
         on_status: called when the status line would change.
+        taker: lets this client take the hub over when its host quits (None: it
+            cannot; docs/CHAT.md, "Handover").
+        hosting: this process hosts the hub (its client is never asked to take it).
     """
 
     def __init__(
@@ -163,6 +174,8 @@ class ChatClient:
         on_status: Callable[[], None] | None = None,
         backoff_cap: float = BACKOFF_CAP,
         keep_lines: int = 5000,
+        taker: Taker | None = None,
+        hosting: bool = False,
     ) -> None:
         self.host, self.port = host, port
         self.nick = protocol.normalize_nick(nick)
@@ -199,6 +212,13 @@ class ChatClient:
         self._registering = False
         self._closing = False
         self._mention_re = self._mention_pattern()
+        self.taker = taker
+        self.hosting = hosting
+        #: who may host next, in order, as the hub last said ({"nick", "address", "port"})
+        self.successors: list[dict[str, Any]] = []
+        self.hub_host: str | None = None  # the nick of the member hosting the hub
+        self._incoming: dict[str, RoomState] = {}  # rooms being handed over to us
+        self._moving = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -419,7 +439,7 @@ class ChatClient:
             wanted = self.nick
             for attempt in range(6):
                 nick = wanted if attempt == 0 else f"{wanted}{'_' * attempt}"
-                result = await self._request("hello", nick=nick)
+                result = await self._request("hello", nick=nick, **self._hosting_offer())
                 if result.get("ok"):
                     self._learn_rooms(result.get("rooms"))
                     if nick != self.nick or attempt:
@@ -441,6 +461,11 @@ class ChatClient:
         finally:
             self._registering = False
             self._release_held()
+
+    def _hosting_offer(self) -> dict[str, Any]:
+        if self.hosting:
+            return {"hosting": True}
+        return {"can_host": self.taker.port} if self.taker is not None else {}
 
     def _resend(self, pending: Pending) -> None:
         waiting = self._waiting.pop(pending.rid, None)
@@ -571,6 +596,8 @@ class ChatClient:
             self._event(data)
         elif type_ == protocol.DM:
             self._dm(data)
+        elif type_ == protocol.HUB:
+            self._hub_message(data)
 
     def _result(self, data: dict[str, Any]) -> None:
         rid = data["rid"]
@@ -606,8 +633,10 @@ class ChatClient:
             return
         self._show(data)
         view.seen = seq
+        view.log.append(data)
         while view.seen + 1 in view.held:
             view.seen += 1
+            view.log.append(view.held[view.seen])
             self._show(view.held.pop(view.seen))
 
     async def _fill_gap(self, room: str, since: int, count: int) -> None:
@@ -690,6 +719,96 @@ class ChatClient:
             )
         )
 
+    # ------------------------------------------------------------------ handover
+
+    def _hub_message(self, data: dict[str, Any]) -> None:
+        kind = data["kind"]
+        if kind == "successors":
+            self.successors = list(data["list"])
+            self.hub_host = data.get("host") or self.hub_host
+        elif kind == "state" and self.taker is not None:
+            collect(self._incoming, data)
+        elif kind == "take" and self.taker is not None:
+            self._spawn(self._take_over(clean(data.get("host") or "the host", protocol.MAX_NICK + 8)))
+        elif kind == "moved":
+            host = clean(data.get("host") or "the host", protocol.MAX_NICK + 8)
+            nick = clean(data["nick"], protocol.MAX_NICK + 8)
+            text = f"{host}'s hub closed; now hosted by {nick}"
+            self._spawn(self._move(data["address"], data["port"], data.get("fp"), text))
+        elif kind == "closed":
+            host = clean(data.get("host") or "the host", protocol.MAX_NICK + 8)
+            self._info(
+                f"{host}'s hub closed and nobody here could host it: quit, then run korinet-chat again "
+                "(the first to do so starts a hub)",
+                "error",
+            )
+
+    async def _take_over(self, host: str) -> None:
+        """The hub's host quits and chose us: start a hub from the rooms it sent, tell it
+        where, and move there ourselves."""
+        assert self.taker is not None
+        rooms, self._incoming = list(self._incoming.values()), {}
+        try:
+            address, port, fp = await self.taker.start(rooms)
+        except Exception as exc:  # the old hub waits, then asks the next one
+            self._info(f"could not take the hub over: {describe(exc)}", "error")
+            return
+        self.hosting = True
+        try:
+            await asyncio.wait_for(self._ask("took", port=port, **({"fp": fp} if fp else {})), MOVE_TIMEOUT)
+        except (ChatError, KoriNetError, TimeoutError):
+            pass  # the old hub is gone already: the others find us as after a crash
+        await self._move(address, port, fp, f"{host}'s hub closed; now hosted by you ({self.nick})")
+
+    async def _move(self, host: str, port: int, fingerprint: str | None, text: str) -> None:
+        """The hub moved: connect to the new one, rejoin our rooms "since" what we showed
+        (no gap, no duplicate) and re-send what is pending under the same mids (the new
+        hub has the old one's mids: nothing is stored twice)."""
+        if self._closing or self._moving:
+            return
+        self._moving = True
+        try:
+            self._info(text)
+            old = self.peer
+            for task in (self._reader, self._pump):
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+            self._backlog.clear()  # requests not sent: the says among them are pending
+            for rid, waiting in list(self._waiting.items()):
+                if waiting.mid is None:  # a /who or the like: asked again by the user
+                    del self._waiting[rid]
+                    if not waiting.future.done():
+                        waiting.future.set_result(
+                            {"rid": rid, "ok": False, "error": "the hub moved: try again", "code": "moved"}
+                        )
+            self.state = "reconnecting"
+            self._status()
+            if old is not None:
+                self._spawn(_quietly_close(old))
+            self.host, self.port = host, port
+            if self.tls is not None:
+                from korinet.security import ClientTLS
+
+                self.tls = ClientTLS(identity=self.tls.identity, known_hosts=self.tls.known_hosts,
+                                     fingerprint=fingerprint, on_first_use=self.tls.on_first_use)  # fmt: skip
+            try:
+                self.peer = await Client.connect(host, port, plugins=self.plugins, tls=self.tls,
+                                                 config=self.config, backoff_cap=self.backoff_cap,
+                                                 open_timeout=MOVE_TIMEOUT)  # fmt: skip
+            except KoriNetError as exc:
+                self.peer = old
+                self.state = "closed"
+                self._info(f"could not reach the new hub at {host}:{port}: {describe(exc)}", "error")
+                return
+            self.state = "connected"
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+            await self._register(first=False)
+        except (ChatError, KoriNetError) as exc:
+            self._info(f"could not join the new hub: {describe(exc)}", "error")
+        finally:
+            self._moving = False
+            self._status()
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -713,7 +832,8 @@ class ChatClient:
         _check_length(text)
         pending = Pending(f"{self._client_id}-{next(self._mids)}", text, room, kind=kind)
         self.pending[pending.mid] = pending
-        self._request("say", mid=pending.mid, room=room, text=text, kind=kind)
+        if not self._moving:  # moving: sent to the new hub with the rest of what is pending
+            self._request("say", mid=pending.mid, room=room, text=text, kind=kind)
         self._status()
         return pending
 
@@ -918,6 +1038,13 @@ class ChatClient:
                 f"unknown command {clean(name, 30)} (/help lists them; // sends a line starting with /)"
             )
         return True
+
+
+async def _quietly_close(peer: Client) -> None:
+    try:
+        await peer.close("the hub moved", timeout=1.0)
+    except (KoriNetError, OSError):
+        pass
 
 
 def _check_length(text: str) -> None:

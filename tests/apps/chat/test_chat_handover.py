@@ -1,0 +1,170 @@
+"""Hub handover (docs/CHAT.md, "Which hub is the hub, and handover"): when the process
+hosting the embedded hub quits, a member's korinet-chat takes the hub over, everyone
+moves there, history and sequence numbers go on, and no typed line is lost.
+
+Each "process" is a ChatClient with its own LocalHost (the embedded hub korinet-chat
+would run), all on loopback in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from chat_helpers import WAIT, fresh_plugins, has_line
+from korinet_chat.client import ChatClient
+from korinet_chat.handover import LocalHost
+from korinet_chat.hub import HubSettings
+from testutil import TIMEOUT_FACTOR
+
+from korinet.plugins import PluginManager
+
+pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
+
+
+@dataclass
+class Lan:
+    plugins: PluginManager = field(default_factory=fresh_plugins)
+    hosts: dict[str, LocalHost] = field(default_factory=dict)
+    clients: dict[str, ChatClient] = field(default_factory=dict)
+    address: tuple[str, int] = ("127.0.0.1", 0)
+
+    def host_for(self, nick: str) -> LocalHost:
+        host = LocalHost(":memory:", listen="127.0.0.1", plugins=self.plugins, settings=HubSettings(rate=0))
+        self.hosts[nick] = host
+        return host
+
+    async def start_hub(self, nick: str) -> ChatClient:
+        """``nick`` finds no hub: starts one in its process and joins it."""
+        host = self.host_for(nick)
+        address, port, _ = await host.start()
+        self.address = (address, port)
+        return await self._join(nick, host, hosting=True)
+
+    async def join(self, nick: str, room: str = "general") -> ChatClient:
+        return await self._join(nick, self.host_for(nick), hosting=False, room=room)
+
+    async def _join(self, nick: str, host: LocalHost, *, hosting: bool, room: str = "general") -> ChatClient:
+        client = ChatClient(*self.address, nick, room=room, plugins=self.plugins, taker=host, hosting=hosting)
+        await client.start(open_timeout=WAIT)
+        self.clients[nick] = client
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        for host in self.hosts.values():
+            with contextlib.suppress(Exception):
+                await host.close(hand_over=False)
+
+
+@contextlib.asynccontextmanager
+async def lan() -> AsyncIterator[Lan]:
+    network = Lan()
+    try:
+        yield network
+    finally:
+        await network.close()
+
+
+def shown(client: ChatClient, room: str = "general") -> list[tuple[int | None, str]]:
+    return [(line.seq, line.text) for line in client.lines if line.kind == "msg" and line.room == room]
+
+
+def assert_continuous(client: ChatClient, room: str, texts: list[str]) -> None:
+    """``client`` showed each of ``texts`` in ``room`` exactly once, numbered 1..N with no
+    gap, each sender's lines in the order typed (lines of two senders typed at the
+    same time may interleave either way, as anywhere)."""
+    got = shown(client, room)
+    assert sorted(text for _, text in got) == sorted(texts), client.nick
+    assert [seq for seq, _ in got] == list(range(1, len(texts) + 1)), client.nick
+    for sender in {text.split()[0] for text in texts}:
+        mine = [text for text in texts if text.split()[0] == sender]
+        assert [text for _, text in got if text.split()[0] == sender] == mine, (client.nick, sender)
+
+
+async def test_clean_quit_hands_the_hub_to_a_member_and_nothing_is_lost() -> None:
+    async with lan() as net:
+        ana = await net.start_hub("ana")
+        ben = await net.join("ben")
+        cat = await net.join("cat")
+        await cat.join("#dev")
+        await ben.join("#dev")
+        general = [f"hello {i}" for i in range(3)]
+        for text in general:
+            ana.say(text, room="general")
+        dev = ["dev 0"]
+        cat.say("dev 0", room="dev")
+        for client in (ana, ben, cat):
+            await client.wait_for(lambda c: len(shown(c)) == 3 and not c.pending, WAIT)
+        await ben.wait_for(lambda c: len(shown(c, "dev")) == 1, WAIT)
+        old_hub = net.hosts["ana"].hub
+        assert old_hub is not None
+        # ben said hello first: he is the first able successor, and everyone knows it
+        await cat.wait_for(lambda c: [s["nick"] for s in c.successors] == ["ben", "cat"], WAIT)
+        assert cat.hub_host == "ana"
+
+        # ana quits: her client leaves, then her process hands the hub over
+        await ana.close()
+        del net.clients["ana"]
+        quitting = asyncio.create_task(net.hosts["ana"].close())
+        # lines typed as the handover starts, while cat moves, and after
+        for i in range(3):
+            cat.say(f"cat early {i}", room="general")
+        await cat.wait_for(lambda c: c._moving, WAIT)
+        for i in range(3):
+            cat.say(f"cat moving {i}", room="general")
+            ben.say(f"ben {i}", room="dev")
+        assert await asyncio.wait_for(quitting, WAIT) == "ben"
+        await cat.wait_for(lambda c: not c._moving and c.state == "connected", WAIT)
+        cat.say("cat after", room="dev")
+
+        general += [f"cat early {i}" for i in range(3)] + [f"cat moving {i}" for i in range(3)]
+        dev += [f"ben {i}" for i in range(3)] + ["cat after"]
+        for client in (ben, cat):
+            await client.wait_for(
+                lambda c: (
+                    len(shown(c)) >= len(general) and len(shown(c, "dev")) >= len(dev) and not c.pending
+                ),
+                WAIT,
+            )
+            assert_continuous(client, "general", general)
+            assert_continuous(client, "dev", dev)
+            assert not [line for line in client.lines if line.kind == "marker"], (
+                "no gap marker: nothing missed"
+            )
+        assert shown(ben, "dev") == shown(cat, "dev") and shown(ben) == shown(cat)
+        # the one line that says what happened
+        assert has_line("info", "ana's hub closed; now hosted by ben")(cat)
+        assert has_line("info", "ana's hub closed; now hosted by you (ben)")(ben)
+        for client in (ben, cat):  # ana left; a move is nobody's leave
+            left = [line.text for line in client.lines if line.kind == "event" and "left" in line.text]
+            assert set(left) <= {"ana left #general", "ana left"}, left
+        # ben's process hosts it now: the whole history, the numbers going on
+        new_hub = net.hosts["ben"].hub
+        assert new_hub is not None and new_hub is not old_hub
+        assert new_hub.history.rooms() == {"general": len(general), "dev": len(dev)}
+        assert [m["text"] for m in new_hub.history.last("general", 100)] == general
+        assert (ben.host, ben.port) == (cat.host, cat.port) == ("127.0.0.1", net.hosts["ben"].port)
+        assert ben.hosting and new_hub.handover.host_nick == "ben"
+        # and ben's hub is handed on in turn: cat is now its only able member
+        await cat.wait_for(
+            lambda c: c.hub_host == "ben" and [s["nick"] for s in c.successors] == ["cat"], WAIT
+        )
+
+
+async def test_a_hub_nobody_can_take_just_closes() -> None:
+    async with lan() as net:
+        ana = await net.start_hub("ana")
+        # bob's client cannot host (no taker): he is not offered the hub
+        bob = ChatClient(*net.address, "bob", plugins=net.plugins)
+        await bob.start(open_timeout=WAIT)
+        net.clients["bob"] = bob
+        await ana.wait_for(lambda c: "bob" in c.members.get("general", set()) or bool(c.lines), WAIT)
+        await ana.close()
+        del net.clients["ana"]
+        assert await asyncio.wait_for(net.hosts["ana"].close(), WAIT) is None
+        await bob.wait_for(has_line("error", "ana's hub closed and nobody here could host it"), WAIT)
