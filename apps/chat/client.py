@@ -46,7 +46,7 @@ from korinet import (
 from korinet.session import CloseCode
 
 from . import protocol, watch
-from .handover import RoomState, Taker, collect
+from .handover import RoomState, Taker, collect, stored
 from .hub import chat_plugins
 from .sanitize import clean
 
@@ -67,6 +67,11 @@ BACKOFF_CAP = 1.0
 
 #: Seconds to reach the hub a handover moved us to.
 MOVE_TIMEOUT = 10.0
+
+#: A dropped embedded hub is taken to be gone after this many refused (or silent)
+#: probes, this many seconds apart (docs/CHAT.md, "If the host crashes").
+CRASH_PROBES = 3
+PROBE_INTERVAL = 0.5
 
 #: Room messages each client keeps (its own copy, for a takeover after a crash).
 KEEP_PER_ROOM = 2000
@@ -219,6 +224,7 @@ class ChatClient:
         self.hub_host: str | None = None  # the nick of the member hosting the hub
         self._incoming: dict[str, RoomState] = {}  # rooms being handed over to us
         self._moving = False
+        self._watching = False  # probing a hub whose link dropped
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -286,6 +292,9 @@ class ChatClient:
             return
         if event == "lost":
             self.state = "reconnecting"
+            if self.hub_host and not self.hosting and not self._watching and not self._closing:
+                self._watching = True  # an embedded hub: if its process died, someone takes over
+                self._spawn(self._watch_hub(self.peer))
             if not self._mark:
                 self._mark = {room: view.seen for room, view in self.rooms.items()}
         elif event == "resumed":
@@ -413,8 +422,11 @@ class ChatClient:
                 pending.acked = True
                 self._status()
             return
-        if isinstance(error, SessionExpired):
-            return  # the hub may or may not have it: re-registration re-sends what is pending
+        if isinstance(error, SessionExpired) or self._moving:
+            # the hub may or may not have it: re-registration (on the new hub, after a
+            # move) re-sends what is pending; later failures of the old session find
+            # no request waiting any more (re-sent under a new rid)
+            return
         self._fail(rid, error, keep_pending=self._closing)
 
     def _fail(self, rid: int, error: BaseException, *, keep_pending: bool = False) -> None:
@@ -505,7 +517,9 @@ class ChatClient:
             return result
         if view is None:
             view = self.rooms[room] = _RoomView(seen=since)
-        if head < view.seen:  # an in-memory hub restarted: its numbers start again
+        # (compared with what we asked for: a message that came in while we waited for
+        # the answer, now that the room counts us in, is already shown)
+        if head < since:  # an in-memory hub restarted: its numbers start again
             self._info(f"— the hub's history of {protocol.display_room(room)} restarted —", room=room)
             view.seen = 0
             view.held.clear()
@@ -760,15 +774,61 @@ class ChatClient:
             pass  # the old hub is gone already: the others find us as after a crash
         await self._move(address, port, fp, f"{host}'s hub closed; now hosted by you ({self.nick})")
 
-    async def _move(self, host: str, port: int, fingerprint: str | None, text: str) -> None:
+    async def _watch_hub(self, peer: Client) -> None:
+        """The link to an embedded hub dropped. If its port refuses (or says nothing) a few
+        times running, its process is gone: the first of the successors the hub named
+        takes over from its own copy of the rooms, and the others move there."""
+        from .discovery import answers
+
+        try:
+            for probe in range(CRASH_PROBES):
+                if probe:
+                    await asyncio.sleep(PROBE_INTERVAL)
+                if self.peer is not peer or peer.is_connected or peer.is_closed or self._moving:
+                    return  # the link came back, or we moved already
+                if await answers(self.host, self.port, 1.0):
+                    return  # the hub is there: the session resumes by itself
+            host = clean(self.hub_host or "the host", protocol.MAX_NICK + 8)
+            for entry in list(self.successors):
+                nick = clean(entry["nick"], protocol.MAX_NICK + 8)
+                if protocol.nick_key(entry["nick"]) == protocol.nick_key(self.nick):
+                    if await self._take_over_alone(host):
+                        return
+                elif await self._move(entry["address"], entry["port"], None,
+                                      f"{host}'s hub stopped answering; now hosted by {nick}"):  # fmt: skip
+                    return
+            self._info(f"{host}'s hub stopped answering and nobody could take it over", "error")
+        finally:
+            self._watching = False
+            self._status()
+
+    async def _take_over_alone(self, host: str) -> bool:
+        """Start a hub from our own copy of the rooms (the host is gone: nothing was
+        handed over) and move there."""
+        if self.taker is None:
+            return False
+        rooms = [
+            RoomState(room, view.seen, [stored(room, m) for m in view.log])
+            for room, view in self.rooms.items()
+        ]
+        try:
+            address, port, fp = await self.taker.start(rooms)
+        except Exception as exc:
+            self._info(f"could not take the hub over: {describe(exc)}", "error")
+            return False
+        self.hosting = True
+        return await self._move(
+            address, port, fp, f"{host}'s hub stopped answering; now hosted by you ({self.nick})"
+        )
+
+    async def _move(self, host: str, port: int, fingerprint: str | None, text: str) -> bool:
         """The hub moved: connect to the new one, rejoin our rooms "since" what we showed
         (no gap, no duplicate) and re-send what is pending under the same mids (the new
         hub has the old one's mids: nothing is stored twice)."""
         if self._closing or self._moving:
-            return
+            return False
         self._moving = True
         try:
-            self._info(text)
             old = self.peer
             for task in (self._reader, self._pump):
                 if task is not None and task is not asyncio.current_task():
@@ -796,15 +856,17 @@ class ChatClient:
                                                  config=self.config, backoff_cap=self.backoff_cap,
                                                  open_timeout=MOVE_TIMEOUT)  # fmt: skip
             except KoriNetError as exc:
-                self.peer = old
                 self.state = "closed"
                 self._info(f"could not reach the new hub at {host}:{port}: {describe(exc)}", "error")
-                return
+                return False
             self.state = "connected"
+            self._info(text)
             self._reader = asyncio.get_running_loop().create_task(self._read())
             await self._register(first=False)
+            return True
         except (ChatError, KoriNetError) as exc:
             self._info(f"could not join the new hub: {describe(exc)}", "error")
+            return True
         finally:
             self._moving = False
             self._status()

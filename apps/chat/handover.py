@@ -80,17 +80,13 @@ def collect(rooms: dict[str, RoomState], data: dict[str, Any]) -> None:
     """Add one "state" payload (already validated) to ``rooms``."""
     state = rooms.setdefault(data["room"], RoomState(data["room"], data["head"]))
     state.head = max(state.head, data["head"])
-    for m in data["messages"]:
-        row: StoredMessage = {
-            "room": state.room,
-            "seq": m["seq"],
-            "ts": m["ts"],
-            "nick": m["nick"],
-            "kind": m.get("kind", "say"),
-            "text": m["text"],
-            "mid": m.get("mid"),
-        }
-        state.messages.append(row)
+    state.messages.extend(stored(state.room, m) for m in data["messages"])
+
+
+def stored(room: str, m: dict[str, Any]) -> StoredMessage:
+    """A validated ``chat.msg`` payload as the store keeps it."""
+    return {"room": room, "seq": m["seq"], "ts": m["ts"], "nick": m["nick"], "kind": m.get("kind", "say"),
+            "text": m["text"], "mid": m.get("mid")}  # fmt: skip
 
 
 def import_rooms(history: History, rooms: list[RoomState], now: float | None = None) -> None:
