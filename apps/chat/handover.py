@@ -133,6 +133,9 @@ class HubHandover:
             self.host, self.host_nick = member, member.nick
         elif data.get("can_host") is not None:
             self.able[member] = int(data["can_host"])
+        else:  # nothing changed for the others: only the newcomer needs the list
+            self.tell_successors([member])
+            return
         self.tell_successors()
 
     def removed(self, member: Member) -> None:
@@ -162,11 +165,14 @@ class HubHandover:
                 found.append({"nick": member.nick, "address": address, "port": port})
         return found
 
-    def tell_successors(self) -> None:
+    def tell_successors(self, members: list[Member] | None = None) -> None:
+        """Tell ``members`` (default: everyone) who may host next, in order."""
         payload = {"kind": "successors", "list": self.successors()}
         if self.host_nick:
             payload["host"] = self.host_nick
-        self.hub._post_all([m for m in self.hub.members.values() if m.nick], protocol.HUB, payload)
+        if members is None:
+            members = [m for m in self.hub.members.values() if m.nick]
+        self.hub._post_all(members, protocol.HUB, payload)
 
     # -- the handover
 
