@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-from chat_helpers import WAIT, fresh_plugins, go_down, has_line
+from chat_helpers import WAIT, Pane, fresh_plugins, go_down, has_line, program
 from korinet_chat.client import ChatClient
 from korinet_chat.handover import LocalHost
 from korinet_chat.hub import HubSettings
@@ -21,6 +24,7 @@ from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
 from korinet.plugins import PluginManager
+from korinet.security import ClientTLS, KnownHosts
 
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
 
@@ -227,3 +231,58 @@ async def test_a_dropped_link_to_a_live_hub_is_not_a_takeover() -> None:
         await ben.wait_for(lambda c: not c._watching and c.state == "connected", WAIT)
         assert net.hosts["ben"].hub is None
         assert not has_line("info", "now hosted by")(ben)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package tmux)")
+async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> None:
+    """ana's korinet-chat starts the hub (no hub found), ben's joins it; a scripted cat
+    (who cannot host) is there too. ana types /quit: ben's process takes the hub over,
+    cat moves to it (TLS: the new hub's key comes with the move), and they talk on."""
+    homes = {}
+    for nick in ("ana", "ben"):
+        homes[nick] = tmp_path / nick
+        homes[nick].mkdir()
+        (homes[nick] / "chat.toml").write_text("port = 0\n")  # any free port: tests share the host
+
+    def run(nick: str, args: str) -> Pane:
+        env = {"KORINET_HOME": str(homes[nick]), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
+        return Pane(f"{program()} {args} --nick {nick} --interface 127.0.0.1 --no-bell", env)
+
+    ana = run("ana", "--discover-timeout 0")  # finds nobody at once: starts the hub
+    ben: Pane | None = None
+    cat: ChatClient | None = None
+    try:
+        screen = await ana.shows("started one here on port")
+        found = re.search(r"started one here on port (\d+)", "".join(screen.split("\n")))
+        assert found is not None
+        port = int(found.group(1))
+        await ana.shows("#general · ana · connected")
+        ben = run("ben", f"127.0.0.1:{port}")
+        await ben.shows("#general · ben · connected")
+        cat = ChatClient("127.0.0.1", port, "cat", plugins=fresh_plugins(),
+                         tls=ClientTLS(known_hosts=KnownHosts(tmp_path / "cat_known_hosts")))  # fmt: skip
+        await cat.start(open_timeout=WAIT)
+        ana.type("before the move")
+        await cat.wait_for(lambda c: [t for _, t in shown(c)] == ["before the move"], WAIT)
+        await cat.wait_for(lambda c: [s["nick"] for s in c.successors] == ["ben"], WAIT)
+
+        ana.type("/quit")
+        assert await ana.exited() == 0
+        assert "the hub is now hosted by ben" in ana.scrollback()
+        await ben.shows("ana's hub closed; now hosted by you (ben)")
+        await cat.wait_for(has_line("info", "ana's hub closed; now hosted by ben"), WAIT)
+        await cat.wait_for(lambda c: c.state == "connected" and c.port != port, WAIT)
+        cat.say("cat on ben's hub")
+        await ben.shows("<cat> cat on ben's hub")
+        ben.type("ben hosts now")
+        await cat.wait_for(lambda c: [t for _, t in shown(c)][-1:] == ["ben hosts now"], WAIT)
+        assert [seq for seq, _ in shown(cat)] == [1, 2, 3]  # the numbers went on
+        assert "before the move" in ben.scrollback()
+        ben.type("/quit")
+        assert await ben.exited() == 0
+    finally:
+        ana.kill()
+        if ben is not None:
+            ben.kill()
+        if cat is not None:
+            await cat.close()
