@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,7 +229,9 @@ def _hub_settings(rate: float | None, burst: float | None) -> HubSettings:
     return settings
 
 
-async def _announce(server: Server, plaintext: bool, interface: str | None = None) -> Announcement | None:
+async def _announce(
+    server: Server, plaintext: bool, interface: str | None = None, *, started: float, standalone: bool = False
+) -> Announcement | None:
     from .discovery import announce
 
     try:
@@ -240,6 +243,8 @@ async def _announce(server: Server, plaintext: bool, interface: str | None = Non
             fingerprint=server.fingerprint,
             tls=not plaintext,
             interfaces=[interface] if interface else None,
+            started=started,
+            standalone=standalone,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
         print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
@@ -273,7 +278,9 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
             flush=True,
         )
-    announcement = None if args.no_announce else await _announce(server, plaintext)
+    announcement = (
+        None if args.no_announce else await _announce(server, plaintext, started=time.time(), standalone=True)
+    )
     if announcement is not None:
         print(f"announced on the LAN as {announcement.name!r}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
@@ -290,10 +297,10 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
 
 async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
-    """The first hub announced on the LAN that answers, and how many were passed over:
-    each one that does not answer is said in one line (an announcement outlives a hub
-    that crashed)."""
-    from .discovery import answers, browse
+    """The hub on the LAN by the rule (discovery.hub_rank: a `serve` hub, else the one
+    that started first) that answers, and how many were passed over: each one that does
+    not answer is said in one line (an announcement outlives a hub that crashed)."""
+    from .discovery import answers, browse, hub_rank
 
     print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
     try:
@@ -301,7 +308,7 @@ async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> t
     except Exception as exc:  # no multicast at all
         print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
         return None, 0
-    usable = [h for h in found if h.tls != plaintext]
+    usable = sorted((h for h in found if h.tls != plaintext), key=hub_rank)
     for index, hub in enumerate(usable):
         if await answers(hub.host, hub.port, PROBE_TIMEOUT):
             others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
@@ -370,7 +377,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {describe(exc)}", file=sys.stderr)
             return 1
         if local.announcement is not None:
-            watcher = _watch_rivals(client, local.announcement.name, interface)
+            watcher = _watch_rivals(client, local, plaintext, interface)
         elif hub_found is not None:
             watcher = _follow_hub(client, hub_found.name, interface)
         await ui.run()
@@ -400,8 +407,8 @@ def _local_host(cfg: dict[str, Any], plaintext: bool, interface: str | None) -> 
     """The hub this process would run (not started yet)."""
     from .handover import LocalHost
 
-    async def announce(server: Server) -> Announcement | None:
-        return await _announce(server, plaintext, interface)
+    async def announce(server: Server, started: float) -> Announcement | None:
+        return await _announce(server, plaintext, interface, started=started)
 
     return LocalHost(
         cfg.get("db") or default_db(),
@@ -422,21 +429,43 @@ def _quit_on_sigterm(ui: Any) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: ui._spawn(ui._quit(True)))
 
 
-def _watch_rivals(client: ChatClient, own_name: str, interface: str | None) -> HubWatcher | None:
+def _watch_rivals(
+    client: ChatClient, local: LocalHost, plaintext: bool, interface: str | None
+) -> HubWatcher | None:
     """Two people who start korinet-chat within the same few seconds may each start a
-    hub; tell the user when another hub shows up, so they can meet on one."""
-    from .discovery import HubWatcher
+    hub. When another one shows up, the rule (discovery.hub_rank) says which is the
+    chat's hub: if it is the other one, this hub sends its members there and closes."""
+    from .discovery import FoundHub, HubWatcher, answers, hub_rank
+
+    assert local.announcement is not None and local.server is not None
+    own_name = local.announcement.name
+    watcher: HubWatcher | None = None
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def judge(name: str) -> None:
+        assert watcher is not None
+        rival = await watcher.lookup(name)
+        server = local.server
+        if rival is None or server is None or rival.tls == plaintext:
+            return
+        own = FoundHub(own_name, local.local, server.port, not plaintext, server.fingerprint,
+                       started=local.started)  # fmt: skip
+        if hub_rank(rival) < hub_rank(own) and await answers(rival.host, rival.port, PROBE_TIMEOUT):
+            await local.merge_into(rival.host, rival.port, rival.fingerprint)
+        else:
+            client.notice(f"another chat hub started on the LAN ({name!r}); this one is the chat's hub")
 
     def found(name: str) -> None:
-        if name != own_name:
-            client.notice(
-                f"another chat hub is on the LAN: {name!r}; quit and run korinet-chat again to join it"
-            )
+        if name != own_name and local.hub is not None:
+            task = asyncio.get_running_loop().create_task(judge(name))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     try:
-        return HubWatcher(found, [interface] if interface else None)
+        watcher = HubWatcher(found, [interface] if interface else None)
     except Exception:  # no multicast: nothing to watch
         return None
+    return watcher
 
 
 def _follow_hub(client: ChatClient, name: str, interface: str | None) -> HubWatcher | None:

@@ -222,6 +222,7 @@ class ChatClient:
         #: who may host next, in order, as the hub last said ({"nick", "address", "port"})
         self.successors: list[dict[str, Any]] = []
         self.hub_host: str | None = None  # the nick of the member hosting the hub
+        self.hub_started: float | None = None  # when the chat's hub started, as it said
         self._incoming: dict[str, RoomState] = {}  # rooms being handed over to us
         self._moving = False
         self._watching = False  # probing a hub whose link dropped
@@ -740,10 +741,18 @@ class ChatClient:
         if kind == "successors":
             self.successors = list(data["list"])
             self.hub_host = data.get("host") or self.hub_host
+            self.hub_started = data.get("started", self.hub_started)
         elif kind == "state" and self.taker is not None:
             collect(self._incoming, data)
         elif kind == "take" and self.taker is not None:
+            self.hub_started = data.get("started", self.hub_started)
             self._spawn(self._take_over(clean(data.get("host") or "the host", protocol.MAX_NICK + 8)))
+        elif kind == "moved" and data.get("merge"):
+            # two hubs were started at once and the other is the chat's: join it afresh
+            where = clean(f"{data['address']}:{data['port']}", 60)
+            text = f"two chat hubs were started at once; moving to the first one ({where})"
+            self.hosting = False
+            self._spawn(self._move(data["address"], data["port"], data.get("fp"), text, fresh=True))
         elif kind == "moved":
             host = clean(data.get("host") or "the host", protocol.MAX_NICK + 8)
             nick = clean(data["nick"], protocol.MAX_NICK + 8)
@@ -763,7 +772,7 @@ class ChatClient:
         assert self.taker is not None
         rooms, self._incoming = list(self._incoming.values()), {}
         try:
-            address, port, fp = await self.taker.start(rooms)
+            address, port, fp = await self.taker.start(rooms, self.hub_started)
         except Exception as exc:  # the old hub waits, then asks the next one
             self._info(f"could not take the hub over: {describe(exc)}", "error")
             return
@@ -812,7 +821,7 @@ class ChatClient:
             for room, view in self.rooms.items()
         ]
         try:
-            address, port, fp = await self.taker.start(rooms)
+            address, port, fp = await self.taker.start(rooms, self.hub_started)
         except Exception as exc:
             self._info(f"could not take the hub over: {describe(exc)}", "error")
             return False
@@ -821,7 +830,9 @@ class ChatClient:
             address, port, fp, f"{host}'s hub stopped answering; now hosted by you ({self.nick})"
         )
 
-    async def _move(self, host: str, port: int, fingerprint: str | None, text: str) -> bool:
+    async def _move(
+        self, host: str, port: int, fingerprint: str | None, text: str, *, fresh: bool = False
+    ) -> bool:
         """The hub moved: connect to the new one, rejoin our rooms "since" what we showed
         (no gap, no duplicate) and re-send what is pending under the same mids (the new
         hub has the old one's mids: nothing is stored twice)."""
@@ -861,6 +872,8 @@ class ChatClient:
                 return False
             self.state = "connected"
             self._info(text)
+            if fresh:  # another hub's numbers: join its rooms as new, not "since"
+                self.rooms, self._mark = {}, {}
             self._reader = asyncio.get_running_loop().create_task(self._read())
             await self._register(first=False)
             return True
@@ -887,7 +900,7 @@ class ChatClient:
         room = protocol.normalize_room(room) if room else self.current
         if room is None:
             raise ChatError("you are in no room: /join #general first")
-        if room not in self.rooms:
+        if room not in self.rooms and not (self._moving and room in self.wanted_rooms):
             raise ChatError(
                 f"you are not in {protocol.display_room(room)} (/join {protocol.display_room(room)})"
             )

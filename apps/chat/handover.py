@@ -124,6 +124,8 @@ class HubHandover:
         self.host_nick: str | None = None
         #: True once a handover began: requests wait for the successor (re-sent there)
         self.frozen = False
+        #: when the chat's hub started (kept through handovers: "which hub is the hub")
+        self.started = time.time()
         self._took: dict[Member, asyncio.Future[tuple[int, str | None]]] = {}
 
     # -- hooks called by the hub
@@ -167,7 +169,7 @@ class HubHandover:
 
     def tell_successors(self, members: list[Member] | None = None) -> None:
         """Tell ``members`` (default: everyone) who may host next, in order."""
-        payload = {"kind": "successors", "list": self.successors()}
+        payload: dict[str, Any] = {"kind": "successors", "list": self.successors(), "started": self.started}
         if self.host_nick:
             payload["host"] = self.host_nick
         if members is None:
@@ -190,7 +192,8 @@ class HubHandover:
                 async with asyncio.timeout(timeout):
                     for chunk in export_rooms(self.hub.history):
                         await member.peer.send(chunk, protocol.HUB)
-                    await member.peer.send({"kind": "take", "host": host}, protocol.HUB)
+                    take = {"kind": "take", "host": host, "started": self.started}
+                    await member.peer.send(take, protocol.HUB)
                     port, fp = await future
             except (KoriNetError, TimeoutError) as exc:
                 logger.info("%s could not take the hub over (%s): trying the next", member.nick, exc)
@@ -213,6 +216,17 @@ class HubHandover:
         await self._delivered(others, timeout / 2)
         return None
 
+    async def merge_into(self, host: str, port: int, fingerprint: str | None) -> None:
+        """Send every member to the hub at ``host:port``, the chat's hub by the rule; they
+        join it afresh (its numbers are not ours) and re-send what is pending."""
+        self.frozen = True
+        moved: dict[str, Any] = {"kind": "moved", "merge": True, "nick": "", "address": host, "port": port}
+        if fingerprint:
+            moved["fp"] = fingerprint
+        members = [m for m in self.hub.members.values() if m.nick]
+        self.hub._post_all(members, protocol.HUB, moved)
+        await self._delivered(members, TAKE_TIMEOUT / 2)
+
     @staticmethod
     async def _delivered(members: list[Member], timeout: float) -> None:
         """Wait (at most ``timeout``) until ``members`` have what was posted to them."""
@@ -229,8 +243,11 @@ class Taker(Protocol):
     #: the port a hub started here would listen on (said in the hello)
     port: int
 
-    async def start(self, rooms: list[RoomState] | None = None) -> tuple[str, int, str | None]:
-        """Start a hub holding ``rooms``; its address for this process, port and key."""
+    async def start(
+        self, rooms: list[RoomState] | None = None, started: float | None = None
+    ) -> tuple[str, int, str | None]:
+        """Start a hub holding ``rooms`` (the chat's hub since ``started``); its address
+        for this process, its port and key."""
         ...
 
 
@@ -267,7 +284,7 @@ class LocalHost:
         settings: HubSettings | None = None,
         plugins: PluginManager | None = None,
         session_ttl: float = 120.0,
-        announce: Callable[[Server], Awaitable[Announcement | None]] | None = None,
+        announce: Callable[[Server, float], Awaitable[Announcement | None]] | None = None,
     ) -> None:
         self.db, self.listen, self.local = db, listen, local
         self.tls, self.settings, self.plugins = tls, settings, plugins
@@ -277,8 +294,11 @@ class LocalHost:
         self.hub: ChatHub | None = None
         self.server: Server | None = None
         self.announcement: Announcement | None = None
+        self.started = 0.0
 
-    async def start(self, rooms: list[RoomState] | None = None) -> tuple[str, int, str | None]:
+    async def start(
+        self, rooms: list[RoomState] | None = None, started: float | None = None
+    ) -> tuple[str, int, str | None]:
         from .hub import ChatHub
 
         tls = self.tls() if self.tls is not None else None
@@ -301,9 +321,24 @@ class LocalHost:
             raise
         assert server is not None
         self.hub, self.server, self.port = hub, server, server.port
+        # a hub taken over goes on being the chat's hub: it keeps its start time (the rule)
+        self.started = hub.handover.started = started or time.time()
         if self.announce is not None:
-            self.announcement = await self.announce(server)
+            self.announcement = await self.announce(server, self.started)
         return self.local, server.port, server.fingerprint
+
+    async def merge_into(self, host: str, port: int, fingerprint: str | None) -> None:
+        """Another hub is the chat's hub (two were started at once, and the rule picks
+        that one): send every member there, this process's own client included, and
+        stop hosting."""
+        if self.hub is None:
+            return
+        if self.announcement is not None:
+            with contextlib.suppress(Exception):
+                await self.announcement.close()
+            self.announcement = None
+        await self.hub.handover.merge_into(host, port, fingerprint)
+        await self.close(hand_over=False)
 
     async def close(self, hand_over: bool = True) -> str | None:
         """Withdraw the announcement, hand the hub over (when someone can take it) and

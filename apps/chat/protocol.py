@@ -301,6 +301,8 @@ def validate_hub(data: Any) -> None:
     if kind not in _HUB_KINDS:
         raise ValueError(f"unknown hub message kind {kind!r}")
     _str(d, "host", 200, optional=True)  # the nick of the member hosting the hub
+    if not isinstance(d.get("started", 0), (int, float)):
+        raise TypeError("'started' must be a number")
     if kind == "successors":
         entries = d.get("list")
         if not isinstance(entries, list) or len(entries) > 1000:
@@ -322,6 +324,8 @@ def validate_hub(data: Any) -> None:
         _str(d, "address", 200)
         _int(d, "port")
         _str(d, "fp", 200, optional=True)
+        if not isinstance(d.get("merge", False), bool):
+            raise TypeError("'merge' must be a boolean")
 
 
 def message_types() -> list[MessageType]:

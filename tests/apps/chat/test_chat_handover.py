@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from chat_helpers import WAIT, Pane, fresh_plugins, go_down, has_line, program
 from korinet_chat.client import ChatClient
+from korinet_chat.discovery import FoundHub, HubWatcher, announce, hub_rank
 from korinet_chat.handover import LocalHost
 from korinet_chat.hub import HubSettings
 from testutil import TIMEOUT_FACTOR
@@ -286,3 +287,64 @@ async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> No
             ben.kill()
         if cat is not None:
             await cat.close()
+
+
+def test_the_rule_for_which_hub_is_the_hub() -> None:
+    def hub(started: float | None, fp: str, standalone: bool = False) -> FoundHub:
+        return FoundHub(f"hub {fp}", "127.0.0.1", 1236, True, fp, started=started, standalone=standalone)
+
+    older, newer, same_time = hub(100.0, "SHA256:b"), hub(101.5, "SHA256:a"), hub(100.0, "SHA256:a")
+    serve, silent = hub(500.0, "SHA256:z", standalone=True), hub(None, "SHA256:0")
+    assert sorted([newer, older, silent], key=hub_rank) == [older, newer, silent]
+    assert sorted([older, same_time], key=hub_rank) == [same_time, older]  # a tie: the lower key
+    assert sorted([older, serve], key=hub_rank)[0] == serve  # a standalone hub is always the hub
+
+
+async def test_an_announced_hub_says_when_it_started() -> None:
+    announcement = await announce(
+        43213, name="ranked hub", addresses=["127.0.0.1"], fingerprint="SHA256:r",
+        interfaces=["127.0.0.1"], started=1234.5,
+    )  # fmt: skip
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    watcher = HubWatcher(heard.put_nowait, interfaces=["127.0.0.1"])
+    try:
+        async with asyncio.timeout(WAIT):
+            while not (name := await heard.get()).startswith("ranked hub"):
+                pass
+        found = await watcher.lookup(name, timeout=WAIT)
+        assert found is not None
+        assert (found.port, found.started, found.standalone) == (43213, 1234.5, False)
+    finally:
+        await watcher.close()
+        await announcement.close()
+
+
+async def test_two_hubs_started_at_once_merge_into_the_older_one() -> None:
+    async with lan() as net:
+        ana = await net.start_hub("ana")  # the older hub
+        cat = await net.join("cat")
+        ana_address = net.address
+        ben = await net.start_hub("ben")  # started a moment later, on its own
+        dan = await net.join("dan")
+        ben.say("said on the newer hub")
+        await dan.wait_for(lambda c: len(shown(c)) == 1, WAIT)
+        ben_host = net.hosts["ben"]
+        # ben's process learns of ana's hub, older by the rule: its members go there
+        merging = asyncio.create_task(ben_host.merge_into(*ana_address, None))
+        await dan.wait_for(lambda c: c._moving, WAIT)
+        dan.say("typed while merging")
+        await asyncio.wait_for(merging, WAIT)
+        assert ben_host.hub is None, "ben's process hosts nothing any more"
+        for client in (ben, dan):
+            await client.wait_for(has_line("info", "two chat hubs were started at once"), WAIT)
+            await client.wait_for(lambda c: c.state == "connected" and not c.pending, WAIT)
+            assert (client.host, client.port) == ana_address
+        assert not ben.hosting
+        ana.say("one chat now")
+        for client in (ana, ben, cat, dan):
+            await client.wait_for(lambda c: [t for _, t in shown(c)][-1:] == ["one chat now"], WAIT)
+        assert [t for _, t in shown(cat)] == ["typed while merging", "one chat now"]
+        # ana's hub now counts ben among those who may host it next
+        await cat.wait_for(lambda c: len(c.successors) == 3, WAIT)
+        assert cat.successors[0]["nick"] == "cat"  # there first; ben and dan in the order they came
+        assert {s["nick"] for s in cat.successors[1:]} == {"ben", "dan"}
