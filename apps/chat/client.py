@@ -845,6 +845,8 @@ class ChatClient:
                 if task is not None and task is not asyncio.current_task():
                     task.cancel()
             self._backlog.clear()  # requests not sent: the says among them are pending
+            for pending in self.pending.values():
+                pending.acked = False  # a hub handing over drops what it gets: not delivered yet
             for rid, waiting in list(self._waiting.items()):
                 if waiting.mid is None:  # a /who or the like: asked again by the user
                     del self._waiting[rid]

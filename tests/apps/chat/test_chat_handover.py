@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import shutil
+import signal
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +135,8 @@ async def test_clean_quit_hands_the_hub_to_a_member_and_nothing_is_lost() -> Non
         for i in range(3):
             cat.say(f"cat early {i}", room="general")
         await cat.wait_for(lambda c: c._moving, WAIT)
+        # what the old hub had not stored is not delivered (quitting now would say so)
+        assert cat.undelivered == cat.queued
         for i in range(3):
             cat.say(f"cat moving {i}", room="general")
             ben.say(f"ben {i}", room="dev")
@@ -267,7 +272,7 @@ async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> No
         await cat.wait_for(lambda c: [t for _, t in shown(c)] == ["before the move"], WAIT)
         await cat.wait_for(lambda c: [s["nick"] for s in c.successors] == ["ben"], WAIT)
 
-        ana.type("/quit")
+        ana.send("C-c")  # Ctrl-C counts as /quit
         assert await ana.exited() == 0
         assert "the hub is now hosted by ben" in ana.scrollback()
         await ben.shows("ana's hub closed; now hosted by you (ben)")
@@ -279,8 +284,12 @@ async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> No
         await cat.wait_for(lambda c: [t for _, t in shown(c)][-1:] == ["ben hosts now"], WAIT)
         assert [seq for seq, _ in shown(cat)] == [1, 2, 3]  # the numbers went on
         assert "before the move" in ben.scrollback()
-        ben.type("/quit")
+        # SIGTERM quits as cleanly: ben's hub has nobody able to take it (cat cannot host)
+        shell = ben._tmux("display-message", "-p", "-t", ben.name, "#{pane_pid}").strip()
+        child = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True, timeout=10)
+        os.kill(int(child.stdout.split()[0]), signal.SIGTERM)
         assert await ben.exited() == 0
+        await cat.wait_for(has_line("error", "ben's hub closed and nobody here could host it"), WAIT)
     finally:
         ana.kill()
         if ben is not None:
