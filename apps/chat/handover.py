@@ -103,13 +103,18 @@ def _wire(row: StoredMessage) -> dict[str, Any]:
     return payload
 
 
-def _address(member: Member) -> str | None:
-    """The member's address as this hub sees it (where its own hub will be reachable)."""
+def _address(member: Member, public: str | None) -> str | None:
+    """The member's address as this hub sees it (where its own hub will be reachable).
+    A member on this hub's own machine is seen on loopback: to the others it is at this
+    machine's ``public`` address (None: the hub itself listens on loopback only)."""
     conn = member.peer.conn
     if conn is None:
         return None
     host, _, _ = conn.peername.rpartition(":")
-    return host.strip("[]") or None
+    host = host.strip("[]")
+    if public and (host.startswith("127.") or host == "::1"):
+        return public
+    return host or None
 
 
 class HubHandover:
@@ -124,6 +129,8 @@ class HubHandover:
         self.host_nick: str | None = None
         #: True once a handover began: requests wait for the successor (re-sent there)
         self.frozen = False
+        #: this machine's address on the LAN, for members seen on loopback (LocalHost sets it)
+        self.public: str | None = None
         #: when the chat's hub started (kept through handovers: "which hub is the hub")
         self.started = time.time()
         self._took: dict[Member, asyncio.Future[tuple[int, str | None]]] = {}
@@ -162,7 +169,7 @@ class HubHandover:
     def successors(self) -> list[dict[str, Any]]:
         found = []
         for member, port in self.able.items():
-            address = _address(member)
+            address = _address(member, self.public)
             if member.nick and member.linked and address:
                 found.append({"nick": member.nick, "address": address, "port": port})
         return found
@@ -198,7 +205,7 @@ class HubHandover:
             except (KoriNetError, TimeoutError) as exc:
                 logger.info("%s could not take the hub over (%s): trying the next", member.nick, exc)
                 continue
-            address = _address(member)
+            address = _address(member, self.public)
             if address is None:
                 continue
             moved: dict[str, Any] = {"kind": "moved", "host": host, "nick": member.nick,
@@ -323,6 +330,10 @@ class LocalHost:
         self.hub, self.server, self.port = hub, server, server.port
         # a hub taken over goes on being the chat's hub: it keeps its start time (the rule)
         self.started = hub.handover.started = started or time.time()
+        if not self.listen.startswith("127."):
+            from .discovery import lan_address
+
+            hub.handover.public = lan_address() if self.listen in ("0.0.0.0", "") else self.listen
         if self.announce is not None:
             self.announcement = await self.announce(server, self.started)
         return self.local, server.port, server.fingerprint

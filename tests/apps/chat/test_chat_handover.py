@@ -357,3 +357,15 @@ async def test_two_hubs_started_at_once_merge_into_the_older_one() -> None:
         await cat.wait_for(lambda c: len(c.successors) == 3, WAIT)
         assert cat.successors[0]["nick"] == "cat"  # there first; ben and dan in the order they came
         assert {s["nick"] for s in cat.successors[1:]} == {"ben", "dan"}
+
+
+async def test_a_successor_on_the_hosts_own_machine_is_named_by_the_lan_address() -> None:
+    """Seen on loopback by the hub, it is at the host machine's LAN address to the others."""
+    async with lan() as net:
+        await net.start_hub("ana")
+        ben = await net.join("ben")
+        await ben.wait_for(lambda c: [s["address"] for s in c.successors] == ["127.0.0.1"], WAIT)
+        hub = net.hosts["ana"].hub
+        assert hub is not None
+        hub.handover.public = "192.0.2.7"
+        assert [s["address"] for s in hub.handover.successors()] == ["192.0.2.7"]
