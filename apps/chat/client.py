@@ -14,6 +14,9 @@ sanitised on the way in) and what the user types into requests. The rules that m
 * **hub restart** (the session expired): the client says hello again, rejoins its
   rooms "since" the last sequence number it showed, and re-sends what is still
   pending under the same message ids, which the hub recognises.
+* **the hub moved** (its host quit and handed it over, or crashed and a member took
+  over: handover.py): the client connects to the new hub, rejoins "since" as after
+  a restart, and re-sends what is pending; lines typed meanwhile wait in pending.
 * **"— N new while away —"**: when the link returns, the client asks the hub for the
   rooms' heads before showing what the session replayed, and puts the marker first.
 """

@@ -17,6 +17,8 @@ Theory of operation (docs/CHAT.md):
   and nobody else waits for it. The burst is sized for a paste (hundreds of lines
   at once, then quiet), the rate for typing: what tells a flood from a paste is
   that it goes on. A lagging member's requests wait until it drains.
+* An embedded hub can be handed over to a member when its process quits
+  (handover.py: the hub's side is :class:`~korinet_chat.handover.HubHandover`).
 """
 
 from __future__ import annotations

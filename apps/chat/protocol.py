@@ -9,6 +9,8 @@ Hub to client:
 * ``chat.event``: presence and membership (joined, left, reconnecting, online, away,
   nick); never stored;
 * ``chat.dm``: a direct message;
+* ``chat.hub``: who may host the hub next, and a handover (state, take, moved,
+  closed: handover.py);
 * ``chat.result``: the answer to a request.
 
 A room message is identified twice: by ``(room, seq)``, given by the hub, and by
