@@ -230,7 +230,12 @@ def _hub_settings(rate: float | None, burst: float | None) -> HubSettings:
 
 
 async def _announce(
-    server: Server, plaintext: bool, interface: str | None = None, *, started: float, standalone: bool = False
+    server: Server,
+    plaintext: bool,
+    interface: str | None = None,
+    *,
+    started: float | None = None,
+    standalone: bool = False,
 ) -> Announcement | None:
     from .discovery import announce
 
@@ -243,7 +248,7 @@ async def _announce(
             fingerprint=server.fingerprint,
             tls=not plaintext,
             interfaces=[interface] if interface else None,
-            started=started,
+            started=started if started is not None else time.time(),
             standalone=standalone,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
