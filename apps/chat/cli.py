@@ -342,7 +342,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         _warn_plaintext("client")
     address = args.address or cfg.get("host")
     interface = args.interface or cfg.get("interface")
-    watcher = None
+    watchers: list[HubWatcher | None] = []
     hub_found: FoundHub | None = None
     pinned: str | None = None
     # This process's hub: started now if no hub answers, or later if the hub's host
@@ -382,9 +382,15 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {describe(exc)}", file=sys.stderr)
             return 1
         if local.announcement is not None:
-            watcher = _watch_rivals(client, local, plaintext, interface)
+            watchers.append(_watch_rivals(client, local, plaintext, interface))
         elif hub_found is not None:
-            watcher = _follow_hub(client, hub_found.name, interface)
+            watchers.append(_follow_hub(client, hub_found.name, interface))
+
+        def took_over() -> None:  # a hub taken over is watched for rivals as one started here
+            if local.announcement is not None:
+                watchers.append(_watch_rivals(client, local, plaintext, interface))
+
+        local.on_started = took_over
         await ui.run()
         await client.close()  # waits a moment for what is in flight to be acknowledged
         dropped = client.undelivered
@@ -394,9 +400,10 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             return 1
         return 0
     finally:
-        if watcher is not None:
-            with contextlib.suppress(Exception):
-                await watcher.close()
+        for watcher in watchers:
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.close()
         if local.hub is not None:
             hosted = len(local.hub.handover.able)
             if hosted:
@@ -453,9 +460,11 @@ def _watch_rivals(
         server = local.server
         if rival is None or server is None or rival.tls == plaintext:
             return
+        if not await answers(rival.host, rival.port, PROBE_TIMEOUT):
+            return  # a record outliving its hub (the one handed over to us, say)
         own = FoundHub(own_name, local.local, server.port, not plaintext, server.fingerprint,
                        started=local.started)  # fmt: skip
-        if hub_rank(rival) < hub_rank(own) and await answers(rival.host, rival.port, PROBE_TIMEOUT):
+        if hub_rank(rival) < hub_rank(own):
             await local.merge_into(rival.host, rival.port, rival.fingerprint)
         else:
             client.notice(f"another chat hub started on the LAN ({name!r}); this one is the chat's hub")

@@ -302,6 +302,8 @@ class LocalHost:
         self.server: Server | None = None
         self.announcement: Announcement | None = None
         self.started = 0.0
+        #: called once a hub is up and announced (korinet-chat watches it for rivals)
+        self.on_started: Callable[[], None] | None = None
 
     async def start(
         self, rooms: list[RoomState] | None = None, started: float | None = None
@@ -336,6 +338,8 @@ class LocalHost:
             hub.handover.public = lan_address() if self.listen in ("0.0.0.0", "") else self.listen
         if self.announce is not None:
             self.announcement = await self.announce(server, self.started)
+        if self.on_started is not None:
+            self.on_started()
         return self.local, server.port, server.fingerprint
 
     async def merge_into(self, host: str, port: int, fingerprint: str | None) -> None:

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chat_helpers import WAIT, Pane, fresh_plugins, go_down, has_line, program
@@ -369,3 +370,35 @@ async def test_a_successor_on_the_hosts_own_machine_is_named_by_the_lan_address(
         assert hub is not None
         hub.handover.public = "192.0.2.7"
         assert [s["address"] for s in hub.handover.successors()] == ["192.0.2.7"]
+
+
+async def test_korinet_chat_merges_its_hub_into_an_older_one_it_hears_of() -> None:
+    """The mDNS side of the merge (cli._watch_rivals): ben's embedded hub hears of ana's,
+    which started first by its announcement, and sends its members there."""
+    from korinet_chat.cli import _watch_rivals
+
+    def announcer(started: float) -> Any:
+        async def announce_here(server: Any, _: float) -> Any:
+            return await announce(server.port, addresses=["127.0.0.1"], interfaces=["127.0.0.1"],
+                                  tls=False, started=started, name=f"handover test {started}")  # fmt: skip
+
+        return announce_here
+
+    async with lan() as net:
+        ben = await net.start_hub("ben")
+        ben_host = net.hosts["ben"]
+        # (very old start times: a hub of another test on this host never ranks first)
+        ben_host.announce = announcer(2.0)
+        ben_host.started = 2.0
+        ben_host.announcement = await ben_host.announce(ben_host.server, 2.0)
+        watcher = _watch_rivals(ben, ben_host, True, "127.0.0.1")
+        assert watcher is not None
+        try:
+            ana_host = net.host_for("ana")
+            ana_host.announce = announcer(1.0)
+            _, ana_port, _ = await ana_host.start(started=1.0)
+            await ben.wait_for(has_line("info", "two chat hubs were started at once"), WAIT)
+            await ben.wait_for(lambda c: c.state == "connected" and c.port == ana_port, WAIT)
+            assert ben_host.hub is None and ben_host.announcement is None
+        finally:
+            await watcher.close()
