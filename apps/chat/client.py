@@ -800,6 +800,8 @@ class ChatClient:
                     return  # the link came back, or we moved already
                 if await answers(self.host, self.port, 1.0):
                     return  # the hub is there: the session resumes by itself
+            if self._closing:
+                return
             host = clean(self.hub_host or "the host", protocol.MAX_NICK + 8)
             for entry in list(self.successors):
                 nick = clean(entry["nick"], protocol.MAX_NICK + 8)

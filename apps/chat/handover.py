@@ -147,6 +147,10 @@ class HubHandover:
             return
         self.tell_successors()
 
+    def renamed(self, member: Member) -> None:
+        if member in self.able:  # the list names successors by nick: a member finds itself in it
+            self.tell_successors()
+
     def removed(self, member: Member) -> None:
         if self.able.pop(member, None) is not None and not self.hub.closing:
             self.tell_successors()

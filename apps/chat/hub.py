@@ -511,6 +511,7 @@ class ChatHub:
             return {"nick": nick}
         self._claim(member, nick)
         self._presence(member, "nick", nick=old, new=nick)
+        self.handover.renamed(member)
         return {"nick": nick, "old": old}
 
     def _who(self, room: str) -> list[dict[str, Any]]:

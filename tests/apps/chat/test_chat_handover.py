@@ -372,6 +372,15 @@ async def test_a_successor_on_the_hosts_own_machine_is_named_by_the_lan_address(
         assert [s["address"] for s in hub.handover.successors()] == ["192.0.2.7"]
 
 
+async def test_a_successor_that_changes_nick_is_listed_under_the_new_one() -> None:
+    async with lan() as net:
+        ana = await net.start_hub("ana")
+        ben = await net.join("ben")
+        await ana.wait_for(lambda c: [s["nick"] for s in c.successors] == ["ben"], WAIT)
+        await ben.set_nick("benjamin")
+        await ana.wait_for(lambda c: [s["nick"] for s in c.successors] == ["benjamin"], WAIT)
+
+
 async def test_korinet_chat_merges_its_hub_into_an_older_one_it_hears_of() -> None:
     """The mDNS side of the merge (cli._watch_rivals): ben's embedded hub hears of ana's,
     which started first by its announcement, and sends its members there."""
