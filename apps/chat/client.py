@@ -787,21 +787,28 @@ class ChatClient:
         await self._move(address, port, fp, f"{host}'s hub closed; now hosted by you ({self.nick})")
 
     async def _watch_hub(self, peer: Client) -> None:
-        """The link to an embedded hub dropped. If its port refuses (or says nothing) a few
-        times running, its process is gone: the first of the successors the hub named
-        takes over from its own copy of the rooms, and the others move there."""
+        """The link to an embedded hub dropped. Until it is back, its port is probed; if
+        the port refuses (or says nothing) a few times running, its process is gone: the
+        first of the successors the hub named takes over from its own copy of the rooms,
+        and the others move there."""
         from .discovery import answers
 
         try:
-            for probe in range(CRASH_PROBES):
-                if probe:
-                    await asyncio.sleep(PROBE_INTERVAL)
-                if self.peer is not peer or peer.is_connected or peer.is_closed or self._moving:
+            refused = 0
+            while refused < CRASH_PROBES:
+                if (
+                    self.peer is not peer
+                    or peer.is_connected
+                    or peer.is_closed
+                    or self._moving
+                    or self._closing
+                ):
                     return  # the link came back, or we moved already
-                if await answers(self.host, self.port, 1.0):
-                    return  # the hub is there: the session resumes by itself
-            if self._closing:
-                return
+                # Probed until the link is back: a dying process may still complete a
+                # handshake on its listening socket for an instant after its links dropped.
+                refused = 0 if await answers(self.host, self.port, 1.0) else refused + 1
+                if refused < CRASH_PROBES:
+                    await asyncio.sleep(PROBE_INTERVAL)
             host = clean(self.hub_host or "the host", protocol.MAX_NICK + 8)
             for entry in list(self.successors):
                 nick = clean(entry["nick"], protocol.MAX_NICK + 8)
@@ -812,6 +819,9 @@ class ChatClient:
                                       f"{host}'s hub stopped answering; now hosted by {nick}"):  # fmt: skip
                     return
             self._info(f"{host}'s hub stopped answering and nobody could take it over", "error")
+        except Exception:  # a bug of ours must not leave the user stranded without a word
+            logger.exception("could not find a new hub")
+            self._info("the hub stopped answering and finding a new one failed (a bug: see the log)", "error")
         finally:
             self._watching = False
             self._status()

@@ -240,11 +240,20 @@ async def test_a_dropped_link_to_a_live_hub_is_not_a_takeover() -> None:
         assert not has_line("info", "now hosted by")(ben)
 
 
+def _program_pid(pane: Pane) -> int:
+    """The korinet-chat process in ``pane`` (a child of the pane's shell)."""
+    shell = pane._tmux("display-message", "-p", "-t", pane.name, "#{pane_pid}").strip()
+    child = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True, timeout=10)
+    return int(child.stdout.split()[0])
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package tmux)")
-async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["ctrl-c", "kill -9"])
+async def test_the_real_program_hands_its_hub_over(tmp_path: Path, end: str) -> None:
     """ana's korinet-chat starts the hub (no hub found), ben's joins it; a scripted cat
-    (who cannot host) is there too. ana types /quit: ben's process takes the hub over,
-    cat moves to it (TLS: the new hub's key comes with the move), and they talk on."""
+    (who cannot host) is there too. ana presses Ctrl-C (or her process is killed): ben's
+    process takes the hub over, cat moves to it (TLS: on a handover the new hub's key
+    comes with the move; after a crash it is pinned on first use), and they talk on."""
     homes = {}
     for nick in ("ana", "ben"):
         homes[nick] = tmp_path / nick
@@ -273,11 +282,17 @@ async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> No
         await cat.wait_for(lambda c: [t for _, t in shown(c)] == ["before the move"], WAIT)
         await cat.wait_for(lambda c: [s["nick"] for s in c.successors] == ["ben"], WAIT)
 
-        ana.send("C-c")  # Ctrl-C counts as /quit
-        assert await ana.exited() == 0
-        assert "the hub is now hosted by ben" in ana.scrollback()
-        await ben.shows("ana's hub closed; now hosted by you (ben)")
-        await cat.wait_for(has_line("info", "ana's hub closed; now hosted by ben"), WAIT)
+        if end == "ctrl-c":
+            ana.send("C-c")  # Ctrl-C counts as /quit
+            assert await ana.exited() == 0
+            assert "the hub is now hosted by ben" in ana.scrollback()
+            told = "ana's hub closed; now hosted by"
+        else:
+            os.kill(_program_pid(ana), signal.SIGKILL)
+            assert await ana.exited() == 128 + signal.SIGKILL
+            told = "ana's hub stopped answering; now hosted by"
+        await ben.shows(f"{told} you (ben)")
+        await cat.wait_for(has_line("info", f"{told} ben"), WAIT)
         await cat.wait_for(lambda c: c.state == "connected" and c.port != port, WAIT)
         cat.say("cat on ben's hub")
         await ben.shows("<cat> cat on ben's hub")
@@ -286,9 +301,7 @@ async def test_the_real_program_hands_its_hub_over_on_quit(tmp_path: Path) -> No
         assert [seq for seq, _ in shown(cat)] == [1, 2, 3]  # the numbers went on
         assert "before the move" in ben.scrollback()
         # SIGTERM quits as cleanly: ben's hub has nobody able to take it (cat cannot host)
-        shell = ben._tmux("display-message", "-p", "-t", ben.name, "#{pane_pid}").strip()
-        child = subprocess.run(["pgrep", "-P", shell], capture_output=True, text=True, timeout=10)
-        os.kill(int(child.stdout.split()[0]), signal.SIGTERM)
+        os.kill(_program_pid(ben), signal.SIGTERM)
         assert await ben.exited() == 0
         await cat.wait_for(has_line("error", "ben's hub closed and nobody here could host it"), WAIT)
     finally:
