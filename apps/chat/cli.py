@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
     from .client import ChatClient
     from .discovery import Announcement, FoundHub, HubWatcher
-    from .hub import ChatHub
+    from .handover import LocalHost
+    from .hub import ChatHub, HubSettings
 
 __all__ = ["load_config", "main"]
 
@@ -200,14 +202,9 @@ async def start_hub(
     rate: float | None = None, burst: float | None = None,
 ) -> tuple[ChatHub, Server]:  # fmt: skip
     """A hub listening on ``host:port`` (``port`` busy and the default: any free one)."""
-    from .hub import ChatHub, HubSettings
+    from .hub import ChatHub
 
-    settings = HubSettings()
-    if rate is not None:
-        settings.rate = rate
-    if burst is not None:
-        settings.burst = burst
-    hub = ChatHub(db, settings=settings)
+    hub = ChatHub(db, settings=_hub_settings(rate, burst))
     tls = _server_tls(plaintext)
     server = hub.server(host, port, tls=tls, session_ttl=session_ttl)
     try:
@@ -221,7 +218,25 @@ async def start_hub(
     return hub, server
 
 
-async def _announce(server: Server, plaintext: bool, interface: str | None = None) -> Announcement | None:
+def _hub_settings(rate: float | None, burst: float | None) -> HubSettings:
+    from .hub import HubSettings
+
+    settings = HubSettings()
+    if rate is not None:
+        settings.rate = rate
+    if burst is not None:
+        settings.burst = burst
+    return settings
+
+
+async def _announce(
+    server: Server,
+    plaintext: bool,
+    interface: str | None = None,
+    *,
+    started: float | None = None,
+    standalone: bool = False,
+) -> Announcement | None:
     from .discovery import announce
 
     try:
@@ -233,6 +248,8 @@ async def _announce(server: Server, plaintext: bool, interface: str | None = Non
             fingerprint=server.fingerprint,
             tls=not plaintext,
             interfaces=[interface] if interface else None,
+            started=started if started is not None else time.time(),
+            standalone=standalone,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
         print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
@@ -266,7 +283,9 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
             flush=True,
         )
-    announcement = None if args.no_announce else await _announce(server, plaintext)
+    announcement = (
+        None if args.no_announce else await _announce(server, plaintext, started=time.time(), standalone=True)
+    )
     if announcement is not None:
         print(f"announced on the LAN as {announcement.name!r}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
@@ -283,10 +302,10 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
 
 async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
-    """The first hub announced on the LAN that answers, and how many were passed over:
-    each one that does not answer is said in one line (an announcement outlives a hub
-    that crashed)."""
-    from .discovery import answers, browse
+    """The hub on the LAN by the rule (discovery.hub_rank: a `serve` hub, else the one
+    that started first) that answers, and how many were passed over: each one that does
+    not answer is said in one line (an announcement outlives a hub that crashed)."""
+    from .discovery import answers, browse, hub_rank
 
     print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
     try:
@@ -294,7 +313,7 @@ async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> t
     except Exception as exc:  # no multicast at all
         print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
         return None, 0
-    usable = [h for h in found if h.tls != plaintext]
+    usable = sorted((h for h in found if h.tls != plaintext), key=hub_rank)
     for index, hub in enumerate(usable):
         if await answers(hub.host, hub.port, PROBE_TIMEOUT):
             others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
@@ -323,9 +342,12 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         _warn_plaintext("client")
     address = args.address or cfg.get("host")
     interface = args.interface or cfg.get("interface")
-    hub = server = announcement = watcher = None
+    watchers: list[HubWatcher | None] = []
     hub_found: FoundHub | None = None
     pinned: str | None = None
+    # This process's hub: started now if no hub answers, or later if the hub's host
+    # quits and hands it to us (docs/CHAT.md, "Handover").
+    local = _local_host(cfg, plaintext, interface)
     if address:
         host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
     else:
@@ -337,19 +359,18 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             host, port = hub_found.host, hub_found.port
         else:
             try:
-                hub, server = await start_hub(interface or "0.0.0.0", int(cfg.get("port", DEFAULT_PORT)),
-                                              cfg.get("db") or default_db(), plaintext=plaintext)  # fmt: skip
+                host, port, pinned = await local.start()
             except OSError as exc:
                 print(f"korinet-chat: cannot start a hub here: {exc.strerror or exc}", file=sys.stderr)
                 return 1
-            host, port, pinned = interface or "127.0.0.1", server.port, server.fingerprint
-            announcement = await _announce(server, plaintext, interface)
             print(("" if skipped else "no hub on the LAN: ") + f"started one here on port {port}"
-                  + (", announced: others who run korinet-chat will join it" if announcement else ""),
+                  + (", announced: others who run korinet-chat will join it" if local.announcement else ""),
                   flush=True)  # fmt: skip
     try:
-        client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned))
+        client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned), taker=local,
+                            hosting=local.hub is not None)  # fmt: skip
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
+        _quit_on_sigterm(ui)
         try:
             await client.start(open_timeout=args.connect_timeout)
         except KoriNetTimeout as exc:
@@ -360,10 +381,16 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         except (ChatError, KoriNetError, OSError) as exc:
             print(f"korinet-chat: cannot join the hub at {host}:{port}: {describe(exc)}", file=sys.stderr)
             return 1
-        if announcement is not None:
-            watcher = _watch_rivals(client, announcement.name, interface)
+        if local.announcement is not None:
+            watchers.append(_watch_rivals(client, local, plaintext, interface))
         elif hub_found is not None:
-            watcher = _follow_hub(client, hub_found.name, interface)
+            watchers.append(_follow_hub(client, hub_found.name, interface))
+
+        def took_over() -> None:  # a hub taken over is watched for rivals as one started here
+            if local.announcement is not None:
+                watchers.append(_watch_rivals(client, local, plaintext, interface))
+
+        local.on_started = took_over
         await ui.run()
         await client.close()  # waits a moment for what is in flight to be acknowledged
         dropped = client.undelivered
@@ -373,33 +400,86 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
             return 1
         return 0
     finally:
-        if watcher is not None:
-            with contextlib.suppress(Exception):
-                await watcher.close()
-        if announcement is not None:
-            await announcement.close()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await server.close()
-        if hub is not None:
-            hub.close()
+        for watcher in watchers:
+            if watcher is not None:
+                with contextlib.suppress(Exception):
+                    await watcher.close()
+        if local.hub is not None:
+            hosted = len(local.hub.handover.able)
+            if hosted:
+                print(f"handing the hub over ({hosted} member(s) can host it)…", flush=True)
+            successor = await local.close()
+            if successor:
+                print(f"the hub is now hosted by {successor}", flush=True)
+            elif hosted:
+                print("nobody could take the hub over: it closed", file=sys.stderr, flush=True)
 
 
-def _watch_rivals(client: ChatClient, own_name: str, interface: str | None) -> HubWatcher | None:
+def _local_host(cfg: dict[str, Any], plaintext: bool, interface: str | None) -> LocalHost:
+    """The hub this process would run (not started yet)."""
+    from .handover import LocalHost
+
+    async def announce(server: Server, started: float) -> Announcement | None:
+        return await _announce(server, plaintext, interface, started=started)
+
+    return LocalHost(
+        cfg.get("db") or default_db(),
+        listen=interface or "0.0.0.0",
+        local=interface or "127.0.0.1",
+        port=int(cfg.get("port", DEFAULT_PORT)),
+        tls=lambda: _server_tls(plaintext),
+        settings=_hub_settings(cfg.get("rate"), cfg.get("burst")),
+        announce=announce,
+    )
+
+
+def _quit_on_sigterm(ui: Any) -> None:
+    """SIGTERM quits as /quit --force does (so the hub is handed over, not dropped)."""
+    import signal
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: ui._spawn(ui._quit(True)))
+
+
+def _watch_rivals(
+    client: ChatClient, local: LocalHost, plaintext: bool, interface: str | None
+) -> HubWatcher | None:
     """Two people who start korinet-chat within the same few seconds may each start a
-    hub; tell the user when another hub shows up, so they can meet on one."""
-    from .discovery import HubWatcher
+    hub. When another one shows up, the rule (discovery.hub_rank) says which is the
+    chat's hub: if it is the other one, this hub sends its members there and closes."""
+    from .discovery import FoundHub, HubWatcher, answers, hub_rank
+
+    assert local.announcement is not None and local.server is not None
+    own_name = local.announcement.name
+    watcher: HubWatcher | None = None
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def judge(name: str) -> None:
+        assert watcher is not None
+        rival = await watcher.lookup(name)
+        server = local.server
+        if rival is None or server is None or rival.tls == plaintext:
+            return
+        if not await answers(rival.host, rival.port, PROBE_TIMEOUT):
+            return  # a record outliving its hub (the one handed over to us, say)
+        own = FoundHub(own_name, local.local, server.port, not plaintext, server.fingerprint,
+                       started=local.started)  # fmt: skip
+        if hub_rank(rival) < hub_rank(own):
+            await local.merge_into(rival.host, rival.port, rival.fingerprint)
+        else:
+            client.notice(f"another chat hub started on the LAN ({name!r}); this one is the chat's hub")
 
     def found(name: str) -> None:
-        if name != own_name:
-            client.notice(
-                f"another chat hub is on the LAN: {name!r}; quit and run korinet-chat again to join it"
-            )
+        if name != own_name and local.hub is not None:
+            task = asyncio.get_running_loop().create_task(judge(name))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     try:
-        return HubWatcher(found, [interface] if interface else None)
+        watcher = HubWatcher(found, [interface] if interface else None)
     except Exception:  # no multicast: nothing to watch
         return None
+    return watcher
 
 
 def _follow_hub(client: ChatClient, name: str, interface: str | None) -> HubWatcher | None:

@@ -14,6 +14,9 @@ sanitised on the way in) and what the user types into requests. The rules that m
 * **hub restart** (the session expired): the client says hello again, rejoins its
   rooms "since" the last sequence number it showed, and re-sends what is still
   pending under the same message ids, which the hub recognises.
+* **the hub moved** (its host quit and handed it over, or crashed and a member took
+  over: handover.py): the client connects to the new hub, rejoins "since" as after
+  a restart, and re-sends what is pending; lines typed meanwhile wait in pending.
 * **"— N new while away —"**: when the link returns, the client asks the hub for the
   rooms' heads before showing what the session replayed, and puts the marker first.
 """
@@ -46,6 +49,7 @@ from korinet import (
 from korinet.session import CloseCode
 
 from . import protocol, watch
+from .handover import RoomState, Taker, collect, stored
 from .hub import chat_plugins
 from .sanitize import clean
 
@@ -63,6 +67,17 @@ CLIENT_CONFIG = SessionConfig(heartbeat_interval=2.0)
 #: The longest wait between reconnection attempts: on a LAN a hub that is back is
 #: used again within a second (the runtime's default, 5 s, suits the internet).
 BACKOFF_CAP = 1.0
+
+#: Seconds to reach the hub a handover moved us to.
+MOVE_TIMEOUT = 10.0
+
+#: A dropped embedded hub is taken to be gone after this many refused (or silent)
+#: probes, this many seconds apart (docs/CHAT.md, "If the host crashes").
+CRASH_PROBES = 3
+PROBE_INTERVAL = 0.5
+
+#: Room messages each client keeps (its own copy, for a takeover after a crash).
+KEEP_PER_ROOM = 2000
 
 #: Slash commands and their one-line help (the UI completes these).
 COMMANDS: dict[str, str] = {
@@ -134,6 +149,7 @@ class _RoomView:
     seen: int = 0  # the last sequence number shown
     held: dict[int, dict[str, Any]] = field(default_factory=dict)  # beyond a gap
     asked: int = 0  # the gap start already asked for
+    log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=KEEP_PER_ROOM))  # shown, raw
 
 
 class ChatClient:
@@ -147,6 +163,9 @@ class ChatClient:
         plugins: plugin manager (the chat plugin is added if missing).
         on_line: called with every new :class:`Line`.
         on_status: called when the status line would change.
+        taker: lets this client take the hub over when its host quits (None: it
+            cannot; docs/CHAT.md, "Handover").
+        hosting: this process hosts the hub (its client is never asked to take it).
     """
 
     def __init__(
@@ -163,6 +182,8 @@ class ChatClient:
         on_status: Callable[[], None] | None = None,
         backoff_cap: float = BACKOFF_CAP,
         keep_lines: int = 5000,
+        taker: Taker | None = None,
+        hosting: bool = False,
     ) -> None:
         self.host, self.port = host, port
         self.nick = protocol.normalize_nick(nick)
@@ -199,6 +220,15 @@ class ChatClient:
         self._registering = False
         self._closing = False
         self._mention_re = self._mention_pattern()
+        self.taker = taker
+        self.hosting = hosting
+        #: who may host next, in order, as the hub last said ({"nick", "address", "port"})
+        self.successors: list[dict[str, Any]] = []
+        self.hub_host: str | None = None  # the nick of the member hosting the hub
+        self.hub_started: float | None = None  # when the chat's hub started, as it said
+        self._incoming: dict[str, RoomState] = {}  # rooms being handed over to us
+        self._moving = False
+        self._watching = False  # probing a hub whose link dropped
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +296,9 @@ class ChatClient:
             return
         if event == "lost":
             self.state = "reconnecting"
+            if self.hub_host and not self.hosting and not self._watching and not self._closing:
+                self._watching = True  # an embedded hub: if its process died, someone takes over
+                self._spawn(self._watch_hub(self.peer))
             if not self._mark:
                 self._mark = {room: view.seen for room, view in self.rooms.items()}
         elif event == "resumed":
@@ -393,8 +426,11 @@ class ChatClient:
                 pending.acked = True
                 self._status()
             return
-        if isinstance(error, SessionExpired):
-            return  # the hub may or may not have it: re-registration re-sends what is pending
+        if isinstance(error, SessionExpired) or self._moving:
+            # the hub may or may not have it: re-registration (on the new hub, after a
+            # move) re-sends what is pending; later failures of the old session find
+            # no request waiting any more (re-sent under a new rid)
+            return
         self._fail(rid, error, keep_pending=self._closing)
 
     def _fail(self, rid: int, error: BaseException, *, keep_pending: bool = False) -> None:
@@ -419,7 +455,7 @@ class ChatClient:
             wanted = self.nick
             for attempt in range(6):
                 nick = wanted if attempt == 0 else f"{wanted}{'_' * attempt}"
-                result = await self._request("hello", nick=nick)
+                result = await self._request("hello", nick=nick, **self._hosting_offer())
                 if result.get("ok"):
                     self._learn_rooms(result.get("rooms"))
                     if nick != self.nick or attempt:
@@ -441,6 +477,11 @@ class ChatClient:
         finally:
             self._registering = False
             self._release_held()
+
+    def _hosting_offer(self) -> dict[str, Any]:
+        if self.hosting:
+            return {"hosting": True}
+        return {"can_host": self.taker.port} if self.taker is not None else {}
 
     def _resend(self, pending: Pending) -> None:
         waiting = self._waiting.pop(pending.rid, None)
@@ -480,7 +521,9 @@ class ChatClient:
             return result
         if view is None:
             view = self.rooms[room] = _RoomView(seen=since)
-        if head < view.seen:  # an in-memory hub restarted: its numbers start again
+        # (compared with what we asked for: a message that came in while we waited for
+        # the answer, now that the room counts us in, is already shown)
+        if head < since:  # an in-memory hub restarted: its numbers start again
             self._info(f"— the hub's history of {protocol.display_room(room)} restarted —", room=room)
             view.seen = 0
             view.held.clear()
@@ -571,6 +614,8 @@ class ChatClient:
             self._event(data)
         elif type_ == protocol.DM:
             self._dm(data)
+        elif type_ == protocol.HUB:
+            self._hub_message(data)
 
     def _result(self, data: dict[str, Any]) -> None:
         rid = data["rid"]
@@ -606,8 +651,10 @@ class ChatClient:
             return
         self._show(data)
         view.seen = seq
+        view.log.append(data)
         while view.seen + 1 in view.held:
             view.seen += 1
+            view.log.append(view.held[view.seen])
             self._show(view.held.pop(view.seen))
 
     async def _fill_gap(self, room: str, since: int, count: int) -> None:
@@ -690,6 +737,170 @@ class ChatClient:
             )
         )
 
+    # ------------------------------------------------------------------ handover
+
+    def _hub_message(self, data: dict[str, Any]) -> None:
+        kind = data["kind"]
+        if kind == "successors":
+            self.successors = list(data["list"])
+            self.hub_host = data.get("host") or self.hub_host
+            self.hub_started = data.get("started", self.hub_started)
+        elif kind == "state" and self.taker is not None:
+            collect(self._incoming, data)
+        elif kind == "take" and self.taker is not None:
+            self.hub_started = data.get("started", self.hub_started)
+            self._spawn(self._take_over(clean(data.get("host") or "the host", protocol.MAX_NICK + 8)))
+        elif kind == "moved" and data.get("merge"):
+            # two hubs were started at once and the other is the chat's: join it afresh
+            where = clean(f"{data['address']}:{data['port']}", 60)
+            text = f"two chat hubs were started at once; moving to the first one ({where})"
+            self.hosting = False
+            self._spawn(self._move(data["address"], data["port"], data.get("fp"), text, fresh=True))
+        elif kind == "moved":
+            host = clean(data.get("host") or "the host", protocol.MAX_NICK + 8)
+            nick = clean(data["nick"], protocol.MAX_NICK + 8)
+            text = f"{host}'s hub closed; now hosted by {nick}"
+            self._spawn(self._move(data["address"], data["port"], data.get("fp"), text))
+        elif kind == "closed":
+            host = clean(data.get("host") or "the host", protocol.MAX_NICK + 8)
+            self._info(
+                f"{host}'s hub closed and nobody here could host it: quit, then run korinet-chat again "
+                "(the first to do so starts a hub)",
+                "error",
+            )
+
+    async def _take_over(self, host: str) -> None:
+        """The hub's host quits and chose us: start a hub from the rooms it sent, tell it
+        where, and move there ourselves."""
+        assert self.taker is not None
+        rooms, self._incoming = list(self._incoming.values()), {}
+        try:
+            address, port, fp = await self.taker.start(rooms, self.hub_started)
+        except Exception as exc:  # the old hub waits, then asks the next one
+            self._info(f"could not take the hub over: {describe(exc)}", "error")
+            return
+        self.hosting = True
+        try:
+            await asyncio.wait_for(self._ask("took", port=port, **({"fp": fp} if fp else {})), MOVE_TIMEOUT)
+        except (ChatError, KoriNetError, TimeoutError):
+            pass  # the old hub is gone already: the others find us as after a crash
+        await self._move(address, port, fp, f"{host}'s hub closed; now hosted by you ({self.nick})")
+
+    async def _watch_hub(self, peer: Client) -> None:
+        """The link to an embedded hub dropped. Until it is back, its port is probed; if
+        the port refuses (or says nothing) a few times running, its process is gone: the
+        first of the successors the hub named takes over from its own copy of the rooms,
+        and the others move there."""
+        from .discovery import answers
+
+        try:
+            refused = 0
+            while refused < CRASH_PROBES:
+                if (
+                    self.peer is not peer
+                    or peer.is_connected
+                    or peer.is_closed
+                    or self._moving
+                    or self._closing
+                ):
+                    return  # the link came back, or we moved already
+                # Probed until the link is back: a dying process may still complete a
+                # handshake on its listening socket for an instant after its links dropped.
+                refused = 0 if await answers(self.host, self.port, 1.0) else refused + 1
+                if refused < CRASH_PROBES:
+                    await asyncio.sleep(PROBE_INTERVAL)
+            host = clean(self.hub_host or "the host", protocol.MAX_NICK + 8)
+            for entry in list(self.successors):
+                nick = clean(entry["nick"], protocol.MAX_NICK + 8)
+                if protocol.nick_key(entry["nick"]) == protocol.nick_key(self.nick):
+                    if await self._take_over_alone(host):
+                        return
+                elif await self._move(entry["address"], entry["port"], None,
+                                      f"{host}'s hub stopped answering; now hosted by {nick}"):  # fmt: skip
+                    return
+            self._info(f"{host}'s hub stopped answering and nobody could take it over", "error")
+        except Exception:  # a bug of ours must not leave the user stranded without a word
+            logger.exception("could not find a new hub")
+            self._info("the hub stopped answering and finding a new one failed (a bug: see the log)", "error")
+        finally:
+            self._watching = False
+            self._status()
+
+    async def _take_over_alone(self, host: str) -> bool:
+        """Start a hub from our own copy of the rooms (the host is gone: nothing was
+        handed over) and move there."""
+        if self.taker is None:
+            return False
+        rooms = [
+            RoomState(room, view.seen, [stored(room, m) for m in view.log])
+            for room, view in self.rooms.items()
+        ]
+        try:
+            address, port, fp = await self.taker.start(rooms, self.hub_started)
+        except Exception as exc:
+            self._info(f"could not take the hub over: {describe(exc)}", "error")
+            return False
+        self.hosting = True
+        return await self._move(
+            address, port, fp, f"{host}'s hub stopped answering; now hosted by you ({self.nick})"
+        )
+
+    async def _move(
+        self, host: str, port: int, fingerprint: str | None, text: str, *, fresh: bool = False
+    ) -> bool:
+        """The hub moved: connect to the new one, rejoin our rooms "since" what we showed
+        (no gap, no duplicate) and re-send what is pending under the same mids (the new
+        hub has the old one's mids: nothing is stored twice)."""
+        if self._closing or self._moving:
+            return False
+        self._moving = True
+        try:
+            old = self.peer
+            for task in (self._reader, self._pump):
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+            self._backlog.clear()  # requests not sent: the says among them are pending
+            for pending in self.pending.values():
+                pending.acked = False  # a hub handing over drops what it gets: not delivered yet
+            for rid, waiting in list(self._waiting.items()):
+                if waiting.mid is None:  # a /who or the like: asked again by the user
+                    del self._waiting[rid]
+                    if not waiting.future.done():
+                        waiting.future.set_result(
+                            {"rid": rid, "ok": False, "error": "the hub moved: try again", "code": "moved"}
+                        )
+            self.state = "reconnecting"
+            self._status()
+            if old is not None:
+                self._spawn(_quietly_close(old))
+            self.host, self.port = host, port
+            if self.tls is not None:
+                from korinet.security import ClientTLS
+
+                self.tls = ClientTLS(identity=self.tls.identity, known_hosts=self.tls.known_hosts,
+                                     fingerprint=fingerprint, on_first_use=self.tls.on_first_use)  # fmt: skip
+            try:
+                self.peer = await Client.connect(host, port, plugins=self.plugins, tls=self.tls,
+                                                 config=self.config, backoff_cap=self.backoff_cap,
+                                                 open_timeout=MOVE_TIMEOUT)  # fmt: skip
+            except KoriNetError as exc:
+                self.state = "closed"
+                self._info(f"could not reach the new hub at {host}:{port}: {describe(exc)}", "error")
+                return False
+            self.state = "connected"
+            self._info(text)
+            if fresh:  # another hub's numbers: join its rooms as new, not "since"
+                self.rooms, self._mark = {}, {}
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+            await self._register(first=False)
+            return True
+        except (ChatError, KoriNetError) as exc:
+            self._info(f"could not join the new hub: {describe(exc)}", "error")
+            return True
+        finally:
+            self._moving = False
+            self._status()
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -706,14 +917,15 @@ class ChatClient:
         room = protocol.normalize_room(room) if room else self.current
         if room is None:
             raise ChatError("you are in no room: /join #general first")
-        if room not in self.rooms:
+        if room not in self.rooms and not (self._moving and room in self.wanted_rooms):
             raise ChatError(
                 f"you are not in {protocol.display_room(room)} (/join {protocol.display_room(room)})"
             )
         _check_length(text)
         pending = Pending(f"{self._client_id}-{next(self._mids)}", text, room, kind=kind)
         self.pending[pending.mid] = pending
-        self._request("say", mid=pending.mid, room=room, text=text, kind=kind)
+        if not self._moving:  # moving: sent to the new hub with the rest of what is pending
+            self._request("say", mid=pending.mid, room=room, text=text, kind=kind)
         self._status()
         return pending
 
@@ -918,6 +1130,13 @@ class ChatClient:
                 f"unknown command {clean(name, 30)} (/help lists them; // sends a line starting with /)"
             )
         return True
+
+
+async def _quietly_close(peer: Client) -> None:
+    try:
+        await peer.close("the hub moved", timeout=1.0)
+    except (KoriNetError, OSError):
+        pass
 
 
 def _check_length(text: str) -> None:

@@ -4,6 +4,10 @@ A hub announces ``<name>._korinet-chat._tcp.local.`` with its port, addresses an
 in the TXT record, its key's fingerprint and whether it speaks TLS. mDNS is not
 authenticated: the fingerprint there is only shown to the user; the client pins
 the key it meets on first use (known_hosts), as for any other address.
+
+The record also says when the hub started (``t``) and whether it is a standalone
+``serve`` hub (``role``): :func:`hub_rank` is the one rule for "which hub is the
+hub" when several are announced (docs/CHAT.md).
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from typing import Any
 from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-__all__ = ["SERVICE_TYPE", "Announcement", "FoundHub", "HubWatcher", "announce", "answers", "browse"]
+__all__ = [
+    "SERVICE_TYPE",
+    "Announcement",
+    "FoundHub",
+    "HubWatcher",
+    "announce",
+    "answers",
+    "browse",
+    "hub_rank",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +45,37 @@ class FoundHub:
     port: int
     tls: bool
     fingerprint: str | None
+    started: float | None = None  # when the hub started (epoch seconds), as announced
+    standalone: bool = False  # a `korinet-chat serve` hub
+
+
+def hub_rank(hub: FoundHub) -> tuple[int, float, str, str, int]:
+    """Sort key of the one rule for "which hub is the hub" on a LAN: a standalone
+    (``serve``) hub first, then the one that started first, then the lower key
+    fingerprint (then the address, so the order is total). A hub that does not say
+    when it started comes after those that do."""
+    started = hub.started if hub.started is not None else float("inf")
+    return (0 if hub.standalone else 1, started, hub.fingerprint or "", hub.host, hub.port)
+
+
+def _found(name: str, info: AsyncServiceInfo) -> FoundHub | None:
+    addresses = info.parsed_addresses(IPVersion.V4Only)
+    if not addresses or info.port is None:
+        return None
+    props = info.properties or {}
+    try:
+        started: float | None = float(_decode(props.get(b"t")) or "")
+    except ValueError:
+        started = None
+    return FoundHub(
+        name=name.removesuffix("." + SERVICE_TYPE),
+        host=addresses[0],
+        port=info.port,
+        tls=_decode(props.get(b"tls")) != "0",
+        fingerprint=_decode(props.get(b"fp")),
+        started=started,
+        standalone=_decode(props.get(b"role")) == "serve",
+    )
 
 
 def _interfaces(interfaces: Sequence[str] | None) -> Any:
@@ -74,19 +118,9 @@ async def browse(timeout: float = 1.5, *, interfaces: Sequence[str] | None = Non
             info = AsyncServiceInfo(SERVICE_TYPE, name)
             if not await info.async_request(azc.zeroconf, 1000):
                 continue
-            addresses = info.parsed_addresses(IPVersion.V4Only)
-            if not addresses or info.port is None:
-                continue
-            props = info.properties or {}
-            found.append(
-                FoundHub(
-                    name=name.removesuffix("." + SERVICE_TYPE),
-                    host=addresses[0],
-                    port=info.port,
-                    tls=_decode(props.get(b"tls")) != "0",
-                    fingerprint=_decode(props.get(b"fp")),
-                )
-            )
+            hub = _found(name, info)
+            if hub is not None:
+                found.append(hub)
     finally:
         await browser.async_cancel()
         await azc.async_close()
@@ -139,6 +173,13 @@ class HubWatcher:
 
         self.browser = AsyncServiceBrowser(self.azc.zeroconf, [SERVICE_TYPE], handlers=[on_change])
 
+    async def lookup(self, name: str, timeout: float = 1.0) -> FoundHub | None:
+        """The record of the hub called ``name`` (None: it did not answer in time)."""
+        info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}")
+        if not await info.async_request(self.azc.zeroconf, int(timeout * 1000)):
+            return None
+        return _found(info.name, info)
+
     async def close(self) -> None:
         await self.browser.async_cancel()
         await self.azc.async_close()
@@ -170,6 +211,8 @@ async def announce(
     fingerprint: str | None = None,
     tls: bool = True,
     interfaces: Sequence[str] | None = None,
+    started: float | None = None,
+    standalone: bool = False,
 ) -> Announcement:
     """Publish a hub listening on ``port`` at ``addresses`` (default: this host's LAN address).
 
@@ -181,6 +224,9 @@ async def announce(
     props = {"tls": "1" if tls else "0", "v": "1"}
     if fingerprint:
         props["fp"] = fingerprint
+    if started is not None:
+        props["t"] = f"{started:.3f}"
+    props["role"] = "serve" if standalone else "embedded"
     info = AsyncServiceInfo(
         SERVICE_TYPE,
         f"{label}.{SERVICE_TYPE}",

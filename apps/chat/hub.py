@@ -17,6 +17,8 @@ Theory of operation (docs/CHAT.md):
   and nobody else waits for it. The burst is sized for a paste (hundreds of lines
   at once, then quiet), the rate for typing: what tells a flood from a paste is
   that it goes on. A lagging member's requests wait until it drains.
+* An embedded hub can be handed over to a member when its process quits
+  (handover.py: the hub's side is :class:`~korinet_chat.handover.HubHandover`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from korinet import KoriNetError, SendBufferFull, Server, SessionConfig, post_ma
 from korinet.plugins import PluginManager, default_manager
 
 from . import plugin, protocol, watch
+from .handover import HubHandover
 from .limits import TokenBucket
 from .store import History, StoredMessage
 
@@ -141,6 +144,7 @@ class ChatHub:
         self._dm_mids: OrderedDict[str, None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
+        self.handover = HubHandover(self)
         watch.add(self)
 
     def server(
@@ -226,7 +230,8 @@ class ChatHub:
             return
         if event == "lost":
             member.linked = False
-            self._presence(member, "reconnecting")
+            if not self.handover.frozen:  # handing over: everyone is about to move
+                self._presence(member, "reconnecting")
         elif event in ("resumed", "opened"):
             if not member.linked:
                 member.linked = True
@@ -238,10 +243,11 @@ class ChatHub:
         if self.members.pop(member.peer, None) is None:
             return
         member.drained.set()
-        if member.nick is not None and not self.closing:
-            self._presence(member, "left")
+        if member.nick is not None and not self.closing and not self.handover.frozen:
+            self._presence(member, "left")  # (handing over: everyone moves, nobody left)
         for room in member.rooms:
             self.rooms.get(room, set()).discard(member)
+        self.handover.removed(member)
         if member.nick is not None and self.nicks.get(protocol.nick_key(member.nick)) is member:
             del self.nicks[protocol.nick_key(member.nick)]
 
@@ -369,6 +375,8 @@ class ChatHub:
     def _request(self, member: Member, data: dict[str, Any]) -> None:
         rid = data["rid"]
         op = data["op"]
+        if self.handover.holds(member, data):
+            return  # handing over: the client re-sends it to the successor
         try:
             if member.nick is None and op != "hello":
                 raise RequestError("say hello first (the hub does not know this session)", "unregistered")
@@ -416,6 +424,7 @@ class ChatHub:
         if member.nick is not None:
             raise RequestError(f"already here as {member.nick}; use /nick to change", "registered")
         self._claim(member, nick)
+        self.handover.hello(member, data)
         return {"nick": nick, "rooms": self.history.rooms()}
 
     def _op_join(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +511,7 @@ class ChatHub:
             return {"nick": nick}
         self._claim(member, nick)
         self._presence(member, "nick", nick=old, new=nick)
+        self.handover.renamed(member)
         return {"nick": nick, "old": old}
 
     def _who(self, room: str) -> list[dict[str, Any]]:
@@ -538,6 +548,9 @@ class ChatHub:
             "query": query,
             "messages": [_msg_payload(r) for r in self.history.search(query, rooms, limit)],
         }
+
+    def _op_took(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        return self.handover.took(member, data)
 
     def _op_away(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         message = (data.get("message") or "").strip() or None

@@ -9,6 +9,8 @@ Hub to client:
 * ``chat.event``: presence and membership (joined, left, reconnecting, online, away,
   nick); never stored;
 * ``chat.dm``: a direct message;
+* ``chat.hub``: who may host the hub next, and a handover (state, take, moved,
+  closed: handover.py);
 * ``chat.result``: the answer to a request.
 
 A room message is identified twice: by ``(room, seq)``, given by the hub, and by
@@ -28,6 +30,7 @@ from korinet.messages import MessageType
 __all__ = [
     "DM",
     "EVENT",
+    "HUB",
     "MAX_NICK",
     "MAX_ROOM",
     "MAX_TEXT",
@@ -52,6 +55,8 @@ RESULT: Final = "chat.result"
 MSG: Final = "chat.msg"
 EVENT: Final = "chat.event"
 DM: Final = "chat.dm"
+#: Hub to client: who may host next, and a handover (docs/CHAT.md, "Handover").
+HUB: Final = "chat.hub"
 
 #: Longest message text, in characters (a clear error beyond, on both sides).
 MAX_TEXT: Final = 2000
@@ -201,6 +206,18 @@ def _nick(data: dict[str, Any]) -> None:
     normalize_nick(data.get("nick"))
 
 
+def _hello(data: dict[str, Any]) -> None:
+    normalize_nick(data.get("nick"))
+    _int(data, "can_host", optional=True)  # the port a hub of this client would listen on
+    if not isinstance(data.get("hosting", False), bool):
+        raise TypeError("'hosting' must be a boolean")
+
+
+def _took(data: dict[str, Any]) -> None:
+    _int(data, "port")
+    _str(data, "fp", 200, optional=True)
+
+
 def _away(data: dict[str, Any]) -> None:
     _str(data, "message", MAX_TEXT, optional=True)
 
@@ -211,7 +228,7 @@ def _nothing(data: dict[str, Any]) -> None:
 
 #: Request operations and their argument checks.
 OPS: Final[dict[str, Callable[[dict[str, Any]], None]]] = {
-    "hello": _nick,
+    "hello": _hello,
     "join": _join,
     "part": _room_arg,
     "say": _say,
@@ -222,6 +239,7 @@ OPS: Final[dict[str, Callable[[dict[str, Any]], None]]] = {
     "history": _history,
     "search": _search,
     "away": _away,
+    "took": _took,
 }
 
 
@@ -276,6 +294,42 @@ def validate_dm(data: Any) -> None:
     _kind(d)
 
 
+_HUB_KINDS: Final = frozenset({"successors", "state", "take", "moved", "closed"})
+
+
+def validate_hub(data: Any) -> None:
+    d = _dict(data)
+    kind = d.get("kind")
+    if kind not in _HUB_KINDS:
+        raise ValueError(f"unknown hub message kind {kind!r}")
+    _str(d, "host", 200, optional=True)  # the nick of the member hosting the hub
+    if not isinstance(d.get("started", 0), (int, float)):
+        raise TypeError("'started' must be a number")
+    if kind == "successors":
+        entries = d.get("list")
+        if not isinstance(entries, list) or len(entries) > 1000:
+            raise TypeError("'list' must be a list")
+        for entry in entries:
+            _str(_dict(entry), "nick", 200)
+            _str(entry, "address", 200)
+            _int(entry, "port")
+    elif kind == "state":
+        _room_arg(d)
+        _int(d, "head")
+        messages = d.get("messages")
+        if not isinstance(messages, list):
+            raise TypeError("'messages' must be a list")
+        for message in messages:
+            validate_msg(message)
+    elif kind == "moved":
+        _str(d, "nick", 200)
+        _str(d, "address", 200)
+        _int(d, "port")
+        _str(d, "fp", 200, optional=True)
+        if not isinstance(d.get("merge", False), bool):
+            raise TypeError("'merge' must be a boolean")
+
+
 def message_types() -> list[MessageType]:
     """What the plugin registers. No handlers: the hub and the client read their
     inboxes, so a message is acknowledged only once the chat code has it."""
@@ -285,4 +339,5 @@ def message_types() -> list[MessageType]:
         MessageType(MSG, validate_msg, description="chat: a room message with its sequence number"),
         MessageType(EVENT, validate_event, description="chat: presence and membership"),
         MessageType(DM, validate_dm, description="chat: a direct message"),
+        MessageType(HUB, validate_hub, description="chat: who hosts next, and a hub handover"),
     ]

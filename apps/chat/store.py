@@ -89,6 +89,25 @@ class History:
         self._heads[room] = 0
         return True
 
+    def import_room(self, room: str, head: int, messages: list[StoredMessage], now: float) -> None:
+        """Make ``room`` what another hub handed over: these messages, this head (its
+        sequence numbers go on from there). What this file held of the room is
+        replaced, and so is any message with one of the same mids."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM messages WHERE room = ?", (room,))
+            self.db.executemany(
+                "INSERT OR REPLACE INTO messages (room, seq, ts, nick, kind, text, mid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(room, m["seq"], m["ts"], m["nick"], m["kind"], m["text"], m["mid"]) for m in messages],
+            )
+            self.db.execute(
+                "INSERT INTO rooms (name, head, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET head = excluded.head",
+                (room, head, now),
+            )
+        self._heads[room] = head
+
     # ------------------------------------------------------------------ messages
 
     def append(
