@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -189,6 +191,40 @@ async def test_a_dead_hubs_nicks_expire_after_the_ttl() -> None:
         await late.wait_for(lambda cl: cl.nick == "alice", WAIT)
 
 
+async def test_a_live_hub_renews_its_nicks_before_the_ttl() -> None:
+    now = [0.0]
+    bus = LocalBus(clock=lambda: now[0])
+    space = await bus.key_space(NICK_SPACE, 0.3)
+    renewed = asyncio.Event()
+    renew = space.renew
+
+    async def counting(key: str, value: bytes) -> bool:
+        held = await renew(key, value)
+        renewed.set()
+        return held
+
+    space.renew = counting  # type: ignore[method-assign]
+    c = Cluster(fresh_plugins(), lambda: bus)
+    try:
+        hub = ChatHub(settings=HubSettings(rate=0), bus=bus, hub_id="hub0", nick_ttl=0.3)
+        await hub.start()
+        server = hub.server("127.0.0.1", 0, plugins=c.plugins)
+        await server.start()
+        c.hubs.append(hub)
+        c.servers.append(server)
+        await c.client("alice", hub=0)
+        now[0] = 0.25  # nearly expired...
+        renewed.clear()
+        await asyncio.wait_for(renewed.wait(), WAIT)  # ...renewed (every TTL / 3)
+        now[0] = 0.5  # past the first expiry, within the renewed one
+        assert await space.get(nick_name("alice")) is not None
+        hub.close()  # now it dies: nobody renews
+        now[0] = 10.0
+        assert await space.get(nick_name("alice")) is None
+    finally:
+        await c.close()
+
+
 async def test_a_re_sent_mid_is_stored_once_whichever_hub_takes_it() -> None:
     async with cluster(local()) as c:
         alice = await c.client("alice", hub=0)
@@ -277,8 +313,11 @@ async def test_three_hubs_on_nats_thirty_clients_cuts_and_a_hub_closed(nats: Nat
                 c.move(f"u{i:02d}", 1)
 
         async def talk(client: ChatClient) -> None:
+            nick = client.nick
             for i in range(per_client):
-                client.say(f"{client.nick} {i}")
+                # while it says hello again to another hub, the client is in no room
+                await client.wait_for(lambda cl: "general" in cl.rooms, WAIT)
+                client.say(f"{nick} {i}")
                 said[0] += 1
                 progressed.set()
                 await asyncio.sleep(rng.uniform(0.005, 0.03))
@@ -302,3 +341,146 @@ async def test_three_hubs_on_nats_thirty_clients_cuts_and_a_hub_closed(nats: Nat
             moved = c.clients[f"u{i:02d}"]
             assert any("lost our session" in line.text for line in lines_of(moved, "info"))
             assert moved.nick == f"u{i:02d}"  # hub 0 gave its nicks up as it closed
+
+
+# ---------------------------------------------------------------------- korinet-chat serve --cluster
+
+
+def _serve(*extra: str) -> list[str]:
+    return ["serve", "--host", "127.0.0.1", "--port", "0", "--db", ":memory:", "--no-announce",
+            "--insecure-plaintext", *extra]  # fmt: skip
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("local", "--cluster takes a nats://HOST:PORT address, not 'local'"),
+        ("nats://127.0.0.1:{port}", "cannot reach the cluster bus at nats://127.0.0.1:{port}"),
+    ],
+)
+def test_serve_cluster_mistakes_get_one_line(
+    address: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from korinet_chat.cli import main
+
+    monkeypatch.setenv("KORINET_HOME", str(tmp_path))
+    port = _free_port()
+    assert main(_serve("--cluster", address.format(port=port))) == 1
+    err = capsys.readouterr().err
+    assert f"korinet-chat serve: {message.format(port=port)}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # the plaintext warning, then it
+
+
+def test_serve_cluster_without_korinet_nats_says_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from korinet_chat.cli import main
+
+    import korinet.plugins
+
+    monkeypatch.setenv("KORINET_HOME", str(tmp_path))
+    monkeypatch.setattr(korinet.plugins, "default_manager", lambda: PluginManager.load(entry_points=False))
+    assert main(_serve("--cluster", "nats://127.0.0.1:4222")) == 1
+    err = capsys.readouterr().err
+    assert (
+        "no installed plugin serves the cluster bus 'nats://127.0.0.1:4222' (pip install korinet-nats)" in err
+    )
+    assert "Traceback" not in err
+
+
+async def _hub_process(url: str, home: Path) -> tuple[asyncio.subprocess.Process, int]:
+    command = [sys.executable, "-c", "from korinet_chat.cli import main; raise SystemExit(main())",
+               *_serve("--cluster", url)]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "KORINET_HOME": str(home)},
+    )
+    assert proc.stdout is not None
+    first = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode()
+    assert first.startswith("korinet-chat hub on 127.0.0.1:"), first
+    second = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode()
+    assert second.startswith(f"sharing rooms and nicks through {url}"), second
+    return proc, int(first.split(":")[1].split(",")[0])
+
+
+async def test_a_killed_hub_process_loses_nothing_its_clients_move_on(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    per_client = 20
+    plugins = fresh_plugins()
+    procs = []
+    relays: dict[str, Relay] = {}
+    clients: list[ChatClient] = []
+    try:
+        for _ in range(2):
+            procs.append(await _hub_process(nats.url, tmp_path))
+        for nick, hub in (("alice", 0), ("bob", 1), ("carol", 0)):
+            relay = relays[nick] = await Relay("127.0.0.1", procs[hub][1]).start()
+            client = ChatClient("127.0.0.1", relay.port, nick, plugins=plugins)
+            await client.start(open_timeout=WAIT)
+            clients.append(client)
+        said = [0]
+        progressed = asyncio.Event()
+
+        async def killer() -> None:
+            while said[0] < 25:
+                progressed.clear()
+                await progressed.wait()
+            procs[0][0].kill()  # kill -9: no goodbye, nicks left held on the bus
+            await procs[0][0].wait()
+            for nick in ("alice", "carol"):
+                relays[nick].target = ("127.0.0.1", procs[1][1])
+                relays[nick].cut()
+
+        async def talk(client: ChatClient, nick: str) -> None:
+            for i in range(per_client):
+                await client.wait_for(lambda cl: "general" in cl.rooms, WAIT)  # see above
+                client.say(f"{nick} {i}")
+                said[0] += 1
+                progressed.set()
+                await asyncio.sleep(0.01)
+
+        killing = asyncio.create_task(killer())
+        await asyncio.gather(*(talk(cl, n) for cl, n in zip(clients, ("alice", "bob", "carol"), strict=True)))
+        await asyncio.wait_for(killing, WAIT)
+        total = 3 * per_client
+        for client in clients:
+            await client.wait_for(lambda cl: len(room_texts(cl)) >= total and not cl.pending, WAIT * 3)
+        reference = room_texts(clients[1])
+        assert len(reference) == len(set(reference)) == total
+        for client in clients:
+            assert room_texts(client) == reference
+            assert seqs(client) == list(range(1, total + 1))
+        for nick in ("alice", "bob", "carol"):
+            mine = [t for t in reference if t.startswith(nick + " ")]
+            assert mine == [f"{nick} {i}" for i in range(per_client)]
+        # the dead hub still holds alice's nick on the bus (until its TTL): she is alice_ now
+        assert clients[0].nick == "alice_" and clients[2].nick == "carol_"
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        for relay in relays.values():
+            await relay.close()
+        for proc, _ in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    await asyncio.wait_for(proc.wait(), WAIT)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
