@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import secrets
@@ -86,8 +88,17 @@ def decode_message(data: bytes) -> dict[str, Any]:
 class _Follower:
     def __init__(self, applied: int) -> None:
         self.applied = applied
-        self.moved = asyncio.Event()
+        #: (seq, waiter) by seq: each entry wakes only those waiting for it (one
+        #: event for all would wake every waiter at every entry)
+        self.waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self.task: asyncio.Task[None] | None = None
+
+    def moved_to(self, seq: int) -> None:
+        self.applied = seq
+        while self.waiters and self.waiters[0][0] <= seq:
+            _, _, waiter = heapq.heappop(self.waiters)
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class RoomCluster:
@@ -107,6 +118,7 @@ class RoomCluster:
         self._tasks: set[asyncio.Task[Any]] = set()  # loops: presence, renewal
         self._errands: set[asyncio.Task[Any]] = set()  # one-shots: releases, signals
         self._started: asyncio.Task[None] | None = None
+        self._order = itertools.count()  # ties between waiters for one seq
 
     # ------------------------------------------------------------------ life
 
@@ -176,9 +188,7 @@ class RoomCluster:
             try:
                 async for entry in self.bus.follow(log, follower.applied):
                     apply(room, entry)
-                    follower.applied = entry.seq
-                    follower.moved.set()
-                    follower.moved = asyncio.Event()
+                    follower.moved_to(entry.seq)
             except BusError as exc:
                 logger.warning("cluster bus: following %s failed (%s); again soon", room, exc)
             except ValueError:  # History refused the entry: the log lost some (see History.put)
@@ -189,8 +199,11 @@ class RoomCluster:
     async def caught_up(self, room: str, seq: int) -> None:
         """Wait until this hub stored ``room``'s entries up to ``seq``."""
         follower = self._followers[room]
-        while follower.applied < seq:
-            await follower.moved.wait()
+        if follower.applied >= seq:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(follower.waiters, (seq, next(self._order), waiter))
+        await waiter
 
     async def head(self, room: str) -> int:
         return await self.bus.head(room_log(room))

@@ -459,6 +459,19 @@ class ChatHub:
         except Exception as exc:
             self._refuse(member, rid, exc, op)
             return
+        if op == "say":
+            # Answer once our own follower stored and fanned the line out (the sender
+            # sees it before the answer, as with a lone hub), without holding the
+            # member's next line back: the next append may go while this one travels.
+            task = asyncio.get_running_loop().create_task(self._answer_stored(member, rid, answer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
+
+    async def _answer_stored(self, member: Member, rid: int, answer: dict[str, Any]) -> None:
+        assert self.cluster is not None
+        await self.cluster.caught_up(answer["room"], answer["seq"])
         self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
 
     async def _bus_hello(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
@@ -517,9 +530,6 @@ class ChatHub:
         appended = await self.cluster.append(
             room, member.nick, data["text"], data.get("kind", "say"), mid, self.clock()
         )
-        # Answer once our own follower stored and fanned it out: the sender sees its
-        # line before the answer, as with a lone hub.
-        await self.cluster.caught_up(room, appended.seq)
         return {"room": room, "seq": appended.seq, "duplicate": appended.duplicate}
 
     # ------------------------------------------------------------------ requests
