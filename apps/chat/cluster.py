@@ -205,6 +205,14 @@ class RoomCluster:
         heapq.heappush(follower.waiters, (seq, next(self._order), waiter))
         await waiter
 
+    def following(self, room: str) -> bool:
+        return room in self._followers
+
+    async def entry(self, room: str, seq: int) -> dict[str, Any] | None:
+        """Entry ``seq`` of ``room``'s log, decoded; None if the log has no such entry."""
+        found = await self.bus.read(room_log(room), seq - 1, 1)
+        return decode_message(found[0].data) if found and found[0].seq == seq else None
+
     async def head(self, room: str) -> int:
         return await self.bus.head(room_log(room))
 

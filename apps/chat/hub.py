@@ -514,11 +514,30 @@ class ChatHub:
         # A room this hub never followed is fetched from its log now: the answer's
         # history and "since" catch-up come from History, which must hold it all.
         head = await self.cluster.head(room)
+        if not self.cluster.following(room):
+            await self._same_history(room)
         self.cluster.follow(room, self.history.head(room) or 0, self._apply)
         await self.cluster.caught_up(room, head)
         answer = self._op_join(member, data)
         answer["created"] = answer["created"] and head == 0
         return answer
+
+    async def _same_history(self, room: str) -> None:
+        """Before following a room's log from what History holds: is it the log's? A
+        database kept without the bus (or on another bus) numbered its own lines, and
+        following on from its head would mix two histories under one set of numbers."""
+        assert self.cluster is not None
+        local = self.history.head(room) or 0
+        if local == 0:
+            return
+        row = self.history.since(room, local - 1, 1)
+        entry = await self.cluster.entry(room, local)
+        if not row or entry is None or (entry["nick"], entry["text"]) != (row[0]["nick"], row[0]["text"]):
+            raise RequestError(
+                f"this hub's history of {protocol.display_room(room)} is not the cluster's (kept without "
+                "the bus, or on another one): start the hub with a fresh --db to share the room",
+                "diverged",
+            )
 
     async def _bus_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         assert self.cluster is not None and member.nick is not None

@@ -247,6 +247,52 @@ async def test_a_re_sent_mid_is_stored_once_whichever_hub_takes_it() -> None:
             assert hub.history.head("general") == 2
 
 
+async def test_a_hub_restarted_on_its_database_follows_on_and_a_foreign_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    bus = LocalBus()
+    plugins = fresh_plugins()
+    alone = tmp_path / "alone.sqlite3"
+    solo = ChatHub(alone)  # a database kept without the bus numbers its own lines
+    solo.history.create_room("general", 0.0)
+    solo.history.append("general", "zed", "said alone", "say", "z-1", 0.0)
+    solo.close()
+    async with cluster(lambda: bus) as c:
+        alice = await c.client("alice", hub=0)
+        alice.say("on the bus")
+        await alice.wait_for(lambda cl: not cl.pending, WAIT)
+        kept = tmp_path / "kept.sqlite3"
+        hub = ChatHub(kept, settings=HubSettings(rate=0), bus=bus, hub_id="kept")
+        await hub.start()
+        server = hub.server("127.0.0.1", 0, plugins=plugins)
+        await server.start()
+        c.hubs.append(hub)
+        c.servers.append(server)
+        bob = await c.client("bob", hub=2)
+        await server.close()
+        await hub.aclose()  # stops; its database keeps entry 1
+        alice.say("while the kept hub was down")
+        await alice.wait_for(lambda cl: not cl.pending, WAIT)
+        for db, index in ((kept, 3), (alone, 4)):
+            hub = ChatHub(db, settings=HubSettings(rate=0), bus=bus, hub_id=f"again{index}")
+            await hub.start()
+            server = hub.server("127.0.0.1", 0, plugins=plugins)
+            await server.start()
+            c.hubs.append(hub)
+            c.servers.append(server)
+        carol = await c.client("carol", hub=3)  # on the restarted hub: follows on from 1
+        assert [line.text for line in carol.lines if line.kind == "history"] == [
+            "on the bus",
+            "while the kept hub was down",
+        ]
+        assert c.hubs[3].history.head("general") == 2
+        dave = await c.client("dave", hub=4, room=None)  # the foreign database: refused
+        await dave.handle_input("/join #general")
+        await dave.wait_for(has_line("error", "this hub's history of #general is not the cluster's"), WAIT)
+        assert c.hubs[4].history.head("general") == 1  # untouched
+        assert bob.nick == "bob"
+
+
 async def test_presence_crosses_hubs() -> None:
     async with cluster(local()) as c:
         bob = await c.client("bob", hub=1)
