@@ -194,6 +194,8 @@ class RoomCluster:
             except ValueError:  # History refused the entry: the log lost some (see History.put)
                 logger.exception("cluster bus: cannot store %s's log here; no longer followed", room)
                 return
+            except Exception:  # a bug of ours must not silence the room for good
+                logger.exception("cluster bus: following %s failed; again soon", room)
             await asyncio.sleep(REFOLLOW_DELAY)
 
     async def caught_up(self, room: str, seq: int) -> None:

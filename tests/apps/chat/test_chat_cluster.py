@@ -23,7 +23,7 @@ from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
 from korinet import Server
-from korinet.cluster import ClusterBus, LocalBus
+from korinet.cluster import Appended, BusError, ClusterBus, LocalBus
 from korinet.plugins import PluginManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "plugins" / "nats" / "tests"))
@@ -310,6 +310,40 @@ async def test_presence_crosses_hubs() -> None:
         await bob.wait_for(has_line("event", "alicia is back"), WAIT)
         await alice.close()
         await bob.wait_for(has_line("event", "alicia left"), WAIT)
+
+
+class FlakyBus(LocalBus):
+    """A LocalBus that can be unreachable (every log call raises BusError)."""
+
+    down = False
+
+    def _check_up(self) -> None:
+        if self.down:
+            raise BusError("cannot reach the cluster bus at local: down for the test")
+
+    async def append(self, log: str, data: bytes, *, msg_id: str) -> Appended:
+        self._check_up()
+        return await super().append(log, data, msg_id=msg_id)
+
+    async def head(self, log: str) -> int:
+        self._check_up()
+        return await super().head(log)
+
+
+async def test_an_unreachable_bus_is_an_answer_not_a_bug() -> None:
+    bus = FlakyBus()
+    async with cluster(lambda: bus) as c:
+        alice = await c.client("alice", hub=0)
+        bus.down = True
+        alice.say("lost?")
+        await alice.wait_for(has_line("error", "not sent (the cluster bus failed: cannot reach"), WAIT)
+        assert not alice.pending
+        await alice.handle_input("/join #other")
+        await alice.wait_for(has_line("error", "the cluster bus failed: cannot reach"), WAIT)
+        assert not any("internal error" in line.text for line in alice.lines)
+        bus.down = False
+        alice.say("back")
+        await alice.wait_for(lambda cl: room_texts(cl) == ["back"] and not cl.pending, WAIT)
 
 
 async def test_without_a_bus_the_hub_numbers_rooms_itself() -> None:
