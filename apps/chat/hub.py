@@ -40,7 +40,7 @@ from korinet.cluster import BusError, ClusterBus, LogEntry
 from korinet.plugins import PluginManager, default_manager
 
 from . import plugin, protocol, watch
-from .cluster import RoomCluster, decode_message
+from .cluster import NICK_TTL, RoomCluster, decode_message
 from .limits import TokenBucket
 from .store import History, StoredMessage
 
@@ -131,7 +131,8 @@ class RequestError(Exception):
 
 
 #: Requests that talk to the cluster bus (when there is one): the member's next
-#: request waits for the answer, which keeps its lines in the order typed.
+#: request waits until the bus answered this one, which keeps its lines in the
+#: order typed.
 CLUSTER_OPS = frozenset({"hello", "nick", "join", "say"})
 
 
@@ -152,11 +153,7 @@ class ChatHub:
         nick_ttl: float | None = None,
     ) -> None:
         self.settings = settings or HubSettings()
-        self.cluster: RoomCluster | None = None
-        if bus is not None:
-            self.cluster = (
-                RoomCluster(bus, hub_id) if nick_ttl is None else RoomCluster(bus, hub_id, nick_ttl=nick_ttl)
-            )
+        self.cluster = None if bus is None else RoomCluster(bus, hub_id, nick_ttl=nick_ttl or NICK_TTL)
         self.history = History(db)
         self.clock = clock
         self.members: dict[Peer, Member] = {}
@@ -711,7 +708,9 @@ class ChatHub:
     def _op_history(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         room = self._known_room(data["room"])
         limit = min(data.get("limit") or 20, protocol.MAX_HISTORY)
-        rows = self.history.last(room, limit)
+        since = data.get("since")
+        # "since": a client filling a gap in what it was sent (the oldest it lacks first)
+        rows = self.history.last(room, limit) if since is None else self.history.since(room, since, limit)
         return {"room": room, "messages": [_msg_payload(r) for r in rows]}
 
     def _op_search(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:

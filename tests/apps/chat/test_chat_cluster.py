@@ -293,6 +293,20 @@ async def test_a_hub_restarted_on_its_database_follows_on_and_a_foreign_one_is_r
         assert bob.nick == "bob"
 
 
+async def test_a_gap_is_filled_from_history_since_n() -> None:
+    # a client that misses a line asks "history since N": it must get the lines after
+    # N (the hub answered the last ones instead, and the client held all that followed)
+    async with cluster(local()) as c:
+        alice = await c.client("alice", hub=0)
+        for i in range(6):
+            alice.say(f"line {i}")
+        await alice.wait_for(lambda cl: len(room_texts(cl)) == 6 and not cl.pending, WAIT)
+        answer = await alice._ask("history", room="general", since=2, limit=2)
+        assert [(m["seq"], m["text"]) for m in answer["messages"]] == [(3, "line 2"), (4, "line 3")]
+        answer = await alice._ask("history", room="general", limit=2)  # no "since": the last ones
+        assert [m["seq"] for m in answer["messages"]] == [5, 6]
+
+
 async def test_presence_crosses_hubs() -> None:
     async with cluster(local()) as c:
         bob = await c.client("bob", hub=1)
