@@ -2,7 +2,7 @@
 
     korinet-chat                         find a hub on the LAN, or start one here
     korinet-chat HOST[:PORT] [--nick N]  connect to a hub
-    korinet-chat serve [--host --port --db]
+    korinet-chat serve [--host --port --db] [--cluster nats://HOST:PORT]
 
 Settings come from flags, then ``chat.toml`` in KoriNet's configuration directory
 (``$KORINET_HOME`` or ``~/.config/korinet``), then defaults.
@@ -167,6 +167,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-ttl", type=float, default=120.0, help="seconds a dropped client keeps its nick")
     p.add_argument("--rate", type=float, help="messages per second per user after a burst (0: no limit)")
     p.add_argument("--burst", type=float, help="messages a user may send at once, e.g. a paste (default 500)")
+    p.add_argument(
+        "--cluster", metavar="nats://HOST:PORT[,...]", help="share rooms and nicks with the hubs on this bus"
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log every session event")
     return p
 
@@ -199,12 +202,29 @@ def _client_tls(plaintext: bool, fingerprint: str | None = None) -> ClientTLS | 
 
 async def start_hub(
     host: str, port: int, db: str | Path, *, plaintext: bool, session_ttl: float = 120.0,
-    rate: float | None = None, burst: float | None = None,
+    rate: float | None = None, burst: float | None = None, cluster: str | None = None,
 ) -> tuple[ChatHub, Server]:  # fmt: skip
-    """A hub listening on ``host:port`` (``port`` busy and the default: any free one)."""
+    """A hub listening on ``host:port`` (``port`` busy and the default: any free one),
+    on the cluster bus at ``cluster`` if given.
+
+    Raises:
+        BusError: the bus is unreachable, or no installed plugin serves its address.
+    """
+    from korinet.cluster import BusError, bus_for
+
     from .hub import ChatHub
 
-    hub = ChatHub(db, settings=_hub_settings(rate, burst))
+    bus = None
+    if cluster is not None:
+        if not cluster.startswith("nats://"):  # "local" would share nothing across processes
+            raise BusError(f"--cluster takes a nats://HOST:PORT address, not {cluster!r}")
+        bus = bus_for(cluster)
+    hub = ChatHub(db, settings=_hub_settings(rate, burst), bus=bus)
+    try:
+        await hub.start()
+    except BaseException:
+        hub.close()
+        raise
     tls = _server_tls(plaintext)
     server = hub.server(host, port, tls=tls, session_ttl=session_ttl)
     try:
@@ -269,7 +289,7 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         hub, server = await start_hub(
             host, port, db, plaintext=plaintext, session_ttl=args.session_ttl,
             rate=args.rate if args.rate is not None else cfg.get("rate"),
-            burst=args.burst if args.burst is not None else cfg.get("burst"),
+            burst=args.burst if args.burst is not None else cfg.get("burst"), cluster=args.cluster,
         )  # fmt: skip
     except OSError as exc:
         print(f"korinet-chat serve: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
@@ -278,6 +298,8 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         print(f"korinet-chat serve: {exc}", file=sys.stderr)
         return 1
     print(f"korinet-chat hub on {host}:{server.port}, history in {db}", flush=True)
+    if hub.cluster is not None:
+        print(f"sharing rooms and nicks through {args.cluster} as hub {hub.cluster.hub_id}", flush=True)
     if server.fingerprint:
         print(
             f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
@@ -294,7 +316,7 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     if announcement is not None:
         await announcement.close()
     await server.close()
-    hub.close()
+    await hub.aclose()  # frees its nicks on the cluster bus at once
     return 0
 
 

@@ -451,6 +451,10 @@ class ChatClient:
     async def _register(self, first: bool) -> None:
         """hello, then the rooms (again, after a hub restart), then what is pending."""
         self._registering = True
+        # Room messages that follow a join's answer may be read before the join's own
+        # code runs again and makes the room's view: hold them until it has.
+        if self._holding is None:
+            self._holding = []
         try:
             wanted = self.nick
             for attempt in range(6):

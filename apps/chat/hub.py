@@ -19,6 +19,11 @@ Theory of operation (docs/CHAT.md):
   that it goes on. A lagging member's requests wait until it drains.
 * An embedded hub can be handed over to a member when its process quits
   (handover.py: the hub's side is :class:`~korinet_chat.handover.HubHandover`).
+* With a **cluster bus** (``bus=``, cluster.py), the numbering moves to the bus: a
+  message is appended to the room's log and the hub answers once its own follower
+  of that log has stored and fanned it out; every hub follows the rooms its
+  members are in and fans out what any hub appended, in the log's order. Nicks are
+  claimed on the bus too. Without a bus, nothing of this runs.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from korinet import KoriNetError, SendBufferFull, Server, SessionConfig, post_many
+from korinet.cluster import BusError, ClusterBus, LogEntry
 from korinet.plugins import PluginManager, default_manager
 
 from . import plugin, protocol, watch
+from .cluster import NICK_TTL, RoomCluster, decode_message
 from .handover import HubHandover
 from .limits import TokenBucket
 from .store import History, StoredMessage
@@ -126,15 +133,30 @@ class RequestError(Exception):
         self.code = code
 
 
+#: Requests that talk to the cluster bus (when there is one): the member's next
+#: request waits until the bus answered this one, which keeps its lines in the
+#: order typed.
+CLUSTER_OPS = frozenset({"hello", "nick", "join", "say"})
+
+
 class ChatHub:
     """The chat's server-side application. Run it with :meth:`server` (a KoriNet
     ``Server`` whose session handler is :meth:`session`), or hand :meth:`session`
-    to a ``Hub`` you build yourself."""
+    to a ``Hub`` you build yourself. With ``bus``, call :meth:`start` first (it
+    connects to the bus)."""
 
     def __init__(
-        self, db: str | Path = ":memory:", *, settings: HubSettings | None = None, clock: Any = time.time
+        self,
+        db: str | Path = ":memory:",
+        *,
+        settings: HubSettings | None = None,
+        clock: Any = time.time,
+        bus: ClusterBus | None = None,
+        hub_id: str | None = None,
+        nick_ttl: float | None = None,
     ) -> None:
         self.settings = settings or HubSettings()
+        self.cluster = None if bus is None else RoomCluster(bus, hub_id, nick_ttl=nick_ttl or NICK_TTL)
         self.history = History(db)
         self.clock = clock
         self.members: dict[Peer, Member] = {}
@@ -172,13 +194,32 @@ class ChatHub:
             **kwargs,
         )
 
+    async def start(self) -> None:
+        """Connect to the cluster bus, if the hub has one (nothing to do otherwise).
+
+        Raises:
+            BusError: the bus is unreachable.
+        """
+        if self.cluster is not None:
+            await self.cluster.start(self._remote_presence)
+
     def close(self) -> None:
-        """Stop taking part (the Server closes the sessions) and close the database."""
+        """Stop taking part (the Server closes the sessions) and close the database.
+        A cluster link stops without a word: nicks held on the bus expire after their
+        TTL (:meth:`aclose` frees them at once)."""
         self.closing = True
         watch.remove(self)
         for task in self._tasks:
             task.cancel()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.history.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, after giving the nicks held on the cluster bus up."""
+        if self.cluster is not None:
+            await self.cluster.close()
+        self.close()
 
     # ------------------------------------------------------------------ sessions
 
@@ -196,7 +237,10 @@ class ChatHub:
                 msg = await peer.recv_message()
                 member.bucket.take(loop.time())
                 if msg.type == protocol.REQUEST:
-                    self._request(member, msg.data)
+                    if self.cluster is not None and msg.data["op"] in CLUSTER_OPS:
+                        await self._cluster_request(member, msg.data)
+                    else:
+                        self._request(member, msg.data)
                 # other chat types travel hub -> client: a client sending one is ignored
         except KoriNetError:
             pass  # the session ended: already logged by the runtime
@@ -250,6 +294,8 @@ class ChatHub:
         self.handover.removed(member)
         if member.nick is not None and self.nicks.get(protocol.nick_key(member.nick)) is member:
             del self.nicks[protocol.nick_key(member.nick)]
+            if self.cluster is not None:
+                self.cluster.release(member.nick, self.cluster.owner(member.peer.session_id))
 
     # ------------------------------------------------------------------ sending
 
@@ -369,6 +415,144 @@ class ChatHub:
         if kind == "away" and member.away:
             event["text"] = member.away
         self._post_all(self._companions(member), protocol.EVENT, event)
+        if self.cluster is not None:
+            self.cluster.announce(event, list(member.rooms))
+
+    def _remote_presence(self, signal: dict[str, Any]) -> None:
+        """A presence event from another hub: to our members in its rooms."""
+        if self.closing:
+            return
+        targets: set[Member] = set()
+        for room in signal["rooms"]:
+            targets |= self.rooms.get(room, set())
+        self._post_all(targets, protocol.EVENT, signal["event"])
+
+    def _room_event(self, member: Member, room: str, kind: str) -> None:
+        """joined/left ``room``: to the others in it, here and on the other hubs."""
+        event = {"kind": kind, "room": room, "nick": member.nick}
+        self._post_all(self.rooms.get(room, set()) - {member}, protocol.EVENT, event)
+        if self.cluster is not None:
+            self.cluster.announce(event, [room])
+
+    # ------------------------------------------------------------------ the cluster bus
+
+    def _apply(self, room: str, entry: LogEntry) -> None:
+        """An entry of a room's log (from any hub), in order: store it, fan it out."""
+        message = decode_message(entry.data)
+        stored = self.history.put(
+            room, entry.seq, message["nick"], message["text"], message["kind"], message["mid"], message["ts"]
+        )
+        if stored is not None and not self.closing:
+            self._fan_out(room, stored)
+
+    async def _cluster_request(self, member: Member, data: dict[str, Any]) -> None:
+        """:meth:`_request` for the operations that wait for the bus."""
+        assert self.cluster is not None
+        rid = data["rid"]
+        op = data["op"]
+        try:
+            if member.nick is None and op != "hello":
+                raise RequestError("say hello first (the hub does not know this session)", "unregistered")
+            await self.cluster.ready()
+            answer = await getattr(self, f"_bus_{op}")(member, data)
+        except BusError as exc:
+            logger.warning("cluster bus: %s", exc)
+            self._refuse(member, rid, RequestError(f"the cluster bus failed: {exc}", "bus"))
+            return
+        except Exception as exc:
+            self._refuse(member, rid, exc, op)
+            return
+        if op == "say":
+            # Answer once our own follower stored and fanned the line out (the sender
+            # sees it before the answer, as with a lone hub), without holding the
+            # member's next line back: the next append may go while this one travels.
+            task = asyncio.get_running_loop().create_task(self._answer_stored(member, rid, answer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
+
+    async def _answer_stored(self, member: Member, rid: int, answer: dict[str, Any]) -> None:
+        assert self.cluster is not None
+        await self.cluster.caught_up(answer["room"], answer["seq"])
+        self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
+
+    async def _bus_hello(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        nick = protocol.normalize_nick(data["nick"])
+        if member.nick is not None:
+            raise RequestError(f"already here as {member.nick}; use /nick to change", "registered")
+        await self._bus_claim(member, nick)
+        return self._op_hello(member, data)
+
+    async def _bus_nick(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        nick = protocol.normalize_nick(data["nick"])
+        old = member.nick
+        if old is not None and protocol.nick_key(old) != protocol.nick_key(nick):
+            await self._bus_claim(member, nick)
+        answer = self._op_nick(member, data)
+        if old is not None and protocol.nick_key(old) != protocol.nick_key(nick):
+            assert self.cluster is not None
+            self.cluster.release(old, self.cluster.owner(member.peer.session_id))
+        return answer
+
+    async def _bus_claim(self, member: Member, nick: str) -> None:
+        """Claim ``nick`` on the bus for this session; refused in the local words
+        (its owner reconnecting here) or today's words (held on another hub)."""
+        assert self.cluster is not None
+        holder = self.nicks.get(protocol.nick_key(nick))
+        if holder is not None and holder is not member:
+            self._claim(member, nick)  # raises, with the local reason
+        owner = self.cluster.owner(member.peer.session_id)
+        if not await self.cluster.claim(nick, owner):
+            raise RequestError(f"the nick {nick!r} is taken", "nick_taken")
+        if self.members.get(member.peer) is not member:  # the session ended meanwhile
+            self.cluster.release(nick, owner)
+            raise RequestError("the session ended", "closed")
+
+    async def _bus_join(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.cluster is not None
+        room = protocol.normalize_room(data["room"])
+        if self.history.head(room) is None and len(self.history.rooms()) >= self.settings.max_rooms:
+            raise RequestError(f"this hub keeps at most {self.settings.max_rooms} rooms", "too_many_rooms")
+        # A room this hub never followed is fetched from its log now: the answer's
+        # history and "since" catch-up come from History, which must hold it all.
+        head = await self.cluster.head(room)
+        if not self.cluster.following(room):
+            await self._same_history(room)
+        self.cluster.follow(room, self.history.head(room) or 0, self._apply)
+        await self.cluster.caught_up(room, head)
+        answer = self._op_join(member, data)
+        answer["created"] = answer["created"] and head == 0
+        return answer
+
+    async def _same_history(self, room: str) -> None:
+        """Before following a room's log from what History holds: is it the log's? A
+        database kept without the bus (or on another bus) numbered its own lines, and
+        following on from its head would mix two histories under one set of numbers."""
+        assert self.cluster is not None
+        local = self.history.head(room) or 0
+        if local == 0:
+            return
+        row = self.history.since(room, local - 1, 1)
+        entry = await self.cluster.entry(room, local)
+        if not row or entry is None or (entry["nick"], entry["text"]) != (row[0]["nick"], row[0]["text"]):
+            raise RequestError(
+                f"this hub's history of {protocol.display_room(room)} is not the cluster's (kept without "
+                "the bus, or on another one): start the hub with a fresh --db to share the room",
+                "diverged",
+            )
+
+    async def _bus_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.cluster is not None and member.nick is not None
+        room = self._say_room(member, data)
+        mid = data["mid"]
+        found = self.history.find(mid)
+        if found is not None:  # a re-send of what this hub has stored already
+            return {"room": found["room"], "seq": found["seq"], "duplicate": True}
+        appended = await self.cluster.append(
+            room, member.nick, data["text"], data.get("kind", "say"), mid, self.clock()
+        )
+        return {"room": room, "seq": appended.seq, "duplicate": appended.duplicate}
 
     # ------------------------------------------------------------------ requests
 
@@ -381,23 +565,20 @@ class ChatHub:
             if member.nick is None and op != "hello":
                 raise RequestError("say hello first (the hub does not know this session)", "unregistered")
             answer = getattr(self, f"_op_{op}")(member, data)
-        except RequestError as exc:
-            self._post(
-                member, protocol.RESULT, {"rid": rid, "ok": False, "error": str(exc), "code": exc.code}
-            )
-            return
-        except ValueError as exc:  # from normalize_*: already user-facing text
-            self._post(
-                member, protocol.RESULT, {"rid": rid, "ok": False, "error": str(exc), "code": "invalid"}
-            )
-            return
-        except Exception:  # a bug of ours must cost one answer, not the hub or the session
-            logger.exception("request %r from %s failed", op, member.nick)
-            self._post(
-                member, protocol.RESULT, {"rid": rid, "ok": False, "error": "internal error", "code": "bug"}
-            )
+        except Exception as exc:
+            self._refuse(member, rid, exc, op)
             return
         self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
+
+    def _refuse(self, member: Member, rid: int, exc: Exception, op: str = "") -> None:
+        if isinstance(exc, RequestError):
+            error, code = str(exc), exc.code
+        elif isinstance(exc, ValueError):  # from normalize_*: already user-facing text
+            error, code = str(exc), "invalid"
+        else:  # a bug of ours must cost one answer, not the hub or the session
+            logger.error("request %r from %s failed", op, member.nick, exc_info=exc)
+            error, code = "internal error", "bug"
+        self._post(member, protocol.RESULT, {"rid": rid, "ok": False, "error": error, "code": code})
 
     def _known_room(self, room: str) -> str:
         name = protocol.normalize_room(room)
@@ -452,8 +633,7 @@ class ChatHub:
         self.rooms.setdefault(room, set()).add(member)
         # A rejoin ("since": after a hub restart) is not news: no join spam for it.
         if not was_in and data.get("since") is None:
-            joined = {"kind": "joined", "room": room, "nick": member.nick}
-            self._post_all(self.rooms[room] - {member}, protocol.EVENT, joined)
+            self._room_event(member, room, "joined")
         return {
             "room": room,
             "head": head,
@@ -468,18 +648,21 @@ class ChatHub:
         if room not in member.rooms:
             raise RequestError(f"you are not in {protocol.display_room(room)}", "not_in_room")
         del member.rooms[room]
-        members = self.rooms.get(room, set())
-        members.discard(member)
-        self._post_all(members, protocol.EVENT, {"kind": "left", "room": room, "nick": member.nick})
+        self.rooms.get(room, set()).discard(member)
+        self._room_event(member, room, "left")
         return {"room": room}
 
-    def _op_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+    def _say_room(self, member: Member, data: dict[str, Any]) -> str:
         room = self._known_room(data["room"])
         if room not in member.rooms:
             raise RequestError(
                 f"you are not in {protocol.display_room(room)} (/join {protocol.display_room(room)} first)",
                 "not_in_room",
             )
+        return room
+
+    def _op_say(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = self._say_room(member, data)
         assert member.nick is not None
         stored, duplicate = self.history.append(
             room, member.nick, data["text"], data.get("kind", "say"), data["mid"], self.clock()
@@ -535,7 +718,9 @@ class ChatHub:
     def _op_history(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         room = self._known_room(data["room"])
         limit = min(data.get("limit") or 20, protocol.MAX_HISTORY)
-        rows = self.history.last(room, limit)
+        since = data.get("since")
+        # "since": a client filling a gap in what it was sent (the oldest it lacks first)
+        rows = self.history.last(room, limit) if since is None else self.history.since(room, since, limit)
         return {"room": room, "messages": [_msg_payload(r) for r in rows]}
 
     def _op_search(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,9 @@ here, inside the insert's transaction, so that they never repeat or skip even
 across hub restarts: a client that saw ``#general`` up to 41 asks for "since 41"
 and gets exactly what it missed. ``mid`` (the sender's own id of a message) is
 unique, which makes a re-sent message a no-op that answers with the first copy.
+
+A hub on a cluster bus does not number messages itself: the room's log on the bus
+does, and :meth:`History.put` stores each entry under the log's number.
 """
 
 from __future__ import annotations
@@ -137,6 +140,41 @@ class History:
             "text": text,
             "mid": mid,
         }, False
+
+    def find(self, mid: str) -> StoredMessage | None:
+        """The message stored under the sender's id ``mid``, if any."""
+        found = self.db.execute(f"SELECT {_COLUMNS} FROM messages WHERE mid = ?", (mid,)).fetchone()
+        return None if found is None else _row(found)
+
+    def put(
+        self, room: str, seq: int, nick: str, text: str, kind: str, mid: str | None, ts: float
+    ) -> StoredMessage | None:
+        """Store a message under a number given elsewhere (the room's log on the cluster
+        bus); None if ``seq`` is not above the head (stored already).
+
+        ``seq`` must be the head + 1: the log has no gaps, and a hole here would hold
+        every client's display at it for ever. A ``mid`` already stored (a re-send the
+        bus took again, later than its duplicate window) is kept without its ``mid``:
+        the number stays taken, the unique index stays whole."""
+        head = self._heads.get(room)
+        if head is None:
+            self.create_room(room, ts)
+            head = 0
+        if seq <= head:
+            return None
+        if seq != head + 1:
+            raise ValueError(f"{room}: entry {seq} after {head} (the log skipped entries)")
+        if mid is not None and self.find(mid) is not None:
+            mid = None
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO messages (room, seq, ts, nick, kind, text, mid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (room, seq, ts, nick, kind, text, mid),
+            )
+            self.db.execute("UPDATE rooms SET head = ? WHERE name = ?", (seq, room))
+        self._heads[room] = seq
+        return {"room": room, "seq": seq, "ts": ts, "nick": nick, "kind": kind, "text": text, "mid": mid}
 
     def since(self, room: str, seq: int, limit: int) -> list[StoredMessage]:
         """Messages of ``room`` after ``seq``, oldest first, at most ``limit``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -73,6 +73,18 @@ def parse_address(address: str) -> BusAddress:
     if not 1 <= replicas <= 5 or dedup <= 0:
         raise BusError(f"bad setting in {address!r}: replicas 1-5, dedup > 0 seconds")
     return BusAddress(servers, replicas, dedup)
+
+
+@contextlib.contextmanager
+def _failing(what: str) -> Iterator[None]:
+    """The contract says every method raises BusError: the client library's own
+    errors (a timeout while the server is away, a closed connection) become one."""
+    try:
+        yield
+    except BusError:
+        raise
+    except (nats.errors.Error, OSError) as exc:  # nats' TimeoutError is an OSError too
+        raise BusError(f"cannot {what}: {exc!r}") from exc
 
 
 def _name(kind: str, name: str) -> str:
@@ -187,15 +199,16 @@ class NatsBus:
                 if loop.time() > give_up:
                     raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
                 await asyncio.sleep(0.2)  # the same msg_id again: stored once whatever happened
-            except nats.js.errors.Error as exc:
-                raise BusError(f"cannot append to {log!r} on {self.address}: {exc}") from exc
+            except (nats.errors.Error, OSError) as exc:
+                raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
 
     async def head(self, log: str) -> int:
         stream, _ = self._stream(log)
-        try:
-            info = await self.js.stream_info(stream)
-        except nats.js.errors.NotFoundError:
-            return 0
+        with _failing(f"read the head of {log!r} on {self.address}"):
+            try:
+                info = await self.js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return 0
         return int(info.state.last_seq)
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
@@ -210,14 +223,16 @@ class NatsBus:
         return entries
 
     async def follow(self, log: str, after: int) -> AsyncIterator[LogEntry]:
-        _, subject = await self._ensure_stream(log)
+        with _failing(f"follow {log!r} on {self.address}"):
+            _, subject = await self._ensure_stream(log)
         # An ordered consumer: the client library re-creates it from the last
         # sequence it saw whenever a gap, a missed heartbeat or a reconnect shows,
         # so what we yield has no gap and no repeat.
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(after, 0) + 1
         )
-        sub = await self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0)
+        with _failing(f"follow {log!r} on {self.address}"):
+            sub = await self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0)
         expected = max(after, 0) + 1
         try:
             async for msg in sub.messages:
@@ -238,26 +253,29 @@ class NatsBus:
 
     async def key_space(self, name: str, ttl: float) -> KeySpace:
         bucket = f"KORINET_{_name('key space', name)}"
-        try:
-            kv = await self.js.create_key_value(
-                api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=self.settings.replicas)
-            )
-        except nats.js.errors.BadRequestError:
-            kv = await self.js.key_value(bucket)  # exists already (another hub made it)
-        return _NatsKeySpace(kv, ttl)
+        with _failing(f"open the key space {name!r} on {self.address}"):
+            try:
+                kv = await self.js.create_key_value(
+                    api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=self.settings.replicas)
+                )
+            except nats.js.errors.BadRequestError:
+                kv = await self.js.key_value(bucket)  # exists already (another hub made it)
+        return _NatsKeySpace(kv, ttl, f"{name!r} on {self.address}")
 
     # ------------------------------------------------------------------ signals
 
     async def signal(self, subject: str, data: bytes) -> None:
         if self._nc is None:
             raise BusError("the cluster bus is not connected (call connect() first)")
-        await self._nc.publish(f"korinet.sig.{_name('signal', subject)}", data)
+        with _failing(f"signal on {self.address}"):
+            await self._nc.publish(f"korinet.sig.{_name('signal', subject)}", data)
 
     async def listen(self, subject: str) -> _NatsListener:
         if self._nc is None:
             raise BusError("the cluster bus is not connected (call connect() first)")
-        sub = await self._nc.subscribe(f"korinet.sig.{_name('signal', subject)}")
-        await self._nc.flush()  # the server has the subscription when we return
+        with _failing(f"listen on {self.address}"):
+            sub = await self._nc.subscribe(f"korinet.sig.{_name('signal', subject)}")
+            await self._nc.flush()  # the server has the subscription when we return
         return _NatsListener(sub)
 
 
@@ -278,48 +296,54 @@ _ABSENT = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats
 
 
 class _NatsKeySpace:
-    def __init__(self, kv: Any, ttl: float) -> None:
+    def __init__(self, kv: Any, ttl: float, where: str = "") -> None:
         self.kv = kv
         self.ttl = ttl
+        self.where = where
 
     async def _entry(self, key: str) -> Any:
-        try:
-            return await self.kv.get(_name("key", key))
-        except _ABSENT:
-            return None
+        with _failing(f"read a key of {self.where}"):
+            try:
+                return await self.kv.get(_name("key", key))
+            except _ABSENT:
+                return None
 
     async def claim(self, key: str, value: bytes) -> bool:
-        try:
-            await self.kv.create(_name("key", key), value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+        with _failing(f"claim a key of {self.where}"):
+            try:
+                await self.kv.create(_name("key", key), value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False
         return True
 
     async def renew(self, key: str, value: bytes) -> bool:
         entry = await self._entry(key)
         if entry is None or entry.value != value:
             return False
-        try:
-            await self.kv.update(key, value, last=entry.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False  # someone changed it meanwhile: it is theirs
+        with _failing(f"renew a key of {self.where}"):
+            try:
+                await self.kv.update(key, value, last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False  # someone changed it meanwhile: it is theirs
         return True
 
     async def release(self, key: str, value: bytes) -> None:
         entry = await self._entry(key)
         if entry is not None and entry.value == value:
-            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                await self.kv.delete(key, last=entry.revision)
+            with _failing(f"release a key of {self.where}"):
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await self.kv.delete(key, last=entry.revision)
 
     async def get(self, key: str) -> bytes | None:
         entry = await self._entry(key)
         return None if entry is None else bytes(entry.value)
 
     async def items(self) -> dict[str, bytes]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+        with _failing(f"list the keys of {self.where}"):
+            try:
+                keys = await self.kv.keys()
+            except nats.js.errors.NoKeysError:
+                return {}
         found = {}
         for key in keys:
             value = await self.get(key)

@@ -194,6 +194,23 @@ async def test_no_jetstream_or_no_server_is_one_clear_error(tmp_path: Path) -> N
         await bus.connect()
 
 
+async def test_with_the_server_gone_every_call_raises_bus_error(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    bus = NatsBus(server.url)
+    await bus.connect()
+    try:
+        space = await bus.key_space("gone", 30)
+        await bus.append("gone", b"x", msg_id="1")
+        server.kill()
+        calls = [bus.head("gone"), space.claim("k", b"v"), space.get("k")]  # each waits a request timeout
+        for call in calls:  # BusError, as the contract says, not the client library's own errors
+            with pytest.raises(BusError, match="cannot"):
+                await asyncio.wait_for(call, 30)
+    finally:
+        await bus.close()
+        server.stop()
+
+
 def test_addresses_and_the_plugin_hook() -> None:
     settings = parse_address("nats://a:4222,b:4223?replicas=3&dedup=300")
     assert settings.servers == ["nats://a:4222", "nats://b:4223"]
