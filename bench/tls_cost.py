@@ -1,7 +1,7 @@
 """What TLS costs a server: memory per idle session and pipelined throughput, TLS 1.3
 (mutual, authorized keys, as the apps run) beside plaintext.
 
-    python bench/tls_cost.py [--sessions 5000] [--before DIR] [--rounds 3]
+    python bench/tls_cost.py [--sessions 5000] [--before DIR] [--rounds 3] [--figures pipelined]
 
 The server runs in its own process, the clients in this one. Memory: the server's
 RSS growth per idle, heartbeating session. Throughput: one client posting 4 KiB
@@ -105,6 +105,9 @@ def server_main(conn: Connection, directory: str | None, sessions: int) -> None:
                     request = conn.recv()
                 except EOFError:
                     break
+                if request == "cpu":
+                    conn.send(time.process_time())
+                    continue
                 if request != "rss":
                     break
                 conn.send((_rss_kib(), len(server.hub.sessions)))
@@ -137,13 +140,23 @@ async def _idle_kib(conn: Connection, port: int, count: int, tls: ClientTLS | No
     return (after - before) / count
 
 
-async def _pipelined(port: int, tls: ClientTLS | None, seconds: float, size: int) -> float:
+def _cpu(conn: Connection) -> float:
+    conn.send("cpu")
+    cpu: float = conn.recv()
+    return cpu
+
+
+async def _pipelined(
+    conn: Connection, port: int, tls: ClientTLS | None, seconds: float, size: int
+) -> tuple[float, float]:
+    """(MB/s, CPU µs per message of the client and the server together)."""
     client = await Client.connect(LOOPBACK, port, tls=tls)
     payload = os.urandom(size)
     try:
         await client.send(payload)  # warm-up
         deadline = Deadline(seconds)
         done = last = 0
+        cpu0 = time.process_time() + _cpu(conn)
         t0 = time.perf_counter()
         while not deadline.expired():
             if last - client.session.acked >= WINDOW:
@@ -151,12 +164,14 @@ async def _pipelined(port: int, tls: ClientTLS | None, seconds: float, size: int
             last = client.post(payload)
             done += 1
         await client.wait_acked(last, timeout=DRAIN_S)
-        return done * size / (time.perf_counter() - t0) / 1e6
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() + _cpu(conn) - cpu0
+        return done * size / elapsed / 1e6, cpu / done * 1e6
     finally:
         await client.close()
 
 
-def measure(kind: str, tls_on: bool, sessions: int, seconds: float) -> float:
+def measure(kind: str, tls_on: bool, sessions: int, seconds: float) -> dict[str, float]:
     """One figure, in this process (with the korinet that KORINET_TREE names)."""
     _raise_fd_limit(sessions * 2 + 1024)
     with tempfile.TemporaryDirectory(prefix="tls-cost-") as tmp:
@@ -166,21 +181,23 @@ def measure(kind: str, tls_on: bool, sessions: int, seconds: float) -> float:
         tls = _client_tls(directory)
         with spawn_child(server_main, tmp if tls_on else None, sessions) as (conn, port):
             if kind == "idle_kib":
-                return asyncio.run(_idle_kib(conn, port, sessions, tls))
-            return asyncio.run(_pipelined(port, tls, seconds, 4096))
+                return {"idle_kib": asyncio.run(_idle_kib(conn, port, sessions, tls))}
+            mbps, cpu_us = asyncio.run(_pipelined(conn, port, tls, seconds, 4096))
+            return {"pipelined": mbps, "cpu_us": cpu_us}
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def _run_one(tree: str, kind: str, tls_on: bool, sessions: int, seconds: float) -> float:
+def _run_one(tree: str, kind: str, tls_on: bool, sessions: int, seconds: float) -> dict[str, float]:
     argv = [sys.executable, str(HERE / "tls_cost.py"), "--one", kind, "--sessions", str(sessions)]
     argv += ["--seconds", str(seconds)] + (["--tls"] if tls_on else [])
     env = dict(os.environ, KORINET_TREE=tree)
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} tls={tls_on} with {tree} failed:\n{out.stderr[-3000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
 
 
 def main() -> None:
@@ -191,6 +208,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per pipelined run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", help="another korinet tree to compare with")
+    parser.add_argument("--figures", default="idle_kib,pipelined", help="which: idle_kib, pipelined")
     parser.add_argument("--one", choices=["idle_kib", "pipelined"], help=argparse.SUPPRESS)
     parser.add_argument("--tls", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,14 +223,21 @@ def main() -> None:
         ("idle_kib", True, f"server RSS per idle session, TLS 1.3 ({args.sessions:,}), KiB"),
         ("pipelined", False, "pipelined acked 4 KiB, plaintext, MB/s"),
         ("pipelined", True, "pipelined acked 4 KiB, TLS 1.3, MB/s"),
+        ("cpu_us", False, "CPU per 4 KiB message, client + server, plaintext, µs"),
+        ("cpu_us", True, "CPU per 4 KiB message, client + server, TLS 1.3, µs"),
     ]
+    wanted = args.figures.split(",") + (["cpu_us"] if "pipelined" in args.figures else [])
+    rows = [row for row in rows if row[0] in wanted]
     results: dict[tuple[str, str, bool], list[float]] = {}
     for r in range(args.rounds):
         for kind, tls_on, _ in rows:
+            if kind == "cpu_us":
+                continue  # measured with "pipelined"
             for name, tree in trees.items():
-                value = _run_one(tree, kind, tls_on, args.sessions, args.seconds)
-                results.setdefault((name, kind, tls_on), []).append(value)
-                print(f"round {r + 1}: {name} {kind} tls={tls_on}: {value:.1f}", file=sys.stderr, flush=True)
+                figures = _run_one(tree, kind, tls_on, args.sessions, args.seconds)
+                for figure, value in figures.items():
+                    results.setdefault((name, figure, tls_on), []).append(value)
+                print(f"round {r + 1}: {name} tls={tls_on}: {figures}", file=sys.stderr, flush=True)
     print("| figure | " + " | ".join(trees) + " |")
     print("|---|" + "---|" * len(trees))
     for kind, tls_on, label in rows:
