@@ -44,7 +44,14 @@ async def _serve(conn: Connection, heartbeat: float) -> None:
             pass
 
     config = SessionConfig(heartbeat_interval=heartbeat)
-    server = await Server(LOOPBACK, 0, handler=consume, config=config, max_sessions=100_000).start()
+    server = await Server(
+        LOOPBACK,
+        0,
+        handler=consume,
+        config=config,
+        max_sessions=100_000,
+        max_connections_per_address=100_000,  # the idle sessions all come from 127.0.0.1
+    ).start()
     conn.send(server.port)
     deadline = Deadline(CHILD_MAX_S)
     while not deadline.expired():

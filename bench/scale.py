@@ -58,6 +58,7 @@ def server_main(conn: Connection, heartbeat: float, sessions: int) -> None:
             max_sessions=sessions * 2,
             max_connections=sessions * 2,
             max_handshaking=sessions * 2,  # every client connects at once: none is dropped
+            max_connections_per_address=sessions * 2,  # every client is on 127.0.0.1
             backlog=4096,
         )
         accepts: list[float] = []

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import os
 
     from ..security import ClientTLS
+    from .tlslink import TLS
 
 __all__ = ["DEFAULT_PORT", "Client", "connect"]
 
@@ -99,6 +100,7 @@ class Client(Peer):
         self._runner: asyncio.Task[None] | None = None
         self._link_down = asyncio.Event()
         self._wake = asyncio.Event()
+        self._tls_settings: TLS | None = None
         self._own_store: SessionStore | None = None
         if store is not None:
             self._open_store(store)
@@ -234,16 +236,7 @@ class Client(Peer):
         """Connect, run the link until it drops; return whether a handshake completed."""
         self.attempts += 1
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    Connection,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.server_hostname if self.ssl else None,
-                ),
-                self.connect_timeout,
-            )
+            conn = await asyncio.wait_for(self._open(), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.last_error = exc
             if isinstance(exc, ssl_module.SSLCertVerificationError):
@@ -288,6 +281,25 @@ class Client(Peer):
         if conn.lost.done() and conn.lost.result() is not None:
             self.last_error = conn.lost.result()
         return self.links_opened > opened_before
+
+    async def _open(self) -> Connection:
+        """A TCP connection to the server, TLS done (run by the Connection itself)."""
+        if self.ssl is not None and self._tls_settings is None:
+            from .tlslink import TLS  # plaintext clients do not import it
+
+            # As asyncio: the name sent (SNI) is the host's unless told otherwise.
+            self._tls_settings = TLS(
+                self.ssl, server_side=False, server_hostname=self.server_hostname or self.host
+            )
+        tls = self._tls_settings
+        _, conn = await self.loop.create_connection(lambda: Connection(tls=tls), self.host, self.port)
+        if conn.secured is not None:
+            try:
+                await asyncio.shield(conn.secured)
+            except BaseException:  # a TLS failure, or too slow (cancelled)
+                conn.abort()
+                raise
+        return conn
 
     def _verify_server(self, conn: Connection) -> None:
         """Check the server's key against the pin before anything is sent (§3.1 comes

@@ -4,6 +4,8 @@
 holds thousands of them and the callback path is the cheapest asyncio offers; the
 buffered flavour reads into one reusable buffer, where a plain Protocol would get
 a freshly allocated 256 KiB bytes object for every read, small frames included.
+TLS runs inside it too (tlslink.py), for the same reason: asyncio's TLS protocol
+holds a 256 KiB buffer per connection.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .tlslink import TLS, TLSTransport
 
 __all__ = ["Connection", "set_nodelay"]
 
@@ -44,11 +47,24 @@ class Connection(asyncio.BufferedProtocol):
     Before the handshake the owner is a callback (``on_data``); afterwards it is a
     :class:`Peer` whose Session parses the bytes. ``lost`` resolves when the
     transport is gone, with the exception that ended it or ``None``.
+
+    With ``tls``, the connection runs TLS itself: ``transport`` is then its
+    :class:`~korinet.runtime.tlslink.TLSTransport`, ``on_made`` is called once the
+    TLS handshake is done, and ``secured`` resolves then (or fails with the error
+    that ended the handshake).
     """
 
-    def __init__(self, on_made: Callable[[Connection], None] | None = None) -> None:
+    def __init__(
+        self, on_made: Callable[[Connection], None] | None = None, *, tls: TLS | None = None
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.tls = tls
+        self._tls: TLSTransport | None = None
+        self.secured: asyncio.Future[None] | None = None
+        if tls is not None:
+            self.secured = self.loop.create_future()
+            self.secured.add_done_callback(_retrieve)  # a failure nobody awaits is no error
         self.peer: Peer | None = None
         self.on_data: Callable[[bytes], None] | None = None
         self.on_made = on_made
@@ -61,10 +77,27 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
         set_nodelay(transport)
+        if self.tls is not None:
+            from .tlslink import TLSTransport  # plaintext users do not import ssl
+
+            self.transport = self._tls = TLSTransport(transport, self, self.tls)
+            self._tls.start()
+            return
+        self.transport = transport
         if self.on_made is not None:
             self.on_made(self)
+
+    def _secured(self) -> None:
+        """The TLS handshake is done."""
+        if self.secured is not None and not self.secured.done():
+            self.secured.set_result(None)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        if self.secured is not None and not self.secured.done():
+            self.secured.set_exception(exc)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         view: memoryview | None = getattr(_read_buffers, "view", None)
@@ -74,7 +107,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         # Copied out at once, so one buffer serves every connection of this thread.
-        self.data_received(_read_buffers.view[:nbytes].tobytes())
+        if self._tls is not None:
+            self._tls.received(_read_buffers.view[:nbytes])
+        else:
+            self.data_received(_read_buffers.view[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:
@@ -87,6 +123,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancel_timer()
+        if self._tls is not None:
+            exc = exc or self._tls.error
+            self._tls_failed(exc or ConnectionResetError("the connection closed during the TLS handshake"))
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -152,3 +191,8 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(name, tuple) and len(name) >= 2:
             return f"{name[0]}:{name[1]}"
         return str(name)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()

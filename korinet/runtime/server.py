@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     import os
 
     from ..security import AuthorizedKeys, PeerIdentity, ServerTLS
+    from .tlslink import TLS
 
 __all__ = ["AnyPeer", "Hub", "Server", "ServerPeer", "raise_open_file_limit", "serve"]
 
@@ -218,6 +219,7 @@ class Hub:
         self.sessions: dict[str, ServerPeer] = {}
         self.connections: set[Connection] = set()
         self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
+        self._tls: TLS | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         pinned = self.config.codecs or default_offer(self.codecs)
         self._codec_names = tuple(n for n in pinned if n in self.codecs) + tuple(
@@ -261,12 +263,13 @@ class Hub:
 
     # -------------------------------------------------------------- connections
 
-    def protocol_factory(self) -> Connection:
+    def protocol_factory(self, ssl: ssl_module.SSLContext | None = None) -> Connection:
         """The protocol of a connection accepted elsewhere (``adopt()``, an asyncio
-        server of the application's): it is counted from its ``connection_made``."""
+        server of the application's): it is counted from its ``connection_made``, or
+        with ``ssl``, run by the Connection itself, once its TLS handshake is done."""
         if self._restore_due:
             self.restore_sessions()  # a Hub fed by adopt(), without Server.start()
-        return Connection(on_made=self._connection_made)
+        return Connection(on_made=self._connection_made, tls=self._tls_for(ssl))
 
     def _connection_made(self, conn: Connection) -> None:
         admission = self._admit(_host_of(conn), conn.peername)
@@ -356,19 +359,37 @@ class Hub:
         sock, admission.sock = admission.sock, None  # from here the transport closes it
         assert sock is not None
         loop = asyncio.get_running_loop()
+        tls = self._tls_for(ssl)
+        conn: Connection | None = None
         try:
-            await loop.connect_accepted_socket(
-                lambda: Connection(on_made=lambda conn: self._took(conn, admission, wants_tls=wants_tls)),
+            _, conn = await loop.connect_accepted_socket(
+                lambda: Connection(
+                    on_made=lambda conn: self._took(conn, admission, wants_tls=wants_tls), tls=tls
+                ),
                 sock,
-                ssl=ssl,
-                ssl_handshake_timeout=max(admission.deadline - loop.time(), 0.001) if ssl else None,
             )
+            if conn.secured is not None:  # the deadline (_too_slow) cancels us
+                await asyncio.shield(conn.secured)
+        except asyncio.CancelledError:
+            if conn is not None and admission.conn is None:
+                conn.abort()
+            raise
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             if admission.conn is None and self._stop_handshaking(admission):
                 what = "TLS handshake failed" if ssl is not None else "connection set-up failed"
                 why = f"{what}: {_tls_failure(exc)}"
                 self._warn(admission.address, "%s: %s", admission.peername, why)
                 self._refused(admission.peername, CloseCode.PROTOCOL_ERROR, why)
+
+    def _tls_for(self, ssl: ssl_module.SSLContext | None) -> TLS | None:
+        """The TLS settings of our connections with ``ssl`` (one object for all)."""
+        if ssl is None:
+            return None
+        if self._tls is None or self._tls.context is not ssl:
+            from .tlslink import TLS  # plaintext servers do not import it
+
+            self._tls = TLS(ssl, server_side=True)
+        return self._tls
 
     def _set_up_done(self, admission: _Admission) -> None:
         admission.task = None
@@ -782,18 +803,28 @@ class Hub:
         session, a resumed one, or a legacy peer)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[AnyPeer] = loop.create_future()
-        holder: list[Connection] = []
 
         def factory() -> Connection:
-            conn = self.protocol_factory()
+            conn = self.protocol_factory(ssl)
             self._results[conn] = fut
-            holder.append(conn)
             return conn
 
-        # The application accepted the socket: its TLS handshake is bounded by our
-        # handshake timeout, not asyncio's 60 s (it counts in the limits after TLS).
-        timeout = self.config.handshake_timeout if ssl is not None else None
-        await loop.connect_accepted_socket(factory, sock, ssl=ssl, ssl_handshake_timeout=timeout)
+        _, conn = await loop.connect_accepted_socket(factory, sock)
+        if conn.secured is not None:
+            # The application accepted the socket: its TLS handshake is bounded by our
+            # handshake timeout (it counts in the limits once TLS is done).
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.secured), self.config.handshake_timeout)
+            except TimeoutError:
+                conn.abort()
+                self._results.pop(conn, None)
+                raise ConnectionAbortedError(
+                    f"TLS handshake not done within {self.config.handshake_timeout:g}s: aborted"
+                ) from None
+            except BaseException:
+                conn.abort()
+                self._results.pop(conn, None)
+                raise
         return await fut
 
     async def close(self) -> None:
