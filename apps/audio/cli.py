@@ -18,6 +18,7 @@ from korinet.plugins import PluginConflict, PluginManager, default_manager
 from . import codecs as codec_registry
 
 if TYPE_CHECKING:
+    from korinet.cluster import ClusterBus
     from korinet.security import ClientTLS, Identity, ServerTLS
 
 __all__ = ["DEFAULT_PORT", "main"]
@@ -58,20 +59,53 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
 # ---------------------------------------------------------------------- serve
 
 
+async def _connect_bus(address: str, plugins: PluginManager) -> ClusterBus:
+    """The cluster bus at ``address``, connected.
+
+    Raises:
+        BusError: not a bus address, no plugin for it (korinet-nats missing), unreachable.
+    """
+    from korinet.cluster import BusError, bus_for
+
+    if "://" not in address:  # "local" would share nothing with hubs in other processes
+        raise BusError(f"--cluster takes an address like nats://HOST:PORT, not {address!r}")
+    bus = bus_for(address, plugins)
+    await bus.connect()
+    return bus
+
+
 async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
+    from korinet.cluster import BusError
+
+    from .hub import AudioHub
+    from .plugin import use_audio_hub
+
     host, port = parse_address(args.listen, DEFAULT_PORT)
     try:
         tls = _server_tls(args)
     except (OSError, ValueError) as exc:
         _say(str(exc))
         return 1
+    bus = None
+    if args.cluster:
+        try:
+            bus = await _connect_bus(args.cluster, plugins)
+        except BusError as exc:
+            _say(str(exc))
+            return 1
     server = Server(host, port, plugins=plugins, accept_plain=False, session_ttl=args.session_ttl, tls=tls)
+    audio = AudioHub(bus=bus)
+    use_audio_hub(server.hub, audio)
     try:
         await server.start()
     except OSError as exc:
         _say(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        if bus is not None:
+            await bus.close()
         return 1
     print(f"korinet-audio hub on {host}:{server.port}", flush=True)
+    if bus is not None and audio.cluster is not None:
+        print(f"sharing channels through {args.cluster} as hub {audio.cluster.hub_id}", flush=True)
     if tls is not None:
         print(f"TLS 1.3, hub key {tls.identity.fingerprint}", flush=True)
         if tls.authorized is None:
@@ -85,6 +119,9 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     print("Press Ctrl-C to stop.", flush=True)
     await wait_for_stop_signal()
     await server.close()
+    await audio.close()  # a bye on the bus: the other hubs drop our members at once
+    if bus is not None:
+        await bus.close()
     return 0
 
 
@@ -267,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds a talker who lost its link keeps its place, and receives push-to-talk "
         "utterances to hear on return (default 120)",
+    )
+    p.add_argument(
+        "--cluster",
+        metavar="nats://HOST:PORT[,...]",
+        help="share channels with the hubs on this cluster bus (needs korinet-nats): talkers on "
+        "any of them hear each other",
     )
     plaintext_flag(p)
     p.set_defaults(func=_serve, is_async=True)

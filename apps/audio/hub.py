@@ -16,6 +16,10 @@ handlers of plugin.py, in the runtime's event loop:
 
 A member stays in its channel while its session is detached and leaves when the
 session ends (``korinet_session_closed``).
+
+Given a cluster bus, the hub shares its channels with the hubs on it (cluster.py):
+frames of remote talkers arrive by ``frame_in``, their utterance parts by
+``part_in``, and the roster names and negotiates with the members of every hub.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from korinet import KoriNetError, post_many, send_realtime_many
+from korinet.cluster import ClusterBus
 
+from .cluster import REFRESH, ChannelBus
 from .codecs import negotiate
 from .frames import AudioFrame, MalformedFrame, UtterancePart
 from .plugin import FRAME, ROSTER, UTTERANCE
@@ -84,6 +90,14 @@ class HubStats:
     utterances_in: int = 0
     utterances_out: int = 0
     utterances_dropped: int = 0  # a member's send window was full
+    # on the cluster bus
+    frames_to_bus: int = 0
+    frames_from_bus: int = 0
+    frames_own_ignored: int = 0  # our own signals, heard back
+    frames_bus_dropped: int = 0  # the bus was backed up or down
+    utterances_to_bus: int = 0
+    utterances_from_bus: int = 0
+    utterances_bus_failed: int = 0  # not stored: other hubs miss them
 
 
 @dataclass(slots=True)
@@ -93,12 +107,27 @@ class Channel:
 
 
 class AudioHub:
-    """Channels and fan-out (see the module docstring)."""
+    """Channels and fan-out (see the module docstring).
 
-    def __init__(self) -> None:
+    Args:
+        bus: a connected cluster bus to share channels with the hubs on it; None:
+            this hub's channels are its own.
+        hub_id: this hub on the bus (default: random).
+        refresh: seconds between two announcements of our members on the bus.
+    """
+
+    def __init__(
+        self, *, bus: ClusterBus | None = None, hub_id: str | None = None, refresh: float = REFRESH
+    ) -> None:
         self.channels: dict[str, Channel] = {}
         self.members: dict[Any, Member] = {}
         self.stats = HubStats()
+        self.cluster = ChannelBus(self, bus, hub_id, refresh=refresh) if bus is not None else None
+
+    async def close(self) -> None:
+        """Leave the cluster bus (the bus itself stays open: its owner closes it)."""
+        if self.cluster is not None:
+            await self.cluster.close()
 
     # ------------------------------------------------------------------ membership
 
@@ -112,6 +141,8 @@ class AudioHub:
         self.leave(peer, announce=True)
         channel = self.channels.setdefault(channel_name, Channel(channel_name))
         taken = {m.name for m in channel.members.values()}
+        if self.cluster is not None:  # a race between two hubs can still give one name twice
+            taken.update(name for name, _ in self.cluster.remote_members(channel_name))
         name, n = wanted, 2
         while name in taken:
             name, n = f"{wanted}-{n}", n + 1
@@ -120,6 +151,8 @@ class AudioHub:
         self.members[peer] = member
         logger.info("%s joined #%s as %s (codecs %s)", _who(peer), channel_name, name, ",".join(codecs))
         self._announce(channel, skip=peer)
+        if self.cluster is not None:
+            self.cluster.members_changed(channel_name)
         return {"channel": channel_name, "name": name, **self._roster(channel, member)}
 
     def leave(self, peer: Any, *, announce: bool = True) -> None:
@@ -135,13 +168,23 @@ class AudioHub:
             del self.channels[channel.name]
         elif announce:
             self._announce(channel)
+        if self.cluster is not None:
+            self.cluster.members_changed(channel.name)
+
+    def remote_changed(self, channel_name: str) -> None:
+        """Another hub's members of a channel changed (cluster.py): a new roster."""
+        channel = self.channels.get(channel_name)
+        if channel is not None:
+            self._announce(channel)
 
     def _roster(self, channel: Channel, member: Member) -> dict[str, Any]:
-        others = [m for m in channel.members.values() if m is not member]
-        return {
-            "members": [m.name for m in channel.members.values()],
-            "codec": negotiate(member.codecs, [m.codecs for m in others]),
-        }
+        others = [m.codecs for m in channel.members.values() if m is not member]
+        names = [m.name for m in channel.members.values()]
+        if self.cluster is not None:
+            remote = self.cluster.remote_members(channel.name)
+            others += [codecs for _, codecs in remote]
+            names += [name for name, _ in remote]
+        return {"members": names, "codec": negotiate(member.codecs, others)}
 
     def _announce(self, channel: Channel, skip: Any = None) -> None:
         """Tell every member who is there and which codec to send with (reliable)."""
@@ -172,9 +215,20 @@ class AudioHub:
             return
         wire = frame.with_src(member.name).to_wire()
         others = [m.peer for m in self.channels[member.channel].members.values() if m is not member]
-        sent = send_realtime_many(others, wire, FRAME)  # encoded once per codec
+        self._send_frame(others, wire)
+        if self.cluster is not None:
+            self.cluster.frame_out(member.channel, wire)
+
+    def frame_in(self, channel_name: str, frame: AudioFrame) -> None:
+        """A live frame of another hub's talker (cluster.py): to every member here."""
+        channel = self.channels.get(channel_name)
+        if channel is not None:
+            self._send_frame([m.peer for m in channel.members.values()], frame.to_wire())
+
+    def _send_frame(self, peers: list[Any], wire: list[Any]) -> None:
+        sent = send_realtime_many(peers, wire, FRAME)  # encoded once per codec
         self.stats.frames_out += sent
-        self.stats.frames_dropped += len(others) - sent
+        self.stats.frames_dropped += len(peers) - sent
 
     def _admit(self, member: Member, now: float) -> bool:
         # a token bucket: a talker cannot make the hub fan out more than 2x real time
@@ -191,11 +245,22 @@ class AudioHub:
         member = self.members.get(peer)
         if member is None:
             return
-        part = UtterancePart.parse(obj)  # already validated by the message type
+        part = UtterancePart.parse(obj).with_src(member.name)  # already validated by the message type
         self.stats.utterances_in += 1
-        wire = part.with_src(member.name).to_wire()
         others = [m for m in self.channels[member.channel].members.values() if m is not member]
-        result = post_many([m.peer for m in others], wire, UTTERANCE)  # encoded once per codec
+        self._post_part(others, part)
+        if self.cluster is not None:
+            self.cluster.part_out(member.channel, peer.session_id, part)
+
+    def part_in(self, channel_name: str, part: UtterancePart) -> None:
+        """An utterance part of another hub's talker, from the channel's log (cluster.py):
+        to every member here, connected or not, as for a talker of ours."""
+        channel = self.channels.get(channel_name)
+        if channel is not None:
+            self._post_part(list(channel.members.values()), part)
+
+    def _post_part(self, others: list[Member], part: UtterancePart) -> None:
+        result = post_many([m.peer for m in others], part.to_wire(), UTTERANCE)  # encoded once per codec
         self.stats.utterances_out += len(result.queued)
         self.stats.utterances_dropped += len(result.failed)
         for other in others:

@@ -20,7 +20,7 @@ from .frames import UtterancePart
 if TYPE_CHECKING:
     from .hub import AudioHub
 
-__all__ = ["FRAME", "JOIN", "ROSTER", "UTTERANCE", "Receiver", "audio_hub", "receivers"]
+__all__ = ["FRAME", "JOIN", "ROSTER", "UTTERANCE", "Receiver", "audio_hub", "receivers", "use_audio_hub"]
 
 JOIN: Final = "audio.join"
 FRAME: Final = "audio.frame"
@@ -52,6 +52,12 @@ def audio_hub(peer: Any) -> AudioHub | None:
 
         found = _hubs[hub] = AudioHub()
     return found
+
+
+def use_audio_hub(hub: Any, audio: AudioHub) -> None:
+    """Make ``audio`` the AudioHub of the KoriNet hub ``hub``, before its first audio
+    message (``serve --cluster`` gives one on the cluster bus)."""
+    _hubs[hub] = audio
 
 
 def _validate_join(obj: Any) -> None:

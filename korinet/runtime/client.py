@@ -225,11 +225,15 @@ class Client(Peer):
             delay = next(delays)
             if delay:
                 logger.debug("%r: reconnecting in %.2fs", self, delay)
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancel that lands as its inner wait finishes, and close() would hang.
+                nudge = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    await asyncio.wait({nudge}, timeout=delay)
+                finally:
+                    nudge.cancel()
+                if self._wake.is_set():
                     logger.debug("%r: reconnecting now (nudged)", self)
-                except TimeoutError:
-                    pass
                 self._wake.clear()
 
     async def _one_link(self) -> bool:

@@ -113,9 +113,10 @@ class NatsBus:
         """Connect within ``connect_timeout``; once connected, reconnect for ever (a hub
         never gives up on its bus), saying so once per outage."""
         warned = [False]
+        connected = [False]
 
         async def failed(exc: Exception) -> None:
-            if not warned[0]:
+            if connected[0] and not warned[0]:  # before: connect() raises BusError saying it
                 warned[0] = True
                 logger.warning("cluster bus %s: %s (reconnecting)", self.address, exc)
 
@@ -139,8 +140,10 @@ class NatsBus:
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise BusError(
-                f"cannot reach the cluster bus at {self.address}: {exc or type(exc).__name__}"
+                f"cannot reach the cluster bus at {self.address}: "
+                f"{str(exc) or f'no answer within {self.connect_timeout:g} s'}"
             ) from exc
+        connected[0] = True
         self._js = self._nc.jetstream()
         try:
             await self._js.account_info()

@@ -1,10 +1,21 @@
-"""Shared by the audio tests: a numbered pulse train, and finding its pulses in what
-a listener played (to tell every pulse heard once from one missing or doubled)."""
+"""Shared by the audio tests: a tone and how much of it a listener heard, a numbered
+pulse train and finding its pulses in what a listener played (to tell every pulse
+heard once from one missing or doubled), and a call joined through a hub."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 import numpy as np
 from korinet_audio.frames import SAMPLE_RATE
+from korinet_audio.talk import Call
+from korinet_audio.wavio import FilePlayback
+from testutil import TIMEOUT_FACTOR
+
+from korinet import Client
+from korinet.plugins import PluginManager
 
 PULSE_EVERY = 0.1
 PULSE_IDS = 10  # pulse k is a 12 ms burst at 500 + 200 * (k % PULSE_IDS) Hz
@@ -59,3 +70,54 @@ def compare_pulses(heard: list[int], sent: int, lost: set[int] = frozenset()) ->
             prev_diag, row[j] = row[j], prev_diag + 1 if e == h else max(row[j], row[j - 1])
     once = row[-1]
     return once, len(expected) - once, len(heard) - once
+
+
+def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (np.sin(2 * np.pi * freq * t) * 8000).astype(np.int16)
+
+
+def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float = 5.0) -> float:
+    """Share of 100 ms windows whose dominant frequency is ``freq`` ± ``tolerance``."""
+    audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
+    win = SAMPLE_RATE // 10
+    hits = total = 0
+    for i in range(0, len(audio) - win + 1, win):
+        w = audio[i : i + win].astype(np.float64)
+        total += 1
+        spectrum = np.abs(np.fft.rfft(w * np.hanning(win), n=win * 8))
+        peak = np.argmax(spectrum) * SAMPLE_RATE / (win * 8)
+        hits += np.abs(w).max() > 500 and abs(peak - freq) <= tolerance
+    return hits / total if total else 0.0
+
+
+def loud_frames(frames: list[np.ndarray]) -> list[bool]:
+    """Per 20 ms frame played: whether it carries sound (a gap is a silent frame)."""
+    return [bool(np.abs(f).max() > 500) for f in frames]
+
+
+def gaps_after_start(frames: list[np.ndarray]) -> int:
+    """Silent frames between the first and the last loud one."""
+    loud = loud_frames(frames)
+    if True not in loud:
+        return len(loud)
+    first, last = loud.index(True), len(loud) - 1 - loud[::-1].index(True)
+    return loud[first : last + 1].count(False)
+
+
+async def open_call(
+    port: int, plugins: PluginManager, name: str, *, capture: Any = None, ptt: bool = False
+) -> tuple[Call, FilePlayback]:
+    client = await Client.connect("127.0.0.1", port, plugins=plugins, backoff_cap=0.2)
+    playback = FilePlayback(None)
+    call = Call(client, "lobby", name, capture, playback, ptt=ptt)
+    await call.join()
+    return call, playback
+
+
+async def wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

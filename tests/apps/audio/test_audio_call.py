@@ -10,11 +10,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import korinet_audio.plugin as audio_plugin
-import numpy as np
 import pytest
-from audio_helpers import PULSE_EVERY, compare_pulses, pulse_train, pulses_heard
+from audio_helpers import (
+    PULSE_EVERY,
+    compare_pulses,
+    gaps_after_start,
+    loud_frames,
+    open_call,
+    pulse_train,
+    pulses_heard,
+    tone,
+    tone_share,
+    wait_for,
+)
 from korinet_audio import codecs
-from korinet_audio.frames import SAMPLE_RATE, AudioFrame
+from korinet_audio.frames import AudioFrame
 from korinet_audio.plugin import FRAME, audio_hub
 from korinet_audio.talk import Call
 from korinet_audio.wavio import FileCapture, FilePlayback
@@ -27,39 +37,6 @@ from korinet.plugins import PluginManager
 pytestmark = pytest.mark.timeout(60 * TIMEOUT_FACTOR)
 
 
-def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return (np.sin(2 * np.pi * freq * t) * 8000).astype(np.int16)
-
-
-def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float = 5.0) -> float:
-    """Share of 100 ms windows whose dominant frequency is ``freq`` ± ``tolerance``."""
-    audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
-    win = SAMPLE_RATE // 10
-    hits = total = 0
-    for i in range(0, len(audio) - win + 1, win):
-        w = audio[i : i + win].astype(np.float64)
-        total += 1
-        spectrum = np.abs(np.fft.rfft(w * np.hanning(win), n=win * 8))
-        peak = np.argmax(spectrum) * SAMPLE_RATE / (win * 8)
-        hits += np.abs(w).max() > 500 and abs(peak - freq) <= tolerance
-    return hits / total if total else 0.0
-
-
-def loud_frames(frames: list[np.ndarray]) -> list[bool]:
-    """Per 20 ms frame played: whether it carries sound (a gap is a silent frame)."""
-    return [bool(np.abs(f).max() > 500) for f in frames]
-
-
-def gaps_after_start(frames: list[np.ndarray]) -> int:
-    """Silent frames between the first and the last loud one."""
-    loud = loud_frames(frames)
-    if True not in loud:
-        return len(loud)
-    first, last = loud.index(True), len(loud) - 1 - loud[::-1].index(True)
-    return loud[first : last + 1].count(False)
-
-
 @pytest.fixture
 def plugins() -> PluginManager:
     return PluginManager.load(entry_points=False, extra=[audio_plugin])
@@ -69,24 +46,6 @@ def plugins() -> PluginManager:
 async def server(plugins: PluginManager) -> AsyncIterator[Server]:
     async with Server("127.0.0.1", 0, plugins=plugins, accept_plain=False) as srv:
         yield srv
-
-
-async def open_call(
-    port: int, plugins: PluginManager, name: str, *, capture: Any = None, ptt: bool = False
-) -> tuple[Call, FilePlayback]:
-    client = await Client.connect("127.0.0.1", port, plugins=plugins, backoff_cap=0.2)
-    playback = FilePlayback(None)
-    call = Call(client, "lobby", name, capture, playback, ptt=ptt)
-    await call.join()
-    return call, playback
-
-
-async def wait_for(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout * TIMEOUT_FACTOR
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_a_tone_goes_from_talker_through_the_hub_to_the_listener(
