@@ -519,9 +519,10 @@ class Peer:
             self._ack_timer = self.loop.call_later(LAZY_ACK_DELAY, self._lazy_ack_due)
         conn = self.conn
         if conn is not None:
-            conn.write(data)
-            if self.session.close_expected():
-                conn.abort() if self.session.state is not CLOSED else conn.close()
+            if data:
+                conn.write(data)
+            if session.close_expected():
+                conn.abort() if session.state is not CLOSED else conn.close()
 
     def _lazy_ack_due(self) -> None:
         self._ack_timer = None
@@ -557,11 +558,10 @@ class Peer:
                 else:
                     logger.warning("%r: dropping the link: %s", self, ev_f.error)
                     self._link_failure = ev_f.error  # why, for _link_lost (the close says nothing)
-        self._flush()
-        if reschedule or (self.conn is not None and self.conn._timer is None):
+        self._flush()  # (drops the link, and so its timer, when the session says so)
+        conn = self.conn
+        if conn is not None and (reschedule or conn._timer is None):
             self._schedule_timer()
-        elif self.conn is not None and self.session.close_expected():
-            self.conn.cancel_timer()
 
     # ------------------------------------------------------------------ events
 
