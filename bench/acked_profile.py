@@ -20,7 +20,7 @@ taking each with ``async for``) it prints, per message:
 ``--callgrind`` runs the plain script under ``valgrind --tool=callgrind`` twice, with
 N and with 0 measured messages (start-up, connect and warm-up cancel out), every
 process traced, and prints (instructions(N) - instructions(0)) / N in total and per
-process (client first). Slow: about a minute per 5,000 messages.
+process. Slow: about a minute per 5,000 messages.
 
 Plugins load as usual; compare with KORINET_DISABLE_PLUGINS=metrics,zstd,notebook,nats.
 """
@@ -307,8 +307,8 @@ def _print(title: str, result: dict[str, Any]) -> None:
             print(f"    {per:6.2f}  {name}")
 
 
-def _instructions(n: int, procs: int, size: int) -> list[int]:
-    """Instructions executed by each process of a plain run, the parent first."""
+def _instructions(n: int, procs: int, size: int) -> dict[str, int]:
+    """Instructions executed by each process of a plain run, by role."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             "valgrind",
@@ -328,31 +328,32 @@ def _instructions(n: int, procs: int, size: int) -> list[int]:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             raise RuntimeError(f"valgrind failed: {proc.stderr[-2000:]}")
-        totals: list[tuple[int, int]] = []
+        totals: dict[str, int] = {}
         for path in Path(tmp).iterdir():
             text = path.read_text(errors="replace")
             found = re.search(r"^(?:totals|summary): (\d+)", text, re.M)
-            if found:
-                totals.append((int(path.name.split(".")[-1]), int(found.group(1))))
-        totals.sort()  # by pid: the parent started first
-        return [t for _, t in totals]
+            command = re.search(r"^cmd: (.*)$", text, re.M)
+            if not found or not command:
+                continue
+            if "resource_tracker" in command.group(1):
+                continue  # multiprocessing's helper, idle
+            parent = "client" if procs == 2 else "both sides"
+            role = "server" if "spawn_main" in command.group(1) else parent
+            totals[role] = totals.get(role, 0) + int(found.group(1))
+        return totals
 
 
 def callgrind(n: int, procs: int, size: int) -> None:
     base = _instructions(0, procs, size)
     full = _instructions(n, procs, size)
-    # the spawned children (server, and multiprocessing's resource tracker) pair up by order
-    per = [(f - b) / n for f, b in zip(full, base, strict=False)]
-    # the parent is the client; of the children, the busiest is the server (the other
-    # is multiprocessing's resource tracker, idle)
-    rows = [("client" if procs == 2 else "both sides", per[0])]
-    if len(per) > 1:
-        rows.append(("server", max(per[1:])))
     print(f"# callgrind, stop-and-wait {n} x {size} B, procs={procs}")
     print(f"# KORINET_DISABLE_PLUGINS={os.environ.get('KORINET_DISABLE_PLUGINS', '')!r}")
-    for name, value in rows:
-        print(f"  instructions per message, {name:12s} {value:12,.0f}")
-    print(f"  instructions per message, {'total':12s} {sum(v for _, v in rows):12,.0f}")
+    total = 0.0
+    for role in sorted(full):
+        per = (full[role] - base.get(role, 0)) / n
+        total += per
+        print(f"  instructions per message, {role:12s} {per:12,.0f}")
+    print(f"  instructions per message, {'total':12s} {total:12,.0f}")
 
 
 def main() -> None:
