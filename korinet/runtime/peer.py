@@ -354,8 +354,12 @@ class Peer:
         if timeout is None:
             return await fut
         try:
-            # shield: a timeout abandons the wait, not the message
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # Every future waited on here is this call's own (an ack, a reply, a
+            # waiter): cancelling it on a timeout abandons the wait, not the message
+            # (the session keeps it; _acked skips cancelled futures). Awaiting it
+            # directly, not through wait_for(shield()), saves two loop turns a wait.
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             raise KoriNetTimeout(f"timed out after {timeout:.3g}s {what}") from None
 

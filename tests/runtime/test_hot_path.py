@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from testutil import TIMEOUT_FACTOR
 
-from korinet import Client, Peer, Server
+from korinet import Client, KoriNetTimeout, Peer, Server
 from korinet.plugins import PluginManager
 
 T = 10 * TIMEOUT_FACTOR
@@ -100,4 +100,30 @@ async def test_a_burst_goes_out_in_few_writes_and_all_arrives(count: int) -> Non
         await asyncio.wait_for(all_in.wait(), T)
         assert got == list(range(count))
         assert len(writes) <= 2 + count // 64
+        await client.close()
+
+
+async def test_a_timed_out_send_is_still_delivered_once_and_the_session_goes_on() -> None:
+    # A timeout abandons the wait (its future is cancelled), never the message.
+    plugins = PluginManager.load(entry_points=False)
+    got: list[object] = []
+    release = asyncio.Event()
+    both_in = asyncio.Event()
+
+    async def late(peer: Peer) -> None:
+        await release.wait()  # the application takes nothing until told
+        async for item in peer:
+            got.append(item)
+            if len(got) == 2:
+                both_in.set()
+
+    async with Server("127.0.0.1", 0, handler=late, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        with pytest.raises(KoriNetTimeout):
+            await client.send("first", timeout=0.05)
+        assert client.queued == 1
+        release.set()
+        await client.send("second", timeout=T)  # acked after the first: both are in
+        await asyncio.wait_for(both_in.wait(), T)
+        assert got == ["first", "second"] and client.queued == 0
         await client.close()
