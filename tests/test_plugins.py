@@ -236,8 +236,65 @@ def test_without_trace_nothing_is_logged_and_unimplemented_hooks_are_not_called(
     pm.register(recorder, name="recorder")
     assert pm.times_acks
     pm.ack_timed(object(), 1, 0.1)
-    assert calls == ["korinet_ack_timed"] and [h for h, _ in recorder.calls] == ["acked"]
+    # implemented, without a wrapper or a tracer: called directly, not through pluggy's caller
+    assert calls == [] and [h for h, _ in recorder.calls] == ["acked"]
     assert not [r for r in caplog.records if r.name == "korinet.trace"]
+    undo = pm.pm.add_hookcall_monitoring(lambda *a: None, lambda *a: None)
+    pm.ack_timed(object(), 2, 0.1)  # a monitor sees every call: through pluggy again
+    undo()
+    assert calls == ["korinet_ack_timed"] and len(recorder.calls) == 2
+
+
+class _Order:
+    def __init__(self, name: str, seen: list[str], answer: bool = False) -> None:
+        self.name, self.seen, self.answer = name, seen, answer
+
+    @hookimpl
+    def korinet_session_closed(self, session: Any, reason: str) -> Any:
+        self.seen.append(self.name)
+        return self._later() if self.answer else None
+
+    async def _later(self) -> None:
+        self.seen.append(f"{self.name} awaited")
+
+
+class _First(_Order):
+    @hookimpl(tryfirst=True)
+    def korinet_session_closed(self, session: Any, reason: str) -> Any:
+        return super().korinet_session_closed(session, reason)
+
+
+async def test_direct_notification_calls_like_pluggy() -> None:
+    # The direct path (no wrapper, no tracer) calls the implementations in pluggy's
+    # order and returns their awaitables, as pluggy's caller does; with a wrapper
+    # registered, pluggy's caller runs again (and the wrapper sees the call).
+    seen: list[str] = []
+    pm = PluginManager.load(entry_points=False, trace=False)
+    for plugin in (_First("first", seen), _Order("a", seen, answer=True), _Order("b", seen)):
+        pm.register(plugin, name=plugin.name)
+    via_pluggy = pm.pm.hook.korinet_session_closed(session=object(), reason="x")
+    order = list(seen)
+    seen.clear()
+    direct = pm.session_closed(object(), "x")
+    assert seen == order == ["first", "b", "a"]
+    assert len(direct) == len(via_pluggy) == 1
+    await via_pluggy[0].run()
+    await direct[0].run()
+    assert seen[-1] == "a awaited"
+
+    class CloseWrapper:
+        wrapped = 0
+
+        @hookimpl(wrapper=True)
+        def korinet_session_closed(self, session: Any, reason: str) -> Any:
+            CloseWrapper.wrapped += 1
+            return (yield)
+
+    pm.register(CloseWrapper(), name="wrapper")
+    seen.clear()
+    [awaitable] = pm.session_closed(object(), "x")
+    await awaitable.run()
+    assert seen == [*order, "a awaited"] and CloseWrapper.wrapped == 1
 
 
 # ---------------------------------------------------------------------- codecs offered

@@ -107,7 +107,8 @@ class Peer:
         self._next_corr = 1  # the next request's correlation id
         self._space_waiters: list[asyncio.Future[None]] = []
         self._open_waiters: list[asyncio.Future[None]] = []
-        self._flush_pending = False
+        self._flush_pending = False  # a _flush is scheduled with call_soon
+        self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         self._opened_once = False
@@ -185,8 +186,18 @@ class Peer:
         if mtype is not None and mtype.delivery is REALTIME:
             self.send_realtime(obj, type)
             return
-        fut = await self._enqueue(obj, type, 0, 0, timeout)
-        await self._wait(fut, timeout, "waiting for the acknowledgement (the message stays queued)")
+        fut = None
+        if self.session.codec is not None and not self.closed.done():
+            try:  # the common case, without _enqueue's coroutine
+                fut = self._queue(obj, type, 0, 0)
+            except SendBufferFull:
+                pass
+        if fut is None:
+            fut = await self._enqueue(obj, type, 0, 0, timeout)
+        if timeout is None:
+            await fut
+        else:
+            await self._wait(fut, timeout, "waiting for the acknowledgement (the message stays queued)")
 
     def send_nowait(self, obj: Any, type: str = "") -> asyncio.Future[None]:
         """Queue a message now and return a future resolved by its acknowledgement.
@@ -322,23 +333,33 @@ class Peer:
 
     def _after_queue(self) -> None:
         # The first message after a quiet spell goes out at once (latency); the ones
-        # queued behind it in the same loop turn go out together (throughput), and a
-        # tight send loop writes every FLUSH_EVERY so the peer is never starved.
+        # queued behind it go out together at the end of the loop turn (throughput),
+        # and a tight send loop writes every FLUSH_EVERY so the peer is never starved.
+        # "Quiet spell": no message went out at once since the last _flush, which
+        # runs whenever bytes arrive or a scheduled flush fires. So a stop-and-wait
+        # sender (its ack came in between) schedules nothing.
         self._unflushed += 1
-        if not self._flush_pending:
+        if not self._wrote_now:
             self._flush()
+            self._wrote_now = True
+        elif not self._flush_pending:
             self._flush_pending = True
             self.loop.call_soon(self._flush)
         elif self._unflushed >= FLUSH_EVERY:
             self._flush()
             self._flush_pending = True  # the scheduled flush is still coming
+            self._wrote_now = True
 
     async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
         if timeout is None:
             return await fut
         try:
-            # shield: a timeout abandons the wait, not the message
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # Every future waited on here is this call's own (an ack, a reply, a
+            # waiter): cancelling it on a timeout abandons the wait, not the message
+            # (the session keeps it; _acked skips cancelled futures). Awaiting it
+            # directly, not through wait_for(shield()), saves two loop turns a wait.
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             raise KoriNetTimeout(f"timed out after {timeout:.3g}s {what}") from None
 
@@ -362,9 +383,11 @@ class Peer:
                 raise notice
             self._raise_if_closed()
             waiter = self._inbox_waiter = self.loop.create_future()
-            remaining = None if deadline is None else deadline - self.loop.time()
             try:
-                await self._wait(waiter, remaining, "waiting for a message")
+                if deadline is None:
+                    await waiter
+                else:
+                    await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
         msg, epoch = self._inbox.popleft()
@@ -490,6 +513,7 @@ class Peer:
 
     def _flush(self) -> None:
         self._flush_pending = False
+        self._wrote_now = False
         self._unflushed = 0
         session = self.session
         if self._stored is not None and not self._commit_before_write():
@@ -499,9 +523,10 @@ class Peer:
             self._ack_timer = self.loop.call_later(LAZY_ACK_DELAY, self._lazy_ack_due)
         conn = self.conn
         if conn is not None:
-            conn.write(data)
-            if self.session.close_expected():
-                conn.abort() if self.session.state is not CLOSED else conn.close()
+            if data:
+                conn.write(data)
+            if session.close_expected():
+                conn.abort() if session.state is not CLOSED else conn.close()
 
     def _lazy_ack_due(self) -> None:
         self._ack_timer = None
@@ -537,11 +562,10 @@ class Peer:
                 else:
                     logger.warning("%r: dropping the link: %s", self, ev_f.error)
                     self._link_failure = ev_f.error  # why, for _link_lost (the close says nothing)
-        self._flush()
-        if reschedule or (self.conn is not None and self.conn._timer is None):
+        self._flush()  # (drops the link, and so its timer, when the session says so)
+        conn = self.conn
+        if conn is not None and (reschedule or conn._timer is None):
             self._schedule_timer()
-        elif self.conn is not None and self.session.close_expected():
-            self.conn.cancel_timer()
 
     # ------------------------------------------------------------------ events
 

@@ -75,12 +75,14 @@ __all__ = ["PreparedMessage", "Session", "SessionStats"]
 
 _SEQ_OFFSET = 5  # a MSG frame's seq follows the 5-byte frame header (§2.3)
 _MSG = int(FrameType.MSG)
+_ACK = int(FrameType.ACK)
 #: Bytes of a partial frame that count as a sign of life (§4.3).
 PROGRESS_BYTES = 64 * 1024
 #: Lazy deliveries beyond this many are acknowledged without waiting (§5.2).
 LAZY_ACK_MAX = 64
 _U64 = struct.Struct(">Q")
 _PLAIN_MSG_HEAD = struct.Struct(">IBQBB")  # length, MSG, seq, flags=0, tlen=0
+_ACK_FRAME = struct.Struct(">IBQ")  # length=9, ACK, seq: a whole ACK frame in one pack
 
 
 @dataclass(slots=True)
@@ -632,14 +634,14 @@ class Session:
             and self.delivered > self._ack_sent
             and (self._ack_urgent or self._out or self.delivered - self._ack_sent >= LAZY_ACK_MAX)
         ):
-            self._out.append(encode_frame(FrameType.ACK, encode_u64(self.delivered)))
+            self._out.append(_ACK_FRAME.pack(9, _ACK, self.delivered))
             self._ack_sent = self.delivered
             self._ack_urgent = False
-        if not self._out:
+        out = self._out
+        if not out:
             return b""
-        out = b"".join(self._out)
         self._out = []
-        return out
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def events_received(self) -> list[Event]:
         """Events since the last call, in order."""
@@ -667,9 +669,14 @@ class Session:
             for ftype, body in decoder.frames():
                 self._last_recv = now
                 self._progress_mark = 0
-                if ftype == _MSG and self.state is OPEN:
-                    self._handle_msg(body)  # the hot path: no enum, no dispatch
-                    continue
+                if self.state is OPEN:
+                    # the hot paths: no enum, no dispatch
+                    if ftype == _MSG:
+                        self._handle_msg(body)
+                        continue
+                    if ftype == _ACK and len(body) == 8:
+                        self._handle_ack(_U64.unpack(body)[0])
+                        continue
                 self._handle_frame(FrameType(ftype), body, now)
                 if self._decoder is not decoder or self._link_dead or self._closed():
                     break
