@@ -2,6 +2,7 @@
 
     korinet-chat                         find a hub on the LAN, or start one here
     korinet-chat HOST[:PORT] [--nick N]  connect to a hub
+    korinet-chat H1,H2,H3                hubs of one cluster: moves on when its hub is gone
     korinet-chat serve [--host --port --db] [--cluster nats://HOST:PORT]
 
 Settings come from flags, then ``chat.toml`` in KoriNet's configuration directory
@@ -135,7 +136,12 @@ def _client_parser() -> argparse.ArgumentParser:
         epilog="Also: korinet-chat serve --help (a standalone hub). Settings: chat.toml in "
         f"{config_dir()} (keys: {', '.join(CONFIG_KEYS)}); flags win.",
     )
-    p.add_argument("address", nargs="?", help=f"the hub, HOST[:PORT] (default port {DEFAULT_PORT})")
+    p.add_argument(
+        "address",
+        nargs="?",
+        help=f"the hub, HOST[:PORT] (default port {DEFAULT_PORT}); hubs of one cluster: "
+        "HOST[:PORT],HOST[:PORT],… (the first that answers; the next when it is gone)",
+    )
     p.add_argument("--nick", "-n", help="your nick (default: your login name)")
     p.add_argument("--room", "-r", help="the room to join first (default: general)")
     p.add_argument(
@@ -370,8 +376,17 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     # This process's hub: started now if no hub answers, or later if the hub's host
     # quits and hands it to us (docs/CHAT.md, "Handover").
     local = _local_host(cfg, plaintext, interface)
+    hubs: list[tuple[str, int]] = []
     if address:
-        host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
+        # several hubs of one cluster: the first that answers, the others if it goes
+        hubs = [
+            parse_address(a.strip(), int(cfg.get("port", DEFAULT_PORT)))
+            for a in address.split(",")
+            if a.strip()
+        ]
+        if not hubs:
+            raise UsageError(f"no hub address in {address!r}")
+        host, port = hubs[0]
     else:
         timeout = (
             args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
@@ -390,7 +405,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
                   flush=True)  # fmt: skip
     try:
         client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned), taker=local,
-                            hosting=local.hub is not None)  # fmt: skip
+                            hosting=local.hub is not None, hubs=hubs)  # fmt: skip
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
         _quit_on_sigterm(ui)
         try:

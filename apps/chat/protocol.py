@@ -31,6 +31,7 @@ __all__ = [
     "DM",
     "EVENT",
     "HUB",
+    "MAX_KEY",
     "MAX_NICK",
     "MAX_ROOM",
     "MAX_TEXT",
@@ -64,6 +65,7 @@ MAX_NICK: Final = 24
 MAX_ROOM: Final = 32
 MAX_QUERY: Final = 200
 MAX_MID: Final = 64
+MAX_KEY: Final = 128
 #: Most messages one history or search answer carries.
 MAX_HISTORY: Final = 500
 
@@ -209,6 +211,10 @@ def _nick(data: dict[str, Any]) -> None:
 def _hello(data: dict[str, Any]) -> None:
     normalize_nick(data.get("nick"))
     _int(data, "can_host", optional=True)  # the port a hub of this client would listen on
+    # the client's nick key: a session presenting it may take the nick over from an
+    # earlier session of the same client on another hub (docs/CHAT.md, "Failover")
+    _str(data, "key", MAX_KEY, optional=True)
+    _int(data, "dm_since", optional=True)  # the last direct message shown (cluster hubs)
     if not isinstance(data.get("hosting", False), bool):
         raise TypeError("'hosting' must be a boolean")
 
@@ -292,6 +298,7 @@ def validate_dm(data: Any) -> None:
     _str(d, "to", 200)
     _text(d)
     _kind(d)
+    _int(d, "seq", optional=True)  # its number in the recipient's DM log (cluster hubs)
 
 
 _HUB_KINDS: Final = frozenset({"successors", "state", "take", "moved", "closed"})
