@@ -262,6 +262,7 @@ async def _announce(
     *,
     started: float | None = None,
     standalone: bool = False,
+    cluster: str | None = None,
 ) -> Announcement | None:
     from .discovery import announce
 
@@ -276,6 +277,7 @@ async def _announce(
             interfaces=[interface] if interface else None,
             started=started if started is not None else time.time(),
             standalone=standalone,
+            cluster=cluster,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
         print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
@@ -304,15 +306,25 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         print(f"korinet-chat serve: {exc}", file=sys.stderr)
         return 1
     print(f"korinet-chat hub on {host}:{server.port}, history in {db}", flush=True)
+    cluster_id = None
     if hub.cluster is not None:
         print(f"sharing rooms and nicks through {args.cluster} as hub {hub.cluster.hub_id}", flush=True)
+        if not args.no_announce:
+            try:
+                cluster_id = await hub.cluster.cluster_id()  # clients find its other hubs by it
+            except Exception as exc:
+                print(
+                    f"korinet-chat serve: the cluster's name is unknown ({exc})", file=sys.stderr, flush=True
+                )
     if server.fingerprint:
         print(
             f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
             flush=True,
         )
     announcement = (
-        None if args.no_announce else await _announce(server, plaintext, started=time.time(), standalone=True)
+        None
+        if args.no_announce
+        else await _announce(server, plaintext, started=time.time(), standalone=True, cluster=cluster_id)
     )
     if announcement is not None:
         print(f"announced on the LAN as {announcement.name!r}", flush=True)
@@ -329,27 +341,30 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
+async def _find_hub(
+    timeout: float, plaintext: bool, interface: str | None
+) -> tuple[FoundHub | None, int, list[tuple[str, int]]]:
     """The hub on the LAN by the rule (discovery.hub_rank: a `serve` hub, else the one
     that started first) that answers, and how many were passed over: each one that does
-    not answer is said in one line (an announcement outlives a hub that crashed)."""
-    from .discovery import answers, browse, hub_rank
+    not answer is said in one line (an announcement outlives a hub that crashed). Then
+    the hubs to fail over to: it and the other hubs announced for its cluster."""
+    from .discovery import answers, browse, hub_rank, same_cluster
 
     print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
     try:
         found = await browse(timeout, interfaces=[interface] if interface else None)
     except Exception as exc:  # no multicast at all
         print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
-        return None, 0
+        return None, 0, []
     usable = sorted((h for h in found if h.tls != plaintext), key=hub_rank)
     for index, hub in enumerate(usable):
         if await answers(hub.host, hub.port, PROBE_TIMEOUT):
             others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
             print(f"found {hub.name!r} at {hub.host}:{hub.port}{others}", flush=True)
-            return hub, index
+            return hub, index, same_cluster(hub, usable)
         then = "trying the next one" if index + 1 < len(usable) else "starting one here"
         print(f"the hub announced at {hub.host}:{hub.port} does not answer; {then}", flush=True)
-    return None, len(usable)
+    return None, len(usable), []
 
 
 async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
@@ -391,7 +406,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         timeout = (
             args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
         )
-        hub_found, skipped = await _find_hub(float(timeout), plaintext, interface)
+        hub_found, skipped, hubs = await _find_hub(float(timeout), plaintext, interface)
         if hub_found is not None:
             host, port = hub_found.host, hub_found.port
         else:

@@ -72,6 +72,8 @@ NICK_TTL = 30.0
 PRESENCE = "chat_presence"
 MEMBER_SPACE = "chat_members"
 ROOMS_LOG = "chat_rooms"
+#: Its first entry names the cluster (announced on mDNS, so clients find its hubs).
+CLUSTER_LOG = "chat_cluster"
 #: Seconds before following a room's log again after the bus failed us.
 REFOLLOW_DELAY = 1.0
 
@@ -437,6 +439,14 @@ class RoomCluster:
             except (ValueError, TypeError, KeyError) as exc:
                 logger.info("cluster bus: a bad member entry was ignored (%s)", exc)
         return found
+
+    async def cluster_id(self) -> str:
+        """The cluster's name, the same for every hub on this bus: the first hub to
+        ask makes it (racing hubs append under one msg_id; the log's first entry wins)."""
+        await self.ready()
+        await self.bus.append(CLUSTER_LOG, secrets.token_hex(8).encode(), msg_id="cluster-id")
+        first = await self.bus.read(CLUSTER_LOG, 0, 1)
+        return first[0].data.decode("ascii", "replace")[:64]
 
     # ------------------------------------------------------------------ the cluster's rooms
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from chat_helpers import WAIT, fresh_plugins, go_down, has_line, lines_of, room_texts
+from chat_helpers import WAIT, come_back, fresh_plugins, go_down, has_line, lines_of, room_texts
 from korinet_chat.client import ChatClient
 from korinet_chat.cluster import NICK_SPACE, nick_name, owner_of
 from korinet_chat.hub import ChatHub, HubSettings
@@ -201,6 +201,37 @@ async def test_the_nick_cannot_be_taken_in_the_gap_and_the_bus_value_is_no_key()
         assert alice.nick == "alice"
         await mallory.handle_input("/nick alice")
         await mallory.wait_for(has_line("error", "the nick 'alice' is taken"), WAIT)
+
+
+async def test_lines_said_while_no_hub_took_us_come_under_the_away_marker() -> None:
+    async with hubs(local()) as h:
+        alice = ChatClient(*h.address(0), "alice", plugins=h.plugins, hubs=[h.address(0), h.address(2)])
+        await alice.start(open_timeout=WAIT)
+        h.clients["alice"] = alice
+        bob = await h.client("bob", first=1)
+        bob.say("one")
+        await alice.wait_for(lambda cl: room_texts(cl) == ["one"], WAIT)
+        spare = await go_down(h.relays[2])  # alice's other hub does not answer for now
+        await h.kill(0)
+        alice.say("typed while away")
+        for text in ("two", "three"):
+            bob.say(text)
+        await bob.wait_for(lambda cl: len(room_texts(cl)) == 3 and not cl.pending, WAIT)
+        await come_back(h.relays[2], spare)
+        await alice.wait_for(lambda cl: len(room_texts(cl)) == 4 and not cl.pending, WAIT * 2)
+        assert room_texts(alice) == ["one", "two", "three", "typed while away"]
+        texts = [line.text for line in alice.lines]
+        moved = texts.index(f"hub 127.0.0.1:{h.ports[0]} gone; now on hub 127.0.0.1:{h.ports[2]}")
+        assert texts[moved + 1 :][:2] == ["— 2 new while away —", "two"]
+        assert alice.nick == "alice"
+
+
+async def test_the_hubs_of_one_bus_agree_on_the_clusters_name() -> None:
+    async with hubs(local()) as h:
+        names = {await hub.cluster.cluster_id() for hub in h.hubs}  # type: ignore[union-attr]
+        assert len(names) == 1 and len(next(iter(names))) == 16
+    async with hubs(local(), count=1) as other:  # another bus: another cluster
+        assert await other.hubs[0].cluster.cluster_id() not in names  # type: ignore[union-attr]
 
 
 async def test_a_client_starts_on_the_first_hub_that_answers() -> None:
