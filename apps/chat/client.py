@@ -590,7 +590,7 @@ class ChatClient:
             if pending.room is not None:
                 own[pending.room] = own.get(pending.room, 0) + 1
         try:
-            result = await self._ask("rooms")
+            result = await self._ask("rooms", mine=True)
         except ChatError:
             self._release_held()
             return

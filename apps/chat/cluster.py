@@ -18,8 +18,8 @@ What each hub puts on the bus (korinet.cluster):
   stored once); the recipient's hub follows the log while the recipient is there and
   hands each entry over with its number, which the client remembers: after a
   failover it says hello with the last number shown and gets what follows, once.
-* the **key space** ``chat_members`` (same TTL as nicks): who is on which hub, in
-  which rooms, in which state (``/who``, ``/rooms`` and the join answer across hubs).
+* the **key space** ``chat_members`` (same TTL as nicks; a key per nick and hub):
+  who is on which hub, in which rooms, in which state (``/who``, ``/rooms`` and the join answer across hubs).
 * the **log** ``chat_rooms``: every room a hub of the cluster followed, appended once
   per hub that first follows it (``/rooms`` reads it for the rooms of the cluster).
 * the **signal** subject ``chat_presence``: joined, left, reconnecting, online,
@@ -293,19 +293,25 @@ class RoomCluster:
 
     # ------------------------------------------------------------------ nicks
 
-    async def claim(self, nick: str, owner: bytes) -> bool:
-        """Take ``nick`` for the whole cluster; False if any hub holds it."""
+    async def claim(self, nick: str, owner: bytes) -> str:
+        """Take ``nick`` for the whole cluster. Returns "new" (it was free), "ours" (an
+        earlier session of the same client held it: taken over) or "" (someone else
+        holds it)."""
         nicks = await self.ready()
         key = nick_name(nick)
         if self.held.get(key) == owner:
-            return True
-        # Free, or held with our owner value by an earlier session of the same client
-        # (on a hub that died or that it left): renewing takes it over with no gap in
-        # which anyone else could claim it.
-        if not await nicks.claim(key, owner) and not await nicks.renew(key, owner):
-            return False
+            return "ours"
+        if await nicks.claim(key, owner):
+            got = "new"
+        # Held with our owner value by an earlier session of the same client (on a hub
+        # that died or that it left): renewing takes it over with no gap in which anyone
+        # else could claim it.
+        elif await nicks.renew(key, owner):
+            got = "ours"
+        else:
+            return ""
         self.held[key] = owner
-        return True
+        return got
 
     def forget(self, nick: str, owner: bytes) -> None:
         """Stop renewing ``nick`` without releasing it: it expires after the TTL,
@@ -377,8 +383,10 @@ class RoomCluster:
 
     def show(self, nick: str, entry: dict[str, Any] | None) -> None:
         """Say on the bus that ``nick`` is on this hub as ``entry`` ({nick, state, away,
-        rooms}), or (None) that it is not. Kept alive with the nicks; the latest wins."""
-        key = nick_name(nick)
+        rooms}), or (None) that it is not. Kept alive with the nicks; the latest wins.
+        Each hub has its own entry for a nick (a member that moved may linger on its
+        old hub until its session there ends)."""
+        key = f"{nick_name(nick)}_{self.hub_id}"
         if entry is None:
             self.shown[key] = None
         else:

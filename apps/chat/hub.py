@@ -122,6 +122,9 @@ class Member:
     owner: bytes = b""
     #: the follower of its DM log (cluster bus)
     dms: asyncio.Task[None] | None = None
+    #: it came from another session of the same client (a hub that died, or left):
+    #: its rejoins say "bob is back" to the rooms
+    moved_in: bool = False
 
     @property
     def state(self) -> str:
@@ -293,7 +296,11 @@ class ChatHub:
             return
         member.drained.set()
         if member.nick is not None and not self.closing and not self.handover.frozen:
-            self._presence(member, "left")  # (handing over: everyone moves, nobody left)
+            if self.cluster is not None and not _left_cleanly(member):
+                # it vanished: perhaps to another hub of the cluster (not news, then)
+                self._spawn(self._left_unless_moved(member, member.nick, list(member.rooms)))
+            else:
+                self._presence(member, "left")  # (handing over: everyone moves, nobody left)
         for room in member.rooms:
             self.rooms.get(room, set()).discard(member)
         self.handover.removed(member)
@@ -434,6 +441,31 @@ class ChatHub:
             if kind != "left":
                 self._publish(member)
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _left_unless_moved(self, member: Member, nick: str, rooms: list[str]) -> None:
+        """Say "bob left" for a member whose session expired here, unless another hub
+        of the cluster says it has bob now (the client failed over)."""
+        assert self.cluster is not None
+        try:
+            elsewhere = any(
+                e["hub"] != self.cluster.hub_id and protocol.nick_key(e["nick"]) == protocol.nick_key(nick)
+                for e in await self.cluster.everyone()
+            )
+        except BusError:
+            elsewhere = False
+        if elsewhere or self.closing:
+            return
+        event = {"kind": "left", "nick": nick}
+        targets: set[Member] = set()
+        for room in rooms:
+            targets |= self.rooms.get(room, set())
+        self._post_all(targets - {member}, protocol.EVENT, event)
+        self.cluster.announce(event, rooms)
+
     def _publish(self, member: Member) -> None:
         """Tell the cluster who this member is now, where (for /who on other hubs)."""
         if self.cluster is not None and member.nick is not None and self.members.get(member.peer) is member:
@@ -550,8 +582,10 @@ class ChatHub:
                 self._claim(member, nick)  # raises, with the local reason
             self._supersede(holder)
         owner = member.owner
-        if not await self.cluster.claim(nick, owner):
+        got = await self.cluster.claim(nick, owner)
+        if not got:
             raise RequestError(f"the nick {nick!r} is taken", "nick_taken")
+        member.moved_in = got == "ours" and member.nick is None  # (its own nick again: no news)
         if self.members.get(member.peer) is not member:  # the session ended meanwhile
             self.cluster.release(nick, owner)
             raise RequestError("the session ended", "closed")
@@ -565,9 +599,7 @@ class ChatHub:
         old.nick = None  # no "left", no release: the nick stays held, by the new session
         if old.dms is not None:
             old.dms.cancel()
-        task = asyncio.get_running_loop().create_task(old.peer.close("superseded by a new session"))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(old.peer.close("superseded by a new session"))
 
     async def _bus_dm(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         """A DM goes to the recipient's log on the bus: stored once (the bus drops a
@@ -604,7 +636,10 @@ class ChatHub:
         found = {protocol.nick_key(str(m["nick"])): m for m in self._who(room)}
         for entry in await self.cluster.everyone():
             key = protocol.nick_key(entry["nick"])
-            if entry["hub"] != self.cluster.hub_id and room in entry["rooms"] and key not in found:
+            if entry["hub"] == self.cluster.hub_id or room not in entry["rooms"]:
+                continue
+            # on two hubs at once (it moved; its old session lingers on one): the live one
+            if key not in found or found[key]["state"] == "reconnecting":
                 found[key] = {"nick": entry["nick"], "state": entry["state"], "away": entry["away"]}
         return sorted(found.values(), key=lambda e: str(e["nick"]).casefold())
 
@@ -616,6 +651,8 @@ class ChatHub:
         """Every room of the cluster, with its head (the log's, for rooms this hub does
         not follow) and how many are in it on every hub."""
         assert self.cluster is not None
+        if data.get("mine"):  # the heads of its own rooms (after a resume): no scan of the bus
+            return self._op_rooms(member, data)
         counts: dict[str, int] = {}
         for entry in await self.cluster.everyone():
             for room in entry["rooms"]:
@@ -644,9 +681,15 @@ class ChatHub:
             await self.cluster.add_room(room)
         self.cluster.follow(room, self.history.head(room) or 0, self._apply)
         await self.cluster.caught_up(room, head)
+        told = self._companions(member)
         answer = self._op_join(member, data)
         answer["created"] = answer["created"] and head == 0
         self._publish(member)
+        if member.moved_in and data.get("since") is not None:
+            # back from another hub: the others saw "reconnecting…" (not "left")
+            event = {"kind": "online", "nick": member.nick}
+            self._post_all(self.rooms.get(room, set()) - told - {member}, protocol.EVENT, event)
+            self.cluster.announce(event, [room])
         answer["members"] = await self._cluster_who(room)
         return answer
 
@@ -837,6 +880,7 @@ class ChatHub:
             "rooms": [
                 {"room": room, "head": head, "members": len(self.rooms.get(room, ()))}
                 for room, head in sorted(self.history.rooms().items())
+                if not data.get("mine") or room in member.rooms
             ]
         }
 

@@ -228,8 +228,9 @@ def _away(data: dict[str, Any]) -> None:
     _str(data, "message", MAX_TEXT, optional=True)
 
 
-def _nothing(data: dict[str, Any]) -> None:
-    pass
+def _rooms(data: dict[str, Any]) -> None:
+    if not isinstance(data.get("mine", False), bool):  # only the rooms this member is in
+        raise TypeError("'mine' must be a boolean")
 
 
 #: Request operations and their argument checks.
@@ -241,7 +242,7 @@ OPS: Final[dict[str, Callable[[dict[str, Any]], None]]] = {
     "dm": _dm,
     "nick": _nick,
     "who": _room_arg,
-    "rooms": _nothing,
+    "rooms": _rooms,
     "history": _history,
     "search": _search,
     "away": _away,

@@ -49,10 +49,10 @@ class Hubs:
     clients: dict[str, ChatClient] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)  # each hub's address (its relay's port)
 
-    async def add_hub(self) -> None:
+    async def add_hub(self, session_ttl: float = 120.0) -> None:
         hub = ChatHub(settings=HubSettings(rate=0), bus=self.make_bus(), hub_id=f"hub{len(self.hubs)}")
         await hub.start()
-        server = hub.server("127.0.0.1", 0, plugins=self.plugins)
+        server = hub.server("127.0.0.1", 0, plugins=self.plugins, session_ttl=session_ttl)
         await server.start()
         self.hubs.append(hub)
         self.servers.append(server)
@@ -224,6 +224,40 @@ async def test_lines_said_while_no_hub_took_us_come_under_the_away_marker() -> N
         moved = texts.index(f"hub 127.0.0.1:{h.ports[0]} gone; now on hub 127.0.0.1:{h.ports[2]}")
         assert texts[moved + 1 :][:2] == ["— 2 new while away —", "two"]
         assert alice.nick == "alice"
+        await bob.wait_for(has_line("event", "alice is back"), WAIT)
+
+
+async def test_a_client_that_moved_is_not_said_to_have_left_when_its_old_session_ends() -> None:
+    ttl = WAIT  # hub 0 forgets a dropped session after this (alice moves well before)
+    h = Hubs(fresh_plugins(), local())
+    try:
+        await h.add_hub(session_ttl=ttl)
+        await h.add_hub()
+        bob = await h.client("bob", first=0)
+        alice = await h.client("alice", first=0)
+        relay = await Relay("127.0.0.1", h.servers[0].port).start()  # carol's own way in
+        carol = ChatClient("127.0.0.1", relay.port, "carol", plugins=h.plugins)
+        await carol.start(open_timeout=WAIT)
+        h.clients["carol"] = carol
+        await go_down(h.relays[0])  # hub 0 lives on, but neither alice nor bob reaches it
+        await go_down(relay)  # nor carol, who knows no other hub
+        await alice.wait_for(has_line("info", "gone; now on hub"), WAIT)
+        await bob.wait_for(has_line("info", "gone; now on hub"), WAIT)
+        await come_back(h.relays[0], h.ports[0])
+        assert {alice.port, bob.port} == {h.ports[1]}
+        hub0 = h.hubs[0]
+        async with asyncio.timeout(ttl + WAIT):  # hub 0 ends the three sessions at its TTL
+            while hub0.members:
+                await asyncio.sleep(0.05)
+        # carol's end is news on hub 1 (she is nowhere); alice's and bob's is not
+        await alice.wait_for(has_line("event", "carol left"), WAIT)
+        await bob.wait_for(has_line("event", "carol left"), WAIT)
+        assert not any(line.text in ("alice left", "bob left") for line in alice.lines + bob.lines)
+        assert (alice.nick, bob.nick) == ("alice", "bob")
+        await alice.handle_input("/who")
+        await alice.wait_for(has_line("info", "#general: alice, bob"), WAIT)
+    finally:
+        await h.close()
 
 
 async def test_the_hubs_of_one_bus_agree_on_the_clusters_name() -> None:
