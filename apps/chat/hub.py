@@ -23,7 +23,10 @@ Theory of operation (docs/CHAT.md):
   message is appended to the room's log and the hub answers once its own follower
   of that log has stored and fanned it out; every hub follows the rooms its
   members are in and fans out what any hub appended, in the log's order. Nicks are
-  claimed on the bus too. Without a bus, nothing of this runs.
+  claimed on the bus too (held with the hash of the client's nick key, so that the
+  client's next session, on any hub, keeps the nick: docs/CHAT.md, "Failover"); DMs
+  go to the recipient's log and are delivered by number; who is where is kept on the
+  bus for /who and /rooms. Without a bus, nothing of this runs.
 """
 
 from __future__ import annotations

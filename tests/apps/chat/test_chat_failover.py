@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from chat_helpers import WAIT, come_back, fresh_plugins, go_down, has_line, lines_of, room_texts
 from korinet_chat.client import ChatClient
-from korinet_chat.cluster import NICK_SPACE, nick_name, owner_of
+from korinet_chat.cluster import NICK_SPACE, decode_message, nick_name, owner_of, room_log
 from korinet_chat.hub import ChatHub, HubSettings
 from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
@@ -132,11 +132,13 @@ class Progress:
                 await self._changed.wait()
 
 
-def assert_one_view(clients: list[ChatClient], per_client: int) -> None:
-    """Every member's view equals the log: all lines, once, in one order, each
-    sender's in the order typed."""
+async def assert_one_view(clients: list[ChatClient], per_client: int, bus: ClusterBus) -> None:
+    """Every member's view equals the room's log on the bus: all lines, once, in one
+    order, each sender's in the order typed."""
     total = per_client * len(clients)
+    log = [decode_message(e.data)["text"] for e in await bus.read(room_log("general"), 0, total + 10)]
     reference = room_texts(clients[-1])
+    assert reference == log
     assert len(reference) == len(set(reference)) == total  # 0 lost, 0 doubled
     for client in clients:
         assert room_texts(client) == reference, f"{client.nick} saw another order"
@@ -170,7 +172,7 @@ async def test_a_hub_dies_mid_conversation_its_clients_fail_over_and_nothing_is_
         await asyncio.wait_for(killing, WAIT)
         for client in clients:
             await client.wait_for(lambda cl: len(room_texts(cl)) >= total and not cl.pending, WAIT * 3)
-        assert_one_view(clients, per_client)
+        await assert_one_view(clients, per_client, h.hubs[1].cluster.bus)  # type: ignore[union-attr]
         gone = f"hub 127.0.0.1:{h.ports[0]} gone; now on hub 127.0.0.1:{h.ports[1]}"
         for i, client in enumerate(clients):
             assert client.nick == f"u{i:02d}"  # the nick passed with the client
@@ -402,6 +404,8 @@ async def _hub_process(url: str, home: Path) -> tuple[asyncio.subprocess.Process
 async def test_kill_9_of_a_serve_cluster_process_its_clients_fail_over(
     nats: NatsServer, tmp_path: Path
 ) -> None:
+    from korinet_nats import NatsBus
+
     per_client = 10
     progress = Progress()
     plugins = fresh_plugins()
@@ -411,7 +415,7 @@ async def test_kill_9_of_a_serve_cluster_process_its_clients_fail_over(
         for _ in range(3):
             procs.append(await _hub_process(nats.url, tmp_path))
         ports = [port for _, port in procs]
-        for i in range(9):  # 3 x 3 clients
+        for i in range(12):  # 3 x 4 clients
             order = [("127.0.0.1", ports[(i + k) % 3]) for k in range(3)]
             client = ChatClient(*order[0], f"u{i}", plugins=plugins, hubs=order)
             await client.start(open_timeout=WAIT)
@@ -438,7 +442,12 @@ async def test_kill_9_of_a_serve_cluster_process_its_clients_fail_over(
         await asyncio.wait_for(killing, WAIT)
         for client in clients:
             await client.wait_for(lambda cl: len(room_texts(cl)) >= total and not cl.pending, WAIT * 4)
-        assert_one_view(clients, per_client)
+        reader = NatsBus(nats.url)
+        await reader.connect()
+        try:
+            await assert_one_view(clients, per_client, reader)
+        finally:
+            await reader.close()
         for i, client in enumerate(clients):
             assert client.nick == f"u{i}"
             moved = any("gone; now on hub" in line.text for line in lines_of(client, "info"))
