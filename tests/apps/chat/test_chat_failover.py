@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from chat_helpers import WAIT, come_back, fresh_plugins, go_down, has_line, lines_of, room_texts
+from chat_helpers import (
+    WAIT,
+    Pane,
+    come_back,
+    fresh_plugins,
+    go_down,
+    has_line,
+    lines_of,
+    program,
+    room_texts,
+)
 from korinet_chat.client import ChatClient
 from korinet_chat.cluster import NICK_SPACE, decode_message, nick_name, owner_of, room_log
 from korinet_chat.hub import ChatHub, HubSettings
@@ -467,3 +478,29 @@ async def test_kill_9_of_a_serve_cluster_process_its_clients_fail_over(
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
+
+
+# ---------------------------------------------------------------------- the real program
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (Debian package tmux)")
+async def test_the_real_program_given_three_hubs_says_where_it_moved(tmp_path: Path) -> None:
+    async with hubs(local()) as h:
+        await h.kill(0)  # the first address given does not answer at start
+        bob = await h.client("bob", first=2)
+        addresses = ",".join(f"127.0.0.1:{port}" for port in h.ports)
+        env = {"KORINET_HOME": str(tmp_path / "home"), "TERM": "xterm-256color", "LANG": "C.UTF-8"}
+        pane = Pane(f"{program()} {addresses} --nick alice --no-bell --insecure-plaintext", env)
+        try:
+            await pane.shows("#general (2 here) —")
+            await pane.shows("#general · alice · connected")
+            await h.kill(1)  # the hub it started on dies
+            await pane.shows(f"hub 127.0.0.1:{h.ports[1]} gone; now on hub 127.0.0.1:{h.ports[2]}")
+            await bob.wait_for(has_line("event", "alice is back"), WAIT)
+            pane.type("still here")
+            await bob.wait_for(lambda c: room_texts(c) == ["still here"], WAIT)
+            await pane.shows("<alice> still here")
+            pane.type("/quit")
+            assert await pane.exited() == 0
+        finally:
+            pane.kill()
