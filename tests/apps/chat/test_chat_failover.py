@@ -273,6 +273,26 @@ async def test_a_client_that_moved_is_not_said_to_have_left_when_its_old_session
         await h.close()
 
 
+async def test_back_to_a_hub_that_still_holds_our_old_session() -> None:
+    async with hubs(local(), count=2) as h:
+        alice = await h.client("alice", first=0)
+        relay = await Relay("127.0.0.1", h.servers[0].port).start()  # carol's own way in to hub 0
+        carol = ChatClient("127.0.0.1", relay.port, "carol", plugins=h.plugins)
+        await carol.start(open_timeout=WAIT)
+        h.clients["carol"] = carol
+        await go_down(h.relays[0])  # hub 0 lives on (alice's session there waits for her)
+        await alice.wait_for(has_line("info", f"now on hub 127.0.0.1:{h.ports[1]}"), WAIT)
+        await come_back(h.relays[0], h.ports[0])
+        await h.kill(1)  # back to hub 0, where the old session still holds "alice"
+        await alice.wait_for(has_line("info", f"now on hub 127.0.0.1:{h.ports[0]}"), WAIT)
+        await alice.wait_for(lambda cl: cl.state == "connected" and "general" in cl.rooms, WAIT)
+        assert alice.nick == "alice"
+        alice.say("home again")
+        await carol.wait_for(lambda cl: room_texts(cl) == ["home again"], WAIT)
+        assert [m.nick for m in h.hubs[0].members.values()].count("alice") == 1  # the old one is gone
+        assert not any(line.text == "alice left" for line in carol.lines)
+
+
 async def test_the_hubs_of_one_bus_agree_on_the_clusters_name() -> None:
     async with hubs(local()) as h:
         names = {await hub.cluster.cluster_id() for hub in h.hubs}  # type: ignore[union-attr]
