@@ -1237,7 +1237,7 @@ class ChatClient:
 
 async def _quietly_close(peer: Client) -> None:
     try:
-        await peer.close("the hub moved", timeout=1.0)
+        await peer.close(protocol.MOVED, timeout=1.0)
     except (KoriNetError, OSError):
         pass
 

@@ -298,12 +298,14 @@ class ChatHub:
         if self.members.pop(member.peer, None) is None:
             return
         member.drained.set()
+        end = _how_it_ended(member)
         if member.nick is not None and not self.closing and not self.handover.frozen:
-            if self.cluster is not None and not _left_cleanly(member):
+            if self.cluster is None or end == "bye":
+                self._presence(member, "left")  # (handing over: everyone moves, nobody left)
+            elif end == "gone":
                 # it vanished: perhaps to another hub of the cluster (not news, then)
                 self._spawn(self._left_unless_moved(member, member.nick, list(member.rooms)))
-            else:
-                self._presence(member, "left")  # (handing over: everyone moves, nobody left)
+            # "moved": its client said it is going to another hub: it will be back there
         for room in member.rooms:
             self.rooms.get(room, set()).discard(member)
         self.handover.removed(member)
@@ -313,7 +315,7 @@ class ChatHub:
             del self.nicks[protocol.nick_key(member.nick)]
             if self.cluster is not None and not self.closing:  # (a hub stopping frees all at once)
                 self.cluster.show(member.nick, None)
-                if _left_cleanly(member):
+                if end == "bye":
                     self.cluster.release(member.nick, member.owner)
                 else:
                     # It vanished (its session expired): it may be on another hub of the
@@ -916,10 +918,14 @@ class ChatHub:
         return {"state": member.state}
 
 
-def _left_cleanly(member: Member) -> bool:
-    """Did the member's session end by its own goodbye (not by expiry or an error)?"""
+def _how_it_ended(member: Member) -> str:
+    """How the member's session ended: "bye" (its client's goodbye, or ours), "moved"
+    (its client closed it to go to another hub) or "gone" (expired, or an error)."""
     closed = member.peer.closed
-    return closed.done() and isinstance(closed.result(), ConnectionClosedOK)
+    end = closed.result() if closed.done() else None
+    if not isinstance(end, ConnectionClosedOK):
+        return "gone"
+    return "moved" if end.reason == protocol.MOVED else "bye"
 
 
 def _msg_payload(row: StoredMessage) -> dict[str, Any]:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_NICK",
     "MAX_ROOM",
     "MAX_TEXT",
+    "MOVED",
     "MSG",
     "OPS",
     "REQUEST",
@@ -66,6 +67,10 @@ MAX_ROOM: Final = 32
 MAX_QUERY: Final = 200
 MAX_MID: Final = 64
 MAX_KEY: Final = 128
+
+#: The reason a client gives when it closes its session with a hub it is leaving for
+#: another: not a goodbye (a cluster hub keeps the nick held, says nothing).
+MOVED: Final = "the hub moved"
 #: Most messages one history or search answer carries.
 MAX_HISTORY: Final = 500
 

@@ -293,6 +293,25 @@ async def test_back_to_a_hub_that_still_holds_our_old_session() -> None:
         assert not any(line.text == "alice left" for line in carol.lines)
 
 
+async def test_the_goodbye_of_a_client_that_moves_frees_nothing() -> None:
+    async with hubs(local(), count=2) as h:
+        alice = await h.client("alice", first=0)
+        bob = await h.client("bob", first=0)
+        # alice leaves hub 0 for hub 1 while hub 0 still hears her (her old session is
+        # closed with a word, as every move does)
+        assert await alice._move(*h.address(1), None, "moving on")
+        await alice.wait_for(lambda cl: cl.state == "connected" and "general" in cl.rooms, WAIT)
+        async with asyncio.timeout(WAIT):  # hub 0 has ended her old session
+            while any(m.nick == "alice" for m in h.hubs[0].members.values()):
+                await asyncio.sleep(0.02)
+        await bob.wait_for(has_line("event", "alice is back"), WAIT)
+        space = await h.hubs[0].cluster.bus.key_space(NICK_SPACE, 30)  # type: ignore[union-attr]
+        assert await space.get(nick_name("alice")) == owner_of(alice._nick_key)  # still hers
+        assert not any(line.text == "alice left" for line in bob.lines)
+        mallory = await h.client("alice", first=0)
+        assert mallory.nick == "alice_"
+
+
 async def test_the_hubs_of_one_bus_agree_on_the_clusters_name() -> None:
     async with hubs(local()) as h:
         names = {await hub.cluster.cluster_id() for hub in h.hubs}  # type: ignore[union-attr]
