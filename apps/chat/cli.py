@@ -333,6 +333,7 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     print(f"stopping ({len(hub.nicks)} user(s) connected)", flush=True)
     if announcement is not None:
         await announcement.close()
+    hub.stopping()  # members of a cluster hub move on to its other hubs, nicks and all
     await server.close()
     await hub.aclose()  # frees its nicks on the cluster bus at once
     return 0

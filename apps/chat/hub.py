@@ -123,6 +123,8 @@ class Member:
     throttled: bool = False
     #: what its nick is held with on the cluster bus (owner_of its nick key)
     owner: bytes = b""
+    #: its client has a nick key: another session of it may take the nick over
+    keyed: bool = False
     #: the follower of its DM log (cluster bus)
     dms: asyncio.Task[None] | None = None
     #: it came from another session of the same client (a hub that died, or left):
@@ -226,8 +228,16 @@ class ChatHub:
             self.cluster.stop()
         self.history.close()
 
+    def stopping(self) -> None:
+        """The hub is about to stop (call before closing its Server): its members'
+        sessions end without a word to anyone (they go on through other hubs of the
+        cluster, or vanish from /who at the TTL), and the nicks of korinet-chat clients
+        stay held for them to take over elsewhere."""
+        self.closing = True
+
     async def aclose(self) -> None:
-        """:meth:`close`, after giving the nicks held on the cluster bus up."""
+        """:meth:`close`, after giving the nicks held on the cluster bus up (except
+        those kept for members that may go on elsewhere: :meth:`stopping`)."""
         if self.cluster is not None:
             await self.cluster.close()
         self.close()
@@ -313,7 +323,11 @@ class ChatHub:
             member.dms.cancel()
         if member.nick is not None and self.nicks.get(protocol.nick_key(member.nick)) is member:
             del self.nicks[protocol.nick_key(member.nick)]
-            if self.cluster is not None and not self.closing:  # (a hub stopping frees all at once)
+            if self.cluster is not None and self.closing and member.keyed:
+                # the hub stops: its client may go on through another hub (the nick
+                # is then its own there); not released, it expires unless renewed
+                self.cluster.forget(member.nick, member.owner)
+            elif self.cluster is not None and not self.closing:  # (a hub stopping frees all at once)
                 self.cluster.show(member.nick, None)
                 if end == "bye":
                     self.cluster.release(member.nick, member.owner)
@@ -545,6 +559,7 @@ class ChatHub:
         # A client without a nick key gets one of its own session's: its nick can then
         # pass to no other session (as before nick keys).
         member.owner = owner_of(data.get("key") or secrets.token_hex(16))
+        member.keyed = bool(data.get("key"))
         await self._bus_claim(member, nick)
         answer = self._op_hello(member, data)
         answer["dm_since"] = await self._follow_dms(member, data.get("dm_since"))

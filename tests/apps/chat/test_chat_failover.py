@@ -88,6 +88,13 @@ class Hubs:
         self.hubs[index].close()  # no release: its nicks stay held until their TTL
         await self.servers[index].close()
 
+    async def stop(self, index: int) -> None:
+        """The hub is stopped (an upgrade, say), as `korinet-chat serve` stops on SIGINT."""
+        self.hubs[index].stopping()
+        await go_down(self.relays[index])  # its port closes
+        await self.servers[index].close()
+        await self.hubs[index].aclose()
+
     async def close(self) -> None:
         for client in self.clients.values():
             with contextlib.suppress(Exception):
@@ -192,6 +199,37 @@ async def test_a_hub_dies_mid_conversation_its_clients_fail_over_and_nothing_is_
             if i % 3 == 0:
                 assert client.port == h.ports[1]
         assert h.hubs[1].history.head("general") == h.hubs[2].history.head("general") == total
+
+
+async def test_a_hub_stopped_for_an_upgrade_its_clients_move_on_nicks_and_all() -> None:
+    per_client = 10
+    progress = Progress()
+    async with hubs(local()) as h:
+        clients = [await h.client(f"u{i}", first=i % 3) for i in range(6)]
+        total = per_client * len(clients)
+        rival: list[ChatClient] = []
+
+        async def talk(client: ChatClient) -> None:
+            for i in range(per_client):
+                client.say(f"{client.nick} {i}")
+                progress.step()
+                await asyncio.sleep(0.01)
+
+        async def stopper() -> None:
+            await progress.reach(total // 3)
+            await h.stop(0)
+            rival.append(await h.client("u0", first=1))  # asks for u0's nick at once
+
+        stopping = asyncio.create_task(stopper())
+        await asyncio.gather(*(talk(client) for client in clients))
+        await asyncio.wait_for(stopping, WAIT)
+        for client in clients:
+            await client.wait_for(lambda cl: len(room_texts(cl)) >= total and not cl.pending, WAIT * 3)
+        await assert_one_view(clients, per_client, h.hubs[1].cluster.bus)  # type: ignore[union-attr]
+        assert [client.nick for client in clients] == [f"u{i}" for i in range(6)]
+        assert rival[0].nick == "u0_"
+        for client in clients[1:]:  # nobody was told u0 or u3 left: they moved
+            assert not any(line.text in ("u0 left", "u3 left") for line in client.lines)
 
 
 async def test_the_nick_cannot_be_taken_in_the_gap_and_the_bus_value_is_no_key() -> None:
