@@ -540,6 +540,12 @@ async def test_kill_9_of_a_serve_cluster_process_its_clients_fail_over(
             assert client.nick == f"u{i}"
             moved = any("gone; now on hub" in line.text for line in lines_of(client, "info"))
             assert client.port != ports[0] and moved == (i % 3 == 0), f"{client.nick}: moved={moved}"
+        # /who on any hub lists the members of every hub (the moved ones once)
+        async with asyncio.timeout(WAIT):
+            while sorted(str(m["nick"]) for m in await clients[2].who("general")) != sorted(
+                c.nick for c in clients
+            ):
+                await asyncio.sleep(0.1)
         await recipient.wait_for(lambda cl: len(dm_texts(cl)) >= per_client, WAIT)
         assert dm_texts(recipient) == [f"dm {i}" for i in range(per_client)]
         assert all(r.get("ok") for r in await asyncio.gather(*dms))
