@@ -435,7 +435,7 @@ async def test_three_hubs_on_nats_thirty_clients_cuts_and_a_hub_closed(nats: Nat
         for i in range(0, 30, 3):  # the moved clients: on hub 1 now, under their own nicks
             moved = c.clients[f"u{i:02d}"]
             assert any("lost our session" in line.text for line in lines_of(moved, "info"))
-            assert moved.nick == f"u{i:02d}"  # hub 0 gave its nicks up as it closed
+            assert moved.nick == f"u{i:02d}"  # the same nick key: their nicks passed with them
 
 
 # ---------------------------------------------------------------------- korinet-chat serve --cluster
