@@ -43,7 +43,7 @@ import itertools
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from korinet.cluster import Appended, BusError, ClusterBus, KeySpace, LogEntry
@@ -361,17 +361,19 @@ class RoomCluster:
         return await self.bus.head(dm_log(nick))
 
     def follow_dms(
-        self, nick: str, after: int, deliver: Callable[[dict[str, Any]], None]
+        self, nick: str, after: int, deliver: Callable[[dict[str, Any]], Awaitable[None]]
     ) -> asyncio.Task[None]:
         """Hand every DM to ``nick`` numbered above ``after`` to ``deliver``, in order,
         until the task is cancelled (the member left or changed nick)."""
         return self._spawn(self._follow_dms(dm_log(nick), after, deliver))
 
-    async def _follow_dms(self, log: str, after: int, deliver: Callable[[dict[str, Any]], None]) -> None:
+    async def _follow_dms(
+        self, log: str, after: int, deliver: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
         while True:
             try:
                 async for entry in self.bus.follow(log, after):
-                    deliver(decode_dm(entry))
+                    await deliver(decode_dm(entry))  # (may wait: the rest stays on the bus)
                     after = entry.seq
             except BusError as exc:
                 logger.warning("cluster bus: following DMs failed (%s); again soon", exc)

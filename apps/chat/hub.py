@@ -574,10 +574,15 @@ class ChatHub:
             member.dms.cancel()
         head = await self.cluster.dm_head(member.nick)
         start = head if since is None else min(max(since, 0), head)
-        member.dms = self.cluster.follow_dms(
-            member.nick, start, lambda dm: self._post(member, protocol.DM, dm)
-        )
+        member.dms = self.cluster.follow_dms(member.nick, start, lambda dm: self._deliver_dm(member, dm))
         return start
+
+    async def _deliver_dm(self, member: Member, dm: dict[str, Any]) -> None:
+        """A DM from the member's log: while it lags, the next ones wait on the bus, not
+        in its outbox (where the oldest would go when it is full)."""
+        while member.lagging and not member.peer.is_closed:
+            await member.drained.wait()
+        self._post(member, protocol.DM, dm)
 
     async def _bus_nick(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         nick = protocol.normalize_nick(data["nick"])

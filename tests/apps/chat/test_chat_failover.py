@@ -38,7 +38,7 @@ from korinet_chat.hub import ChatHub, HubSettings
 from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
-from korinet import Server
+from korinet import Server, SessionConfig
 from korinet.cluster import ClusterBus, LocalBus
 from korinet.plugins import PluginManager
 
@@ -60,10 +60,10 @@ class Hubs:
     clients: dict[str, ChatClient] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)  # each hub's address (its relay's port)
 
-    async def add_hub(self, session_ttl: float = 120.0) -> None:
+    async def add_hub(self, session_ttl: float = 120.0, config: SessionConfig | None = None) -> None:
         hub = ChatHub(settings=HubSettings(rate=0), bus=self.make_bus(), hub_id=f"hub{len(self.hubs)}")
         await hub.start()
-        server = hub.server("127.0.0.1", 0, plugins=self.plugins, session_ttl=session_ttl)
+        server = hub.server("127.0.0.1", 0, plugins=self.plugins, session_ttl=session_ttl, config=config)
         await server.start()
         self.hubs.append(hub)
         self.servers.append(server)
@@ -418,6 +418,30 @@ async def test_a_dm_sent_while_the_recipient_moves_is_delivered_once() -> None:
         await alice.dm("bob", "after")
         await bob.wait_for(lambda cl: dm_texts(cl)[-1:] == ["after"], WAIT)
         assert dm_texts(bob).count("after") == 1
+
+
+async def test_dms_to_a_member_that_lags_wait_on_the_bus_none_is_dropped() -> None:
+    count = 1200  # more than a lagging member's outbox keeps (OUTBOX_LIMIT)
+    h = Hubs(fresh_plugins(), local())
+    try:
+        await h.add_hub(config=SessionConfig(window=8, heartbeat_interval=5.0))
+        alice = await h.client("alice", first=0)
+        relay = await Relay("127.0.0.1", h.servers[0].port).start()
+        bob = ChatClient("127.0.0.1", relay.port, "bob", plugins=h.plugins)
+        await bob.start(open_timeout=WAIT)
+        h.clients["bob"] = bob
+        relay.black_hole = True  # bob's link is silent: the hub's posts to him pile up
+        answers = [alice.dm("bob", f"dm {i}") for i in range(count)]
+        results = await asyncio.wait_for(asyncio.gather(*answers), WAIT * 3)
+        assert all(r.get("ok") for r in results)
+        assert next(m for m in h.hubs[0].members.values() if m.nick == "bob").lagging
+        relay.black_hole = False
+        relay.cut()  # bob is back: the drain, then the DMs waiting on the bus
+        await bob.wait_for(lambda cl: len(dm_texts(cl)) >= count, WAIT * 3)
+        assert dm_texts(bob) == [f"dm {i}" for i in range(count)]
+        await relay.close()
+    finally:
+        await h.close()
 
 
 async def test_a_dm_to_nobody_in_the_cluster_is_refused() -> None:
