@@ -2,6 +2,7 @@
 
     korinet-chat                         find a hub on the LAN, or start one here
     korinet-chat HOST[:PORT] [--nick N]  connect to a hub
+    korinet-chat H1,H2,H3                hubs of one cluster: moves on when its hub is gone
     korinet-chat serve [--host --port --db] [--cluster nats://HOST:PORT]
 
 Settings come from flags, then ``chat.toml`` in KoriNet's configuration directory
@@ -135,7 +136,12 @@ def _client_parser() -> argparse.ArgumentParser:
         epilog="Also: korinet-chat serve --help (a standalone hub). Settings: chat.toml in "
         f"{config_dir()} (keys: {', '.join(CONFIG_KEYS)}); flags win.",
     )
-    p.add_argument("address", nargs="?", help=f"the hub, HOST[:PORT] (default port {DEFAULT_PORT})")
+    p.add_argument(
+        "address",
+        nargs="?",
+        help=f"the hub, HOST[:PORT] (default port {DEFAULT_PORT}); hubs of one cluster: "
+        "HOST[:PORT],HOST[:PORT],… (the first that answers; the next when it is gone)",
+    )
     p.add_argument("--nick", "-n", help="your nick (default: your login name)")
     p.add_argument("--room", "-r", help="the room to join first (default: general)")
     p.add_argument(
@@ -256,6 +262,7 @@ async def _announce(
     *,
     started: float | None = None,
     standalone: bool = False,
+    cluster: str | None = None,
 ) -> Announcement | None:
     from .discovery import announce
 
@@ -270,6 +277,7 @@ async def _announce(
             interfaces=[interface] if interface else None,
             started=started if started is not None else time.time(),
             standalone=standalone,
+            cluster=cluster,
         )
     except Exception as exc:  # no multicast here: the hub works, it is only not found
         print(f"korinet-chat: could not announce the hub on the LAN ({exc})", file=sys.stderr)
@@ -298,15 +306,25 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         print(f"korinet-chat serve: {exc}", file=sys.stderr)
         return 1
     print(f"korinet-chat hub on {host}:{server.port}, history in {db}", flush=True)
+    cluster_id = None
     if hub.cluster is not None:
         print(f"sharing rooms and nicks through {args.cluster} as hub {hub.cluster.hub_id}", flush=True)
+        if not args.no_announce:
+            try:
+                cluster_id = await hub.cluster.cluster_id()  # clients find its other hubs by it
+            except Exception as exc:
+                print(
+                    f"korinet-chat serve: the cluster's name is unknown ({exc})", file=sys.stderr, flush=True
+                )
     if server.fingerprint:
         print(
             f"TLS 1.3, hub key {server.fingerprint} (anyone may join; nicks are not authenticated)",
             flush=True,
         )
     announcement = (
-        None if args.no_announce else await _announce(server, plaintext, started=time.time(), standalone=True)
+        None
+        if args.no_announce
+        else await _announce(server, plaintext, started=time.time(), standalone=True, cluster=cluster_id)
     )
     if announcement is not None:
         print(f"announced on the LAN as {announcement.name!r}", flush=True)
@@ -315,6 +333,7 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     print(f"stopping ({len(hub.nicks)} user(s) connected)", flush=True)
     if announcement is not None:
         await announcement.close()
+    hub.stopping()  # members of a cluster hub move on to its other hubs, nicks and all
     await server.close()
     await hub.aclose()  # frees its nicks on the cluster bus at once
     return 0
@@ -323,27 +342,30 @@ async def _serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 # ---------------------------------------------------------------------- chat
 
 
-async def _find_hub(timeout: float, plaintext: bool, interface: str | None) -> tuple[FoundHub | None, int]:
+async def _find_hub(
+    timeout: float, plaintext: bool, interface: str | None
+) -> tuple[FoundHub | None, int, list[tuple[str, int]]]:
     """The hub on the LAN by the rule (discovery.hub_rank: a `serve` hub, else the one
     that started first) that answers, and how many were passed over: each one that does
-    not answer is said in one line (an announcement outlives a hub that crashed)."""
-    from .discovery import answers, browse, hub_rank
+    not answer is said in one line (an announcement outlives a hub that crashed). Then
+    the hubs to fail over to: it and the other hubs announced for its cluster."""
+    from .discovery import answers, browse, hub_rank, same_cluster
 
     print(f"looking for a chat hub on the LAN ({timeout:g}s)…", flush=True)
     try:
         found = await browse(timeout, interfaces=[interface] if interface else None)
     except Exception as exc:  # no multicast at all
         print(f"korinet-chat: cannot search the LAN ({exc})", file=sys.stderr)
-        return None, 0
+        return None, 0, []
     usable = sorted((h for h in found if h.tls != plaintext), key=hub_rank)
     for index, hub in enumerate(usable):
         if await answers(hub.host, hub.port, PROBE_TIMEOUT):
             others = f" (and {len(usable) - index - 1} more)" if index + 1 < len(usable) else ""
             print(f"found {hub.name!r} at {hub.host}:{hub.port}{others}", flush=True)
-            return hub, index
+            return hub, index, same_cluster(hub, usable)
         then = "trying the next one" if index + 1 < len(usable) else "starting one here"
         print(f"the hub announced at {hub.host}:{hub.port} does not answer; {then}", flush=True)
-    return None, len(usable)
+    return None, len(usable), []
 
 
 async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
@@ -370,13 +392,22 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     # This process's hub: started now if no hub answers, or later if the hub's host
     # quits and hands it to us (docs/CHAT.md, "Handover").
     local = _local_host(cfg, plaintext, interface)
+    hubs: list[tuple[str, int]] = []
     if address:
-        host, port = parse_address(address, int(cfg.get("port", DEFAULT_PORT)))
+        # several hubs of one cluster: the first that answers, the others if it goes
+        hubs = [
+            parse_address(a.strip(), int(cfg.get("port", DEFAULT_PORT)))
+            for a in address.split(",")
+            if a.strip()
+        ]
+        if not hubs:
+            raise UsageError(f"no hub address in {address!r}")
+        host, port = hubs[0]
     else:
         timeout = (
             args.discover_timeout if args.discover_timeout is not None else cfg.get("discover_timeout", 1.5)
         )
-        hub_found, skipped = await _find_hub(float(timeout), plaintext, interface)
+        hub_found, skipped, hubs = await _find_hub(float(timeout), plaintext, interface)
         if hub_found is not None:
             host, port = hub_found.host, hub_found.port
         else:
@@ -390,7 +421,7 @@ async def _chat(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
                   flush=True)  # fmt: skip
     try:
         client = ChatClient(host, port, nick, room=room, tls=_client_tls(plaintext, pinned), taker=local,
-                            hosting=local.hub is not None)  # fmt: skip
+                            hosting=local.hub is not None, hubs=hubs)  # fmt: skip
         ui = ChatUI(client, bell=not args.no_bell and cfg.get("bell", True))
         _quit_on_sigterm(ui)
         try:

@@ -17,6 +17,11 @@ sanitised on the way in) and what the user types into requests. The rules that m
 * **the hub moved** (its host quit and handed it over, or crashed and a member took
   over: handover.py): the client connects to the new hub, rejoins "since" as after
   a restart, and re-sends what is pending; lines typed meanwhile wait in pending.
+* **the hub is gone** (a client given several hubs of one cluster): when the link
+  drops and the hub's port refuses (or stays silent) a few probes running, the
+  client moves to the next hub that answers, as for a handover; the nick passes with
+  it (its nick key, below), the rooms are rejoined "since", and DMs resume after the
+  last number shown.
 * **"— N new while away —"**: when the link returns, the client asks the hub for the
   rooms' heads before showing what the session replayed, and puts the marker first.
 """
@@ -75,6 +80,8 @@ MOVE_TIMEOUT = 10.0
 #: probes, this many seconds apart (docs/CHAT.md, "If the host crashes").
 CRASH_PROBES = 3
 PROBE_INTERVAL = 0.5
+#: Seconds a hub has to accept a TCP connection when probed.
+PROBE_TIMEOUT = 1.0
 
 #: Room messages each client keeps (its own copy, for a takeover after a crash).
 KEEP_PER_ROOM = 2000
@@ -166,6 +173,9 @@ class ChatClient:
         taker: lets this client take the hub over when its host quits (None: it
             cannot; docs/CHAT.md, "Handover").
         hosting: this process hosts the hub (its client is never asked to take it).
+        hubs: every hub of the cluster, ``(host, port)``, ``host:port`` among them or
+            not: tried in order at start if the first does not answer, and moved to
+            when the hub in use is gone (docs/CHAT.md, "Failover").
     """
 
     def __init__(
@@ -184,8 +194,12 @@ class ChatClient:
         keep_lines: int = 5000,
         taker: Taker | None = None,
         hosting: bool = False,
+        hubs: list[tuple[str, int]] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.hubs = list(hubs or [])
+        if (host, port) not in self.hubs:
+            self.hubs.insert(0, (host, port))
         self.nick = protocol.normalize_nick(nick)
         self.wanted_rooms = [protocol.normalize_room(room)] if room else []
         self.current: str | None = self.wanted_rooms[0] if self.wanted_rooms else None
@@ -206,7 +220,12 @@ class ChatClient:
         self.duplicates_dropped = 0
         self.state = "connecting"
         self.away: str | None = None
-        self._client_id = secrets.token_hex(6)
+        self._client_id = secrets.token_hex(6)  # public: it starts every mid
+        # Secret: what lets a new session of ours (on another hub) take our nick over.
+        self._nick_key = secrets.token_hex(16)
+        #: the last DM number shown, and the nick (key) whose DM log it counts
+        self.dm_seen: int | None = None
+        self._dm_nick: str | None = None
         self._mids = itertools.count(1)
         self._rids = itertools.count(1)
         self._waiting: dict[int, _Waiting] = {}
@@ -228,6 +247,7 @@ class ChatClient:
         self.hub_started: float | None = None  # when the chat's hub started, as it said
         self._incoming: dict[str, RoomState] = {}  # rooms being handed over to us
         self._moving = False
+        self._move_register: asyncio.Future[None] | None = None  # saying hello to the hub moved to
         self._watching = False  # probing a hub whose link dropped
 
     # ------------------------------------------------------------------ lifecycle
@@ -239,6 +259,8 @@ class ChatClient:
             KoriNetError: no session could be opened (the message says why).
             ChatError: the hub refused us.
         """
+        if len(self.hubs) > 1:
+            self.host, self.port = await self._first_answering()
         self.peer = await Client.connect(
             self.host,
             self.port,
@@ -252,6 +274,15 @@ class ChatClient:
         self.state = "connected"
         self._reader = asyncio.get_running_loop().create_task(self._read())
         await self._register(first=True)
+
+    async def _first_answering(self) -> tuple[str, int]:
+        """The first of our hubs that accepts a connection (the first if none does)."""
+        from .discovery import answers
+
+        for host, port in self.hubs:
+            if await answers(host, port, PROBE_TIMEOUT):
+                return host, port
+        return self.hubs[0]
 
     async def close(self) -> None:
         self._closing = True
@@ -296,8 +327,13 @@ class ChatClient:
             return
         if event == "lost":
             self.state = "reconnecting"
-            if self.hub_host and not self.hosting and not self._watching and not self._closing:
-                self._watching = True  # an embedded hub: if its process died, someone takes over
+            if self._move_register is not None:
+                self._move_register.cancel()  # the hub we were moving to is gone too
+            can_move = bool(self.hub_host and not self.hosting) or len(self.hubs) > 1
+            if can_move and not self._watching and not self._closing:
+                # an embedded hub: if its process died, someone takes over; hubs of a
+                # cluster: if ours is gone, we move to another
+                self._watching = True
                 self._spawn(self._watch_hub(self.peer))
             if not self._mark:
                 self._mark = {room: view.seen for room, view in self.rooms.items()}
@@ -459,12 +495,16 @@ class ChatClient:
             wanted = self.nick
             for attempt in range(6):
                 nick = wanted if attempt == 0 else f"{wanted}{'_' * attempt}"
-                result = await self._request("hello", nick=nick, **self._hosting_offer())
+                extra = self._hosting_offer()
+                if self.dm_seen is not None and self._dm_nick == protocol.nick_key(nick):
+                    extra["dm_since"] = self.dm_seen  # DMs after the last shown, once
+                result = await self._request("hello", nick=nick, key=self._nick_key, **extra)
                 if result.get("ok"):
                     self._learn_rooms(result.get("rooms"))
                     if nick != self.nick or attempt:
                         self._info(f"the nick {clean(wanted)} is taken: you are {clean(nick)}")
                     self._set_nick(nick)
+                    self._dms_from(result.get("dm_since"))
                     break
                 if result.get("code") != "nick_taken":
                     raise ChatError(clean(result.get("error") or "refused"), str(result.get("code", "")))
@@ -550,7 +590,7 @@ class ChatClient:
             if pending.room is not None:
                 own[pending.room] = own.get(pending.room, 0) + 1
         try:
-            result = await self._ask("rooms")
+            result = await self._ask("rooms", mine=True)
         except ChatError:
             self._release_held()
             return
@@ -566,6 +606,15 @@ class ChatClient:
         held, self._holding = self._holding, None
         for m in held or ():
             self._room_msg(m)
+
+    def _dms_from(self, start: Any) -> None:
+        """The hub delivers our DMs numbered above ``start`` (cluster hubs): keep what
+        we showed of this nick's DMs, or start counting afresh for a new nick."""
+        if not isinstance(start, int):
+            return
+        if self._dm_nick != protocol.nick_key(self.nick) or self.dm_seen is None:
+            self.dm_seen = start
+            self._dm_nick = protocol.nick_key(self.nick)
 
     def _set_nick(self, nick: str) -> None:
         self.nick = nick
@@ -729,6 +778,15 @@ class ChatClient:
         self._emit(Line("event", text, room=clean(room) if room else None, nick=nick))
 
     def _dm(self, data: dict[str, Any]) -> None:
+        seq = data.get("seq")
+        if isinstance(seq, int):  # from a DM log on the cluster bus: once, by number
+            if self.dm_seen is not None and seq <= self.dm_seen:
+                self.duplicates_dropped += 1
+                return
+            self.dm_seen = seq
+        mid = data.get("mid")
+        if isinstance(mid, str) and mid in self.pending:  # a DM to ourselves
+            del self.pending[mid]
         text = str(data.get("text", ""))
         self._emit(
             Line(
@@ -810,9 +868,12 @@ class ChatClient:
                     return  # the link came back, or we moved already
                 # Probed until the link is back: a dying process may still complete a
                 # handshake on its listening socket for an instant after its links dropped.
-                refused = 0 if await answers(self.host, self.port, 1.0) else refused + 1
+                refused = 0 if await answers(self.host, self.port, PROBE_TIMEOUT) else refused + 1
                 if refused < CRASH_PROBES:
                     await asyncio.sleep(PROBE_INTERVAL)
+            if not self.hub_host:  # a hub of a cluster: any other one will do
+                await self._fail_over(peer)
+                return
             host = clean(self.hub_host or "the host", protocol.MAX_NICK + 8)
             for entry in list(self.successors):
                 nick = clean(entry["nick"], protocol.MAX_NICK + 8)
@@ -829,6 +890,24 @@ class ChatClient:
         finally:
             self._watching = False
             self._status()
+
+    async def _fail_over(self, peer: Client) -> None:
+        """Our hub is gone: move to the next of the cluster's hubs that answers (then
+        the others in turn, ours last), until one takes us or our own link is back."""
+        from .discovery import answers
+
+        start = self.hubs.index((self.host, self.port)) + 1 if (self.host, self.port) in self.hubs else 0
+        order = self.hubs[start:] + self.hubs[:start]
+        while not self._closing:
+            for host, port in order:
+                if self.peer is peer and peer.is_connected:
+                    return  # our hub answered again after all
+                gone = f"{self.host}:{self.port}"
+                if await answers(host, port, PROBE_TIMEOUT) and await self._move(
+                    host, port, None, f"hub {gone} gone; now on hub {host}:{port}"
+                ):
+                    return
+            await asyncio.sleep(PROBE_INTERVAL)
 
     async def _take_over_alone(self, host: str) -> bool:
         """Start a hub from our own copy of the rooms (the host is gone: nothing was
@@ -896,7 +975,19 @@ class ChatClient:
             if fresh:  # another hub's numbers: join its rooms as new, not "since"
                 self.rooms, self._mark = {}, {}
             self._reader = asyncio.get_running_loop().create_task(self._read())
-            await self._register(first=False)
+            # If this hub goes too before it took us in, the link's loss ends the wait
+            # (session_event) and the caller tries the next hub.
+            registering = self._move_register = asyncio.ensure_future(self._register(first=False))
+            try:
+                await registering
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not registering.cancelled() or (current is not None and current.cancelling()):
+                    raise
+                self._info(f"the hub at {host}:{port} went away too", "error")
+                return False
+            finally:
+                self._move_register = None
             return True
         except (ChatError, KoriNetError) as exc:
             self._info(f"could not join the new hub: {describe(exc)}", "error")
@@ -939,7 +1030,12 @@ class ChatClient:
         _check_length(text)
         pending = Pending(f"{self._client_id}-{next(self._mids)}", text, None, to=to, kind=kind)
         self.pending[pending.mid] = pending
-        future = self._request("dm", mid=pending.mid, to=to, text=text, kind=kind)
+        if self._moving:  # sent to the new hub with the rest of what is pending
+            pending.rid = next(self._rids)
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._waiting[pending.rid] = _Waiting(future, "dm", pending.mid)
+        else:
+            future = self._request("dm", mid=pending.mid, to=to, text=text, kind=kind)
         self._status()
         return future
 
@@ -979,6 +1075,9 @@ class ChatClient:
         nick = protocol.normalize_nick(nick)
         result = await self._ask("nick", nick=nick)
         self._set_nick(result["nick"])
+        if isinstance(result.get("dm_since"), int):
+            self.dm_seen, self._dm_nick = None, None
+            self._dms_from(result["dm_since"])
         self._info(f"you are now known as {clean(self.nick)}")
 
     async def who(self, room: str | None = None) -> list[dict[str, Any]]:
@@ -1138,7 +1237,7 @@ class ChatClient:
 
 async def _quietly_close(peer: Client) -> None:
     try:
-        await peer.close("the hub moved", timeout=1.0)
+        await peer.close(protocol.MOVED, timeout=1.0)
     except (KoriNetError, OSError):
         pass
 

@@ -8,9 +8,20 @@ What each hub puts on the bus (korinet.cluster):
   stored once. The entry's number in the log IS the room's sequence number: every
   hub follows the log, stores each entry in its own History under that number and
   fans it out to its own members in that order.
-* the **key space** ``chat_nicks``: a nick is claimed there (value: hub id and
-  session id), renewed while the session lives, released when it ends; a hub that
-  dies loses its nicks after the TTL.
+* the **key space** ``chat_nicks``: a nick is claimed there (value: a hash of the
+  client's nick key, a secret the client made and sends only in its hello), renewed
+  while the session lives, released when the client leaves; a hub that dies loses
+  its nicks after the TTL. A session presenting the same key on another hub renews
+  the entry instead of claiming it: the nick passes to it with no moment free.
+* a **log per recipient of direct messages** (``dm_`` + the nick's key in hex): a DM
+  is appended with its ``mid`` as the ``msg_id`` (a re-send through any hub is
+  stored once); the recipient's hub follows the log while the recipient is there and
+  hands each entry over with its number, which the client remembers: after a
+  failover it says hello with the last number shown and gets what follows, once.
+* the **key space** ``chat_members`` (same TTL as nicks; a key per nick and hub):
+  who is on which hub, in which rooms, in which state (``/who``, ``/rooms`` and the join answer across hubs).
+* the **log** ``chat_rooms``: every room a hub of the cluster followed, appended once
+  per hub that first follows it (``/rooms`` reads it for the rooms of the cluster).
 * the **signal** subject ``chat_presence``: joined, left, reconnecting, online,
   away and nick changes. Presence is a signal, not a log entry: the room's numbers
   must stay those of its messages only (a client holds everything after a gap in
@@ -26,19 +37,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import itertools
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from korinet.cluster import Appended, BusError, ClusterBus, KeySpace, LogEntry
 
 from . import protocol
 
-__all__ = ["NICK_SPACE", "NICK_TTL", "PRESENCE", "RoomCluster", "nick_name", "room_log"]
+__all__ = [
+    "MEMBER_SPACE",
+    "NICK_SPACE",
+    "NICK_TTL",
+    "PRESENCE",
+    "ROOMS_LOG",
+    "RoomCluster",
+    "dm_log",
+    "nick_name",
+    "owner_of",
+    "room_log",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +70,10 @@ NICK_SPACE = "chat_nicks"
 #: every NICK_TTL / 3.
 NICK_TTL = 30.0
 PRESENCE = "chat_presence"
+MEMBER_SPACE = "chat_members"
+ROOMS_LOG = "chat_rooms"
+#: Its first entry names the cluster (announced on mDNS, so clients find its hubs).
+CLUSTER_LOG = "chat_cluster"
 #: Seconds before following a room's log again after the bus failed us.
 REFOLLOW_DELAY = 1.0
 
@@ -59,6 +86,37 @@ def room_log(room: str) -> str:
 def nick_name(nick: str) -> str:
     """The bus key of a nick (case-insensitive, any script)."""
     return "n" + protocol.nick_key(nick).encode().hex()
+
+
+def dm_log(nick: str) -> str:
+    """The bus name of the log of direct messages to ``nick``."""
+    return "dm_" + protocol.nick_key(nick).encode().hex()
+
+
+def owner_of(key: str) -> bytes:
+    """What a nick is claimed with on the bus: a hash of the client's nick key (the
+    key itself never reaches the bus, so reading the bus does not let one take a nick)."""
+    return hashlib.sha256(key.encode()).hexdigest().encode()
+
+
+def encode_dm(sender: str, to: str, text: str, kind: str, mid: str, ts: float) -> bytes:
+    return json.dumps({"from": sender, "to": to, "text": text, "kind": kind, "mid": mid, "ts": ts}).encode()
+
+
+def decode_dm(entry: LogEntry) -> dict[str, Any]:
+    """A DM log entry as a ``chat.dm`` payload (with its number); an unreadable one
+    still takes its number, as an unreadable line."""
+    try:
+        data = json.loads(entry.data)
+        dm = {"from": str(data["from"])[:200], "to": str(data["to"])[:200],
+              "text": str(data["text"])[: protocol.MAX_TEXT],
+              "kind": data["kind"] if data.get("kind") in ("say", "me") else "say",
+              "ts": float(data["ts"]), "mid": str(data["mid"])[: protocol.MAX_MID]}  # fmt: skip
+    except (ValueError, TypeError, KeyError) as exc:
+        logger.warning("cluster bus: unreadable DM entry (%s)", exc)
+        dm = {"from": "?", "to": "?", "text": "(unreadable entry)", "kind": "say", "ts": 0.0, "mid": ""}
+    dm["seq"] = entry.seq
+    return dm
 
 
 def encode_message(nick: str, text: str, kind: str, mid: str, ts: float) -> bytes:
@@ -119,6 +177,13 @@ class RoomCluster:
         self._errands: set[asyncio.Task[Any]] = set()  # one-shots: releases, signals
         self._started: asyncio.Task[None] | None = None
         self._order = itertools.count()  # ties between waiters for one seq
+        self.members_space: KeySpace | None = None
+        #: member key -> the entry this hub wants on the bus (None: gone), and what is there
+        self.shown: dict[str, bytes | None] = {}
+        self.shown_on_bus: dict[str, bytes] = {}
+        self._showing: set[str] = set()
+        self.cluster_rooms: set[str] = set()
+        self._rooms_read = 0
 
     # ------------------------------------------------------------------ life
 
@@ -156,7 +221,12 @@ class RoomCluster:
             for key, value in list(self.held.items()):
                 with contextlib.suppress(BusError, Exception):
                     await self.nicks.release(key, value)
+        if self.members_space is not None:
+            for key, value in list(self.shown_on_bus.items()):
+                with contextlib.suppress(BusError, Exception):
+                    await self.members_space.release(key, value)
         self.held.clear()
+        self.shown_on_bus.clear()
         with contextlib.suppress(Exception):
             await self.bus.close()
 
@@ -223,19 +293,32 @@ class RoomCluster:
 
     # ------------------------------------------------------------------ nicks
 
-    def owner(self, session_id: str | None) -> bytes:
-        return f"{self.hub_id}/{session_id}".encode()
-
-    async def claim(self, nick: str, owner: bytes) -> bool:
-        """Take ``nick`` for the whole cluster; False if any hub holds it."""
+    async def claim(self, nick: str, owner: bytes) -> str:
+        """Take ``nick`` for the whole cluster. Returns "new" (it was free), "ours" (an
+        earlier session of the same client held it: taken over) or "" (someone else
+        holds it)."""
         nicks = await self.ready()
         key = nick_name(nick)
         if self.held.get(key) == owner:
-            return True
-        if not await nicks.claim(key, owner):
-            return False
+            return "ours"
+        if await nicks.claim(key, owner):
+            got = "new"
+        # Held with our owner value by an earlier session of the same client (on a hub
+        # that died or that it left): renewing takes it over with no gap in which anyone
+        # else could claim it.
+        elif await nicks.renew(key, owner):
+            got = "ours"
+        else:
+            return ""
         self.held[key] = owner
-        return True
+        return got
+
+    def forget(self, nick: str, owner: bytes) -> None:
+        """Stop renewing ``nick`` without releasing it: it expires after the TTL,
+        unless a later session of the same client (on another hub) renews it."""
+        key = nick_name(nick)
+        if self.held.get(key) == owner:
+            del self.held[key]
 
     def release(self, nick: str, owner: bytes) -> None:
         """Give ``nick`` up (in the background: the session is gone already)."""
@@ -264,6 +347,133 @@ class RoomCluster:
                 except BusError as exc:
                     logger.warning("cluster bus: cannot renew nicks (%s)", exc)
                     break
+            for key in list(self.shown_on_bus):
+                if key not in self._showing:  # (an update in flight renews it anyway)
+                    with contextlib.suppress(BusError):
+                        await self._show_now(key)
+
+    # ------------------------------------------------------------------ direct messages
+
+    async def append_dm(self, sender: str, to: str, text: str, kind: str, mid: str, ts: float) -> Appended:
+        return await self.bus.append(dm_log(to), encode_dm(sender, to, text, kind, mid, ts), msg_id=mid)
+
+    async def dm_head(self, nick: str) -> int:
+        return await self.bus.head(dm_log(nick))
+
+    def follow_dms(
+        self, nick: str, after: int, deliver: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """Hand every DM to ``nick`` numbered above ``after`` to ``deliver``, in order,
+        until the task is cancelled (the member left or changed nick)."""
+        return self._spawn(self._follow_dms(dm_log(nick), after, deliver))
+
+    async def _follow_dms(
+        self, log: str, after: int, deliver: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        while True:
+            try:
+                async for entry in self.bus.follow(log, after):
+                    await deliver(decode_dm(entry))  # (may wait: the rest stays on the bus)
+                    after = entry.seq
+            except BusError as exc:
+                logger.warning("cluster bus: following DMs failed (%s); again soon", exc)
+            except Exception:  # a bug of ours must not silence someone's DMs for good
+                logger.exception("cluster bus: following DMs failed; again soon")
+            await asyncio.sleep(REFOLLOW_DELAY)
+
+    # ------------------------------------------------------------------ who is where
+
+    def show(self, nick: str, entry: dict[str, Any] | None) -> None:
+        """Say on the bus that ``nick`` is on this hub as ``entry`` ({nick, state, away,
+        rooms}), or (None) that it is not. Kept alive with the nicks; the latest wins.
+        Each hub has its own entry for a nick (a member that moved may linger on its
+        old hub until its session there ends)."""
+        key = f"{nick_name(nick)}_{self.hub_id}"
+        if entry is None:
+            self.shown[key] = None
+        else:
+            self.shown[key] = json.dumps({**entry, "hub": self.hub_id}).encode()
+        if key not in self._showing and self._started is not None:
+            self._showing.add(key)
+            self._spawn(self._show(key), errand=True)
+
+    async def _show(self, key: str) -> None:
+        try:
+            await self.ready()
+            while self.shown.get(key, None) != self.shown_on_bus.get(key):
+                await self._show_now(key)
+        except BusError as exc:
+            logger.info("cluster bus: who is here was not updated (%s)", exc)
+        finally:
+            self._showing.discard(key)
+
+    async def _show_now(self, key: str) -> None:
+        members = await self.ready_members()
+        wanted = self.shown.get(key)
+        on_bus = self.shown_on_bus.get(key)
+        if wanted == on_bus:
+            if wanted is not None and not await members.renew(key, wanted):
+                await members.claim(key, wanted)
+            elif wanted is None:
+                self.shown.pop(key, None)
+            return
+        if on_bus is not None:
+            await members.release(key, on_bus)
+            del self.shown_on_bus[key]
+        if wanted is None:
+            self.shown.pop(key, None)
+        elif await members.claim(key, wanted) or await members.renew(key, wanted):
+            self.shown_on_bus[key] = wanted
+        else:  # shown by another hub still (a member who moved here): taken at a renewal
+            self.shown_on_bus[key] = wanted
+            logger.info("cluster bus: %s is still shown on another hub", key)
+
+    async def ready_members(self) -> KeySpace:
+        await self.ready()
+        if self.members_space is None:
+            self.members_space = await self.bus.key_space(MEMBER_SPACE, self.nick_ttl)
+        return self.members_space
+
+    async def everyone(self) -> list[dict[str, Any]]:
+        """Who every hub of the cluster says is on it (this hub's own entries included)."""
+        members = await self.ready_members()
+        found = []
+        for data in (await members.items()).values():
+            try:
+                entry = json.loads(data)
+                found.append({
+                    "nick": str(entry["nick"])[:200], "state": str(entry["state"])[:20],
+                    "away": None if entry.get("away") is None else str(entry["away"])[: protocol.MAX_TEXT],
+                    "rooms": [str(r) for r in entry["rooms"]][:1000], "hub": str(entry["hub"]),
+                })  # fmt: skip
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.info("cluster bus: a bad member entry was ignored (%s)", exc)
+        return found
+
+    async def cluster_id(self) -> str:
+        """The cluster's name, the same for every hub on this bus: the first hub to
+        ask makes it (racing hubs append under one msg_id; the log's first entry wins)."""
+        await self.ready()
+        await self.bus.append(CLUSTER_LOG, secrets.token_hex(8).encode(), msg_id="cluster-id")
+        first = await self.bus.read(CLUSTER_LOG, 0, 1)
+        return first[0].data.decode("ascii", "replace")[:64]
+
+    # ------------------------------------------------------------------ the cluster's rooms
+
+    async def add_room(self, room: str) -> None:
+        """Put ``room`` in the cluster's list of rooms (once per hub that follows it)."""
+        await self.bus.append(ROOMS_LOG, room.encode(), msg_id=f"room-{self.hub_id}-{room.encode().hex()}")
+
+    async def all_rooms(self) -> set[str]:
+        """Every room a hub of the cluster ever followed (read on from where we were)."""
+        while True:
+            entries = await self.bus.read(ROOMS_LOG, self._rooms_read, 1000)
+            for entry in entries:
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    self.cluster_rooms.add(protocol.normalize_room(entry.data.decode()))
+                self._rooms_read = entry.seq
+            if len(entries) < 1000:
+                return set(self.cluster_rooms)
 
     # ------------------------------------------------------------------ presence
 

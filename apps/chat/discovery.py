@@ -7,7 +7,9 @@ the key it meets on first use (known_hosts), as for any other address.
 
 The record also says when the hub started (``t``) and whether it is a standalone
 ``serve`` hub (``role``): :func:`hub_rank` is the one rule for "which hub is the
-hub" when several are announced (docs/CHAT.md).
+hub" when several are announced (docs/CHAT.md). A hub on a cluster bus also says
+which cluster (``cl``, the id its hubs share on the bus): :func:`same_cluster` gives a
+client every announced hub of its hub's cluster, to fail over to.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "answers",
     "browse",
     "hub_rank",
+    "same_cluster",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class FoundHub:
     fingerprint: str | None
     started: float | None = None  # when the hub started (epoch seconds), as announced
     standalone: bool = False  # a `korinet-chat serve` hub
+    cluster: str | None = None  # the cluster it shares rooms with (``serve --cluster``)
 
 
 def hub_rank(hub: FoundHub) -> tuple[int, float, str, str, int]:
@@ -56,6 +60,18 @@ def hub_rank(hub: FoundHub) -> tuple[int, float, str, str, int]:
     when it started comes after those that do."""
     started = hub.started if hub.started is not None else float("inf")
     return (0 if hub.standalone else 1, started, hub.fingerprint or "", hub.host, hub.port)
+
+
+def same_cluster(chosen: FoundHub, found: Sequence[FoundHub]) -> list[tuple[str, int]]:
+    """``chosen`` and every other hub of ``found`` on its cluster (same ``cluster`` id
+    and TLS setting), in the order of the rule: where a client fails over to."""
+    hubs = [(chosen.host, chosen.port)]
+    if chosen.cluster is None:
+        return hubs
+    for hub in sorted(found, key=hub_rank):
+        if hub.cluster == chosen.cluster and hub.tls == chosen.tls and (hub.host, hub.port) not in hubs:
+            hubs.append((hub.host, hub.port))
+    return hubs
 
 
 def _found(name: str, info: AsyncServiceInfo) -> FoundHub | None:
@@ -75,6 +91,7 @@ def _found(name: str, info: AsyncServiceInfo) -> FoundHub | None:
         fingerprint=_decode(props.get(b"fp")),
         started=started,
         standalone=_decode(props.get(b"role")) == "serve",
+        cluster=_decode(props.get(b"cl")),
     )
 
 
@@ -213,6 +230,7 @@ async def announce(
     interfaces: Sequence[str] | None = None,
     started: float | None = None,
     standalone: bool = False,
+    cluster: str | None = None,
 ) -> Announcement:
     """Publish a hub listening on ``port`` at ``addresses`` (default: this host's LAN address).
 
@@ -227,6 +245,8 @@ async def announce(
     if started is not None:
         props["t"] = f"{started:.3f}"
     props["role"] = "serve" if standalone else "embedded"
+    if cluster:
+        props["cl"] = cluster
     info = AsyncServiceInfo(
         SERVICE_TYPE,
         f"{label}.{SERVICE_TYPE}",

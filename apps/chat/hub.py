@@ -23,13 +23,17 @@ Theory of operation (docs/CHAT.md):
   message is appended to the room's log and the hub answers once its own follower
   of that log has stored and fanned it out; every hub follows the rooms its
   members are in and fans out what any hub appended, in the log's order. Nicks are
-  claimed on the bus too. Without a bus, nothing of this runs.
+  claimed on the bus too (held with the hash of the client's nick key, so that the
+  client's next session, on any hub, keeps the nick: docs/CHAT.md, "Failover"); DMs
+  go to the recipient's log and are delivered by number; who is where is kept on the
+  bus for /who and /rooms. Without a bus, nothing of this runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -37,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from korinet import KoriNetError, SendBufferFull, Server, SessionConfig, post_many
+from korinet import ConnectionClosedOK, KoriNetError, SendBufferFull, Server, SessionConfig, post_many
 from korinet.cluster import BusError, ClusterBus, LogEntry
 from korinet.plugins import PluginManager, default_manager
 
 from . import plugin, protocol, watch
-from .cluster import NICK_TTL, RoomCluster, decode_message
+from .cluster import NICK_TTL, RoomCluster, decode_message, nick_name, owner_of
 from .handover import HubHandover
 from .limits import TokenBucket
 from .store import History, StoredMessage
@@ -117,6 +121,15 @@ class Member:
     outbox: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     throttled: bool = False
+    #: what its nick is held with on the cluster bus (owner_of its nick key)
+    owner: bytes = b""
+    #: its client has a nick key: another session of it may take the nick over
+    keyed: bool = False
+    #: the follower of its DM log (cluster bus)
+    dms: asyncio.Task[None] | None = None
+    #: it came from another session of the same client (a hub that died, or left):
+    #: its rejoins say "bob is back" to the rooms
+    moved_in: bool = False
 
     @property
     def state(self) -> str:
@@ -136,7 +149,7 @@ class RequestError(Exception):
 #: Requests that talk to the cluster bus (when there is one): the member's next
 #: request waits until the bus answered this one, which keeps its lines in the
 #: order typed.
-CLUSTER_OPS = frozenset({"hello", "nick", "join", "say"})
+CLUSTER_OPS = frozenset({"hello", "nick", "join", "say", "dm", "who", "rooms"})
 
 
 class ChatHub:
@@ -215,8 +228,16 @@ class ChatHub:
             self.cluster.stop()
         self.history.close()
 
+    def stopping(self) -> None:
+        """The hub is about to stop (call before closing its Server): its members'
+        sessions end without a word to anyone (they go on through other hubs of the
+        cluster, or vanish from /who at the TTL), and the nicks of korinet-chat clients
+        stay held for them to take over elsewhere."""
+        self.closing = True
+
     async def aclose(self) -> None:
-        """:meth:`close`, after giving the nicks held on the cluster bus up."""
+        """:meth:`close`, after giving the nicks held on the cluster bus up (except
+        those kept for members that may go on elsewhere: :meth:`stopping`)."""
         if self.cluster is not None:
             await self.cluster.close()
         self.close()
@@ -287,15 +308,34 @@ class ChatHub:
         if self.members.pop(member.peer, None) is None:
             return
         member.drained.set()
+        end = _how_it_ended(member)
         if member.nick is not None and not self.closing and not self.handover.frozen:
-            self._presence(member, "left")  # (handing over: everyone moves, nobody left)
+            if self.cluster is None or end == "bye":
+                self._presence(member, "left")  # (handing over: everyone moves, nobody left)
+            elif end == "gone":
+                # it vanished: perhaps to another hub of the cluster (not news, then)
+                self._spawn(self._left_unless_moved(member, member.nick, list(member.rooms)))
+            # "moved": its client said it is going to another hub: it will be back there
         for room in member.rooms:
             self.rooms.get(room, set()).discard(member)
         self.handover.removed(member)
+        if member.dms is not None:
+            member.dms.cancel()
         if member.nick is not None and self.nicks.get(protocol.nick_key(member.nick)) is member:
             del self.nicks[protocol.nick_key(member.nick)]
-            if self.cluster is not None:
-                self.cluster.release(member.nick, self.cluster.owner(member.peer.session_id))
+            if self.cluster is not None and self.closing and member.keyed:
+                # the hub stops: its client may go on through another hub (the nick
+                # is then its own there); not released, it expires unless renewed
+                self.cluster.forget(member.nick, member.owner)
+            elif self.cluster is not None and not self.closing:  # (a hub stopping frees all at once)
+                self.cluster.show(member.nick, None)
+                if end == "bye":
+                    self.cluster.release(member.nick, member.owner)
+                else:
+                    # It vanished (its session expired): it may be on another hub of the
+                    # cluster now, holding the nick with the same key. Not released:
+                    # no longer renewed here, so it expires unless that hub renews it.
+                    self.cluster.forget(member.nick, member.owner)
 
     # ------------------------------------------------------------------ sending
 
@@ -417,6 +457,39 @@ class ChatHub:
         self._post_all(self._companions(member), protocol.EVENT, event)
         if self.cluster is not None:
             self.cluster.announce(event, list(member.rooms))
+            if kind != "left":
+                self._publish(member)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _left_unless_moved(self, member: Member, nick: str, rooms: list[str]) -> None:
+        """Say "bob left" for a member whose session expired here, unless another hub
+        of the cluster says it has bob now (the client failed over)."""
+        assert self.cluster is not None
+        try:
+            elsewhere = any(
+                e["hub"] != self.cluster.hub_id and protocol.nick_key(e["nick"]) == protocol.nick_key(nick)
+                for e in await self.cluster.everyone()
+            )
+        except BusError:
+            elsewhere = False
+        if elsewhere or self.closing:
+            return
+        event = {"kind": "left", "nick": nick}
+        targets: set[Member] = set()
+        for room in rooms:
+            targets |= self.rooms.get(room, set())
+        self._post_all(targets - {member}, protocol.EVENT, event)
+        self.cluster.announce(event, rooms)
+
+    def _publish(self, member: Member) -> None:
+        """Tell the cluster who this member is now, where (for /who on other hubs)."""
+        if self.cluster is not None and member.nick is not None and self.members.get(member.peer) is member:
+            self.cluster.show(member.nick, {"nick": member.nick, "state": member.state, "away": member.away,
+                                            "rooms": sorted(member.rooms)})  # fmt: skip
 
     def _remote_presence(self, signal: dict[str, Any]) -> None:
         """A presence event from another hub: to our members in its rooms."""
@@ -433,6 +506,7 @@ class ChatHub:
         self._post_all(self.rooms.get(room, set()) - {member}, protocol.EVENT, event)
         if self.cluster is not None:
             self.cluster.announce(event, [room])
+            self._publish(member)
 
     # ------------------------------------------------------------------ the cluster bus
 
@@ -478,11 +552,37 @@ class ChatHub:
         self._post(member, protocol.RESULT, {"rid": rid, "ok": True, **answer})
 
     async def _bus_hello(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        assert self.cluster is not None
         nick = protocol.normalize_nick(data["nick"])
         if member.nick is not None:
             raise RequestError(f"already here as {member.nick}; use /nick to change", "registered")
+        # A client without a nick key gets one of its own session's: its nick can then
+        # pass to no other session (as before nick keys).
+        member.owner = owner_of(data.get("key") or secrets.token_hex(16))
+        member.keyed = bool(data.get("key"))
         await self._bus_claim(member, nick)
-        return self._op_hello(member, data)
+        answer = self._op_hello(member, data)
+        answer["dm_since"] = await self._follow_dms(member, data.get("dm_since"))
+        self._publish(member)
+        return answer
+
+    async def _follow_dms(self, member: Member, since: int | None) -> int:
+        """Deliver the member's DMs from its log above ``since`` (None: from now on);
+        returns where delivery starts."""
+        assert self.cluster is not None and member.nick is not None
+        if member.dms is not None:
+            member.dms.cancel()
+        head = await self.cluster.dm_head(member.nick)
+        start = head if since is None else min(max(since, 0), head)
+        member.dms = self.cluster.follow_dms(member.nick, start, lambda dm: self._deliver_dm(member, dm))
+        return start
+
+    async def _deliver_dm(self, member: Member, dm: dict[str, Any]) -> None:
+        """A DM from the member's log: while it lags, the next ones wait on the bus, not
+        in its outbox (where the oldest would go when it is full)."""
+        while member.lagging and not member.peer.is_closed:
+            await member.drained.wait()
+        self._post(member, protocol.DM, dm)
 
     async def _bus_nick(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         nick = protocol.normalize_nick(data["nick"])
@@ -492,7 +592,9 @@ class ChatHub:
         answer = self._op_nick(member, data)
         if old is not None and protocol.nick_key(old) != protocol.nick_key(nick):
             assert self.cluster is not None
-            self.cluster.release(old, self.cluster.owner(member.peer.session_id))
+            self.cluster.release(old, member.owner)
+            self.cluster.show(old, None)
+            answer["dm_since"] = await self._follow_dms(member, None)
         return answer
 
     async def _bus_claim(self, member: Member, nick: str) -> None:
@@ -501,13 +603,95 @@ class ChatHub:
         assert self.cluster is not None
         holder = self.nicks.get(protocol.nick_key(nick))
         if holder is not None and holder is not member:
-            self._claim(member, nick)  # raises, with the local reason
-        owner = self.cluster.owner(member.peer.session_id)
-        if not await self.cluster.claim(nick, owner):
+            if holder.owner != member.owner:
+                self._claim(member, nick)  # raises, with the local reason
+            self._supersede(holder)
+        owner = member.owner
+        got = await self.cluster.claim(nick, owner)
+        if not got:
             raise RequestError(f"the nick {nick!r} is taken", "nick_taken")
+        member.moved_in = got == "ours" and member.nick is None  # (its own nick again: no news)
         if self.members.get(member.peer) is not member:  # the session ended meanwhile
             self.cluster.release(nick, owner)
             raise RequestError("the session ended", "closed")
+
+    def _supersede(self, old: Member) -> None:
+        """The same client (same nick key) says hello in a new session while its old
+        one lingers here (it left for another hub, and came back): the old session
+        goes quietly, its nick passes to the new one."""
+        assert old.nick is not None
+        del self.nicks[protocol.nick_key(old.nick)]
+        old.nick = None  # no "left", no release: the nick stays held, by the new session
+        if old.dms is not None:
+            old.dms.cancel()
+        self._spawn(old.peer.close("superseded by a new session"))
+
+    async def _bus_dm(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        """A DM goes to the recipient's log on the bus: stored once (the bus drops a
+        re-sent mid), delivered by whichever hub the recipient is on, by its number."""
+        assert self.cluster is not None and member.nick is not None
+        to = protocol.normalize_nick(data["to"])
+        target = self.nicks.get(protocol.nick_key(to))
+        if target is None:
+            nicks = await self.cluster.ready()
+            if await nicks.get(nick_name(to)) is None:
+                raise RequestError(f"nobody called {to!r} is here", "unknown_nick")
+        appended = await self.cluster.append_dm(
+            member.nick, to if target is None else str(target.nick), data["text"], data.get("kind", "say"),
+            data["mid"], self.clock(),
+        )  # fmt: skip
+        answer: dict[str, Any] = {
+            "to": to if target is None else target.nick,
+            "duplicate": appended.duplicate,
+        }
+        if target is not None:
+            answer["state"] = target.state
+        return answer
+
+    async def _bus_who(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        room = protocol.normalize_room(data["room"])
+        if self.history.head(room) is None and room not in await self._cluster_rooms():
+            self._known_room(room)  # raises, with the rooms this hub knows
+        return {"room": room, "members": await self._cluster_who(room)}
+
+    async def _cluster_who(self, room: str) -> list[dict[str, Any]]:
+        """Members of ``room`` on every hub: ours as we know them, the others' as their
+        hubs last said on the bus."""
+        assert self.cluster is not None
+        found = {protocol.nick_key(str(m["nick"])): m for m in self._who(room)}
+        for entry in await self.cluster.everyone():
+            key = protocol.nick_key(entry["nick"])
+            if entry["hub"] == self.cluster.hub_id or room not in entry["rooms"]:
+                continue
+            # on two hubs at once (it moved; its old session lingers on one): the live one
+            if key not in found or found[key]["state"] == "reconnecting":
+                found[key] = {"nick": entry["nick"], "state": entry["state"], "away": entry["away"]}
+        return sorted(found.values(), key=lambda e: str(e["nick"]).casefold())
+
+    async def _cluster_rooms(self) -> set[str]:
+        assert self.cluster is not None
+        return await self.cluster.all_rooms() | set(self.history.rooms())
+
+    async def _bus_rooms(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
+        """Every room of the cluster, with its head (the log's, for rooms this hub does
+        not follow) and how many are in it on every hub."""
+        assert self.cluster is not None
+        if data.get("mine"):  # the heads of its own rooms (after a resume): no scan of the bus
+            return self._op_rooms(member, data)
+        counts: dict[str, int] = {}
+        for entry in await self.cluster.everyone():
+            for room in entry["rooms"]:
+                counts[room] = counts.get(room, 0) + 1
+        heads = self.history.rooms()
+        rooms = []
+        for room in sorted(await self._cluster_rooms())[: self.settings.max_rooms]:
+            head = heads.get(room) if self.cluster.following(room) else None
+            if head is None:
+                head = await self.cluster.head(room)
+            # our own members are counted from here (what we said on the bus may lag)
+            here = sum(1 for m in self.rooms.get(room, ()) if m.nick)
+            rooms.append({"room": room, "head": head, "members": max(counts.get(room, 0), here)})
+        return {"rooms": rooms}
 
     async def _bus_join(self, member: Member, data: dict[str, Any]) -> dict[str, Any]:
         assert self.cluster is not None
@@ -519,10 +703,19 @@ class ChatHub:
         head = await self.cluster.head(room)
         if not self.cluster.following(room):
             await self._same_history(room)
+            await self.cluster.add_room(room)
         self.cluster.follow(room, self.history.head(room) or 0, self._apply)
         await self.cluster.caught_up(room, head)
+        told = self._companions(member)
         answer = self._op_join(member, data)
         answer["created"] = answer["created"] and head == 0
+        self._publish(member)
+        if member.moved_in and data.get("since") is not None:
+            # back from another hub: the others saw "reconnecting…" (not "left")
+            event = {"kind": "online", "nick": member.nick}
+            self._post_all(self.rooms.get(room, set()) - told - {member}, protocol.EVENT, event)
+            self.cluster.announce(event, [room])
+        answer["members"] = await self._cluster_who(room)
         return answer
 
     async def _same_history(self, room: str) -> None:
@@ -712,6 +905,7 @@ class ChatHub:
             "rooms": [
                 {"room": room, "head": head, "members": len(self.rooms.get(room, ()))}
                 for room, head in sorted(self.history.rooms().items())
+                if not data.get("mine") or room in member.rooms
             ]
         }
 
@@ -742,6 +936,16 @@ class ChatHub:
         member.away = message
         self._presence(member, member.state)
         return {"state": member.state}
+
+
+def _how_it_ended(member: Member) -> str:
+    """How the member's session ended: "bye" (its client's goodbye, or ours), "moved"
+    (its client closed it to go to another hub) or "gone" (expired, or an error)."""
+    closed = member.peer.closed
+    end = closed.result() if closed.done() else None
+    if not isinstance(end, ConnectionClosedOK):
+        return "gone"
+    return "moved" if end.reason == protocol.MOVED else "bye"
 
 
 def _msg_payload(row: StoredMessage) -> dict[str, Any]:

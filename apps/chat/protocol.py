@@ -31,9 +31,11 @@ __all__ = [
     "DM",
     "EVENT",
     "HUB",
+    "MAX_KEY",
     "MAX_NICK",
     "MAX_ROOM",
     "MAX_TEXT",
+    "MOVED",
     "MSG",
     "OPS",
     "REQUEST",
@@ -64,6 +66,11 @@ MAX_NICK: Final = 24
 MAX_ROOM: Final = 32
 MAX_QUERY: Final = 200
 MAX_MID: Final = 64
+MAX_KEY: Final = 128
+
+#: The reason a client gives when it closes its session with a hub it is leaving for
+#: another: not a goodbye (a cluster hub keeps the nick held, says nothing).
+MOVED: Final = "the hub moved"
 #: Most messages one history or search answer carries.
 MAX_HISTORY: Final = 500
 
@@ -209,6 +216,10 @@ def _nick(data: dict[str, Any]) -> None:
 def _hello(data: dict[str, Any]) -> None:
     normalize_nick(data.get("nick"))
     _int(data, "can_host", optional=True)  # the port a hub of this client would listen on
+    # the client's nick key: a session presenting it may take the nick over from an
+    # earlier session of the same client on another hub (docs/CHAT.md, "Failover")
+    _str(data, "key", MAX_KEY, optional=True)
+    _int(data, "dm_since", optional=True)  # the last direct message shown (cluster hubs)
     if not isinstance(data.get("hosting", False), bool):
         raise TypeError("'hosting' must be a boolean")
 
@@ -222,8 +233,9 @@ def _away(data: dict[str, Any]) -> None:
     _str(data, "message", MAX_TEXT, optional=True)
 
 
-def _nothing(data: dict[str, Any]) -> None:
-    pass
+def _rooms(data: dict[str, Any]) -> None:
+    if not isinstance(data.get("mine", False), bool):  # only the rooms this member is in
+        raise TypeError("'mine' must be a boolean")
 
 
 #: Request operations and their argument checks.
@@ -235,7 +247,7 @@ OPS: Final[dict[str, Callable[[dict[str, Any]], None]]] = {
     "dm": _dm,
     "nick": _nick,
     "who": _room_arg,
-    "rooms": _nothing,
+    "rooms": _rooms,
     "history": _history,
     "search": _search,
     "away": _away,
@@ -292,6 +304,7 @@ def validate_dm(data: Any) -> None:
     _str(d, "to", 200)
     _text(d)
     _kind(d)
+    _int(d, "seq", optional=True)  # its number in the recipient's DM log (cluster hubs)
 
 
 _HUB_KINDS: Final = frozenset({"successors", "state", "take", "moved", "closed"})

@@ -64,3 +64,29 @@ async def test_a_watcher_hears_of_a_hub_that_appears_later() -> None:
             await announcement.close()
     finally:
         await watcher.close()
+
+
+async def test_a_cluster_hub_says_its_cluster_and_a_client_gets_every_hub_of_it() -> None:
+    from korinet_chat.discovery import FoundHub, same_cluster
+
+    announcement = await announce(
+        43213, name="cluster hub", addresses=LOOPBACK, interfaces=LOOPBACK, standalone=True, cluster="c0ffee"
+    )
+    try:
+        found = await browse(3.0 * TIMEOUT_FACTOR, interfaces=LOOPBACK)
+        mine = [h for h in found if h.port == 43213]
+        assert len(mine) == 1 and mine[0].cluster == "c0ffee" and mine[0].standalone
+    finally:
+        await announcement.close()
+
+    def hub(port: int, cluster: str | None, started: float, tls: bool = True) -> FoundHub:
+        return FoundHub(
+            f"h{port}", "10.0.0.1", port, tls, None, started=started, standalone=True, cluster=cluster
+        )
+
+    chosen = hub(1, "a", 5.0)
+    others = [hub(2, "b", 1.0), hub(3, "a", 9.0), chosen, hub(4, "a", 2.0), hub(5, "a", 0.5, tls=False)]
+    # the hub chosen first, then its cluster's others by the rule; other clusters and
+    # hubs that do not speak its TLS setting are not ours
+    assert same_cluster(chosen, others) == [("10.0.0.1", 1), ("10.0.0.1", 4), ("10.0.0.1", 3)]
+    assert same_cluster(hub(6, None, 1.0), others) == [("10.0.0.1", 6)]  # a lone hub: itself only
