@@ -496,6 +496,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _agent(args: argparse.Namespace) -> int:
+    import asyncio
     import logging
     from pathlib import Path
 
@@ -607,6 +608,12 @@ async def _agent(args: argparse.Namespace) -> int:
         dial = DialHome(server.hub, server.ssl, tls.identity, relays, name)
         dial.start()
         say(f"dialing home as {name!r} to " + ", ".join(f"{h}:{p}" for h, p in relays))
+
+        async def parked() -> None:
+            await dial.registered.wait()
+            say(f"parked at the relay as {name!r}: clients reach us as RELAY/{name}", flush=True)
+
+        announce = asyncio.get_running_loop().create_task(parked())
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
     audit.record(
         "agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source,
@@ -614,6 +621,7 @@ async def _agent(args: argparse.Namespace) -> int:
     )  # fmt: skip
     await wait_for_stop_signal()
     if dial is not None:
+        announce.cancel()
         await dial.close()
     logging.getLogger(__name__).info("stopping")
     running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
