@@ -277,6 +277,10 @@ class Relay:
     async def _register(
         self, address: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
+        # MAGIC is read first even when busy: closing with unread bytes would send a
+        # reset, which can destroy the answer before the agent reads it.
+        if first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout) != MAGIC:
+            raise ValueError("not a relay registration")
         if (
             sum(self._registering.values()) >= self.max_registering
             or self._registering[address] >= self.max_registering_per_address
@@ -287,8 +291,6 @@ class Relay:
         self._registering[address] += 1
         try:
             async with asyncio.timeout(self.timeout):
-                if first + await reader.readexactly(len(MAGIC) - 1) != MAGIC:
-                    raise ValueError("not a relay registration")
                 nonce = os.urandom(NONCE_SIZE)
                 writer.write(b"+" + nonce)
                 (size,) = struct.unpack("!I", await reader.readexactly(4))

@@ -127,6 +127,7 @@ def test_an_agent_with_no_inbound_route_is_reached_through_the_relay(
         (line,) = result.stdout.decode().splitlines()
         record = json.loads(line)
         assert (record["host"], record["state"], record["exit_code"]) == ("natted", "done", 0), record
+        assert record["address"] == f"{CLIENT_IP}:{relay_port}/natted"
         jobs = admin("jobs", "natted")
         assert jobs.returncode == 0 and "ab" * 16 in jobs.stdout.decode(), jobs
         again = admin("attach", "natted", "ab" * 16, "--from", "0,0")

@@ -124,7 +124,8 @@ async def test_stalled_registrations_get_busy_agents_not_refused_clients(
                     got += await loop.sock_recv(sock, 64)
             async with running_agent(tmp_path, late_key, authorized) as late:
                 dials.append(dial_home(late.server, late_key, relay, "late", initial=0.2, backoff_cap=1.0))
-                await wait_for(lambda: relay.stats["busy"] >= 1)
+                await wait_for(lambda: "busy" in dials[1].last_error.get(("127.0.0.1", relay.port), ""))
+                assert relay.stats["busy"] >= 1
                 assert "late" not in relay.connected()
                 out = await exec_via(
                     relay, "web1", server_identity.fingerprint, alice, tmp_path, ["echo", "ok"]
