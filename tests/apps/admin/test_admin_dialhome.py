@@ -175,3 +175,31 @@ def test_sni_parser_rejects_garbage() -> None:
         parse_sni(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # a ServerHello
     with pytest.raises(ValueError):
         parse_sni(b"\x16\x03\x01\x00\x04\x01\x00\x00\x00")  # truncated ClientHello body
+
+
+def client_hello(name: str) -> bytes:
+    """The first flight of a real TLS client (this Python's OpenSSL) naming ``name``."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_sni_parser_reads_a_real_hello_whole_cut_anywhere_and_split_in_records() -> None:
+    from korinet_admin.relay import _NeedMore
+
+    hello = client_hello("web-7.example")
+    assert parse_sni(hello) == "web-7.example"
+    for cut in range(len(hello)):  # the relay reads more until the hello is whole
+        with pytest.raises(_NeedMore):
+            parse_sni(hello[:cut])
+    # the same handshake message in two records (TLS allows any fragmentation)
+    body = hello[5:]
+    half = len(body) // 2
+    record = lambda part: hello[:3] + len(part).to_bytes(2, "big") + part  # noqa: E731
+    assert parse_sni(record(body[:half]) + record(body[half:])) == "web-7.example"
