@@ -29,6 +29,7 @@ OUTAGE_LIMIT = 60.0
 RETENTION = 24 * 3600.0
 JOB_CAP = 2 << 30
 TOTAL_CAP = 10 << 30
+DEFAULT_RELAY_PORT = 1238  # protocol.DEFAULT_RELAY_PORT (a test checks they agree)
 #: 128 + SIGPIPE: what the shell reports for a tool whose reader (`| head`) left.
 PIPE_CLOSED = 141
 
@@ -495,6 +496,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 async def _agent(args: argparse.Namespace) -> int:
+    import asyncio
     import logging
     from pathlib import Path
 
@@ -509,10 +511,18 @@ async def _agent(args: argparse.Namespace) -> int:
     from .execclient import admin_plugins
     from .policy import DEFAULT_POLICY, Policy
 
+    relays: list[tuple[str, int]] = []
     try:
-        host, port = parse_address(args.listen, DEFAULT_AGENT_PORT)
+        listen = args.listen or ("127.0.0.1:0" if args.connect else "127.0.0.1")
+        host, port = parse_address(listen, DEFAULT_AGENT_PORT)
+        for item in (args.connect or "").split(","):
+            if item.strip():
+                relays.append(parse_address(item.strip(), DEFAULT_RELAY_PORT))
     except argparse.ArgumentTypeError as exc:
         _err(str(exc))
+        return 2
+    if relays and args.insecure_plaintext:
+        _err("agent: --connect needs TLS: clients authenticate the agent through the relay")
         return 2
     if args.insecure_plaintext and not _is_loopback(host):
         _err(f"agent: --insecure-plaintext serves loopback only (anyone reaching {host} could run commands)")
@@ -587,15 +597,73 @@ async def _agent(args: argparse.Namespace) -> int:
         f"{server.hub.max_handshaking} connections without a session, "
         f"{args.handshake_timeout:g}s each to authenticate"
     )
+    dial = None
+    if relays:
+        import socket
+
+        from .dialhome import DialHome
+
+        assert tls is not None
+        name = args.name or socket.gethostname().split(".")[0]
+        dial = DialHome(server.hub, server.ssl, tls.identity, relays, name)
+        dial.start()
+        say(f"dialing home as {name!r} to " + ", ".join(f"{h}:{p}" for h, p in relays))
+
+        async def parked() -> None:
+            await dial.registered.wait()
+            say(f"parked at the relay as {name!r}: clients reach us as RELAY/{name}", flush=True)
+
+        announce = asyncio.get_running_loop().create_task(parked())
     say(f"state: {state_dir}   audit log: {audit.path}", flush=True)
-    audit.record("agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source)
+    audit.record(
+        "agent-started", listen=f"{host}:{server.port}", tls=tls is not None, policy=policy.source,
+        relays=[f"{h}:{p}" for h, p in relays],
+    )  # fmt: skip
     await wait_for_stop_signal()
+    if dial is not None:
+        announce.cancel()
+        await dial.close()
     logging.getLogger(__name__).info("stopping")
     running = sum(1 for j in agent.jobs.jobs.values() if not j.done.done())
     say(f"stopping ({running} running job(s) keep running; the next agent adopts them)", flush=True)
     audit.record("agent-stopped", running_jobs=running)
     await server.close()
     await agent.close()
+    return 0
+
+
+async def _relay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from korinet.cli import parse_address, wait_for_stop_signal
+    from korinet.runtime.server import raise_open_file_limit
+    from korinet.security import AuthorizedKeys, korinet_home
+
+    from .relay import Relay
+
+    try:
+        host, port = parse_address(args.listen, DEFAULT_RELAY_PORT)
+    except argparse.ArgumentTypeError as exc:
+        _err(str(exc))
+        return 2
+    path = Path(args.agents) if args.agents else korinet_home() / "relay_agents"
+    agents = AuthorizedKeys(path)
+    try:
+        count = len(agents.entries())
+    except (OSError, ValueError) as exc:
+        _err(f"relay: {path}: {exc}")
+        return 1
+    raise_open_file_limit()
+    relay = Relay(host, port, agents, max_registering_per_address=args.max_registering_per_address)
+    try:
+        await relay.start()
+    except OSError as exc:
+        _err(f"relay: cannot listen on {host}:{port}: {exc.strerror or exc}")
+        return 1
+    print(f"{PROG} relay on {host}:{relay.port}", flush=True)
+    print(f"{count} agent key(s) in {path}; an agent parks under its own name only", flush=True)
+    await wait_for_stop_signal()
+    await relay.close()
     return 0
 
 
@@ -729,8 +797,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve korinet-admin requests: TLS 1.3, only keys in authorized_keys with the role "
         "'admin', what the policy allows, everything in the audit log.",
     )
-    p.add_argument("listen", nargs="?", default="127.0.0.1", metavar="HOST[:PORT]",
-                   help="where to listen (default 127.0.0.1:1237; 0.0.0.0 for the network)")  # fmt: skip
+    p.add_argument("listen", nargs="?", default=None, metavar="HOST[:PORT]",
+                   help="where to listen (default 127.0.0.1:1237, or a free loopback port with "
+                   "--connect; 0.0.0.0 for the network)")  # fmt: skip
+    p.add_argument("--connect", metavar="RELAY[:PORT][,...]",
+                   help="dial home: keep connections parked at these relays (default port "
+                   f"{DEFAULT_RELAY_PORT}) and serve the clients they splice to us")  # fmt: skip
+    p.add_argument("--name", metavar="NAME",
+                   help="our name at the relays (default: the host name); the relay's agents "
+                   "file must list our key under it")  # fmt: skip
     p.add_argument("--policy", metavar="FILE", help="TOML policy: what each role may run (docs/ADMIN.md)")
     p.add_argument("--state-dir", metavar="DIR", help="job output and ids (default: KORINET_HOME/admin)")
     p.add_argument("--audit-log", metavar="FILE", help="default: STATE_DIR/audit.log")
@@ -749,6 +824,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="no TLS, no authentication: anyone reaching the port is admin (tests)")  # fmt: skip
     p.set_defaults(func=_agent)
+
+    p = sub.add_parser(
+        "relay",
+        help="run a relay that agents behind NAT dial home to",
+        description="Park connections of the agents listed in the agents file and splice each "
+        "client to the agent it names (RELAY[:PORT]/AGENT). The relay forwards encrypted bytes: "
+        "it cannot read a session nor run anything on an agent.",
+    )
+    p.add_argument("listen", nargs="?", default=f"0.0.0.0:{DEFAULT_RELAY_PORT}", metavar="HOST[:PORT]",
+                   help=f"where to listen (default 0.0.0.0:{DEFAULT_RELAY_PORT})")  # fmt: skip
+    p.add_argument("--agents", metavar="FILE",
+                   help="agent keys: FINGERPRINT NAME lines (default KORINET_HOME/relay_agents)")  # fmt: skip
+    p.add_argument("--max-registering-per-address", type=int, default=64, metavar="N",
+                   help="agent registrations at once per address (over it: retry later)")  # fmt: skip
+    p.set_defaults(func=_relay)
     return parser
 
 
@@ -790,10 +880,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
 
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    if args.func is _agent:
+    if args.func in (_agent, _relay):
         level = min(level, logging.INFO) if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose and args.func is not _agent:
+    if not args.verbose and args.func not in (_agent, _relay):
         # the client reports failures itself; the runtime's warnings would say it twice
         logging.getLogger("korinet").setLevel(logging.ERROR)
     try:

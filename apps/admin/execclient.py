@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -60,12 +61,26 @@ def new_job_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """An agent: listening at ``host:port``, or, with ``agent``, parked at the relay
+    ``host:port`` under that name (reached by dial-home, relay.py)."""
+
     host: str
     port: int
+    agent: str | None = None
 
     @property
     def label(self) -> str:
+        if self.agent is not None:
+            relay = self.host if self.port == DEFAULT_RELAY_PORT else f"{self.host}:{self.port}"
+            return f"{relay}/{self.agent}"
         return self.host if self.port == _default_port() else f"{self.host}:{self.port}"
+
+
+#: An agent's name at a relay: it travels as the TLS server name (a DNS-like label).
+_AGENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+DEFAULT_RELAY_PORT: Final = p.DEFAULT_RELAY_PORT
 
 
 def _default_port() -> int:
@@ -73,7 +88,8 @@ def _default_port() -> int:
 
 
 def parse_targets(text: str) -> list[Target]:
-    """``HOST[:PORT][,HOST[:PORT]...]`` to targets (``[V6]:PORT`` for IPv6).
+    """``HOST[:PORT][,HOST[:PORT]...]`` to targets (``[V6]:PORT`` for IPv6);
+    ``RELAY[:PORT]/AGENT``: the agent AGENT, parked at that relay.
 
     Raises:
         ValueError: an empty or malformed item.
@@ -85,11 +101,14 @@ def parse_targets(text: str) -> list[Target]:
         item = item.strip()
         if not item:
             raise ValueError(f"empty host in {text!r}")
+        item, slash, agent = item.partition("/")
+        if slash and not _AGENT_NAME.match(agent):
+            raise ValueError(f"bad agent name {agent!r} in {text!r} (letters, digits, '.', '_', '-')")
         try:
-            host, port = parse_address(item, _default_port())
+            host, port = parse_address(item, DEFAULT_RELAY_PORT if slash else _default_port())
         except Exception as exc:  # argparse.ArgumentTypeError
             raise ValueError(str(exc)) from None
-        targets.append(Target(host, port))
+        targets.append(Target(host, port, agent or None))
     return targets
 
 
@@ -321,6 +340,16 @@ class AdminConnection:
         Raises:
             KoriNetError: no session (refused key, no agent, timeout: the message says).
         """
+        if target.agent is not None:
+            # The relay must not be trusted with the agent's key: no pinning on first use.
+            if tls is None:
+                raise KoriNetError(f"{target.label}: a relay is reached over TLS only, not in plaintext")
+            if tls.fingerprint is None:
+                raise KoriNetError(
+                    f"{target.label}: an agent behind a relay needs its key pinned: give it a"
+                    ' [hosts.NAME] entry with address and key = "SHA256:..." in hosts.toml'
+                )
+            client_kwargs["server_hostname"] = target.agent  # the name the relay routes by
         client = Client(
             target.host, target.port, plugins=plugins or admin_plugins(), tls=tls, **client_kwargs
         )
@@ -336,6 +365,10 @@ class AdminConnection:
                     client._raise_if_closed()  # woken because the session was refused
                     break
                 except KoriNetTimeout:
+                    if target.agent is not None and "UNRECOGNIZED_NAME" in str(client.last_error):
+                        raise KoriNetError(
+                            f"{target.agent} is not connected to the relay {target.host}:{target.port}"
+                        ) from None
                     if isinstance(client.last_error, ConnectionRefusedError):
                         raise KoriNetError(
                             f"connection to {target.host}:{target.port} refused (is the agent running?)"

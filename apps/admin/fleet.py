@@ -68,7 +68,7 @@ def resolve(selection: str, inventory: Inventory) -> list[FleetHost]:
 
 def _address(target: Target) -> str:
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return f"{host}:{target.port}"
+    return f"{host}:{target.port}" + (f"/{target.agent}" if target.agent else "")
 
 
 def attach_command(name: str, job: str) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "ADMIN_ROLE",
     "ATTACH",
     "DEFAULT_AGENT_PORT",
+    "DEFAULT_RELAY_PORT",
     "EXEC",
     "EXIT",
     "GET_CHUNK",
@@ -58,6 +59,8 @@ __all__ = [
 
 #: The agent's default port (korinet serve uses 1235).
 DEFAULT_AGENT_PORT: Final = 1237
+#: The relay's default port (agents that dial home park there; relay.py).
+DEFAULT_RELAY_PORT: Final = 1238
 
 #: The role every admin request needs (the runtime checks it: MessageType.required_role).
 ADMIN_ROLE: Final = "admin"

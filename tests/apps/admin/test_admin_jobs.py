@@ -383,9 +383,10 @@ async def test_the_total_cap_discards_the_oldest_acknowledged_output_first(
 
 def test_the_cli_shows_the_defaults_the_agent_and_client_use() -> None:
     """cli.py repeats a few defaults so that --help needs no heavy import: they agree."""
-    from korinet_admin import cli, jobs, runner
+    from korinet_admin import cli, jobs, protocol, runner
 
     assert cli.OUTAGE_LIMIT == runner.OUTAGE_LIMIT
+    assert cli.DEFAULT_RELAY_PORT == protocol.DEFAULT_RELAY_PORT
     assert (cli.RETENTION, cli.JOB_CAP, cli.TOTAL_CAP) == (jobs.RETENTION, jobs.JOB_CAP, jobs.TOTAL_CAP)
     assert [cli._size_arg(t) for t in ("500M", "2G", "1024", "1.5k")] == [500 << 20, 2 << 30, 1024, 1536]
     with pytest.raises(Exception, match="not a size"):
