@@ -77,6 +77,15 @@ def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
     return (np.sin(2 * np.pi * freq * t) * 8000).astype(np.int16)
 
 
+def talk_spurts(seconds: float, on: float = 0.4, off: float = 0.1) -> np.ndarray:
+    """A 440 Hz tone in spurts of ``on`` seconds with pauses of ``off``, as speech has:
+    a jitter buffer left too deep takes a frame out in a pause, never out of a spurt."""
+    audio = tone(seconds)
+    t = np.arange(len(audio)) / SAMPLE_RATE
+    audio[t % (on + off) >= on] = 0
+    return audio
+
+
 def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float = 5.0) -> float:
     """Share of 100 ms windows whose dominant frequency is ``freq`` ± ``tolerance``."""
     audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
