@@ -114,6 +114,22 @@ def gaps_after_start(frames: list[np.ndarray]) -> int:
     return loud[first : last + 1].count(False)
 
 
+def record_arrivals(call: Call) -> dict[float, float]:
+    """Arrival time (wall clock) of every frame that reaches ``call``'s receiver, by
+    capture time (the key of ``Receiver.history``): from arrival to playout is the
+    time the jitter buffer held it, its own doing; before arrival is the machine's."""
+    arrived: dict[float, float] = {}
+    receive = call.receiver.on_frame
+
+    def on_frame(obj: Any) -> None:
+        if isinstance(obj, list) and len(obj) > 3 and isinstance(obj[3], int):
+            arrived.setdefault(obj[3] / 1e6, time.time())
+        receive(obj)
+
+    call.receiver.on_frame = on_frame  # type: ignore[method-assign]
+    return arrived
+
+
 async def open_call(
     port: int, plugins: PluginManager, name: str, *, capture: Any = None, ptt: bool = False
 ) -> tuple[Call, FilePlayback]:
