@@ -152,6 +152,19 @@ def test_the_buffer_shrinking_back_after_a_stall_drops_a_pause_never_a_pulse(cod
     assert last[len(last) // 2] <= before[len(before) // 2] + 0.001, "the delay did not come back down"
 
 
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("stall", [5.21, 5.73, 6.12])
+def test_the_buffer_shrinking_back_during_a_catch_up_hands_the_frame_to_it(codec: str, stall: float) -> None:
+    """The listener is cut off from 2 s to 4 s, then, while it catches up, its link
+    stalls for 100 ms. The live frame the buffer takes out to shrink back goes to the
+    catch-up with the one popped: it used to be dropped, and at these offsets no part
+    brought it back before the catch-up had passed it."""
+    receiver, played = simulate(codec, 10.0, cut=(2.0, 4.0), stall=(stall, stall + 0.100))
+    assert receiver.sources["alice"].jitter.stats.skipped >= 1, "the buffer did not shrink back"
+    assert compare_pulses(pulses_heard(played), 100) == (100, 0, 0)
+    assert receiver.stats.missed_parts_played >= 4 and not receiver.replaying
+
+
 def test_a_talker_restarting_during_a_catch_up_is_heard_live_at_once() -> None:
     from korinet_audio.frames import AudioFrame, UtterancePart
 
