@@ -81,6 +81,7 @@ async def test_a_2s_cut_mid_call_leaves_no_backlog_and_latency_recovers_within_1
 ) -> None:
     relay = await Relay("127.0.0.1", server.port).start()
     listener, _ = await open_call(relay.port if side == "listener" else server.port, plugins, "bob")
+    arrived = record_arrivals(listener)
     talker, _ = await open_call(
         relay.port if side == "talker" else server.port, plugins, "alice", capture=FileCapture(tone(6.0))
     )
@@ -100,26 +101,30 @@ async def test_a_2s_cut_mid_call_leaves_no_backlog_and_latency_recovers_within_1
     # no backlog: nothing captured while the link was down was played afterwards
     during = [(h, c) for h, c in history if cut_at + 0.15 < c < back_at - 0.15]
     assert not during, f"{len(during)} frames of the outage were played late"
-    # Latency on a loaded machine is the machine's: judge it against this run's own
-    # before the cut (from 0.5 s after playout started), not against fixed figures.
+    # Latency on a loaded machine is the machine's, and changes as its load does: judge
+    # it against this run's own before the cut (from 0.5 s after playout started), and
+    # judge the buffer by what it holds (arrival to playout) against its own target.
     started = history[0][0]
     before = sorted(h - c for h, c in history if started + 0.5 < h < cut_at)
     after = [h - c for h, c in history if h > back_at]
     settled = sorted(h - c for h, c in history if h > back_at + 1.0)
-    assert len(before) >= 25 and len(settled) >= 25, (len(before), len(settled))
+    held = sorted(h - arrived[c] for h, c in history if h > back_at + 1.0 and c in arrived)
+    assert len(before) >= 25 and len(settled) >= 25 and len(held) >= 25, (len(before), len(settled))
     before_p50, before_p99 = before[len(before) // 2], before[int(len(before) * 0.99)]
     assert after, "nothing played after the reconnect"
     # stale: further behind than the buffer's cap (120 ms) allows, as a backlog would be
     assert after[0] <= before_p50 + 0.120, "the first frame after the reconnect was stale"
-    # back to what it was within 1 s: the median within a frame, the tail within two
-    settled_p50, settled_p90 = settled[len(settled) // 2], settled[int(len(settled) * 0.9)]
+    jitter = listener.receiver.sources["alice"].jitter
+    settled_p50, held_p50 = settled[len(settled) // 2], held[len(held) // 2]
     figures = (
-        f"before p50/p99 {before_p50 * 1000:.0f}/{before_p99 * 1000:.0f} ms, "
-        f"after 1 s p50/p90 {settled_p50 * 1000:.0f}/{settled_p90 * 1000:.0f} ms"
+        f"before p50/p99 {before_p50 * 1000:.0f}/{before_p99 * 1000:.0f} ms, after 1 s p50 "
+        f"{settled_p50 * 1000:.0f} ms, held p50 {held_p50 * 1000:.0f} ms, target {jitter.target} frames"
     )
     print(figures)
-    assert settled_p50 <= before_p50 + 0.020, f"latency not back 1 s after: {figures}"
-    assert settled_p90 <= before_p99 + 0.040, f"latency not back 1 s after: {figures}"
+    # back within 1 s: no more delay than before the cut (a frame of margin), of which
+    # the buffer holds no more than its target (a frame of pop phase): no backlog
+    assert settled_p50 <= before_p99 + 0.020, f"latency not back 1 s after: {figures}"
+    assert held_p50 <= (jitter.target + 1) * jitter.frame, f"the buffer is deeper than its target: {figures}"
     assert cut_call.stats.reconnects == 1
     if side == "talker":
         assert talker.stats.dropped_offline > 50  # dropped at the source, not queued
