@@ -63,13 +63,13 @@ async def test_a_tone_goes_from_talker_through_the_hub_to_the_listener(
     late = talker.stats.dropped_deadline
     assert sum(loud_frames(heard.recorded)) >= 70 - late and gaps_after_start(heard.recorded) <= 2 + late
     assert len(listener.stats.latencies) >= 60 - late
-    # The delay the buffer adds, from each frame's arrival to its playout, is the
-    # design's (its target, a frame of pop phase); the path before it is the machine's.
+    # The delay the buffer adds, from each frame's arrival to its playout, is bounded
+    # by its cap (its target follows the machine's jitter; a continuous tone has no
+    # pause to shrink back in); the path before it is the machine's.
     held = sorted(h - arrived[c] for h, c in listener.receiver.history if c in arrived)
     jitter = listener.receiver.sources["alice"].jitter
-    assert len(held) >= 60
-    assert held[len(held) // 2] <= (jitter.target + 1) * jitter.frame, (held[len(held) // 2], jitter.target)
-    assert held[int(len(held) * 0.9)] <= jitter.max_age, "held longer than the cap"
+    assert len(held) >= 60 - late
+    assert held[int(len(held) * 0.9)] <= jitter.max_age, f"held longer than the cap: {held[-10:]}"
     assert listener.receiver.members == ["bob", "alice"]
     hub = audio_hub(next(iter(server.hub.sessions.values())))
     assert hub is not None and hub.stats.frames_out >= 70 and hub.stats.frames_malformed == 0
