@@ -69,7 +69,8 @@ async def test_a_tone_goes_from_talker_through_the_hub_to_the_listener(
     held = sorted(h - arrived[c] for h, c in listener.receiver.history if c in arrived)
     jitter = listener.receiver.sources["alice"].jitter
     assert len(held) >= 60 - late
-    assert held[int(len(held) * 0.9)] <= jitter.max_age, f"held longer than the cap: {held[-10:]}"
+    # the cap, and a frame of pop phase: it arrived just after a pop
+    assert held[int(len(held) * 0.9)] <= jitter.max_age + jitter.frame, f"held past the cap: {held[-10:]}"
     assert listener.receiver.members == ["bob", "alice"]
     hub = audio_hub(next(iter(server.hub.sessions.values())))
     assert hub is not None and hub.stats.frames_out >= 70 and hub.stats.frames_malformed == 0
