@@ -12,12 +12,15 @@ Theory of operation (docs/AUDIO.md, "Jitter buffer"):
   - above the hard cap (120 ms) the oldest frames are dropped at once and playout
     jumps to ``target`` behind the newest frame: the live edge;
   - the talker's clock running fast makes depth creep up: when its average stays a
-    frame above target, one frame is skipped;
+    frame above target, one frame should go;
   - after a jitter spike or a freeze the buffer can be left a frame or more deeper
     than its (by then lower again) target needs, for good: so when the smallest depth
-    over the last second never came down to the nominal one, a frame is skipped too,
-    one per second at most, until it does (NetEQ "accelerates" instead; a 20 ms skip
-    is the simple, bounded form of it);
+    over the last second never came down to the nominal one, a frame should go too,
+    one per second at most, until it does;
+  - a frame that should go is not dropped here: the buffer cannot hear whether it
+    holds speech. It says so (:attr:`JitterBuffer.shrink_due`) until its caller, who
+    decodes, finds a quiet frame and calls :meth:`JitterBuffer.skip` (NetEQ
+    accelerates in pauses too), or the margin is gone;
   - the talker's clock running slow (or a jitter spike) empties the buffer: the
     missing frame is concealed *without* moving the playout point, so the frame
     still plays if it comes a little late and depth grows back by one frame;
@@ -88,7 +91,7 @@ class JitterStats:
     stale: int = 0
     duplicate: int = 0
     overflow: int = 0  # dropped to get back under the cap
-    skipped: int = 0  # dropped to come back down: a fast talker clock, or left by a spike
+    skipped: int = 0  # taken out of turn to come back down (a fast talker clock, a spike)
     idle: int = 0  # times the buffer ran dry and went idle
     resets: int = 0  # new streams
 
@@ -133,6 +136,7 @@ class JitterBuffer:
         self._hold = 0
         self._window = 0  # pops watched since the last shrink decision
         self._min_depth = 0  # smallest depth over those pops
+        self._shrink = False  # a frame should go, at the caller's next quiet one
         self._transits: deque[float] = deque(maxlen=TRANSIT_WINDOW)
         self._last_transit: float | None = None
         self._stale_run = 0
@@ -148,6 +152,12 @@ class JitterBuffer:
         """Target depth in frames: the configured one, more when jitter is high."""
         wanted = math.ceil(3 * self.jitter / self.frame) + 1
         return min(max(self.min_target, wanted), self.cap - 1)
+
+    @property
+    def shrink_due(self) -> bool:
+        """Whether a frame should go to bring depth back down: the caller drops the
+        frame :meth:`pop` gave with :meth:`skip` if it is quiet, else plays it."""
+        return self._shrink
 
     @property
     def depth(self) -> int:
@@ -203,6 +213,7 @@ class JitterBuffer:
         self._next = 0
         self._newest = -1
         self._playing = False
+        self._shrink = False
         self._transits.clear()
         self._last_transit = None
         self._stale_run = 0
@@ -226,6 +237,7 @@ class JitterBuffer:
         if self._newest >= 0:
             self._drop_before(self._newest + 1)
         self._playing = False
+        self._shrink = False
 
     # ------------------------------------------------------------------ output
 
@@ -236,6 +248,7 @@ class JitterBuffer:
                 return _SILENCE
             self._drop_before(self._newest - self.target + 1)  # start at the live edge
             self._playing = True
+            self._shrink = False
             self._starved = 0
             self._avg_depth = float(self.depth)
             self._hold = DRIFT_HOLD
@@ -268,24 +281,30 @@ class JitterBuffer:
         self._avg_depth += (depth - self._avg_depth) / 16
         self._min_depth = min(self._min_depth, depth)
         self._window += 1
+        if self._shrink:
+            # waiting for a quiet frame; right after a pop, depth is target - 1 when
+            # frames come on time: below target, the margin is gone by itself
+            self._shrink = depth >= self.target
+            return
         if self._hold:
             self._hold -= 1
             return
         if self._avg_depth > self.target + 1 and depth > self.target:
-            # the talker's clock is ahead of ours: skip a frame to stay near the target
-            self._skip()
+            # the talker's clock is ahead of ours: a frame should go to stay near the target
+            self._shrink = True
         elif self._window >= SHRINK_WINDOW:
-            # Right after a pop, depth is target - 1 when frames come on time. Never
-            # below target for a whole window: a frame of margin that the jitter of
-            # the last second did not use (left by a spike or a freeze). One goes.
-            if self._min_depth >= self.target:
-                self._skip()
+            # Never below target for a whole window: a frame of margin that the jitter
+            # of the last second did not use (left by a spike or a freeze). One goes.
+            self._shrink = self._min_depth >= self.target
             self._window, self._min_depth = 0, self.cap
 
-    def _skip(self) -> None:
+    def skip(self, now: float) -> Playout:
+        """The next frame, in the same 20 ms as the one :meth:`pop` just gave: one
+        frame nearer the live edge. The caller drops that one (it was quiet), or a
+        catch-up plays both. Call only when :attr:`shrink_due`; ``now`` as for pop."""
         self.stats.skipped += 1
-        self._frames.pop(self._next, None)
-        self._next += 1
+        self._shrink = False
         self._avg_depth -= 1
         self._hold = DRIFT_HOLD
         self._window, self._min_depth = 0, self.cap
+        return self.pop(now)

@@ -78,8 +78,9 @@ MIN_MISSED: Final = 3
 MAX_CATCH_UP: Final = 3000
 #: Speed of the catch-up while the talker is still talking live.
 CATCH_UP_SPEED: Final = 1.5
-#: Peak level under which the last bit of a catch-up is a pause, and can go (-36 dBFS);
-#: frames played at the edge waiting for one, before it goes anyway (0.5 s).
+#: Peak level under which a frame is a pause, and can go (-36 dBFS): the last bit of a
+#: catch-up, or a frame the jitter buffer wants to shrink by. Frames played at the
+#: edge of a catch-up waiting for a pause, before the rest goes anyway (0.5 s).
 QUIET: Final = 500
 JOIN_WAIT: Final = 25
 
@@ -87,6 +88,10 @@ JOIN_WAIT: Final = 25
 def past_deadline(captured: float, now: float, deadline_ms: float = DEADLINE_MS) -> bool:
     """Whether a frame captured at ``captured`` is too old to send at ``now``."""
     return (now - captured) * 1000 > deadline_ms
+
+
+def _peak(samples: Samples) -> int:
+    return int(np.abs(samples.astype(np.int32)).max(initial=0))
 
 
 def level_dbfs(samples: Samples) -> float:
@@ -488,11 +493,22 @@ class Receiver:
             if source.catch_up is not None and frame is not None and frame.stream != source.catch_up.stream:
                 source.catch_up = None  # the talker restarted: live again, that backlog is gone
             if source.catch_up is not None:
+                if frame is not None and source.jitter.shrink_due:
+                    # the live edge moves on a frame; the catch-up plays both, none is lost
+                    source.catch_up.add(frame.seq, frame.codec, frame.payload, frame.capture_time)
+                    frame = source.jitter.skip(heard_at).frame
                 if frame is not None:  # behind: the live frame waits its turn
                     source.catch_up.add(frame.seq, frame.codec, frame.payload, frame.capture_time)
                 samples = self._catch_up(source, heard_at)
             elif playout.kind is not PlayoutKind.SILENCE:
                 samples = self._render(source, frame)
+                if frame is not None and source.jitter.shrink_due and _peak(samples) < QUIET:
+                    # A frame should go to bring the delay down: this quiet one can (it was
+                    # decoded, so Opus's state follows). Speech is never dropped (NetEQ).
+                    source.played.add((frame.stream, frame.seq))
+                    playout = source.jitter.skip(heard_at)
+                    frame = playout.frame
+                    samples = self._render(source, frame) if playout.kind is not PlayoutKind.SILENCE else None
                 if frame is not None and source.jitter.last_latency is not None:
                     source.played.add((frame.stream, frame.seq))
                     self.stats.latencies.append(source.jitter.last_latency)

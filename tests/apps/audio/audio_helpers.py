@@ -77,6 +77,15 @@ def tone(seconds: float, freq: float = 440.0) -> np.ndarray:
     return (np.sin(2 * np.pi * freq * t) * 8000).astype(np.int16)
 
 
+def talk_spurts(seconds: float, on: float = 0.4, off: float = 0.1) -> np.ndarray:
+    """A 440 Hz tone in spurts of ``on`` seconds with pauses of ``off``, as speech has:
+    a jitter buffer left too deep takes a frame out in a pause, never out of a spurt."""
+    audio = tone(seconds)
+    t = np.arange(len(audio)) / SAMPLE_RATE
+    audio[t % (on + off) >= on] = 0
+    return audio
+
+
 def tone_share(frames: list[np.ndarray], freq: float = 440.0, tolerance: float = 5.0) -> float:
     """Share of 100 ms windows whose dominant frequency is ``freq`` ± ``tolerance``."""
     audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
@@ -103,6 +112,22 @@ def gaps_after_start(frames: list[np.ndarray]) -> int:
         return len(loud)
     first, last = loud.index(True), len(loud) - 1 - loud[::-1].index(True)
     return loud[first : last + 1].count(False)
+
+
+def record_arrivals(call: Call) -> dict[float, float]:
+    """Arrival time (wall clock) of every frame that reaches ``call``'s receiver, by
+    capture time (the key of ``Receiver.history``): from arrival to playout is the
+    time the jitter buffer held it, its own doing; before arrival is the machine's."""
+    arrived: dict[float, float] = {}
+    receive = call.receiver.on_frame
+
+    def on_frame(obj: Any) -> None:
+        if isinstance(obj, list) and len(obj) > 3 and isinstance(obj[3], int):
+            arrived.setdefault(obj[3] / 1e6, time.time())
+        receive(obj)
+
+    call.receiver.on_frame = on_frame  # type: ignore[method-assign]
+    return arrived
 
 
 async def open_call(

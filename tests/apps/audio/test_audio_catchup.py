@@ -54,19 +54,26 @@ def test_at_1_5x_every_pulse_of_a_train_is_heard_once() -> None:
     assert compare_pulses(pulses_heard([out]), 60) == (60, 0, 0)
 
 
-@pytest.mark.parametrize("codec", ["pcm16", "opus"])
-@pytest.mark.parametrize("offset", [0.0, 0.0077, 0.0308, 0.1001, 0.1309, 0.1771, 0.2233])
-def test_a_listener_cut_mid_utterance_hears_every_pulse_once_then_live_again(
-    codec: str, offset: float
-) -> None:
-    """A 10 s utterance; the listener's link is down from about 2 s to 4 s (shifted by
-    ``offset``: where the cut falls in a pulse, a frame, a part, where the catch-up
-    meets the live edge: offsets where an earlier version went wrong): the live
-    frames of that time are lost, the utterance parts posted meanwhile come at the
-    reconnect, before the live frames (the session replays them on resume)."""
+T0 = 1000.0
+NET = 0.005
+
+
+def simulate(
+    codec: str,
+    seconds: float,
+    *,
+    cut: tuple[float, float] | None = None,
+    stall: tuple[float, float] | None = None,
+) -> tuple[Receiver, list[np.ndarray]]:
+    """A push-to-talk pulse train of ``seconds`` from a talker to a listener's Receiver,
+    in simulated time (a pop every 20 ms, for 6 s more than the utterance). ``cut``:
+    the listener's link is down from..to (seconds in): the live frames of that time
+    are lost, the utterance parts posted meanwhile come at the reconnect, before the
+    live frames (the session replays them on resume). ``stall``: the link holds what
+    it carries from..to, then delivers it in a burst. Returns the receiver and what
+    it played."""
     if codec not in codecs.available():
         pytest.skip(f"{codec} unavailable: {codecs.opus_missing_reason()}")
-    t0, net, cut, back = 1000.0, 0.005, 2.0 + offset, 4.0 + offset * 1.4
     events: list[tuple[float, str, object]] = []
     sender = Sender(
         lambda obj, _t: events.append((0.0, "frame", obj)) is None,
@@ -74,39 +81,87 @@ def test_a_listener_cut_mid_utterance_hears_every_pulse_once_then_live_again(
         CallStats(), codec=codec, ptt=True,
     )  # fmt: skip
     sender.set_talking(True)
-    audio = pulse_train(10.0).reshape(-1, FRAME_SAMPLES)
+    audio = pulse_train(seconds).reshape(-1, FRAME_SAMPLES)
     arrivals: list[tuple[float, str, object]] = []
     for seq, samples in enumerate(audio):
-        sent_at = t0 + (seq + 1) * 0.020
+        sent_at = T0 + (seq + 1) * 0.020
         sender.capture(samples, sent_at, sent_at)
         if seq == len(audio) - 1:
             sender.set_talking(False)  # the last part goes
         for _, kind, obj in events:
-            at = sent_at + net
-            if t0 + cut <= at < t0 + back:
+            at = sent_at + NET
+            if cut is not None and T0 + cut[0] <= at < T0 + cut[1]:
                 if kind == "frame":
                     continue  # realtime: dropped while the link is down
-                at = t0 + back  # reliable: the session replays it on resume
+                at = T0 + cut[1]  # reliable: the session replays it on resume
+            if stall is not None and T0 + stall[0] <= at < T0 + stall[1]:
+                at = T0 + stall[1]
             arrivals.append((at, kind, obj))
         events.clear()
     arrivals.sort(key=lambda a: (a[0], a[1] == "frame"))
+    now = T0
     receiver = Receiver(CallStats(), clock=lambda: now)
     played = []
     i = 0
-    for k in range(int(16.0 / 0.020)):
-        now = t0 + k * 0.020
+    for k in range(int((seconds + 6.0) / 0.020)):
+        now = T0 + k * 0.020
         while i < len(arrivals) and arrivals[i][0] <= now:
             _, kind, obj = arrivals[i]
             obj = [*obj[:6], "alice"] if kind == "frame" else {**obj, "src": "alice"}  # type: ignore[misc,dict-item]
             (receiver.on_frame if kind == "frame" else receiver.on_utterance)(obj)
             i += 1
         played.append(receiver.next_frame(now).copy())
+    return receiver, played
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("offset", [0.0, 0.0077, 0.0308, 0.1001, 0.1309, 0.1771, 0.2233])
+def test_a_listener_cut_mid_utterance_hears_every_pulse_once_then_live_again(
+    codec: str, offset: float
+) -> None:
+    """A 10 s utterance; the listener's link is down from about 2 s to 4 s (shifted by
+    ``offset``: where the cut falls in a pulse, a frame, a part, where the catch-up
+    meets the live edge: offsets where an earlier version went wrong)."""
+    cut, back = 2.0 + offset, 4.0 + offset * 1.4
+    receiver, played = simulate(codec, 10.0, cut=(cut, back))
     assert compare_pulses(pulses_heard(played), 100) == (100, 0, 0)
-    delays = [(h - t0, h - c) for h, c in receiver.history]
+    delays = [(h - T0, h - c) for h, c in receiver.history]
     late = [h for h, d in delays if d > 0.080]
     assert late and min(late) >= back  # behind only after the cut...
     assert max(late) <= back + 5.0  # ...and live again 2 s x 1.5 / 0.5 later
     assert max(d for _, d in delays) <= back - cut + 0.3
+    assert receiver.stats.missed_parts_played >= 4 and not receiver.replaying
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("frame", range(5))
+def test_the_buffer_shrinking_back_after_a_stall_drops_a_pause_never_a_pulse(codec: str, frame: int) -> None:
+    """The link stalls for 100 ms (as a busy machine's does), then delivers in a burst:
+    the jitter buffer, which played on meanwhile, is left a few frames deeper than it
+    needs and takes them out one at a time. It used to drop whichever frame was next,
+    a pulse (speech) one time in five, lost for good: received live, so no utterance
+    part brings it back (issue 17). ``frame`` moves the stall through a pulse's 5."""
+    stall = 3.0 + frame * 0.020
+    receiver, played = simulate(codec, 10.0, stall=(stall, stall + 0.100))
+    jitter = receiver.sources["alice"].jitter
+    assert jitter.stats.skipped >= 1, "the buffer did not shrink back: nothing tested"
+    assert compare_pulses(pulses_heard(played), 100) == (100, 0, 0)
+    delays = [(h - T0, h - c) for h, c in receiver.history]
+    before = sorted(d for h, d in delays if 1.0 <= h < stall)
+    last = sorted(d for h, d in delays if 8.0 <= h < 10.0)
+    assert last[len(last) // 2] <= before[len(before) // 2] + 0.001, "the delay did not come back down"
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize("stall", [5.21, 5.73, 6.12])
+def test_the_buffer_shrinking_back_during_a_catch_up_hands_the_frame_to_it(codec: str, stall: float) -> None:
+    """The listener is cut off from 2 s to 4 s, then, while it catches up, its link
+    stalls for 100 ms. The live frame the buffer takes out to shrink back goes to the
+    catch-up with the one popped: it used to be dropped, and at these offsets no part
+    brought it back before the catch-up had passed it."""
+    receiver, played = simulate(codec, 10.0, cut=(2.0, 4.0), stall=(stall, stall + 0.100))
+    assert receiver.sources["alice"].jitter.stats.skipped >= 1, "the buffer did not shrink back"
+    assert compare_pulses(pulses_heard(played), 100) == (100, 0, 0)
     assert receiver.stats.missed_parts_played >= 4 and not receiver.replaying
 
 

@@ -34,6 +34,8 @@ def run(
             buffer.push(arrivals[i][1], arrivals[i][0])
             i += 1
         p = buffer.pop(now)
+        if p.frame is not None and buffer.shrink_due:
+            p = buffer.skip(now)  # as a Receiver does with a quiet frame (these are empty)
         out.append((now, p.kind, p.frame.seq if p.frame else None))
     return out
 
