@@ -11,7 +11,7 @@ from testutil.relay import Relay
 
 from korinet import Client, Server, SessionConfig, SessionExpired, hookimpl
 from korinet.plugins import PluginManager
-from korinet.runtime.backoff import backoff
+from korinet.reconnect import backoff
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ async def test_first_retry_is_immediate_after_a_cut(
 ) -> None:
     # Record every reconnection delay the client draws: after each cut of a working
     # link the first retry must not wait (checked on the delays, not on the clock).
-    import korinet.runtime.client as client_module
+    import korinet.reconnect as reconnect_module
 
     drawn: list[float] = []
 
@@ -125,7 +125,7 @@ async def test_first_retry_is_immediate_after_a_cut(
             drawn.append(delay)
             yield delay
 
-    monkeypatch.setattr(client_module, "backoff", recording_backoff)
+    monkeypatch.setattr(reconnect_module, "backoff", recording_backoff)
     async with Server("127.0.0.1", 0, handler=_echo_handler, plugins=plugins) as server:
         relay = await Relay("127.0.0.1", server.port).start()
         client = await Client.connect("127.0.0.1", relay.port, plugins=plugins)
