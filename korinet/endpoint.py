@@ -212,6 +212,15 @@ class Endpoint:
     def has_notice(self) -> bool:
         return self._notice is not None
 
+    def take(self) -> Message:
+        """The oldest inbox message, handed to the application: only now counted
+        delivered, so its ack says the application has it (a request's ack rides
+        on its reply)."""
+        msg, epoch = self.inbox.popleft()
+        if msg.seq:
+            self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
+        return msg
+
     def process(self, events: list[Event]) -> bool:
         """Act on the session's events; returns whether a link opened."""
         opened = False

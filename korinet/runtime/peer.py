@@ -341,10 +341,8 @@ class Peer(EndpointStatus):
                     await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
-        msg, epoch = inbox.popleft()
+        msg = self.endpoint.take()
         if msg.seq:
-            # a request's ack can ride on its reply
-            self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
             if self._stored is not None:
                 # Durable at the end of this loop turn, before the ACK: what the application
                 # writes to the store before its next await commits with the delivery.

@@ -572,10 +572,8 @@ class SyncClient(EndpointStatus, Reconnecting):
                         deadline,
                         "waiting for a message",
                     )
-            msg, epoch = inbox.popleft()
+            msg = endpoint.take()
             if msg.seq:
-                # a request's ack can ride on its reply
-                self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
                 self._flush()
             return msg
 
