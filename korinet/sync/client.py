@@ -189,25 +189,26 @@ def _new_poller() -> Any:
 class _Box:
     """What a blocking call waits for (an acknowledgement, a reply): the Endpoint's
     Waiter without a loop. Only touched under the client's mutex; the waiting
-    thread watches ``done()`` in its wait condition."""
+    thread watches it in its wait condition (the hot path reads ``finished``
+    rather than calling ``done()``)."""
 
-    __slots__ = ("_done", "error", "result")
+    __slots__ = ("error", "finished", "result")
 
     def __init__(self) -> None:
-        self._done = False
+        self.finished = False
         self.result: Any = None
         self.error: BaseException | None = None
 
     def done(self) -> bool:
-        return self._done
+        return self.finished
 
     def set_result(self, result: Any, /) -> None:
         self.result = result
-        self._done = True
+        self.finished = True
 
     def set_exception(self, exception: BaseException, /) -> None:
         self.error = exception
-        self._done = True
+        self.finished = True
 
     def exception(self) -> BaseException | None:
         return self.error
@@ -400,16 +401,17 @@ class SyncClient(EndpointStatus, Reconnecting):
                     self._write(out)
                 else:
                     self._flush()
-            if not pending.done():
+            if not pending.finished:
                 if self._plain and self._claim():
                     self._read_until_acked(pending, deadline)
-                if not pending.done():
+                if not pending.finished:
                     self._wait(
                         pending.done,
                         deadline,
                         "waiting for the acknowledgement (the message stays queued)",
                     )
-        pending.outcome()
+        if pending.error is not None:
+            raise pending.error
 
     def _read_until_acked(self, pending: _Box, deadline: float | None) -> None:
         """(mutex held, role claimed) The stop-and-wait fast path of :meth:`send`:
@@ -430,7 +432,7 @@ class SyncClient(EndpointStatus, Reconnecting):
         self._leader = threading.get_ident()
         self._takeover = False
         try:
-            while not pending.done():
+            while not pending.finished:
                 if self._outbuf or self.endpoint.ended is not None or self._broken is not None:
                     return
                 wake_at = self._tick_at
