@@ -287,17 +287,12 @@ class Client(Peer, Reconnecting):
         return conn
 
     def _verify_server(self, conn: Connection) -> None:
-        """Check the server's key against the pin before anything is sent (§3.1 comes
-        after TLS): sets :attr:`identity` to the server's."""
-        from ..security.known_hosts import host_address
+        """Check the server's key against the pin before anything is sent: sets
+        :attr:`identity` to the server's."""
         from ..security.tls import peer_certificate
 
         assert self.tls is not None
-        address = host_address(self.host, self.port)
-        try:
-            self.identity = self.tls.verify_server(address, peer_certificate(conn.transport))
-        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
-            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
+        self.identity = self.tls.check_server(self.host, self.port, peer_certificate(conn.transport))
 
 
 async def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> Client:

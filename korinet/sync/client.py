@@ -1090,17 +1090,10 @@ class SyncClient(EndpointStatus, Reconnecting):
         return sock
 
     def _verify_server(self, sock: socket.socket) -> None:
-        """Check the server's key against the pin before anything is sent, as
-        :meth:`korinet.runtime.Client._verify_server` does; sets :attr:`identity`."""
-        from ..security.known_hosts import host_address
-
-        assert self.tls is not None
-        address = host_address(self.host, self.port)
-        assert isinstance(sock, ssl_module.SSLSocket)
-        try:
-            self.identity = self.tls.verify_server(address, sock.getpeercert(binary_form=True))
-        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
-            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
+        """Check the server's key against the pin before anything is sent; sets
+        :attr:`identity`."""
+        assert self.tls is not None and isinstance(sock, ssl_module.SSLSocket)
+        self.identity = self.tls.check_server(self.host, self.port, sock.getpeercert(binary_form=True))
 
     def _idle_poll(self, seconds: float) -> None:
         """(mutex held, leader) Wait up to ``seconds`` without a link, waking early for
