@@ -23,6 +23,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .codecs.base import Codec
+    from .endpoint import SessionHandle
     from .messages import MessageType
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
@@ -55,28 +56,29 @@ def korinet_register_message_types() -> list[MessageType]:
 
 
 @hookspec
-def korinet_session_opened(session: Any) -> Any:
+def korinet_session_opened(session: SessionHandle) -> Any:
     """A new session completed its first handshake. ``session`` is the runtime's
-    :class:`~korinet.runtime.Peer` (server side) or :class:`~korinet.runtime.Client`."""
+    :class:`~korinet.runtime.Peer` (server side), :class:`~korinet.runtime.Client`
+    or :class:`~korinet.sync.SyncClient`: a :class:`~korinet.endpoint.SessionHandle`."""
 
 
 @hookspec
-def korinet_session_resumed(session: Any, replayed: int) -> Any:
+def korinet_session_resumed(session: SessionHandle, replayed: int) -> Any:
     """A session continued on a new connection; ``replayed`` messages were re-sent."""
 
 
 @hookspec
-def korinet_session_lost(session: Any, error: BaseException) -> Any:
+def korinet_session_lost(session: SessionHandle, error: BaseException) -> Any:
     """A session's connection dropped (``error`` says why); it may still resume."""
 
 
 @hookspec
-def korinet_session_closed(session: Any, reason: str) -> Any:
+def korinet_session_closed(session: SessionHandle, reason: str) -> Any:
     """A session ended for good (orderly close, expiry or protocol error)."""
 
 
 @hookspec
-def korinet_link_reopened(session: Any, resumed: bool, replayed: int) -> Any:
+def korinet_link_reopened(session: SessionHandle, resumed: bool, replayed: int) -> Any:
     """A session object has a link again after losing one: ``resumed`` True when
     the session continued (after :func:`korinet_session_resumed`, ``replayed``
     messages re-sent), False when the server had forgotten it and a new session
@@ -86,7 +88,7 @@ def korinet_link_reopened(session: Any, resumed: bool, replayed: int) -> Any:
 
 
 @hookspec
-def korinet_ack_timed(session: Any, seq: int, rtt: float) -> Any:
+def korinet_ack_timed(session: SessionHandle, seq: int, rtt: float) -> Any:
     """A sampled acknowledgement round trip: message ``seq`` that this side sent was
     acknowledged ``rtt`` seconds after it was queued.
 
@@ -119,7 +121,7 @@ def korinet_session_refused(
 
 
 @hookspec
-def korinet_message_rejected(session: Any, message_type: str, reason: str) -> Any:
+def korinet_message_rejected(session: SessionHandle, message_type: str, reason: str) -> Any:
     """A received message was rejected by this side's rules (unknown type, failed
     validation, missing role, untyped where only typed ones are accepted). A reliable
     one is answered with a REJECT (the sender gets :class:`~korinet.MessageRejected`);

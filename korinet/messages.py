@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from .runtime.peer import Peer
+    from .endpoint import SessionHandle
 
 __all__ = ["REALTIME", "RELIABLE", "Delivery", "Handler", "Message", "MessageType"]
 
@@ -56,9 +56,10 @@ class Message:
         return self.corr != 0
 
 
-#: A handler gets the sending peer and the message; for a request, its return value
-#: (or awaited result) is the reply. Raising answers the request with an error.
-Handler = Callable[["Peer", Message], Any | Awaitable[Any]]
+#: A handler gets the sending peer (a Peer, or the blocking SyncClient) and the message;
+#: for a request, its return value (or awaited result) is the reply. Raising answers
+#: the request with an error.
+Handler = Callable[["SessionHandle", Message], Any | Awaitable[Any]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from .cluster import ClusterBus
     from .codecs.base import Codec
+    from .endpoint import SessionHandle
     from .messages import MessageType
 
 __all__ = [
@@ -441,22 +442,22 @@ class PluginManager:
             logger.exception("a plugin's hook wrapper failed in %s", hook)
             return []
 
-    def session_opened(self, session: Any) -> list[Any]:
+    def session_opened(self, session: SessionHandle) -> list[Any]:
         return self._notify("korinet_session_opened", session=session)
 
-    def session_resumed(self, session: Any, replayed: int) -> list[Any]:
+    def session_resumed(self, session: SessionHandle, replayed: int) -> list[Any]:
         return self._notify("korinet_session_resumed", session=session, replayed=replayed)
 
-    def session_lost(self, session: Any, error: BaseException) -> list[Any]:
+    def session_lost(self, session: SessionHandle, error: BaseException) -> list[Any]:
         return self._notify("korinet_session_lost", session=session, error=error)
 
-    def session_closed(self, session: Any, reason: str) -> list[Any]:
+    def session_closed(self, session: SessionHandle, reason: str) -> list[Any]:
         return self._notify("korinet_session_closed", session=session, reason=reason)
 
-    def link_reopened(self, session: Any, resumed: bool, replayed: int) -> list[Any]:
+    def link_reopened(self, session: SessionHandle, resumed: bool, replayed: int) -> list[Any]:
         return self._notify("korinet_link_reopened", session=session, resumed=resumed, replayed=replayed)
 
-    def ack_timed(self, session: Any, seq: int, rtt: float) -> list[Any]:
+    def ack_timed(self, session: SessionHandle, seq: int, rtt: float) -> list[Any]:
         return self._notify("korinet_ack_timed", session=session, seq=seq, rtt=rtt)
 
     def session_refused(
@@ -471,7 +472,7 @@ class PluginManager:
             code=code,
         )
 
-    def message_rejected(self, session: Any, message_type: str, reason: str) -> list[Any]:
+    def message_rejected(self, session: SessionHandle, message_type: str, reason: str) -> list[Any]:
         return self._notify(
             "korinet_message_rejected", session=session, message_type=message_type, reason=reason
         )

@@ -446,7 +446,7 @@ _refusal_filter = _OneLineRefusals()
 
 
 def _install_refusal_filter() -> None:
-    peer_logger = logging.getLogger("korinet.runtime.peer")
+    peer_logger = logging.getLogger("korinet.endpoint")  # where the runtimes log failed handlers
     if _refusal_filter not in peer_logger.filters:
         peer_logger.addFilter(_refusal_filter)
 

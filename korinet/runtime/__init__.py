@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .backoff import backoff
+from ..reconnect import backoff
 from .client import DEFAULT_PORT, Client, connect
 from .connection import Connection
 from .fanout import FanoutResult, post_many, send_realtime_many

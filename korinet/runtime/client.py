@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, KoriNetTimeout
 from ..plugins import PluginManager, default_manager
+from ..reconnect import Reconnect, Reconnecting, fatal_error
 from ..session import CLIENT, CloseCode, Session, SessionConfig
-from .backoff import backoff
 from .connection import Connection
 from .peer import Peer
 from .store import CLIENT_KEY, SessionStore
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 1235  # the original KoriNet examples' port
 
 
-class Client(Peer):
+class Client(Peer, Reconnecting):
     """A Peer that dials, and redials, one server.
 
     Args:
@@ -91,12 +91,7 @@ class Client(Peer):
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
-        self.backoff_cap = backoff_cap
-        self.outage_limit = outage_limit
-        #: the last connection error, for messages while reconnecting
-        self.last_error: BaseException | None = None
-        #: connection attempts made (a metrics plugin reads it)
-        self.attempts = 0
+        self.reconnect = Reconnect(f"{host}:{port}", cap=backoff_cap, outage_limit=outage_limit)
         self._runner: asyncio.Task[None] | None = None
         self._link_down = asyncio.Event()
         self._wake = asyncio.Event()
@@ -149,8 +144,8 @@ class Client(Peer):
     async def abort(self) -> None:
         """Stop at once, without a CLOSE: the server keeps the session until its TTL,
         and a store keeps it too, for a client started again with it to resume."""
-        self._keep_stored = True
-        self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
+        self.keep_stored = True
+        self.finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
         if self.conn is not None:
             self.conn.abort()
         await self._stop_runner()
@@ -201,28 +196,17 @@ class Client(Peer):
         self._link_down.set()
 
     async def _run(self) -> None:
-        delays = backoff(cap=self.backoff_cap)
-        outage_since: float | None = None
+        policy = self.reconnect
         while not self.is_closed:
             opened = await self._one_link()
             if self.is_closed:
                 return
-            now = self.loop.time()
             if opened:
-                delays = backoff(cap=self.backoff_cap)  # a success restarts it: immediate retry first
-                outage_since = now
                 self._wake.clear()  # a nudge from before this outage is stale
-            elif outage_since is None:
-                outage_since = now
-            if self.outage_limit is not None and now - outage_since > self.outage_limit:
-                self._finish(
-                    KoriNetTimeout(
-                        f"no connection to {self.host}:{self.port} for {self.outage_limit}s"
-                        f" (last error: {self.last_error})"
-                    )
-                )
+            delay = policy.next_delay(opened, self.loop.time())
+            if isinstance(delay, KoriNetError):
+                self.finish(delay)
                 return
-            delay = next(delays)
             if delay:
                 logger.debug("%r: reconnecting in %.2fs", self, delay)
                 # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
@@ -238,25 +222,16 @@ class Client(Peer):
 
     async def _one_link(self) -> bool:
         """Connect, run the link until it drops; return whether a handshake completed."""
-        self.attempts += 1
+        self.reconnect.attempts += 1
         try:
             conn = await asyncio.wait_for(self._open(), self.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            self.last_error = exc
-            if isinstance(exc, ssl_module.SSLCertVerificationError):
-                self._finish(_fatal(exc))
-            elif isinstance(exc, ssl_module.SSLError):
-                from ..security.tls import plaintext_answer  # TLS users only pay for it
-
-                error = plaintext_answer(exc, f"{self.host}:{self.port}")
-                if error is not None:
-                    self.last_error = error
-                    self._finish(error)
-            elif isinstance(exc, TimeoutError) and not str(exc):  # say what took too long
-                self.last_error = TimeoutError(
+            if isinstance(exc, TimeoutError) and not str(exc):  # say what took too long
+                exc = TimeoutError(
                     f"no answer from {self.host}:{self.port} within {self.connect_timeout:g}s"
                     + (" (TCP connect and TLS handshake)" if self.ssl else " (TCP connect)")
                 )
+            self._attempt_failed(exc)
             return False
         if conn.lost.done():
             # Reset between connect and here: no peer was attached to hear it, so
@@ -268,11 +243,10 @@ class Client(Peer):
                 self._verify_server(conn)
             except AuthenticationError as exc:
                 conn.abort()
-                self.last_error = exc
-                self._finish(exc)  # retrying cannot make the key match
+                self._attempt_failed(exc)
                 return False
         self._link_down.clear()
-        self._attach(conn)
+        self.attach(conn)
         try:
             self.session.connection_made(self.loop.time())
         except KoriNetError as exc:  # the session ended meanwhile
@@ -280,11 +254,18 @@ class Client(Peer):
             self.last_error = exc
             return False
         opened_before = self.links_opened
-        self._process()
+        self.process()
         await self._link_down.wait()
         if conn.lost.done() and conn.lost.result() is not None:
             self.last_error = conn.lost.result()
         return self.links_opened > opened_before
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        self.last_error = exc
+        fatal = fatal_error(exc, f"{self.host}:{self.port}")
+        if fatal is not None:  # retrying cannot help
+            self.last_error = fatal
+            self.finish(fatal)
 
     async def _open(self) -> Connection:
         """A TCP connection to the server, TLS done (run by the Connection itself)."""
@@ -306,23 +287,12 @@ class Client(Peer):
         return conn
 
     def _verify_server(self, conn: Connection) -> None:
-        """Check the server's key against the pin before anything is sent (§3.1 comes
-        after TLS): sets :attr:`identity` to the server's."""
-        from ..security.known_hosts import host_address
+        """Check the server's key against the pin before anything is sent: sets
+        :attr:`identity` to the server's."""
         from ..security.tls import peer_certificate
 
         assert self.tls is not None
-        address = host_address(self.host, self.port)
-        try:
-            self.identity = self.tls.verify_server(address, peer_certificate(conn.transport))
-        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
-            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
-
-
-def _fatal(exc: BaseException) -> KoriNetError:
-    error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
-    error.__cause__ = exc
-    return error
+        self.identity = self.tls.check_server(self.host, self.port, peer_certificate(conn.transport))
 
 
 async def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> Client:

@@ -114,7 +114,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:
-            self.peer._link_data(self, data)
+            self.peer.link_data(self, data)
         elif self.on_data is not None:
             self.on_data(data)
 
@@ -132,7 +132,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self.lost.done():
             self.lost.set_result(exc)
         if self.peer is not None:
-            self.peer._link_lost(self, exc)
+            self.peer.link_lost(self, exc)
 
     def pause_writing(self) -> None:
         self._paused = True

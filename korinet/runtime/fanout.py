@@ -100,7 +100,7 @@ def post_many(peers: Iterable[Peer], obj: Any, type: str = "") -> FanoutResult:
                 # never connected: post says so (InvalidState) the way it always does
                 seq = peer.post(obj, type)
             else:
-                seq = peer._post_prepared(prepared.get(codec))
+                seq = peer.post_prepared(prepared.get(codec))
         except KoriNetError as exc:
             result.failed[peer] = exc
         else:
@@ -123,7 +123,7 @@ def send_realtime_many(peers: Iterable[Peer], obj: Any, type: str = "") -> int:
     prepared = _Prepared(obj, type, realtime=True)
     sent = 0
     for peer in dict.fromkeys(peers):
-        conn = peer._realtime_link()
+        conn = peer.realtime_link()
         if conn is None:
             continue
         session = peer.session
@@ -137,6 +137,6 @@ def send_realtime_many(peers: Iterable[Peer], obj: Any, type: str = "") -> int:
         except (CodecError, LocalProtocolError) as exc:  # MessageTooLarge is a LocalProtocolError
             logger.warning("%r: realtime %r not sent: %s", peer, type, exc)
             continue
-        if peer._realtime_write(conn):
+        if peer.realtime_write(conn):
             sent += 1
     return sent

@@ -1,45 +1,35 @@
-"""Peer: the application's handle on one session, on either side.
+"""Peer: the application's handle on one session, on either side; the asyncio
+driver of an :class:`~korinet.endpoint.Endpoint`.
 
 A Peer outlives connections: the Session inside keeps sequence numbers and the
-replay buffer, the Peer keeps what the application waits on (acks, replies, the
-inbox). Links come and go underneath (``_attach`` / ``_link_lost``).
+replay buffer, the Endpoint keeps what the application waits on (acks, replies,
+the inbox). Links come and go underneath (:meth:`Peer.attach` /
+:meth:`Peer.link_lost`, called by the Connection and the Hub).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from ..dispatch import admit, admit_realtime, queue_answer, queue_rejection, rejection_reason
+from ..endpoint import Done, Endpoint, EndpointStatus
 from ..exceptions import (
-    CodecError,
     ConnectionClosedError,
     ConnectionClosedOK,
     KoriNetError,
     KoriNetTimeout,
-    MessageRejected,
     SendBufferFull,
-    SessionExpired,
 )
-from ..messages import REALTIME, Message, MessageType
+from ..messages import REALTIME, Message
 from ..session import (
     CLOSED,
     OPEN,
     CloseCode,
-    LinkFailed,
     LinkOpened,
-    MessageReceived,
-    MessagesAcked,
-    PeerClosed,
-    PongReceived,
     PreparedMessage,
-    RealtimeReceived,
     Session,
-    SessionExpiredEvent,
 )
 from ..wire.frames import MessageFlags
 from .store import StoreError
@@ -55,11 +45,7 @@ logger = logging.getLogger(__name__)
 
 _REQUEST = int(MessageFlags.REQUEST)
 _REPLY = int(MessageFlags.REPLY)
-_ERROR = int(MessageFlags.ERROR)
-_REJECT = int(MessageFlags.REJECT)
 
-#: Realtime messages waiting for recv_realtime(); the oldest is dropped when full.
-REALTIME_INBOX: int = 256
 #: Queued messages are written at once after this many, without waiting for the loop.
 FLUSH_EVERY: int = 64
 #: Longest close() waits for the peer to answer our CLOSE and drop the connection.
@@ -70,7 +56,7 @@ LAZY_ACK_DELAY: float = 0.02
 REALTIME_MAX_BACKLOG: int = 64 * 1024
 
 
-class Peer:
+class Peer(EndpointStatus):
     """One session as the application sees it.
 
     Sending: :meth:`send` (returns once the peer's application has the message),
@@ -90,61 +76,36 @@ class Peer:
         self.loop = asyncio.get_running_loop()
         self.session = session
         self.plugins = plugins
-        self.message_types: dict[str, MessageType] = plugins.message_types()
-        self.accept_plain = accept_plain
-        #: who the peer is (set by authentication; None when anonymous)
-        self.identity = identity
-        #: the round-trip time measured by the last heartbeat, in seconds
-        self.rtt: float | None = None
+        self.endpoint = Endpoint(session, plugins, self, self, accept_plain=accept_plain, identity=identity)
         self.conn: Connection | None = None
-        self._link_failure: KoriNetError | None = None  # why the session dropped the link
-        self._inbox: deque[tuple[Message, int]] = deque()
-        self._rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._acks: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self._rejected: dict[int, str] = {}
-        self._requests: dict[int, tuple[asyncio.Future[Any], int]] = {}
-        self._next_corr = 1  # the next request's correlation id
         self._space_waiters: list[asyncio.Future[None]] = []
         self._open_waiters: list[asyncio.Future[None]] = []
         self._flush_pending = False  # a _flush is scheduled with call_soon
         self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._opened_once = False
-        #: handshakes completed on this session (first open and every resume)
-        self.links_opened = 0
-        # the message timed for korinet_ack_timed: (seq, queued at, links_opened then)
-        self._probe: tuple[int, float, int] | None = None
-        self._notice: KoriNetError | None = None  # raised once by recv (session expired)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
         #: the durable store of this session (None: it lives in memory only)
         self._stored: StoredSession | None = None
         #: True: when the session ends here, leave it in the store (to be resumed later)
-        self._keep_stored = False
+        self.keep_stored = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.session.session_id} {self.session.state.name}>"
 
     # ------------------------------------------------------------------ status
-
-    @property
-    def session_id(self) -> str | None:
-        return self.session.session_id
+    # (session_id, identity, rtt, links_opened, is_closed, queued: EndpointStatus)
 
     @property
     def is_connected(self) -> bool:
         return self.conn is not None and self.session.state is OPEN
 
     @property
-    def is_closed(self) -> bool:
-        return self.closed.done()
-
-    @property
-    def queued(self) -> int:
-        """Reliable messages sent but not yet acknowledged."""
-        return self.session.unacked
+    def next_corr(self) -> int:
+        """The next request's correlation id (a store keeps it across a restart)."""
+        return self.endpoint.next_corr
 
     @property
     def last_seq(self) -> int:
@@ -222,7 +183,7 @@ class Peer:
             raise self.closed.result()
         return self._posted(self.session.send_message(obj, type))
 
-    def _post_prepared(self, message: PreparedMessage) -> int:
+    def post_prepared(self, message: PreparedMessage) -> int:
         """:meth:`post` of a message framed once for many sessions (the fan-out's
         path: korinet.runtime.fanout); same checks, same side effects."""
         if self.closed.done():
@@ -233,8 +194,7 @@ class Peer:
         # what every post does once the session took the message
         if self._stored is not None:
             self._accepted()
-        if self._probe is None and self.plugins.times_acks:
-            self._probe = (seq, time.perf_counter(), self.links_opened)
+        self.endpoint.sent(seq)
         self._after_queue()
         return seq
 
@@ -244,25 +204,19 @@ class Peer:
             return
         self._raise_if_closed()
         fut: asyncio.Future[None] = self.loop.create_future()
-        acks = self._acks
-        if not acks or acks[-1][0] <= seq:
-            acks.append((seq, fut))
-        else:  # rare: an older seq than one already awaited
-            entries = sorted([*acks, (seq, fut)], key=lambda e: e[0])
-            acks.clear()
-            acks.extend(entries)
+        self.endpoint.wait_acked(seq, fut)
         await self._wait(fut, timeout, "waiting for the acknowledgement (the message stays queued)")
 
     def send_realtime(self, obj: Any, type: str = "") -> bool:
         """Send a realtime message now, or drop it: no link, or the link already has
         more than REALTIME_MAX_BACKLOG bytes waiting (a stale frame is worse than none).
         Returns whether it was sent."""
-        conn = self._realtime_link()
+        conn = self.realtime_link()
         if conn is None or not self.session.send_realtime(obj, type):
             return False
-        return self._realtime_write(conn)
+        return self.realtime_write(conn)
 
-    def _realtime_link(self) -> Connection | None:
+    def realtime_link(self) -> Connection | None:
         """The link a realtime message may go on now, or None (counted as dropped)."""
         conn = self.conn
         if conn is None or conn.write_backlog > REALTIME_MAX_BACKLOG:
@@ -270,7 +224,7 @@ class Peer:
             return None
         return conn
 
-    def _realtime_write(self, conn: Connection) -> bool:
+    def realtime_write(self, conn: Connection) -> bool:
         """Write the realtime frame the session just queued (and anything before it)."""
         if self._stored is not None and not self._commit_before_write():
             return False
@@ -284,15 +238,13 @@ class Peer:
             KoriNetTimeout: no reply within ``timeout``.
             MessageRejected: the peer rejected the request or its handler failed.
         """
-        corr = self._next_corr
-        self._next_corr += 1
         reply: asyncio.Future[Any] = self.loop.create_future()
-        self._requests[corr] = (reply, 0)
+        corr = self.endpoint.new_request(reply)
         try:
             await self._enqueue(obj, type, _REQUEST, corr, timeout)
             return await self._wait(reply, timeout, "waiting for the reply")
         finally:
-            self._requests.pop(corr, None)
+            self.endpoint.requests.pop(corr, None)
 
     async def reply(self, request: Message, obj: Any) -> None:
         """Answer a request taken from the inbox."""
@@ -323,11 +275,9 @@ class Peer:
         if self._stored is not None:
             self._accepted()
         fut: asyncio.Future[None] = self.loop.create_future()
-        self._acks.append((seq, fut))
-        if flags & _REQUEST and corr in self._requests:
-            self._requests[corr] = (self._requests[corr][0], seq)
-        if self._probe is None and self.plugins.times_acks:
-            self._probe = (seq, time.perf_counter(), self.links_opened)
+        self.endpoint.sent(seq, fut)
+        if flags & _REQUEST:
+            self.endpoint.request_sent(corr, seq)
         self._after_queue()
         return fut
 
@@ -377,9 +327,10 @@ class Peer:
             KoriNetTimeout: nothing arrived within ``timeout``.
         """
         deadline = None if timeout is None else self.loop.time() + timeout
-        while not self._inbox:
-            if self._notice is not None:
-                notice, self._notice = self._notice, None
+        inbox = self.endpoint.inbox
+        while not inbox:
+            notice = self.endpoint.take_notice()
+            if notice is not None:
                 raise notice
             self._raise_if_closed()
             waiter = self._inbox_waiter = self.loop.create_future()
@@ -390,16 +341,14 @@ class Peer:
                     await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
-        msg, epoch = self._inbox.popleft()
+        msg = self.endpoint.take()
         if msg.seq:
-            # a request's ack can ride on its reply
-            self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
             if self._stored is not None:
                 # Durable at the end of this loop turn, before the ACK: what the application
                 # writes to the store before its next await commits with the delivery.
                 self._stored.touch()
                 self._schedule_flush()
-            elif self._inbox:
+            elif inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
             else:
                 self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
@@ -411,7 +360,8 @@ class Peer:
 
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
-        return self._rt_inbox.popleft() if self._rt_inbox else None
+        rt_inbox = self.endpoint.rt_inbox
+        return rt_inbox.popleft() if rt_inbox else None
 
     def __aiter__(self) -> Peer:
         return self
@@ -430,13 +380,17 @@ class Peer:
         to be acknowledged, so that closing never loses what send_nowait queued."""
         if self.is_closed:
             return
-        if self._acks and self.is_connected:
+        acks = self.endpoint.acks
+        if acks and self.is_connected:
             try:
                 await asyncio.wait_for(
-                    asyncio.gather(*(f for _, f in self._acks), return_exceptions=True), timeout
+                    asyncio.gather(
+                        *(cast("asyncio.Future[None]", f) for _, f in acks), return_exceptions=True
+                    ),
+                    timeout,
                 )
             except TimeoutError:
-                logger.warning("%r: closing with %d message(s) unacknowledged", self, len(self._acks))
+                logger.warning("%r: closing with %d message(s) unacknowledged", self, len(acks))
         self.session.close(CloseCode.NORMAL, reason)
         conn = self.conn
         if conn is not None and (self._stored is None or self._commit_before_write()):
@@ -452,15 +406,17 @@ class Peer:
             except TimeoutError:
                 pass
             conn.close()
-        self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
+        self.finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
 
     def _raise_if_closed(self) -> None:
         if self.closed.done():
             raise self.closed.result()
 
     # ------------------------------------------------------------------ link plumbing
+    # (called by the Connection and the Hub)
 
-    def _attach(self, conn: Connection) -> None:
+    def attach(self, conn: Connection) -> None:
+        """Carry the session over ``conn`` from now on (dropping any older link)."""
         old = self.conn
         if old is not None and old is not conn:
             old.peer = None
@@ -472,25 +428,28 @@ class Peer:
             # Reset between the connect and now (a server dying as its kernel accepted
             # us): nobody heard it, and a lost connection schedules no timer, so the
             # link would wait forever. Report it once the caller has started the link.
-            self.loop.call_soon(self._link_lost, conn, conn.lost.result())
+            self.loop.call_soon(self.link_lost, conn, conn.lost.result())
 
-    def _link_data(self, conn: Connection, data: bytes) -> None:
+    def link_data(self, conn: Connection, data: bytes) -> None:
+        """Bytes arrived on ``conn``."""
         if conn is not self.conn:
             return
         self.session.receive_data(data, self.loop.time())
-        self._process()
+        self.process()
 
-    def _link_lost(self, conn: Connection, exc: BaseException | None) -> None:
+    def link_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        """``conn`` is gone (``exc``: why, None for EOF)."""
         if conn is not self.conn:
             return
         conn.peer = None
         self.conn = None
         self.session.connection_lost(self.loop.time())
-        error = exc or self._link_failure or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
-        self._link_failure = None
+        endpoint = self.endpoint
+        error = exc or endpoint.link_failure or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
+        endpoint.link_failure = None
         if not self.is_closed:
             logger.info("%r: link lost (%s)", self, error)
-            self._spawn(self.plugins.session_lost(self, error))
+            self.call_hook(self.plugins.session_lost, self, error)
         self._on_link_lost(error)
 
     def _on_link_lost(self, error: BaseException) -> None:
@@ -500,7 +459,7 @@ class Peer:
         if self.conn is not None:
             self.conn._timer = None  # fired: _process schedules the next one
         self.session.tick(self.loop.time())
-        self._process()
+        self.process()
 
     def _schedule_timer(self) -> None:
         if self.conn is not None:
@@ -534,153 +493,74 @@ class Peer:
             self.session.flush_ack()
             self._flush()
 
-    def _process(self) -> None:
+    def process(self) -> None:
         """Act on the session's events, then write what it has to send."""
-        reschedule = False
-        for ev in self.session.events_received():
-            kind = type(ev)
-            if kind is MessageReceived:
-                self._dispatch(ev)  # type: ignore[arg-type]
-            elif kind is MessagesAcked:
-                self._acked(ev.seq)  # type: ignore[attr-defined]
-            elif kind is RealtimeReceived:
-                self._dispatch_realtime(ev)  # type: ignore[arg-type]
-            elif kind is LinkOpened:
-                reschedule = True
-                self._opened(ev)  # type: ignore[arg-type]
-            elif kind is PongReceived:
-                self.rtt = ev.rtt  # type: ignore[attr-defined]
-            elif kind is SessionExpiredEvent:
-                self._expired(ev)  # type: ignore[arg-type]
-            elif kind is PeerClosed:
-                assert self.session.failure is not None
-                self._finish(self.session.failure)
-            elif kind is LinkFailed:
-                ev_f: LinkFailed = ev  # type: ignore[assignment]
-                if ev_f.session_ended:
-                    self._finish(ev_f.error)  # logs it
-                else:
-                    logger.warning("%r: dropping the link: %s", self, ev_f.error)
-                    self._link_failure = ev_f.error  # why, for _link_lost (the close says nothing)
+        events = self.session.events_received()
+        reschedule = self.endpoint.process(events) if events else False
         self._flush()  # (drops the link, and so its timer, when the session says so)
         conn = self.conn
         if conn is not None and (reschedule or conn._timer is None):
             self._schedule_timer()
 
-    # ------------------------------------------------------------------ events
+    def finish(self, error: KoriNetError) -> None:
+        """End the session with ``error`` (fails every waiter)."""
+        self.endpoint.finish(error)
 
-    def _opened(self, ev: LinkOpened) -> None:
-        self.links_opened += 1
+    # ------------------------------------------------------------------ the Endpoint's driver
+
+    def inbox_readable(self) -> None:
+        waiter = self._inbox_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def space_available(self) -> None:
+        if self._space_waiters:
+            waiters, self._space_waiters = self._space_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def flush_soon(self) -> None:
+        self._schedule_flush()
+
+    def link_opened(self, ev: LinkOpened) -> None:
         for waiter in self._open_waiters:
             if not waiter.done():
                 waiter.set_result(None)
         self._open_waiters.clear()
-        self._wake_space()
-        if not self._opened_once:
-            self._opened_once = True
-            self._spawn(self.plugins.session_opened(self))
-            return
-        if ev.resumed:
-            self._spawn(self.plugins.session_resumed(self, ev.replayed))
-        else:
-            self._spawn(self.plugins.session_opened(self))
-        self._spawn(self.plugins.link_reopened(self, ev.resumed, ev.replayed))
 
-    def _acked(self, seq: int) -> None:
-        acks = self._acks
-        rejected = self._rejected
-        while acks and acks[0][0] <= seq:
-            s, fut = acks.popleft()
-            if not fut.done():
-                reason = rejected.pop(s, None) if rejected else None
-                if reason is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(MessageRejected(reason))
-        if rejected:  # rejections of posted messages nobody awaits: already logged
-            for s in [s for s in rejected if s <= seq]:
-                del rejected[s]
-        probe = self._probe
-        if probe is not None and probe[0] <= seq:
-            self._probe = None
-            if probe[2] == self.links_opened:  # Karn's rule: a sample across a lost link measures the outage
-                self._spawn(self.plugins.ack_timed(self, probe[0], time.perf_counter() - probe[1]))
-        self._wake_space()
-
-    def _expired(self, ev: SessionExpiredEvent) -> None:
-        error = SessionExpired(ev.old_session_id, ev.unconfirmed)
-        logger.warning("%r: %s", self, error)
-        renumbered = ev.renumbered
-        codec_error = CodecError(f"the new session's codec cannot carry this message: {ev.failure}")
-        kept: deque[tuple[int, asyncio.Future[None]]] = deque()
-        for seq, fut in self._acks:
-            new_seq = renumbered.get(seq)
-            if new_seq is not None:
-                kept.append((new_seq, fut))
-            elif not fut.done():
-                fut.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
-                fut.exception()  # a send_nowait caller may never look: no warning
-        self._acks = kept
-        for corr, (reply, seq) in list(self._requests.items()):
-            new_seq = renumbered.get(seq)
-            if new_seq is not None:
-                self._requests[corr] = (reply, new_seq)
-            elif seq and not reply.done():
-                reply.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
-        self._rejected.clear()
-        self._probe = None  # its sequence number belonged to the old session
-        self._notice = error
-        self._wake_inbox()
-        self._spawn(self.plugins.session_closed(self, f"expired: {error}"))
-
-    def _finish(self, error: KoriNetError) -> None:
-        if self.closed.done():
-            return
+    def ended(self, error: KoriNetError) -> None:
         self.closed.set_result(error)
-        for _, fut in self._acks:
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()
-        for reply, _ in self._requests.values():
-            if not reply.done():
-                reply.set_exception(error)
-        for waiter in self._space_waiters + self._open_waiters:
+        for waiter in self._open_waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._wake_inbox()
         if self.conn is not None:
             self._flush()
             if self.conn is not None:  # (unless the store failed and dropped it)
                 self.conn.close()
         stored, self._stored = self._stored, None
         if stored is not None:
-            stored.detach() if self._keep_stored else stored.forget()
-        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) in _QUIET_ENDS:
-            logger.info("%r closed: %s", self, error)
-        else:
-            logger.warning("%r ended: %s", self, error)
-        self._spawn(self.plugins.session_closed(self, str(error)))
+            stored.detach() if self.keep_stored else stored.forget()
         self._on_closed(error)
 
-    def _on_closed(self, error: KoriNetError) -> None:
-        """Hook for subclasses (the server forgets the session)."""
-
-    def _wake_space(self) -> None:
-        waiters, self._space_waiters = self._space_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _wake_inbox(self) -> None:
-        waiter = self._inbox_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _spawn(self, awaitables: list[Any]) -> None:
-        for guarded in awaitables:
+    def call_hook(self, hook: Callable[..., list[Any]], *args: Any) -> None:
+        for guarded in hook(*args):
             task = self.loop.create_task(guarded.run())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def call_handler(self, handler: Callable[..., Any], msg: Message) -> Any:
+        return handler(self, msg)
+
+    def run_awaitable(
+        self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        task = self.loop.create_task(_await(awaitable, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_closed(self, error: KoriNetError) -> None:
+        """Hook for subclasses (the server forgets the session)."""
 
     # ------------------------------------------------------------------ durable store
 
@@ -691,8 +571,13 @@ class Peer:
             self.session.restore(record.snapshot)
             # Replies to requests sent before the crash may still come: new requests
             # must not reuse their correlation ids.
-            self._next_corr = max(self._next_corr, record.corr)
+            self.endpoint.next_corr = max(self.endpoint.next_corr, record.corr)
         self._stored = store.attach(self, key, record)
+        self.endpoint.on_delivered = self._touch_store
+
+    def _touch_store(self) -> None:
+        if self._stored is not None:
+            self._stored.touch()
 
     def _commit(self) -> None:
         """Make this session's state durable now.
@@ -742,95 +627,13 @@ class Peer:
             conn.peer = None
             conn.abort()
             self.session.connection_lost(self.loop.time())
-        self._finish(error)
-
-    # ------------------------------------------------------------------ dispatch
-
-    def _deliver(self, seq: int, lazy: bool = False) -> None:
-        self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
-        if self._stored is not None:
-            self._stored.touch()
-
-    def _dispatch(self, ev: MessageReceived) -> None:
-        flags = ev.flags
-        if flags & (_REPLY | _REJECT):
-            # lazy: the ack rides on our next frame (or the ack timer), not a write of its own
-            self._deliver(ev.seq, lazy=True)
-            reason = rejection_reason(ev)
-            if flags & _REJECT and not flags & _REQUEST:
-                # corr is the seq of our rejected message
-                self._rejected[ev.corr] = reason
-                logger.warning("%r: the peer rejected our message %d: %s", self, ev.corr, reason)
-                return
-            entry = self._requests.get(ev.corr)
-            if entry is not None and not entry[0].done():
-                if flags & (_ERROR | _REJECT):
-                    entry[0].set_exception(MessageRejected(reason, message_type=ev.type or None))
-                else:
-                    entry[0].set_result(ev.obj)
-            return
-        mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
-        if refusal is not None:
-            queue_rejection(self.session, ev, refusal, self)
-            self._spawn(self.plugins.message_rejected(self, ev.type, refusal))
-            return
-        msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
-        if mtype is None or mtype.handler is None:
-            self._to_inbox(msg)
-            return
-        self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
-        self._run_handler(mtype.handler, msg)
-
-    def _to_inbox(self, msg: Message) -> None:
-        self._inbox.append((msg, self.session.epoch))
-        self._wake_inbox()
-
-    def _run_handler(self, handler: Callable[..., Any], msg: Message) -> None:
-        try:
-            result = handler(self, msg)
-        except Exception as exc:
-            logger.exception("%r: handler for %r failed", self, msg.type)
-            self._answer(msg, None, exc)
-            return
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            task = self.loop.create_task(self._await_handler(result, msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self._answer(msg, result, None)
-
-    async def _await_handler(self, awaitable: Any, msg: Message) -> None:
-        try:
-            result = await awaitable
-        except Exception as exc:
-            logger.exception("%r: handler for %r failed", self, msg.type)
-            self._answer(msg, None, exc)
-        else:
-            self._answer(msg, result, None)
-
-    def _answer(self, msg: Message, result: Any, error: BaseException | None) -> None:
-        if not msg.corr or self.is_closed:
-            return
-        if queue_answer(self.session, msg.type, msg.corr, result, error, self):
-            self._schedule_flush()
-
-    def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
-        mtype, refusal = admit_realtime(ev, self.message_types, self.identity)
-        if refusal is not None:
-            self.session.stats.realtime_malformed += 1  # dropped: no REJECT for realtime
-            self._spawn(self.plugins.message_rejected(self, ev.type, refusal))
-            return
-        msg = Message(ev.type, ev.obj, 0, 0, self)
-        if mtype is not None and mtype.handler is not None:
-            try:
-                mtype.handler(self, msg)
-            except Exception:
-                logger.exception("%r: realtime handler for %r failed", self, ev.type)
-            return
-        if len(self._rt_inbox) == self._rt_inbox.maxlen:
-            self.session.stats.realtime_dropped += 1
-        self._rt_inbox.append(msg)
+        self.finish(error)
 
 
-#: Session ends that are routine, logged at INFO rather than WARNING.
-_QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
+async def _await(awaitable: Awaitable[Any], done: Done) -> None:
+    try:
+        result = await awaitable
+    except Exception as exc:
+        done(None, exc)
+    else:
+        done(result, None)

@@ -96,14 +96,14 @@ class ServerPeer(Peer):
         if self.conn is None and not self.is_closed:
             logger.info("%r: expired after %.0fs detached", self, self.hub.session_ttl)
             self.session.close(CloseCode.NORMAL, "expired")
-            self._finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
+            self.finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
 
     def _resumed_on(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
         self.hub._detached.pop(self, None)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        self._attach(conn)
+        self.attach(conn)
         self.peername = conn.peername
         self.session.resume(hello, self.loop.time(), leftover)
         if self._handler_pending:
@@ -111,7 +111,7 @@ class ServerPeer(Peer):
             # returns: the handler of the process that crashed died with it.
             self._handler_pending = False
             self.hub._run_handler(self)
-        self._process()
+        self.process()
 
     def _on_closed(self, error: KoriNetError) -> None:
         if self._expiry is not None:
@@ -741,16 +741,16 @@ class Hub:
             return
         session = Session(SERVER, self.codecs, self.config)
         peer = ServerPeer(self, session, conn.peername, identity)
-        peer._attach(conn)
+        peer.attach(conn)
         session.accept(hello, conn.loop.time(), b"", expired=expired)
         assert session.session_id is not None
         self.sessions[session.session_id] = peer
         self._set_result(conn, peer)
         if self.handler is not None:
             self._run_handler(peer)
-        peer._process()
+        peer.process()
         if leftover:
-            peer._link_data(conn, leftover)
+            peer.link_data(conn, leftover)
 
     def _set_result(self, conn: Connection, peer: AnyPeer) -> None:
         fut = self._results.pop(conn, None)
@@ -838,8 +838,8 @@ class Hub:
                 self._close_socket(admission)  # still waiting for its first byte
                 self._release(admission)
         for peer in list(self.sessions.values()):
-            peer._keep_stored = True
-            peer._finish(ConnectionClosedError(CloseCode.GOING_AWAY, "server stopped"))
+            peer.keep_stored = True
+            peer.finish(ConnectionClosedError(CloseCode.GOING_AWAY, "server stopped"))
         self.sessions.clear()
         for task in list(self._tasks):
             task.cancel()

@@ -355,7 +355,7 @@ class StoredSession:
             self.key = snapshot.session_id
         key = self.key
         identity = getattr(self.peer.identity, "fingerprint", None) if session.side is not CLIENT else None
-        meta = (*snapshot.meta(), self.peer._next_corr, identity)
+        meta = (*snapshot.meta(), self.peer.next_corr, identity)
         old = self._meta
         db = self.store.db
         if old is None or old[1] != snapshot.session_id or old[5] != snapshot.epoch:
@@ -383,7 +383,7 @@ class StoredSession:
                     snapshot.acked,
                     snapshot.delivered,
                     ",".join(map(str, snapshot.delivered_early)),
-                    self.peer._next_corr,
+                    self.peer.next_corr,
                     identity,
                 ),
             )

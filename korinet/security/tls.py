@@ -29,7 +29,7 @@ from ..exceptions import AuthenticationError, ConnectionClosedError
 from .anchor import anchor_certificate_der
 from .authorized import AuthorizedKeys
 from .identity import Identity, PeerIdentity, certificate_fingerprint
-from .known_hosts import KnownHosts
+from .known_hosts import KnownHosts, host_address
 
 __all__ = [
     "ClientTLS",
@@ -189,3 +189,17 @@ class ClientTLS:
         elif self.known_hosts.check(address, offered):
             self.on_first_use(address, offered, self.known_hosts)
         return PeerIdentity(address, offered)
+
+    def check_server(self, host: str, port: int, certificate: bytes | None) -> PeerIdentity:
+        """:meth:`verify_server` for a client connected to ``host``:``port``, before it
+        sends anything (§3.1 comes after TLS); the one check of both clients.
+
+        Raises:
+            AuthenticationError: as :meth:`verify_server`, or known_hosts could not
+                be read or written.
+        """
+        address = host_address(host, port)
+        try:
+            return self.verify_server(address, certificate)
+        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
+            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc

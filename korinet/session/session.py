@@ -548,15 +548,8 @@ class Session:
             return False
         return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, codec.encode(obj)))
 
-    def send_realtime_encoded(self, payload: bytes, type: str = "", *, flags: int = 0) -> bool:
-        """:meth:`send_realtime` for a payload already encoded with :attr:`codec`."""
-        if self._realtime_codec() is None:
-            return False
-        return self._send_realtime_frame(encode_message(FrameType.RT, 0, flags, 0, type, payload))
-
     def send_realtime_prepared(self, message: PreparedMessage) -> bool:
-        """:meth:`send_realtime_encoded` of a realtime message framed once for many
-        sessions.
+        """:meth:`send_realtime` of a realtime message framed once for many sessions.
 
         Raises:
             InvalidState: ``message`` is not a realtime one of this session's codec.

@@ -56,7 +56,7 @@ busy, and sleeps again.
 Reconnection follows :class:`korinet.runtime.Client`: on EOF, a socket error,
 a heartbeat timeout or CLOSE 1009, the leader drops the link; the next
 connection attempt is made at once, then after jittered exponential delays
-(:func:`~korinet.runtime.backoff.backoff`, restarted after every successful
+(:class:`korinet.reconnect.Reconnect`, restarted after every successful
 handshake), by whichever thread leads, under the same rules. Delays are spent in
 ``poll()`` on the wake-up pair, so a hand-over or ``close()`` interrupts them.
 
@@ -72,7 +72,6 @@ asyncio loop thread, which is started only if some plugin returns one.
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import select
 import socket
@@ -81,43 +80,32 @@ import struct
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .._loopthread import get_loop
-from ..dispatch import admit, admit_realtime, queue_answer, queue_rejection, rejection_reason
+from ..endpoint import Done, Endpoint, EndpointStatus
 from ..exceptions import (
     AuthenticationError,
-    CodecError,
     ConnectionClosedError,
     ConnectionClosedOK,
     InvalidState,
     KoriNetError,
     KoriNetTimeout,
-    MessageRejected,
     SendBufferFull,
-    SessionExpired,
 )
-from ..messages import REALTIME, Message, MessageType
+from ..messages import REALTIME, Message
 from ..plugins import PluginManager, default_manager
-from ..runtime.backoff import backoff
+from ..reconnect import Reconnect, Reconnecting, fatal_error
 from ..session import (
     CLIENT,
     CLOSED,
     OPEN,
     CloseCode,
-    Event,
-    LinkFailed,
     LinkOpened,
-    MessageReceived,
     MessagesAcked,
-    PeerClosed,
-    PongReceived,
-    RealtimeReceived,
     Session,
     SessionConfig,
-    SessionExpiredEvent,
 )
 from ..wire.frames import MessageFlags
 
@@ -132,11 +120,7 @@ DEFAULT_PORT = 1235  # the original KoriNet examples' port (as korinet.runtime.c
 
 _REQUEST = int(MessageFlags.REQUEST)
 _REPLY = int(MessageFlags.REPLY)
-_ERROR = int(MessageFlags.ERROR)
-_REJECT = int(MessageFlags.REJECT)
 
-#: Realtime messages waiting for recv_realtime_nowait(); the oldest is dropped when full.
-REALTIME_INBOX = 256
 #: Longest a lazy acknowledgement (of a request or reply) waits for a frame to ride on.
 LAZY_ACK_DELAY = 0.02
 #: A realtime message is dropped rather than queued behind this many unsent bytes.
@@ -156,8 +140,6 @@ BLOCKING_SLICE = 0.05
 CLOSE_TIMEOUT = 5.0
 #: Longest close() waits for the server to answer our CLOSE and drop the connection (§7).
 CLOSE_ECHO_TIMEOUT = 2.0
-#: Session ends that are routine, logged at INFO rather than WARNING (as the Peer does).
-_QUIET_ENDS = (CloseCode.LINK_LOST, CloseCode.GOING_AWAY, CloseCode.SESSION_UNKNOWN)
 
 _POLLIN = select.POLLIN if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
@@ -204,30 +186,40 @@ def _new_poller() -> Any:
     return select.poll() if hasattr(select, "poll") else _SelectPoller()
 
 
-class _Pending:
-    """A send() waiting for the acknowledgement of message ``seq``."""
+class _Box:
+    """What a blocking call waits for (an acknowledgement, a reply): the Endpoint's
+    Waiter without a loop. Only touched under the client's mutex; the waiting
+    thread watches it in its wait condition (the hot path reads ``finished``
+    rather than calling ``done()``)."""
 
-    __slots__ = ("done", "error", "seq")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.done = False
-        self.error: KoriNetError | None = None
-
-
-class _Reply:
-    """A request() waiting for its reply; ``seq`` is the request's own message."""
-
-    __slots__ = ("done", "error", "result", "seq")
+    __slots__ = ("error", "finished", "result")
 
     def __init__(self) -> None:
-        self.seq = 0
-        self.done = False
+        self.finished = False
         self.result: Any = None
-        self.error: KoriNetError | None = None
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, result: Any, /) -> None:
+        self.result = result
+        self.finished = True
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.error = exception
+        self.finished = True
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
-class SyncClient:
+class SyncClient(EndpointStatus, Reconnecting):
     """A blocking, reconnecting KoriNet client (see the module docstring).
 
     Args:
@@ -281,26 +273,13 @@ class SyncClient:
         self.timeout = timeout
         self.plugins = plugins or default_manager()
         self.session = Session(CLIENT, self.plugins.codecs(), config, passphrase=passphrase)
-        self.message_types: dict[str, MessageType] = self.plugins.message_types()
-        self.accept_plain = True
-        #: who the server is: its pinned key with ``tls``, else None
-        self.identity: Any = None
+        # identity: who the server is, its pinned key with ``tls``, else None
+        self.endpoint = Endpoint(self.session, self.plugins, self, self)
         self.tls = tls
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
-        self.backoff_cap = backoff_cap
-        self.outage_limit = outage_limit
-        #: the round-trip time measured by the last heartbeat, in seconds
-        self.rtt: float | None = None
-        #: the last connection error, for messages while reconnecting
-        self.last_error: BaseException | None = None
-        #: connection attempts made
-        self.attempts = 0
-        #: handshakes completed on this session (first open and every resume)
-        self.links_opened = 0
-        # the message timed for korinet_ack_timed: (seq, queued at, links_opened then)
-        self._probe: tuple[int, float, int] | None = None
+        self.reconnect = Reconnect(f"{host}:{port}", cap=backoff_cap, outage_limit=outage_limit)
         heartbeat = self.session.config.heartbeat_interval
         #: idle time after which the background thread reads (see the module docstring)
         self.idle_handover = min(IDLE_HANDOVER, heartbeat / 10)
@@ -335,27 +314,14 @@ class SyncClient:
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._broken: BaseException | None = None  # a write failed; the leader drops the link
-        self._link_error: KoriNetError | None = None  # why the session asked to drop the link
         self._link_opened = False  # the current link completed its handshake
-        self._delays: Iterator[float] = backoff(cap=backoff_cap)
         self._retry_at = 0.0
-        self._outage_since: float | None = None
         self._ack_due: float | None = None
         self._tick_at: float | None = None  # when the session's timers are next due (cached)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
 
-        # what the application waits on
-        self._inbox: deque[tuple[Message, int]] = deque()
-        self._rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
-        self._acks: deque[_Pending] = deque()
-        self._rejected: dict[int, str] = {}
-        self._requests: dict[int, _Reply] = {}
-        self._corr = itertools.count(1)
-        self._opened_once = False
-        self._notice: KoriNetError | None = None  # raised once by recv (session expired)
-        self._finished: KoriNetError | None = None
         self._closing = False  # close() drops the link itself, after the server's echo
         self._deferred: list[Callable[[], Any]] = []  # plugin hooks to call outside the mutex
 
@@ -363,12 +329,12 @@ class SyncClient:
         try:
             with self._mutex:
                 self._wait(
-                    lambda: self.links_opened > 0 or self._finished is not None,
+                    lambda: self.links_opened > 0 or self.endpoint.ended is not None,
                     deadline,
                     "opening the session",
                 )
-                if self._finished is not None:
-                    raise self._finished
+                if self.endpoint.ended is not None:
+                    raise self.endpoint.ended
         except KoriNetTimeout:
             last = self.last_error
             self._abort()
@@ -391,21 +357,8 @@ class SyncClient:
     # ------------------------------------------------------------------ status
 
     @property
-    def session_id(self) -> str | None:
-        return self.session.session_id
-
-    @property
     def is_connected(self) -> bool:
         return self._sock is not None and self.session.state is OPEN
-
-    @property
-    def is_closed(self) -> bool:
-        return self._finished is not None
-
-    @property
-    def queued(self) -> int:
-        """Reliable messages sent but not yet acknowledged."""
-        return self.session.unacked
 
     # ------------------------------------------------------------------ sending
 
@@ -433,36 +386,34 @@ class SyncClient:
             # the common case written out: window space, nobody else reading
             if self._leader is not None:
                 self._check_caller()
-            if self._finished is not None:
-                raise self._finished
+            if self.endpoint.ended is not None:
+                raise self.endpoint.ended
             session = self.session
             try:
                 seq = session.send_message(obj, type)
             except SendBufferFull:
                 pending = self._enqueue(obj, type, 0, 0, deadline)
             else:
-                pending = _Pending(seq)
-                self._acks.append(pending)
-                if self._probe is None and self.plugins.times_acks:
-                    self._probe = (seq, time.perf_counter(), self.links_opened)
+                pending = _Box()
+                self.endpoint.sent(seq, pending)
                 out = session.data_to_send()
                 if out:
                     self._write(out)
                 else:
                     self._flush()
-            if not pending.done:
+            if not pending.finished:
                 if self._plain and self._claim():
                     self._read_until_acked(pending, deadline)
-                if not pending.done:
+                if not pending.finished:
                     self._wait(
-                        lambda: pending.done,
+                        pending.done,
                         deadline,
                         "waiting for the acknowledgement (the message stays queued)",
                     )
         if pending.error is not None:
             raise pending.error
 
-    def _read_until_acked(self, pending: _Pending, deadline: float | None) -> None:
+    def _read_until_acked(self, pending: _Box, deadline: float | None) -> None:
         """(mutex held, role claimed) The stop-and-wait fast path of :meth:`send`:
         lead, and read in blocking recv() until the ACK for ``pending`` arrives.
 
@@ -481,8 +432,8 @@ class SyncClient:
         self._leader = threading.get_ident()
         self._takeover = False
         try:
-            while not pending.done:
-                if self._outbuf or self._finished is not None or self._broken is not None:
+            while not pending.finished:
+                if self._outbuf or self.endpoint.ended is not None or self._broken is not None:
                     return
                 wake_at = self._tick_at
                 if deadline is not None and (wake_at is None or deadline < wake_at):
@@ -543,20 +494,16 @@ class SyncClient:
             MessageRejected: the server rejected the request or its handler failed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        corr = next(self._corr)
-        box = _Reply()
+        box = _Box()
         with self._mutex:
-            self._requests[corr] = box
+            corr = self.endpoint.new_request(box)
             try:
-                pending = self._enqueue(obj, type, _REQUEST, corr, deadline)
-                box.seq = pending.seq
-                if not box.done:
-                    self._wait(lambda: box.done, deadline, "waiting for the reply")
+                self._enqueue(obj, type, _REQUEST, corr, deadline)
+                if not box.done():
+                    self._wait(box.done, deadline, "waiting for the reply")
             finally:
-                self._requests.pop(corr, None)
-        if box.error is not None:
-            raise box.error
-        return box.result
+                self.endpoint.requests.pop(corr, None)
+        return box.outcome()
 
     def reply(self, request: Message, obj: Any) -> None:
         """Answer a request taken from the inbox (returns once it is acknowledged)."""
@@ -566,27 +513,26 @@ class SyncClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._mutex:
             pending = self._enqueue(obj, request.type, _REPLY, request.corr, deadline)
-            if not pending.done:
-                self._wait(lambda: pending.done, deadline, "waiting for the acknowledgement")
-        if pending.error is not None:
-            raise pending.error
+            if not pending.done():
+                self._wait(pending.done, deadline, "waiting for the acknowledgement")
+        pending.outcome()
 
-    def _enqueue(self, obj: Any, type: str, flags: int, corr: int, deadline: float | None) -> _Pending:
+    def _enqueue(self, obj: Any, type: str, flags: int, corr: int, deadline: float | None) -> _Box:
         """(mutex held) Queue a reliable message, waiting for window space, and write it."""
         self._check_caller()
         session = self.session
         while True:
-            if self._finished is not None:
-                raise self._finished
+            if self.endpoint.ended is not None:
+                raise self.endpoint.ended
             try:
                 seq = session.send_message(obj, type, flags=flags, corr=corr)
                 break
             except SendBufferFull:
                 self._wait_for_space(deadline)
-        pending = _Pending(seq)
-        self._acks.append(pending)
-        if self._probe is None and self.plugins.times_acks:
-            self._probe = (seq, time.perf_counter(), self.links_opened)
+        pending = _Box()
+        self.endpoint.sent(seq, pending)
+        if flags & _REQUEST:
+            self.endpoint.request_sent(corr, seq)
         self._flush()
         return pending
 
@@ -595,7 +541,7 @@ class SyncClient:
         session = self.session
         acked, epoch = session.acked, session.epoch
         self._wait(
-            lambda: session.acked != acked or session.epoch != epoch or self._finished is not None,
+            lambda: session.acked != acked or session.epoch != epoch or self.endpoint.ended is not None,
             deadline,
             "waiting for window space",
         )
@@ -612,25 +558,24 @@ class SyncClient:
             KoriNetTimeout: nothing arrived within ``timeout``.
         """
         self._check_caller()
+        endpoint = self.endpoint
         with self._mutex:
-            inbox = self._inbox
+            inbox = endpoint.inbox
             if not inbox:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not inbox:
-                    if self._notice is not None:
-                        notice, self._notice = self._notice, None
+                    notice = endpoint.take_notice()
+                    if notice is not None:
                         raise notice
-                    if self._finished is not None:
-                        raise self._finished
+                    if endpoint.ended is not None:
+                        raise endpoint.ended
                     self._wait(
-                        lambda: bool(inbox) or self._notice is not None or self._finished is not None,
+                        lambda: bool(inbox) or endpoint.has_notice or endpoint.ended is not None,
                         deadline,
                         "waiting for a message",
                     )
-            msg, epoch = inbox.popleft()
+            msg = endpoint.take()
             if msg.seq:
-                # a request's ack can ride on its reply
-                self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
                 self._flush()
             return msg
 
@@ -641,7 +586,8 @@ class SyncClient:
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
         with self._mutex:
-            return self._rt_inbox.popleft() if self._rt_inbox else None
+            rt_inbox = self.endpoint.rt_inbox
+            return rt_inbox.popleft() if rt_inbox else None
 
     def __iter__(self) -> Iterator[Any]:
         """``for data in client``: every payload until the session closes normally."""
@@ -662,11 +608,11 @@ class SyncClient:
         self._check_caller()
         with self._mutex:
             echo = 0.0
-            if self._finished is None:
+            if self.endpoint.ended is None:
                 if self.session.unacked:
                     try:
                         self._wait(
-                            lambda: not self.session.unacked or self._finished is not None,
+                            lambda: not self.session.unacked or self.endpoint.ended is not None,
                             time.monotonic() + timeout,
                             "closing",
                         )
@@ -674,12 +620,14 @@ class SyncClient:
                         logger.warning(
                             "%r: closing with %d message(s) unacknowledged", self, self.session.unacked
                         )
-                if self._finished is None:
+                if self.endpoint.ended is None:
                     linked = self._sock is not None and self.session.state is OPEN
                     self.session.close(CloseCode.NORMAL, reason)
                     self._flush()  # our pending ACK, then the CLOSE
                     self._closing = True  # the leader leaves the socket to us
-                    self._finish(ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side"))
+                    self.endpoint.finish(
+                        ConnectionClosedOK(CloseCode.NORMAL, reason or "closed by this side")
+                    )
                     if linked:
                         echo = min(timeout, CLOSE_ECHO_TIMEOUT)
                         if self._plain and self._sock is not None and not self._outbuf:
@@ -697,7 +645,7 @@ class SyncClient:
 
     def _abort(self) -> None:
         with self._mutex:
-            self._finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
+            self.endpoint.finish(ConnectionClosedError(CloseCode.LINK_LOST, "client aborted"))
             self._shut_down(0.0)
         self._run_deferred()
         self._join_background()
@@ -839,7 +787,7 @@ class SyncClient:
         while not cond():
             if self._leader != me:
                 return  # (the background thread, relieved by an application thread)
-            if self._finished is not None:
+            if self.endpoint.ended is not None:
                 if not self._closing:
                     self._drop_socket()
                 return
@@ -985,9 +933,9 @@ class SyncClient:
         """(mutex held, leader) Act on the session's events, write, drop the link if due."""
         events = self.session.events_received()
         if len(events) == 1 and type(events[0]) is MessagesAcked:
-            self._acked(events[0].seq)  # the stop-and-wait fast path
-        else:
-            self._process(events)
+            self.endpoint.acked(events[0].seq)  # the stop-and-wait fast path
+        elif events:
+            self.endpoint.process(events)
         self._flush()
         if self.session.close_expected():
             self._close_link()
@@ -999,7 +947,7 @@ class SyncClient:
         if self.session.state is CLOSED:
             self._drop_socket()
         else:
-            error, self._link_error = self._link_error, None
+            error, self.endpoint.link_failure = self.endpoint.link_failure, None
             self._link_lost(error or ConnectionClosedError(CloseCode.LINK_LOST, "link failed"))
 
     def _drain_wake(self) -> None:
@@ -1073,7 +1021,7 @@ class SyncClient:
             until = self._retry_at if deadline is None else min(self._retry_at, deadline)
             self._idle_poll(until - now)
             return
-        self.attempts += 1
+        self.reconnect.attempts += 1
         limit = self.connect_timeout
         if deadline is not None and self._leader != self._bg_ident:  # (the caller's deadline)
             limit = min(limit, deadline - now)
@@ -1092,20 +1040,16 @@ class SyncClient:
         finally:
             self._mutex.acquire()
         if sock is None:
+            assert error is not None
             self.last_error = error
-            if isinstance(error, AuthenticationError):
-                self._finish(error)  # retrying cannot make the key match
-            elif isinstance(error, ssl_module.SSLCertVerificationError):
-                self._finish(_fatal(error))
-            elif isinstance(error, ssl_module.SSLError) and (
-                plain := _plaintext_answer(error, f"{self.host}:{self.port}")
-            ):
-                self.last_error = plain
-                self._finish(plain)  # a plaintext server: retrying cannot help
+            fatal = fatal_error(error, f"{self.host}:{self.port}")
+            if fatal is not None:  # retrying cannot help
+                self.last_error = fatal
+                self.endpoint.finish(fatal)
             else:
                 self._schedule_retry(opened=False)
             return
-        if self._finished is not None:
+        if self.endpoint.ended is not None:
             sock.close()
             return
         try:
@@ -1146,17 +1090,10 @@ class SyncClient:
         return sock
 
     def _verify_server(self, sock: socket.socket) -> None:
-        """Check the server's key against the pin before anything is sent, as
-        :meth:`korinet.runtime.Client._verify_server` does; sets :attr:`identity`."""
-        from ..security.known_hosts import host_address
-
-        assert self.tls is not None
-        address = host_address(self.host, self.port)
-        assert isinstance(sock, ssl_module.SSLSocket)
-        try:
-            self.identity = self.tls.verify_server(address, sock.getpeercert(binary_form=True))
-        except (OSError, ValueError) as exc:  # known_hosts unreadable or unwritable
-            raise AuthenticationError(f"cannot check the key of {address}: {exc}") from exc
+        """Check the server's key against the pin before anything is sent; sets
+        :attr:`identity`."""
+        assert self.tls is not None and isinstance(sock, ssl_module.SSLSocket)
+        self.identity = self.tls.check_server(self.host, self.port, sock.getpeercert(binary_form=True))
 
     def _idle_poll(self, seconds: float) -> None:
         """(mutex held, leader) Wait up to ``seconds`` without a link, waking early for
@@ -1177,20 +1114,10 @@ class SyncClient:
     def _schedule_retry(self, *, opened: bool) -> None:
         """(mutex held) After a failed attempt or a lost link: when to dial next."""
         now = time.monotonic()
-        if opened:
-            self._delays = backoff(cap=self.backoff_cap)  # a success restarts it: immediate retry first
-            self._outage_since = now
-        elif self._outage_since is None:
-            self._outage_since = now
-        if self.outage_limit is not None and now - self._outage_since > self.outage_limit:
-            self._finish(
-                KoriNetTimeout(
-                    f"no connection to {self.host}:{self.port} for {self.outage_limit}s"
-                    f" (last error: {self.last_error})"
-                )
-            )
+        delay = self.reconnect.next_delay(opened, now)
+        if isinstance(delay, KoriNetError):
+            self.endpoint.finish(delay)
             return
-        delay = next(self._delays)
         if delay:
             logger.debug("%r: reconnecting in %.2fs", self, delay)
         self._retry_at = now + delay
@@ -1203,9 +1130,9 @@ class SyncClient:
         error = exc or ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
         if exc is not None:
             self.last_error = exc
-        if self._finished is None:
+        if self.endpoint.ended is None:
             logger.info("%r: link lost (%s)", self, error)
-            self._defer_hooks(self.plugins.session_lost, self, error)
+            self.call_hook(self.plugins.session_lost, self, error)
             self._schedule_retry(opened=opened)
 
     def _drop_socket(self) -> None:
@@ -1233,206 +1160,48 @@ class SyncClient:
             pass
         sock.close()
 
-    # ------------------------------------------------------------------ events
+    # ------------------------------------------------------------------ the Endpoint's driver
+    # (called with the mutex held, by the leader or the thread that ends the session)
 
-    def _process(self, events: list[Event]) -> None:
-        """(mutex held, leader) Act on the session's events."""
-        for ev in events:
-            kind = type(ev)
-            if kind is MessagesAcked:
-                self._acked(ev.seq)  # type: ignore[attr-defined]
-            elif kind is MessageReceived:
-                self._dispatch(ev)  # type: ignore[arg-type]
-            elif kind is RealtimeReceived:
-                self._dispatch_realtime(ev)  # type: ignore[arg-type]
-            elif kind is LinkOpened:
-                self._opened(ev)  # type: ignore[arg-type]
-            elif kind is PongReceived:
-                self.rtt = ev.rtt  # type: ignore[attr-defined]
-            elif kind is SessionExpiredEvent:
-                self._expired(ev)  # type: ignore[arg-type]
-            elif kind is PeerClosed:
-                assert self.session.failure is not None
-                self._finish(self.session.failure)
-            elif kind is LinkFailed:
-                ev_f: LinkFailed = ev  # type: ignore[assignment]
-                if ev_f.session_ended:
-                    self._finish(ev_f.error)
-                else:
-                    self._link_error = ev_f.error
-                    logger.warning("%r: dropping the link: %s", self, ev_f.error)
+    def inbox_readable(self) -> None:
+        """(the leader notifies followers after each read)"""
 
-    def _opened(self, ev: LinkOpened) -> None:
+    def space_available(self) -> None:
+        """(waiting for space watches the session's ack counter)"""
+
+    def flush_soon(self) -> None:
+        """(every step that runs a handler flushes after it)"""
+
+    def link_opened(self, ev: LinkOpened) -> None:
         self._tick_at = self.session.next_deadline()  # heartbeats now
-        self.links_opened += 1
         self._link_opened = True
-        self._delays = backoff(cap=self.backoff_cap)
+        self.reconnect.opened()
         self._retry_at = 0.0
-        self._outage_since = None
-        if not self._opened_once:
-            self._opened_once = True
-            self._defer_hooks(self.plugins.session_opened, self)
-            return
-        if ev.resumed:
-            self._defer_hooks(self.plugins.session_resumed, self, ev.replayed)
-        else:
-            self._defer_hooks(self.plugins.session_opened, self)
-        self._defer_hooks(self.plugins.link_reopened, self, ev.resumed, ev.replayed)
 
-    def _acked(self, seq: int) -> None:
-        acks = self._acks
-        rejected = self._rejected
-        while acks and acks[0].seq <= seq:
-            pending = acks.popleft()
-            if not pending.done:
-                reason = rejected.pop(pending.seq, None) if rejected else None
-                if reason is not None:
-                    pending.error = MessageRejected(reason)
-                pending.done = True
-        if rejected:  # rejections of messages nobody waits for: already logged
-            for s in [s for s in rejected if s <= seq]:
-                del rejected[s]
-        probe = self._probe
-        if probe is not None and probe[0] <= seq:
-            self._probe = None
-            if probe[2] == self.links_opened:  # Karn's rule, as korinet.runtime.peer.Peer._acked
-                self._defer_hooks(self.plugins.ack_timed, self, probe[0], time.perf_counter() - probe[1])
-
-    def _expired(self, ev: SessionExpiredEvent) -> None:
-        # As korinet.runtime.peer.Peer._expired: waiters follow the session's renumbering.
-        error = SessionExpired(ev.old_session_id, ev.unconfirmed)
-        logger.warning("%r: %s", self, error)
-        renumbered = ev.renumbered
-        codec_error = CodecError(f"the new session's codec cannot carry this message: {ev.failure}")
-        kept: deque[_Pending] = deque()
-        for pending in self._acks:
-            new_seq = renumbered.get(pending.seq)
-            if new_seq is not None:
-                pending.seq = new_seq  # never sent: it carries on in the new session
-                kept.append(pending)
-            elif not pending.done:
-                pending.error = error if pending.seq <= ev.unconfirmed_through else codec_error
-                pending.done = True
-        self._acks = kept
-        for box in self._requests.values():
-            if box.done or not box.seq:
-                continue
-            new_seq = renumbered.get(box.seq)
-            if new_seq is not None:
-                box.seq = new_seq
-            else:
-                box.error = error if box.seq <= ev.unconfirmed_through else codec_error
-                box.done = True
-        self._rejected.clear()
-        self._probe = None  # its sequence number belonged to the old session
-        self._notice = error
-        self._defer_hooks(self.plugins.session_closed, self, f"expired: {error}")
-
-    def _finish(self, error: KoriNetError) -> None:
-        """(mutex held) The session ended: fail every waiter."""
-        if self._finished is not None:
-            return
-        self._finished = error
-        for pending in self._acks:
-            if not pending.done:
-                pending.error = error
-                pending.done = True
-        for box in self._requests.values():
-            if not box.done:
-                box.error = error
-                box.done = True
+    def ended(self, error: KoriNetError) -> None:
         if self._followers:
             self._cv.notify_all()
         self._stopping.set()
         self._wake()
-        if isinstance(error, ConnectionClosedOK) or getattr(error, "code", None) in _QUIET_ENDS:
-            logger.info("%r closed: %s", self, error)
-        else:
-            logger.warning("%r ended: %s", self, error)
-        self._defer_hooks(self.plugins.session_closed, self, str(error))
 
-    # ------------------------------------------------------------------ dispatch
-
-    def _deliver(self, seq: int, lazy: bool = False) -> None:
-        self.session.message_delivered(seq, self.session.epoch, lazy=lazy)
-
-    def _dispatch(self, ev: MessageReceived) -> None:
-        # The same rules as korinet.runtime.peer.Peer._dispatch (korinet.dispatch).
-        flags = ev.flags
-        if flags & (_REPLY | _REJECT):
-            self._deliver(ev.seq, lazy=True)  # the ack rides on our next frame (or the ack timer)
-            reason = rejection_reason(ev)
-            if flags & _REJECT and not flags & _REQUEST:
-                # corr is the seq of our rejected message
-                self._rejected[ev.corr] = reason
-                logger.warning("%r: the server rejected our message %d: %s", self, ev.corr, reason)
-                return
-            box = self._requests.get(ev.corr)
-            if box is not None and not box.done:
-                if flags & (_ERROR | _REJECT):
-                    box.error = MessageRejected(reason, message_type=ev.type or None)
-                else:
-                    box.result = ev.obj
-                box.done = True
-            return
-        mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
-        if refusal is not None:
-            queue_rejection(self.session, ev, refusal, self)
-            self._defer_hooks(self.plugins.message_rejected, self, ev.type, refusal)
-            return
-        msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self)
-        if mtype is None or mtype.handler is None:
-            self._inbox.append((msg, self.session.epoch))
-            return
-        self._deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
-        self._run_handler(mtype.handler, msg)
-
-    def _run_handler(self, handler: Callable[..., Any], msg: Message) -> None:
-        """(mutex held, leader) Call a handler without the mutex; answer a request."""
-        error: BaseException | None = None
-        result: Any = None
-        self._mutex.release()
-        try:
-            result = handler(self, msg)
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise InvalidState("coroutine handlers need the asyncio runtime (korinet.Client)")
-        except Exception as exc:
-            logger.exception("%r: handler for %r failed", self, msg.type)
-            error = exc
-        finally:
-            self._mutex.acquire()
-        if not msg.corr or self._finished is not None:
-            return
-        queue_answer(self.session, msg.type, msg.corr, result, error, self)
-
-    def _dispatch_realtime(self, ev: RealtimeReceived) -> None:
-        mtype, refusal = admit_realtime(ev, self.message_types, self.identity)
-        if refusal is not None:
-            self.session.stats.realtime_malformed += 1  # dropped: no REJECT for realtime
-            self._defer_hooks(self.plugins.message_rejected, self, ev.type, refusal)
-            return
-        msg = Message(ev.type, ev.obj, 0, 0, self)
-        if mtype is not None and mtype.handler is not None:
-            handler: Callable[..., Any] = mtype.handler  # handlers take the client as their peer
-            self._mutex.release()
-            try:
-                handler(self, msg)
-            except Exception:
-                logger.exception("%r: realtime handler for %r failed", self, ev.type)
-            finally:
-                self._mutex.acquire()
-            return
-        if len(self._rt_inbox) == self._rt_inbox.maxlen:
-            self.session.stats.realtime_dropped += 1
-        self._rt_inbox.append(msg)
-
-    # ------------------------------------------------------------------ plugin hooks
-
-    def _defer_hooks(self, hook: Callable[..., list[Any]], *args: Any) -> None:
+    def call_hook(self, hook: Callable[..., list[Any]], *args: Any) -> None:
         """Plugin hooks run after the current step, without the mutex."""
         self._deferred.append(lambda: _await_in_background(hook(*args)))
+
+    def call_handler(self, handler: Callable[..., Any], msg: Message) -> Any:
+        """(mutex held, leader) A handler runs without the mutex, holding the role."""
+        self._mutex.release()
+        try:
+            return handler(self, msg)
+        finally:
+            self._mutex.acquire()
+
+    def run_awaitable(self, awaitable: Awaitable[Any], done: Done) -> None:
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()
+        done(None, InvalidState("coroutine handlers need the asyncio runtime (korinet.Client)"))
+
+    # ------------------------------------------------------------------ plugin hooks
 
     def _run_deferred_locked(self) -> None:
         """(mutex held) Run deferred hooks without the mutex."""
@@ -1454,7 +1223,7 @@ class SyncClient:
     def _background_step(self) -> bool:
         """One step of the background thread; False when it should exit."""
         with self._mutex:
-            if self._finished is not None or self._stopping.is_set():
+            if self.endpoint.ended is not None or self._stopping.is_set():
                 return False
             now = time.monotonic()
             if self._ack_due is not None and now >= self._ack_due and self._leader is None:
@@ -1473,7 +1242,7 @@ class SyncClient:
                 try:
                     # bounded, so that the thread lets go of its client now and then
                     self._lead(
-                        lambda: self._takeover or self._stopping.is_set() or self._finished is not None,
+                        lambda: self._takeover or self._stopping.is_set() or self.endpoint.ended is not None,
                         now + BACKGROUND_STEP,
                     )
                 except Exception:
@@ -1539,18 +1308,6 @@ def _run_calls(calls: list[Callable[[], Any]], client: SyncClient) -> None:
             call()
         except Exception:  # the manager isolates each plugin; this is a last guard
             logger.exception("%r: a plugin hook failed", client)
-
-
-def _fatal(exc: BaseException) -> KoriNetError:
-    error = ConnectionClosedError(CloseCode.AUTH_FAILED, f"TLS verification failed: {exc}")
-    error.__cause__ = exc
-    return error
-
-
-def _plaintext_answer(exc: BaseException, address: str) -> KoriNetError | None:
-    from ..security.tls import plaintext_answer  # TLS users only pay for cryptography
-
-    return plaintext_answer(exc, address)
 
 
 def connect(host: str, port: int = DEFAULT_PORT, **kwargs: Any) -> SyncClient:

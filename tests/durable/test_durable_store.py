@@ -23,7 +23,7 @@ class FakePeer:
     """What a StoredSession reads from its Peer."""
 
     session: Session
-    _next_corr: int = 1
+    next_corr: int = 1
     identity: Any = None
 
 
@@ -55,7 +55,7 @@ def test_a_commit_writes_the_session_and_a_reload_gives_it_back(store: SessionSt
         pair.server.session.send_message(i)
     pair.pump()
     pair.client.deliver(3)
-    peer = FakePeer(pair.client.session, _next_corr=42)
+    peer = FakePeer(pair.client.session, next_corr=42)
     stored = store.attach(peer, CLIENT_KEY)  # type: ignore[arg-type]
     stored.touch()
     store.commit()

@@ -11,7 +11,7 @@ from testutil.relay import Relay
 
 from korinet import Client, Server, SessionConfig, SessionExpired, hookimpl
 from korinet.plugins import PluginManager
-from korinet.runtime.backoff import backoff
+from korinet.reconnect import backoff
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ async def test_first_retry_is_immediate_after_a_cut(
 ) -> None:
     # Record every reconnection delay the client draws: after each cut of a working
     # link the first retry must not wait (checked on the delays, not on the clock).
-    import korinet.runtime.client as client_module
+    import korinet.reconnect as reconnect_module
 
     drawn: list[float] = []
 
@@ -125,7 +125,7 @@ async def test_first_retry_is_immediate_after_a_cut(
             drawn.append(delay)
             yield delay
 
-    monkeypatch.setattr(client_module, "backoff", recording_backoff)
+    monkeypatch.setattr(reconnect_module, "backoff", recording_backoff)
     async with Server("127.0.0.1", 0, handler=_echo_handler, plugins=plugins) as server:
         relay = await Relay("127.0.0.1", server.port).start()
         client = await Client.connect("127.0.0.1", relay.port, plugins=plugins)
@@ -188,3 +188,36 @@ async def test_a_replys_lazy_ack_still_leaves_when_nothing_else_does(plugins: Pl
         # client sends nothing more, so its lazy ACK must leave on its own timer.
         await eventually(lambda: peer.session.unacked == 0, what="the reply was never acknowledged")
         await client.close()
+
+
+def test_reconnect_policy_gives_up_after_the_outage_limit_and_restarts_after_a_handshake() -> None:
+    from korinet.exceptions import KoriNetTimeout
+    from korinet.reconnect import Reconnect
+
+    policy = Reconnect("h:1", cap=1.0, outage_limit=10.0)
+    policy.last_error = ConnectionRefusedError("refused")
+    assert policy.next_delay(True, 100.0) == 0.0  # a cut link: the first retry is immediate
+    assert 0.0 < policy.next_delay(False, 105.0) <= 1.0  # (type: float) then backoff
+    gave_up = policy.next_delay(False, 110.5)  # 10.5 s without a link
+    assert isinstance(gave_up, KoriNetTimeout)
+    assert "h:1" in str(gave_up) and "refused" in str(gave_up)
+    policy.opened()  # a handshake: a new outage starts from an immediate retry, clock reset
+    assert policy.next_delay(False, 500.0) == 0.0
+    assert not isinstance(policy.next_delay(False, 509.0), KoriNetTimeout)
+
+
+def test_reconnect_policy_names_the_errors_no_retry_can_fix() -> None:
+    import ssl
+
+    from korinet.exceptions import AuthenticationError, ConnectionClosedError
+    from korinet.reconnect import fatal_error
+    from korinet.session import CloseCode
+
+    assert fatal_error(ConnectionRefusedError(), "h:1") is None
+    assert fatal_error(TimeoutError(), "h:1") is None
+    auth = AuthenticationError("key changed")
+    assert fatal_error(auth, "h:1") is auth
+    cert = ssl.SSLCertVerificationError("bad cert")
+    fatal = fatal_error(cert, "h:1")
+    assert isinstance(fatal, ConnectionClosedError) and fatal.code == CloseCode.AUTH_FAILED
+    assert fatal.__cause__ is cert

@@ -78,7 +78,7 @@ async def test_realtime_is_not_acknowledged_and_does_not_use_the_window() -> Non
 
 
 async def test_realtime_inbox_is_bounded_dropping_the_oldest() -> None:
-    from korinet.runtime.peer import REALTIME_INBOX
+    from korinet.endpoint import REALTIME_INBOX
 
     plugins = PluginManager.load(entry_points=False)
     async with Server("127.0.0.1", 0, plugins=plugins) as server:

@@ -12,8 +12,8 @@ from testutil import TIMEOUT_FACTOR
 from testutil.relay import Relay
 
 from korinet import Client, Server
+from korinet import reconnect as reconnect_module
 from korinet.plugins import PluginManager
-from korinet.runtime import client as client_module
 
 pytestmark = pytest.mark.timeout(30 * TIMEOUT_FACTOR)
 
@@ -33,7 +33,7 @@ def one_hour_waits(**kwargs: Any) -> Iterator[float]:
 
 
 async def test_reconnect_now_cuts_the_backoff_wait_short(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client_module, "backoff", one_hour_waits)
+    monkeypatch.setattr(reconnect_module, "backoff", one_hour_waits)
     plugins = PluginManager.load(entry_points=False)
     async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
         relay = await Relay("127.0.0.1", server.port).start()

@@ -128,3 +128,22 @@ def test_authorize_checks_its_arguments(home: Path) -> None:
     with pytest.raises(ValueError, match="bad role"):
         keys.authorize(FP1, "alice", ["a,b"])
     assert not keys.path.exists()
+
+
+def test_check_server_pins_by_host_and_port_and_fails_closed(home: Path) -> None:
+    # The one check both clients (asyncio and blocking) make on the certificate bytes.
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from korinet.security import ClientTLS
+
+    server = Identity.generate()
+    der = server.certificate.public_bytes(Encoding.DER)
+    tls = ClientTLS(known_hosts=KnownHosts(home / "known_hosts"))
+    assert tls.check_server("::1", 1235, der).fingerprint == server.fingerprint
+    assert KnownHosts(home / "known_hosts").lookup("[::1]:1235") is not None
+    with pytest.raises(AuthenticationError, match="presented no certificate"):
+        tls.check_server("::1", 1235, None)
+    broken = ClientTLS(known_hosts=KnownHosts(home / "a-directory"))
+    (home / "a-directory").mkdir()
+    with pytest.raises(AuthenticationError, match=r"cannot check the key of example:1"):
+        broken.check_server("example", 1, der)

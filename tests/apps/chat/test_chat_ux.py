@@ -295,14 +295,14 @@ async def test_a_hub_announced_again_is_reconnected_at_once(monkeypatch: pytest.
     from korinet_chat.cli import _follow_hub
     from korinet_chat.discovery import announce
 
-    from korinet.runtime import client as runtime_client
+    from korinet import reconnect as reconnect_module
 
     def hour_waits(**kwargs: Any) -> Iterator[float]:
         yield 0.0
         while True:
             yield 3600.0
 
-    monkeypatch.setattr(runtime_client, "backoff", hour_waits)
+    monkeypatch.setattr(reconnect_module, "backoff", hour_waits)
     name = f"restarting hub {uuid.uuid4().hex[:6]}"
     async with rig() as r:
         alice = await r.client("alice")
