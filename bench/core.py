@@ -65,7 +65,7 @@ class Profile:
 
 
 QUICK = Profile("quick", 3, 1, 1.0, 2_000, 40_000, 10_000, 1_000, 2_000, 0.33)
-FULL = Profile("full", 5, 3, 3.0, 20_000, 400_000, 100_000, 5_000, 10_000, 1.0)
+FULL = Profile("full", 3, 3, 3.0, 20_000, 400_000, 100_000, 5_000, 10_000, 1.0)
 
 Figures = dict[str, float]
 
@@ -91,7 +91,7 @@ def _original(mode: str, p: Profile, size: int) -> Figures:
 def _idle_kib(p: Profile, tls: bool) -> Figures:
     argv = [sys.executable, str(HERE / "tls_cost.py"), "--one", "idle_kib"]
     argv += ["--sessions", str(p.idle_sessions)] + (["--tls"] if tls else [])
-    return _json_subprocess(argv, timeout=600)
+    return _json_subprocess(argv, timeout=900)  # 5,000 TLS handshakes on a loaded machine
 
 
 def _scale(p: Profile) -> Figures:
@@ -257,10 +257,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def measure_all(p: Profile, only: set[str] | None) -> tuple[dict[str, list[Figures]], list[str]]:
+def measure_all(
+    p: Profile, only: set[str] | None, after_rep: Callable[[dict[str, list[Figures]], list[str], int], None]
+) -> tuple[dict[str, list[Figures]], list[str]]:
     runs: dict[str, list[Figures]] = {name: [] for name in MEASURES}
     errors: list[str] = []
     for rep in range(max(p.reps, p.heavy_reps)):
+        if rep:
+            after_rep(runs, errors, rep)
         for name, fn in MEASURES.items():
             if only is not None and name not in only:
                 continue
@@ -312,7 +316,12 @@ def judge(row: Row, ours: Stat | None, ref: Stat | None) -> tuple[str, str]:
 
 
 def render(
-    p: Profile, runs: dict[str, list[Figures]], errors: list[str], started: str, only: set[str] | None
+    p: Profile,
+    runs: dict[str, list[Figures]],
+    errors: list[str],
+    started: str,
+    only: set[str] | None,
+    partial: str = "",
 ) -> str:
     ended = dt.datetime.now(dt.UTC).strftime("%H:%M UTC")
     lines = [
@@ -332,6 +341,7 @@ def render(
             f"{p.reps} runs of each light figure (at most {p.budget_s:g} s each), {p.heavy_reps} of "
             "memory, scale and soak; MB = 10^6 payload bytes"
         ),
+        *([f"- **partial**: {partial}"] if partial else []),
         "",
         "| figure | KoriNet | judged against | reference | ratio | target | holds |",
         "|---|---:|---|---:|---:|---|---|",
@@ -351,10 +361,20 @@ def render(
 
 
 def _git_head() -> str:
-    out = subprocess.run(
-        ["git", "-C", str(HERE), "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=False
+    def last(*paths: str) -> str:
+        argv = ["git", "-C", str(HERE.parent), "log", "-1", "--format=%h %s", "--", *paths]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return f"`{out.stdout.strip()[:80]}`" if out.returncode == 0 and out.stdout else "unknown"
+
+    dirty = subprocess.run(
+        ["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "korinet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"{last()}; korinet/ last changed in {last('korinet')}" + (
+        " (+ uncommitted changes)" if dirty else ""
     )
-    return f"`{out.stdout.strip()[:90]}`" if out.returncode == 0 else "unknown commit"
 
 
 def main() -> None:
@@ -371,7 +391,14 @@ def main() -> None:
         peer_original.ensure_venv()
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
-    runs, errors = measure_all(p, only)
+
+    def after_rep(runs: dict[str, list[Figures]], errors: list[str], done: int) -> None:
+        # A table after every repetition, so a run cut short still leaves its figures.
+        if args.out is not None:
+            note = f"{done} of {max(p.reps, p.heavy_reps)} repetitions done when this was written"
+            args.out.write_text(render(p, runs, errors, started, only, note))
+
+    runs, errors = measure_all(p, only, after_rep)
     text = render(p, runs, errors, started, only)
     _log(f"# {time.monotonic() - t0:.0f} s")
     print(text)
