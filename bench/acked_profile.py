@@ -184,6 +184,7 @@ class Profiler:
         figures: dict[str, float] = {k: v / n for k, v in sorted(self.counts.c.items())}
         figures["memory blocks held (tracemalloc)"] = blocks / n
         top: list[tuple[float, str]] = []
+        by_file: Counter[str] = Counter()  # calls per message, by the file defining the function
         if self.prof is not None:
             stats = pstats.Stats(self.prof)
             total = 0
@@ -193,9 +194,10 @@ class Profiler:
                     continue  # this script's counting wrappers
                 total += nc
                 rows.append((nc / n, f"{Path(fname).name}:{line}({func})"))
+                by_file[Path(fname).name if fname != "~" else "(C functions)"] += nc / n
             figures["python calls (cProfile)"] = total / n
             top = sorted(rows, reverse=True)[:TOP]
-        return {"figures": figures, "top": top}
+        return {"figures": figures, "top": top, "files": by_file.most_common(TOP)}
 
 
 async def _inproc(n: int, size: int, with_profile: bool, plain: bool) -> dict[str, Any] | None:
@@ -364,6 +366,9 @@ def _print(title: str, result: dict[str, Any]) -> None:
     if result["top"]:
         print("  busiest functions (calls per message):")
         for per, name in result["top"]:
+            print(f"    {per:6.2f}  {name}")
+        print("  calls per message by file:")
+        for name, per in result["files"]:
             print(f"    {per:6.2f}  {name}")
 
 
