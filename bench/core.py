@@ -112,7 +112,8 @@ def _soak(p: Profile) -> Figures:
 def _json_subprocess(argv: list[str], timeout: float) -> Figures:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"{Path(argv[1]).name} failed: {out.stderr.strip()[-800:]}")
+        last = out.stderr.strip().splitlines()[-1:] or ["no output"]  # the exception, one line
+        raise RuntimeError(f"{Path(argv[1]).name} failed: {last[0][-300:]}")
     figures: Figures = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
 
@@ -274,7 +275,7 @@ def measure_all(
             try:
                 figures = _derive(name, fn(p))
             except Exception as exc:  # one broken figure must not sink the table
-                errors.append(f"{name} #{rep + 1}: {type(exc).__name__}: {exc}")
+                errors.append(f"{name} #{rep + 1}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
                 _log(f"  {name} #{rep + 1} FAILED: {exc!r}")
                 continue
             runs[name].append(figures)
