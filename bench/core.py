@@ -37,6 +37,8 @@ import peer_socket
 import peer_zmq
 from run import cpu_model, fmt_number
 
+import korinet
+
 HERE = Path(__file__).resolve().parent
 SMALL, LARGE = 64, 4096
 
@@ -334,7 +336,7 @@ def render(
             f"Linux {platform.release()}, Python {platform.python_version()}; "
             f"load average {os.getloadavg()[0]:.2f} at the end"
         ),
-        f"- code: korinet {peer_korinet.korinet.__version__} at {_git_head()}",
+        f"- code: korinet {korinet.__version__} at {_git_head()}",
         (
             f"- method: `python bench/core.py{' --quick' if p.name == 'quick' else ''}`; TCP on 127.0.0.1, "
             "every server side in another process; each cell is the median of the runs with "
