@@ -16,6 +16,9 @@ taking each with ``async for``) it prints, per message:
     python bench/acked_profile.py --procs 2           # server in a child; both sides' counts
     python bench/acked_profile.py --plain             # only the run (for valgrind/strace)
     python bench/acked_profile.py --callgrind -n 5000 # instructions per message (valgrind)
+    python bench/acked_profile.py --what request      # ``await client.request(p, ECHO)`` instead
+    python bench/acked_profile.py --what raw-echo --procs 2 --callgrind
+                                                      # the raw asyncio echo (bench/peer_asyncio.py)
 
 ``--callgrind`` runs the plain script under ``valgrind --tool=callgrind`` twice, with
 N and with 0 measured messages (start-up, connect and warm-up cancel out), every
@@ -47,7 +50,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
 
+import peer_asyncio
+
 import korinet
+import korinet.builtin
+from korinet.builtin import ECHO
 
 LOOPBACK = "127.0.0.1"
 WARMUP = 200
@@ -134,7 +141,14 @@ async def _consume(peer: korinet.Peer) -> None:
         pass
 
 
+WHAT = os.environ.get("ACKED_PROFILE_WHAT", "send")  # set by --what; children inherit it
+
+
 async def _sends(client: korinet.Client, n: int, payload: bytes) -> None:
+    if WHAT == "request":  # as bench/peer_korinet.py's request/response figure does it
+        for _ in range(n):
+            await client.request(payload, ECHO, timeout=10.0)
+        return
     for _ in range(n):
         await client.send(payload)
 
@@ -170,6 +184,7 @@ class Profiler:
         figures: dict[str, float] = {k: v / n for k, v in sorted(self.counts.c.items())}
         figures["memory blocks held (tracemalloc)"] = blocks / n
         top: list[tuple[float, str]] = []
+        by_file: Counter[str] = Counter()  # calls per message, by the file defining the function
         if self.prof is not None:
             stats = pstats.Stats(self.prof)
             total = 0
@@ -179,9 +194,10 @@ class Profiler:
                     continue  # this script's counting wrappers
                 total += nc
                 rows.append((nc / n, f"{Path(fname).name}:{line}({func})"))
+                by_file[Path(fname).name if fname != "~" else "(C functions)"] += nc / n
             figures["python calls (cProfile)"] = total / n
             top = sorted(rows, reverse=True)[:TOP]
-        return {"figures": figures, "top": top}
+        return {"figures": figures, "top": top, "files": by_file.most_common(TOP)}
 
 
 async def _inproc(n: int, size: int, with_profile: bool, plain: bool) -> dict[str, Any] | None:
@@ -236,6 +252,23 @@ async def _serve(conn: Connection, n: int, with_profile: bool, plain: bool) -> N
             if received == WARMUP + n:
                 done.set()
 
+    if WHAT == "request":
+        # requests go to the ECHO handler, not the inbox: count them there
+        echo = korinet.builtin._echo
+
+        def counting_echo(peer: korinet.Peer, msg: korinet.Message) -> Any:
+            nonlocal received
+            received += 1
+            if received == WARMUP + 1 and not plain:
+                counts.install(loop)
+                assert peer.conn is not None and peer.conn.transport is not None
+                counts.wrap_socket(peer.conn.transport)
+                prof.start()
+            if received == WARMUP + n:
+                done.set()
+            return echo(peer, msg)
+
+        korinet.builtin._echo = counting_echo  # read when the server registers its types
     server = await korinet.Server(LOOPBACK, 0, handler=consume).start()
     conn.send(server.port)
     await asyncio.wait_for(done.wait(), 600)
@@ -276,22 +309,51 @@ async def _client(port: int, n: int, size: int, with_profile: bool, plain: bool)
 def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(child, n, with_profile, plain), daemon=True)
+    raw = WHAT == "raw-echo"
+    if raw and not plain:
+        raise SystemExit("--what raw-echo runs only with --plain or --callgrind, with --procs 2")
+    target, args = (_raw_server_main, (child,)) if raw else (_server_main, (child, n, with_profile, plain))
+    proc = ctx.Process(target=target, args=args, daemon=True)
     proc.start()
     try:
         if not parent.poll(900):  # slow under valgrind
             raise RuntimeError("the server did not start")
         port = parent.recv()
-        client = asyncio.run(_client(port, n, size, with_profile, plain))
+        if raw:
+            asyncio.run(_raw_client(port, n, size))
+            client = None
+        else:
+            client = asyncio.run(_client(port, n, size, with_profile, plain))
         if not parent.poll(900):  # slow under valgrind
             raise RuntimeError("the server did not report")
         server = parent.recv()
         parent.send("stop")
         return client, server
     finally:
-        proc.join(10)
+        # Under valgrind a child's exit takes a while, and a killed child writes no
+        # callgrind output (its count would silently go missing): wait generously.
+        proc.join(300)
         if proc.is_alive():
             proc.kill()
+
+
+# the raw asyncio echo (bench/peer_asyncio.py), for comparison: plain runs only
+
+
+def _raw_server_main(conn: Connection) -> None:
+    asyncio.run(peer_asyncio._serve(conn, "echo"))  # returns once the client hangs up
+    conn.send(None)
+
+
+async def _raw_client(port: int, n: int, size: int) -> None:
+    transport, proto = await peer_asyncio._connect(port, "echo")
+    payload = os.urandom(size)
+    try:
+        for i in range(WARMUP + n):
+            transport.write(peer_asyncio.encode(i, payload))
+            await proto.until(i + 1, 600)
+    finally:
+        transport.close()
 
 
 # --------------------------------------------------------------------------- output
@@ -305,11 +367,17 @@ def _print(title: str, result: dict[str, Any]) -> None:
         print("  busiest functions (calls per message):")
         for per, name in result["top"]:
             print(f"    {per:6.2f}  {name}")
+        print("  calls per message by file:")
+        for name, per in result["files"]:
+            print(f"    {per:6.2f}  {name}")
 
 
 def _instructions(n: int, procs: int, size: int) -> dict[str, int]:
     """Instructions executed by each process of a plain run, by role."""
-    with tempfile.TemporaryDirectory() as tmp:
+    keep = os.environ.get("ACKED_PROFILE_KEEP")  # a directory: keep the callgrind files there
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = f"{keep}/n{n}" if keep else scratch
+        os.makedirs(tmp, exist_ok=True)
         cmd = [
             "valgrind",
             "--tool=callgrind",
@@ -346,7 +414,9 @@ def _instructions(n: int, procs: int, size: int) -> dict[str, int]:
 def callgrind(n: int, procs: int, size: int) -> None:
     base = _instructions(0, procs, size)
     full = _instructions(n, procs, size)
-    print(f"# callgrind, stop-and-wait {n} x {size} B, procs={procs}")
+    if base.keys() != full.keys():
+        raise RuntimeError(f"a process left no callgrind output: {sorted(base)} vs {sorted(full)}")
+    print(f"# callgrind, {WHAT}: {n} x {size} B, procs={procs}")
     print(f"# KORINET_DISABLE_PLUGINS={os.environ.get('KORINET_DISABLE_PLUGINS', '')!r}")
     total = 0.0
     for role in sorted(full):
@@ -357,6 +427,7 @@ def callgrind(n: int, procs: int, size: int) -> None:
 
 
 def main() -> None:
+    global WHAT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=2000, help="measured messages (default 2000)")
     ap.add_argument("--size", type=int, default=64, help="payload bytes (default 64)")
@@ -364,7 +435,15 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true", help="no counting: just the run (valgrind, strace)")
     ap.add_argument("--no-profile", action="store_true", help="counters only, no cProfile")
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
+    ap.add_argument(
+        "--what",
+        choices=("send", "request", "raw-echo"),
+        default=WHAT,
+        help="send: await send() (default); request: await request(p, ECHO); raw-echo: peer_asyncio's echo",
+    )
     args = ap.parse_args()
+    os.environ["ACKED_PROFILE_WHAT"] = args.what  # for the children (spawned, or under valgrind)
+    WHAT = args.what
     if args.callgrind:
         callgrind(args.n, args.procs, args.size)
         return
@@ -374,13 +453,13 @@ def main() -> None:
     if args.procs == 1:
         result = asyncio.run(_inproc(args.n, args.size, with_profile, args.plain))
         if result is not None:
-            print(f"# stop-and-wait, {args.n} x {args.size} B, client and server on one loop")
+            print(f"# {WHAT}, {args.n} x {args.size} B, client and server on one loop")
             print(f"# KORINET_DISABLE_PLUGINS={disabled!r}")
             _print("both sides", result)
     else:
         client, server = _two_procs(args.n, args.size, with_profile, args.plain)
         if client is not None:
-            print(f"# stop-and-wait, {args.n} x {args.size} B, server in a child process")
+            print(f"# {WHAT}, {args.n} x {args.size} B, server in a child process")
             print(f"# KORINET_DISABLE_PLUGINS={disabled!r}")
             _print("client", client)
             _print("server", server)

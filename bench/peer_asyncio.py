@@ -242,6 +242,25 @@ async def _reqrep(port: int, n: int, size: int, budget_s: float) -> list[int]:
         transport.close()
 
 
+async def _echo_round_trips(port: int, n: int, size: int, budget_s: float) -> tuple[int, float]:
+    """Echo round trips one at a time, as many as fit: the raw stop-and-wait floor."""
+    transport, proto = await _connect(port, "echo")
+    payload = os.urandom(size)
+    try:
+        transport.write(encode(0, payload))
+        await proto.until(1, DRAIN_S)
+        deadline = Deadline(budget_s)
+        done = 0
+        t0 = time.perf_counter()
+        while done < n and not deadline.expired():
+            transport.write(encode(done + 1, payload))
+            await proto.until(done + 2, DRAIN_S)
+            done += 1
+        return done, time.perf_counter() - t0
+    finally:
+        transport.close()
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -258,3 +277,8 @@ def stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
 def reqrep(n: int, size: int, budget_s: float) -> dict[str, float]:
     with spawn_child(server_main, "echo") as (_, port):
         return latency_figures(asyncio.run(_reqrep(port, n, size, budget_s)))
+
+
+def echo_round_trips(n: int, size: int, budget_s: float) -> tuple[int, float]:
+    with spawn_child(server_main, "echo") as (_, port):
+        return asyncio.run(_echo_round_trips(port, n, size, budget_s))

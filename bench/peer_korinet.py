@@ -14,10 +14,12 @@ import resource
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import peer_original
 from benchutil import (
     ACK_EVERY,
     CHILD_MAX_S,
@@ -27,6 +29,7 @@ from benchutil import (
     Deadline,
     latency_figures,
     spawn_child,
+    stop_requested,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
@@ -38,16 +41,20 @@ from korinet.builtin import ECHO
 # --------------------------------------------------------------------------- server
 
 
-async def _serve(conn: Connection, heartbeat: float) -> None:
+async def _serve(conn: Connection, heartbeat: float, mode: str) -> None:
     async def consume(peer: korinet.Peer) -> None:
         async for _ in peer:
             pass
+
+    async def echo(peer: korinet.Peer) -> None:
+        async for msg in peer:
+            peer.post(msg)
 
     config = SessionConfig(heartbeat_interval=heartbeat)
     server = await Server(
         LOOPBACK,
         0,
-        handler=consume,
+        handler=echo if mode == "echo" else consume,
         config=config,
         max_sessions=100_000,
         max_connections_per_address=100_000,  # the idle sessions all come from 127.0.0.1
@@ -67,8 +74,36 @@ async def _serve(conn: Connection, heartbeat: float) -> None:
     await server.close()
 
 
-def server_main(conn: Connection, heartbeat: float = 5.0) -> None:
-    asyncio.run(_serve(conn, heartbeat))
+def server_main(conn: Connection, heartbeat: float = 5.0, mode: str = "consume") -> None:
+    """The asyncio Server; mode "consume" takes every message, "echo" posts it back."""
+    asyncio.run(_serve(conn, heartbeat, mode))
+
+
+def blocking_server_main(conn: Connection, mode: str) -> None:
+    """The blocking ``korinet.server(conn)`` on each accepted socket, in this thread:
+    mode "ack" takes every message (recv() acknowledges it), "echo" sends it back."""
+    lsock = socket.create_server((LOOPBACK, 0))
+    lsock.settimeout(0.2)
+    conn.send(lsock.getsockname()[1])
+    deadline = Deadline(CHILD_MAX_S)
+    while not deadline.expired() and not stop_requested(conn):
+        try:
+            sock, _ = lsock.accept()
+        except TimeoutError:
+            continue
+        sock.setblocking(True)
+        srv = korinet.server(sock)
+        try:
+            while not deadline.expired() and not stop_requested(conn):
+                try:
+                    msg = srv.recv(timeout=0.2)
+                except korinet.KoriNetTimeout:
+                    continue
+                if mode == "echo":
+                    srv.send(msg)
+        except (korinet.ConnectionClosed, OSError):
+            pass  # the client hung up: take the next one
+    lsock.close()
 
 
 def _rss_kib() -> int:
@@ -137,18 +172,64 @@ async def _reqrep(port: int, n: int, size: int, budget_s: float) -> list[int]:
         await client.close()
 
 
+async def _echo_send_recv(port: int, n: int, size: int, budget_s: float) -> list[int]:
+    """``await send()`` then ``await recv()`` of the server's echo, one at a time."""
+    client = await Client.connect(LOOPBACK, port)
+    payload = os.urandom(size)
+    samples: list[int] = []
+    try:
+        deadline = Deadline(budget_s)
+        warmup = min(100, max(n // 10, 1))
+        for i in range(warmup + n):
+            if deadline.expired():
+                break
+            t = time.perf_counter_ns()
+            await client.send(payload, timeout=DRAIN_S)
+            await client.recv(timeout=DRAIN_S)
+            if i >= warmup:
+                samples.append(time.perf_counter_ns() - t)
+        return samples
+    finally:
+        await client.close()
+
+
+# The blocking rows send the original's message shape ({"seq", "p"}), as
+# original_helper.py does, so both sides of each ratio move the same object.
+
+
 def _blocking_stop_and_wait(port: int, n: int, size: int, budget_s: float) -> tuple[int, float]:
     c = korinet.client(LOOPBACK, port, timeout=DRAIN_S)
     payload = os.urandom(size)
     try:
-        c.send(payload)
+        c.send({"seq": -1, "p": payload})
         deadline = Deadline(budget_s)
         done = 0
         t0 = time.perf_counter()
         while done < n and not deadline.expired():
-            c.send(payload)
+            c.send({"seq": done, "p": payload})
             done += 1
         return done, time.perf_counter() - t0
+    finally:
+        c.close()
+
+
+def _blocking_round_trips(port: int, n: int, size: int, budget_s: float) -> list[int]:
+    """``send()`` then ``recv()`` of the server's echo, one at a time."""
+    c = korinet.client(LOOPBACK, port, timeout=DRAIN_S)
+    payload = os.urandom(size)
+    samples: list[int] = []
+    try:
+        deadline = Deadline(budget_s)
+        warmup = min(100, max(n // 10, 1))
+        for i in range(warmup + n):
+            if deadline.expired():
+                break
+            t = time.perf_counter_ns()
+            c.send({"seq": i, "p": payload})
+            c.recv(timeout=DRAIN_S)
+            if i >= warmup:
+                samples.append(time.perf_counter_ns() - t)
+        return samples
     finally:
         c.close()
 
@@ -199,8 +280,30 @@ def stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
 
 
 def blocking_stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
-    with spawn_child(server_main) as (_, port):
+    """``client()`` against ``server(conn)``, both blocking."""
+    with spawn_child(blocking_server_main, "ack") as (_, port):
         return _blocking_stop_and_wait(port, n, size, budget_s)
+
+
+def blocking_round_trip(n: int, size: int, budget_s: float) -> dict[str, float]:
+    """``client()`` send()+recv() against ``server(conn)`` recv()+send()."""
+    with spawn_child(blocking_server_main, "echo") as (_, port):
+        return latency_figures(_blocking_round_trips(port, n, size, budget_s))
+
+
+def original_client_stop_and_wait(n: int, size: int, budget_s: float) -> tuple[int, float]:
+    """The original 0.0.1 client (its own venv) against the new ``server(conn)``."""
+    with (
+        spawn_child(blocking_server_main, "ack") as (_, port),
+        tempfile.TemporaryDirectory(prefix="korinet-bench-orig-") as cwd,
+    ):
+        r = peer_original.client(port, "ack", n, size, budget_s, cwd)
+        return r["done"], r["elapsed"]
+
+
+def echo_send_recv(n: int, size: int, budget_s: float) -> dict[str, float]:
+    with spawn_child(server_main, 5.0, "echo") as (_, port):
+        return latency_figures(asyncio.run(_echo_send_recv(port, n, size, budget_s)))
 
 
 def reqrep(n: int, size: int, budget_s: float) -> dict[str, float]:

@@ -54,6 +54,27 @@ def ensure_venv() -> Path:
     return venv_python()
 
 
+def client(port: int, mode: str, n: int, size: int, budget_s: float, cwd: str) -> dict[str, Any]:
+    """The original client in a subprocess against whatever serves `port`; its JSON result."""
+    argv = [str(venv_python()), ISOLATED, str(HELPER), "client", "--port", str(port), "--mode", mode]
+    argv += ["--n", str(n), "--size", str(size), "--budget-s", str(budget_s)]
+    out = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=budget_s + 60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"original client failed: {out.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if not result["done"]:
+        raise RuntimeError("original client completed no exchange within the budget")
+    return result
+
+
 def run(mode: str, n: int, size: int, budget_s: float) -> dict[str, Any]:
     """One server + one client subprocess; returns the client's JSON result."""
     py = str(venv_python())
@@ -70,37 +91,7 @@ def run(mode: str, n: int, size: int, budget_s: float) -> dict[str, Any]:
             line = server.stdout.readline() if ready else b""
             if not line:
                 raise RuntimeError("original server did not report a port")
-            port = json.loads(line)["port"]
-            out = subprocess.run(
-                [
-                    py,
-                    ISOLATED,
-                    str(HELPER),
-                    "client",
-                    "--port",
-                    str(port),
-                    "--mode",
-                    mode,
-                    "--n",
-                    str(n),
-                    "--size",
-                    str(size),
-                    "--budget-s",
-                    str(budget_s),
-                ],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=budget_s + 60,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"original client failed: {out.stderr.strip()[-500:]}")
-            result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-            if not result["done"]:
-                raise RuntimeError("original client completed no exchange within the budget")
-            return result
+            return client(json.loads(line)["port"], mode, n, size, budget_s, cwd)
         finally:
             try:
                 server.wait(DRAIN_S)  # it exits by itself once the client hangs up

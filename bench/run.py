@@ -7,6 +7,7 @@ per figure, medians over a few runs. Progress goes to stderr, the table to stdou
     python bench/run.py --only asyncio,zmq     # a subset of systems (keys of peers.SYSTEMS)
 
 All traffic is TCP on 127.0.0.1; every run is bounded in messages and seconds.
+Issue 13's targets, each KoriNet figure beside the one it is judged against: bench/core.py.
 """
 
 from __future__ import annotations

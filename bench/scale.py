@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import resource
 import socket
 import struct
@@ -91,7 +92,7 @@ def peak_rate(stamps: list[float], since: float, bucket: float = 0.1) -> float:
     return max(counts.values(), default=0) / bucket
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> dict[str, float]:
     _raise_fd_limit(args.sessions + 1024)
     config = SessionConfig(heartbeat_interval=args.heartbeat)
     with spawn_child(server_main, args.heartbeat, args.sessions) as (conn, port):
@@ -104,7 +105,8 @@ async def run(args: argparse.Namespace) -> None:
             clients += await asyncio.gather(
                 *(Client.connect(LOOPBACK, port, config=config, open_timeout=60) for _ in range(batch))
             )
-            print(f"\r{len(clients)}/{args.sessions} sessions open", end="", file=sys.stderr, flush=True)
+            if not args.json:
+                print(f"\r{len(clients)}/{args.sessions} sessions open", end="", file=sys.stderr, flush=True)
         open_s = time.perf_counter() - t0
         print(file=sys.stderr)
         await asyncio.sleep(args.heartbeat * 1.5)  # every session heartbeats at least once
@@ -139,19 +141,34 @@ async def run(args: argparse.Namespace) -> None:
         peak = peak_rate(after["accepts"], cut_at)
         await asyncio.gather(*(c.abort() for c in clients))
 
+    return {
+        "sessions": float(loaded["sessions"]),
+        "open_s": open_s,
+        "rss_kib_per_session": per_session,
+        "storm_cut": float(len(victims)),
+        "storm_resume_s": resumed_s,
+        "storm_not_back": float(not_back),
+        "storm_new_id": float(changed),
+        "storm_failed": float(wrong),
+        "storm_peak_accepts": peak,
+    }
+
+
+def report(args: argparse.Namespace, f: dict[str, float]) -> None:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"## Scale: {args.sessions:,} sessions, heartbeat {args.heartbeat:g} s ({when})\n")
     print("| figure | value |\n|---|---:|")
-    print(f"| sessions open on the server | {loaded['sessions']:,} |")
-    rate = args.sessions / open_s
-    print(f"| time to open them all ({args.batch} at a time) | {open_s:.1f} s ({rate:,.0f}/s) |")
-    print(f"| server RSS per session | {per_session:.1f} KiB |")
-    print(f"| storm: sessions cut at once | {len(victims):,} |")
-    print(f"| storm: time until every cut session resumed | {resumed_s:.2f} s |")
+    print(f"| sessions open on the server | {f['sessions']:,.0f} |")
+    rate = args.sessions / f["open_s"]
+    print(f"| time to open them all ({args.batch} at a time) | {f['open_s']:.1f} s ({rate:,.0f}/s) |")
+    print(f"| server RSS per session | {f['rss_kib_per_session']:.1f} KiB |")
+    print(f"| storm: sessions cut at once | {f['storm_cut']:,.0f} |")
+    print(f"| storm: time until every cut session resumed | {f['storm_resume_s']:.2f} s |")
     print(
-        f"| storm: sessions not back / given a new id / request failed | {not_back} / {changed} / {wrong} |"
+        "| storm: sessions not back / given a new id / request failed | "
+        f"{f['storm_not_back']:.0f} / {f['storm_new_id']:.0f} / {f['storm_failed']:.0f} |"
     )
-    print(f"| storm: server peak accept rate (per 100 ms bucket) | {peak:,.0f}/s |")
+    print(f"| storm: server peak accept rate (per 100 ms bucket) | {f['storm_peak_accepts']:,.0f}/s |")
 
 
 def main() -> None:
@@ -164,7 +181,15 @@ def main() -> None:
     )
     parser.add_argument("--heartbeat", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=200, help="sessions opened concurrently")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="give up (and fail) after this long")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    args = parser.parse_args()
+    # Bounded as a whole: a stalled connect or a session that never resumes fails the run.
+    figures = asyncio.run(asyncio.wait_for(run(args), args.max_seconds))
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        report(args, figures)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import socket
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from korinet import Client, Peer, Server, SessionConfig
 
 _LINGER_RST = struct.pack("ii", 1, 0)
-SAMPLE_EVERY = 10.0
 
 
 def proc_figures(pid: int) -> tuple[int, int]:
@@ -62,13 +62,14 @@ def server_main(conn: Connection) -> None:
     asyncio.run(main())
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, float]]:
+async def run(args: argparse.Namespace) -> tuple[list[dict[str, float]], dict[str, float]]:
     rng = random.Random(7)
     with spawn_child(server_main) as (_, (port, server_pid)):
         client = await Client.connect(LOOPBACK, port, config=SessionConfig(heartbeat_interval=2.0))
         sent = received = cuts = 0
         samples: list[dict[str, float]] = []
-        stop_at = time.monotonic() + args.minutes * 60
+        started = time.monotonic()
+        stop_at = started + args.minutes * 60
 
         async def sender() -> None:
             nonlocal sent
@@ -107,13 +108,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, float]]:
             start = time.monotonic()
             last = received
             while time.monotonic() < stop_at:
-                await asyncio.sleep(SAMPLE_EVERY)
+                await asyncio.sleep(args.sample_every)
                 s_rss, s_fds = proc_figures(server_pid)
                 c_rss, c_fds = proc_figures(os.getpid())
                 samples.append(
                     {
                         "t": time.monotonic() - start,
-                        "rate": (received - last) / SAMPLE_EVERY,
+                        "rate": (received - last) / args.sample_every,
                         "server_rss": s_rss,
                         "server_fds": s_fds,
                         "client_rss": c_rss,
@@ -131,10 +132,22 @@ async def run(args: argparse.Namespace) -> list[dict[str, float]]:
             await asyncio.sleep(0.1)
         recv_task.cancel()
         print(file=sys.stderr)
-        print(f"sent {sent:,}, echoed back {received:,} exactly once in order, {cuts} cuts")
+        elapsed = time.monotonic() - started
+        print(
+            f"sent {sent:,}, echoed back {received:,} exactly once in order, {cuts} cuts",
+            file=sys.stderr if args.json else sys.stdout,
+        )
         assert received == sent, f"{sent - received} messages missing"
         await client.close()
-    return samples
+    totals = {"sent": float(sent), "echoed": float(received), "cuts": float(cuts)}
+    totals["rate"] = received / elapsed
+    return samples, totals
+
+
+def growth(samples: list[dict[str, float]], key: str) -> float:
+    """Percent change of a sampled figure from the end of warm-up (first 20%) to the end."""
+    warm = samples[max(1, len(samples) // 5) - 1]
+    return (samples[-1][key] - warm[key]) / warm[key] * 100 if warm[key] else 0.0
 
 
 def report(samples: list[dict[str, float]], png: Path) -> None:
@@ -148,8 +161,10 @@ def report(samples: list[dict[str, float]], png: Path) -> None:
             f"| {s['client_rss']:,.0f} | {s['client_fds']:.0f} | {s['cuts']:.0f} |"
         )
     for key in ("server_rss", "server_fds", "client_rss", "client_fds"):
-        growth = (last[key] - warm[key]) / warm[key] * 100 if warm[key] else 0.0
-        print(f"{key}: {warm[key]:,.0f} after warm-up -> {last[key]:,.0f} at the end ({growth:+.1f}%)")
+        print(
+            f"{key}: {warm[key]:,.0f} after warm-up -> {last[key]:,.0f} at the end "
+            f"({growth(samples, key):+.1f}%)"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,8 +197,19 @@ def main() -> None:
     parser.add_argument("--cut-every", type=float, default=3.0, help="mean seconds between cuts")
     parser.add_argument("--rate", type=float, default=5000, help="messages per second at most")
     parser.add_argument("--png", type=Path, default=Path(__file__).parent / "results" / "soak.png")
+    parser.add_argument("--sample-every", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument(
+        "--json", action="store_true", help="print only a JSON summary line (a short soak: --minutes 1)"
+    )
     args = parser.parse_args()
-    report(asyncio.run(run(args)), args.png)
+    samples, totals = asyncio.run(run(args))
+    if args.json:
+        totals["server_rss_growth_pct"] = growth(samples, "server_rss")
+        totals["client_rss_growth_pct"] = growth(samples, "client_rss")
+        totals["server_fds_growth"] = samples[-1]["server_fds"] - samples[0]["server_fds"]
+        print(json.dumps(totals))
+    else:
+        report(samples, args.png)
 
 
 if __name__ == "__main__":
