@@ -102,7 +102,11 @@ class Driver(Protocol):
         """Acknowledgements freed window space (or the session ended)."""
 
     def flush_soon(self) -> None:
-        """The session has bytes to write that no read will flush (a late answer)."""
+        """The session has bytes to write that no read will flush (a late answer).
+
+        Not called for what is queued inside :meth:`Endpoint.process`: every driver
+        flushes right after it, and a second flush would cost a loop turn per request.
+        """
 
     def link_opened(self, ev: LinkOpened) -> None:
         """A handshake completed on the current link (timers, reconnect policy)."""
@@ -164,6 +168,7 @@ class Endpoint:
         self.next_corr = 1  # the next request's correlation id
         self._rejected: dict[int, str] = {}
         self._opened_once = False
+        self._processing = False  # inside process(): the driver flushes after it
         # the message timed for korinet_ack_timed: (seq, queued at, links_opened then)
         self._probe: tuple[int, float, int] | None = None
         self._notice: KoriNetError | None = None  # raised once by recv (session expired)
@@ -222,7 +227,17 @@ class Endpoint:
         return msg
 
     def process(self, events: list[Event]) -> bool:
-        """Act on the session's events; returns whether a link opened."""
+        """Act on the session's events; returns whether a link opened.
+
+        The driver flushes the session right after this returns.
+        """
+        self._processing = True
+        try:
+            return self._process(events)
+        finally:
+            self._processing = False
+
+    def _process(self, events: list[Event]) -> bool:
         opened = False
         for ev in events:
             kind = type(ev)
@@ -402,7 +417,8 @@ class Endpoint:
     def _answer(self, msg: Message, result: Any, error: BaseException | None) -> None:
         if not msg.corr or self.ended is not None:
             return
-        if queue_answer(self.session, msg.type, msg.corr, result, error, self.handle):
+        queued = queue_answer(self.session, msg.type, msg.corr, result, error, self.handle)
+        if queued and not self._processing:
             self.driver.flush_soon()
 
     def dispatch_realtime(self, ev: RealtimeReceived) -> None:

@@ -241,7 +241,15 @@ class Peer(EndpointStatus):
         reply: asyncio.Future[Any] = self.loop.create_future()
         corr = self.endpoint.new_request(reply)
         try:
-            await self._enqueue(obj, type, _REQUEST, corr, timeout)
+            queued = False
+            if self.session.codec is not None and not self.closed.done():
+                try:  # the common case, without _enqueue's coroutine (as send())
+                    self._queue(obj, type, _REQUEST, corr)
+                    queued = True
+                except SendBufferFull:
+                    pass
+            if not queued:
+                await self._enqueue(obj, type, _REQUEST, corr, timeout)
             return await self._wait(reply, timeout, "waiting for the reply")
         finally:
             self.endpoint.requests.pop(corr, None)
