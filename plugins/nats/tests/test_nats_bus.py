@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from korinet_nats import NatsBus, parse_address
-from nats_server import NatsServer
+from nats_server import NatsServer, nats_cluster, stream_leader
 
 from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, bus_for
 from korinet.plugins import PluginManager
@@ -181,6 +181,53 @@ async def test_follow_survives_a_kill_of_the_server_with_no_gap_and_no_repeat(tm
         await follower.aclose()  # type: ignore[attr-defined]
         await bus.close()
         server.stop()
+
+
+async def test_the_contract_survives_a_kill_of_one_node_of_three(tmp_path: Path) -> None:
+    # Two hubs' buses on a 3-node JetStream cluster, every log and key space with
+    # replicas 3. The node leading the log is killed (-9) mid-stream: a new leader is
+    # elected from the two left, and nothing acknowledged is lost, repeated or re-ordered.
+    async with nats_cluster(tmp_path) as cluster:
+        writer, reader = NatsBus(cluster.urls + "?replicas=3"), NatsBus(cluster.urls + "?replicas=3")
+        await writer.connect()
+        await reader.connect()
+        log = log_name()
+        follower = reader.follow(log, 0)
+        try:
+            spaces = [await bus.key_space("nodes_lost", ttl=30) for bus in (writer, reader)]
+            for i in range(50):
+                await writer.append(log, b"%d" % i, msg_id=f"k{i}")
+            assert [e.seq for e in await take(follower, 50)] == list(range(1, 51))
+            leader = await stream_leader(cluster, f"KORINET_{log}")
+            leader.kill()
+
+            async def keep_appending() -> list[int]:
+                seqs = []
+                for i in range(50, 100):  # append() waits out the election, same msg_id
+                    seqs.append((await writer.append(log, b"%d" % i, msg_id=f"k{i}")).seq)
+                return seqs
+
+            appending = asyncio.create_task(keep_appending())
+            rest = await take(follower, 50, timeout=90)
+            assert await appending == list(range(51, 101))
+            assert [(e.seq, e.data) for e in rest] == [(51 + i, b"%d" % (50 + i)) for i in range(50)]
+            # the duplicate window lives in the replicas too: re-sent ids are stored once
+            for i in (0, 49, 50, 99):
+                again = await writer.append(log, b"again", msg_id=f"k{i}")
+                assert again.duplicate and again.seq == i + 1
+            assert await reader.head(log) == 100
+            assert [e.seq for e in await reader.read(log, 0, limit=1000)] == list(range(1, 101))
+            # keys: exactly one of eight racing claims, from both hubs, on the two nodes left
+            claims = [spaces[i % 2].claim("ana", f"s{i}".encode()) for i in range(8)]
+            results = await asyncio.gather(*claims)
+            assert sum(results) == 1
+            winner = f"s{results.index(True)}".encode()
+            assert await spaces[0].get("ana") == await spaces[1].get("ana") == winner
+            assert await spaces[1 - results.index(True) % 2].renew("ana", b"not-theirs") is False
+        finally:
+            await follower.aclose()  # type: ignore[attr-defined]
+            await writer.close()
+            await reader.close()
 
 
 async def test_no_jetstream_or_no_server_is_one_clear_error(tmp_path: Path) -> None:
