@@ -5,6 +5,7 @@ server can show: a kill -9 of the server in the middle of a follow."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from korinet_nats import NatsBus, parse_address
 from nats_server import NatsServer, nats_cluster, stream_leader
 
-from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, bus_for
+from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, Retention, bus_for
 from korinet.plugins import PluginManager
 
 pytestmark = pytest.mark.timeout(90)
@@ -151,7 +152,83 @@ async def test_bad_names_are_refused_with_a_clear_error(bus: ClusterBus) -> None
         await bus.key_space("a b", ttl=1)
 
 
+async def test_a_log_keeps_at_most_its_retention_and_numbers_stay(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.retain(log, Retention(max_entries=5))
+    for i in range(8):
+        await bus.append(log, b"%d" % i, msg_id=f"r{i}")
+    assert await bus.head(log) == 8, "the numbers go on: only the oldest entries went"
+    assert [(e.seq, e.data) for e in await bus.read(log, 0)] == [(4 + i, b"%d" % (3 + i)) for i in range(5)]
+    assert [e.seq for e in await bus.read(log, 5, limit=2)] == [6, 7]
+    follower = bus.follow(log, 1)  # from before the first entry kept: starts at it
+    assert [e.seq for e in await take(follower, 5)] == [4, 5, 6, 7, 8]
+    await bus.append(log, b"8", msg_id="r8")
+    assert [e.seq for e in await take(follower, 1)] == [9]
+    await follower.aclose()  # type: ignore[attr-defined]
+    assert (await bus.append(log, b"7", msg_id="r7")).duplicate  # de-duplication is not retention
+
+
+async def test_a_byte_limit_keeps_the_newest_entries_within_it(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.append(log, b"x" * 100, msg_id="before")  # a limit set later applies to what is there
+    for i in range(19):
+        await bus.append(log, b"%02d" % i + b"x" * 98, msg_id=f"b{i}")
+    assert len(await bus.read(log, 0)) == 20
+    await bus.retain(log, Retention(max_bytes=1000))
+    kept = await bus.read(log, 0)
+    assert 1 <= len(kept) <= 10  # NATS counts the subject and headers too: fewer on it
+    assert [e.seq for e in kept] == list(range(21 - len(kept), 21)) and await bus.head(log) == 20
+
+
+async def test_old_entries_go_after_max_age(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.retain(log, Retention(max_age=1.0))
+    for i in range(3):
+        await bus.append(log, b"%d" % i, msg_id=f"a{i}")
+    assert len(await bus.read(log, 0)) == 3
+    if isinstance(bus, LocalBus):
+        bus._clock = lambda: time.monotonic() + 1.5  # type: ignore[method-assign]
+    for _ in range(200):  # NATS removes them at its next sweep after a second
+        if not await bus.read(log, 0):
+            break
+        await asyncio.sleep(0.1)
+    assert await bus.read(log, 0) == [] and await bus.head(log) == 3
+    assert (await bus.append(log, b"3", msg_id="a3")).seq == 4
+
+
+def test_a_retention_is_positive_or_none() -> None:
+    with pytest.raises(ValueError, match="max_age must be above 0"):
+        Retention(max_age=0)
+    with pytest.raises(ValueError, match="max_entries"):
+        Retention(max_entries=-1)
+
+
 # ---------------------------------------------------------------- NATS only
+
+
+async def test_retention_is_the_streams_limits_made_or_changed(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    bus, other = NatsBus(server.url + "?dedup=300"), NatsBus(server.url)
+    await bus.connect()
+    await other.connect()
+    try:
+        await bus.retain("made", Retention(max_age=60, max_bytes=2**20, max_entries=1000))
+        config = (await bus.js.stream_info("KORINET_made")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (60, 2**20, 1000)
+        assert config.duplicate_window == 60  # NATS refuses a window longer than max_age
+        await other.append("changed", b"x", msg_id="1")  # made by a hub that set no limit
+        config = (await bus.js.stream_info("KORINET_changed")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (0, -1, -1)
+        await bus.retain("changed", Retention(max_entries=10))
+        config = (await bus.js.stream_info("KORINET_changed")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (0, -1, 10)
+        assert config.duplicate_window == 300
+        await other.append("changed", b"y", msg_id="2")  # another hub's append keeps the limits
+        assert (await bus.js.stream_info("KORINET_changed")).config.max_msgs == 10
+    finally:
+        await bus.close()
+        await other.close()
+        server.stop()
 
 
 async def test_follow_survives_a_kill_of_the_server_with_no_gap_and_no_repeat(tmp_path: Path) -> None:
