@@ -75,21 +75,25 @@ async def worker() -> None:
     indexes = list(range(setup["first"], setup["first"] + setup["count"]))
     plugins = chat_plugins(PluginManager.load(entry_points=False))
     clients: dict[int, ChatClient] = {}
-    seen: dict[int, set[str]] = {i: set() for i in indexes}  # texts of the current phase
-    last: dict[str, float] = {}  # text -> latest arrival among our clients
-    doubles = [0]
-    phase = [""]
+    # phase -> client -> texts of that phase it showed. By the text's own phase, not
+    # the current one: another worker's senders may start before this worker reads
+    # the command that starts the phase here.
+    seen: dict[str, dict[int, set[str]]] = {}
+    last: dict[str, dict[str, float]] = {}  # phase -> text -> latest arrival among ours
+    doubles: dict[str, int] = {}
     changed = asyncio.Event()
 
     def listener(index: int):  # type: ignore[no-untyped-def]
         def on_line(line) -> None:  # type: ignore[no-untyped-def]
-            if line.kind != "msg" or line.room != room or not line.text.startswith(phase[0] + "|"):
+            if line.kind != "msg" or line.room != room or "|" not in line.text:
                 return
-            if line.text in seen[index]:
-                doubles[0] += 1
+            phase = line.text.split("|", 1)[0]
+            texts = seen.setdefault(phase, {}).setdefault(index, set())
+            if line.text in texts:
+                doubles[phase] = doubles.get(phase, 0) + 1
                 return
-            seen[index].add(line.text)
-            last[line.text] = time.time()
+            texts.add(line.text)
+            last.setdefault(phase, {})[line.text] = time.time()
             changed.set()
 
         return on_line
@@ -105,9 +109,9 @@ async def worker() -> None:
         await asyncio.gather(*(start(i) for i in indexes[batch : batch + 25]))
     say({"ready": time.perf_counter() - started})
 
-    async def send(client: ChatClient, sender: int, count: int, interval: float) -> None:
+    async def send(client: ChatClient, phase: str, sender: int, count: int, interval: float) -> None:
         for k in range(count):
-            client.say(f"{phase[0]}|{sender}|{k}|{time.time():.6f}")
+            client.say(f"{phase}|{sender}|{k}|{time.time():.6f}")
             if interval:
                 await asyncio.sleep(interval)
 
@@ -115,33 +119,37 @@ async def worker() -> None:
         cmd = json.loads(line)
         if cmd["cmd"] == "stop":
             break
-        phase[0] = cmd["phase"]
-        for i in indexes:
-            seen[i].clear()
-        last.clear()
-        doubles[0] = 0
+        phase = cmd["phase"]
+        got = seen.setdefault(phase, {})
         senders = [i for i in indexes if i % hubs not in cmd.get("quiet_hubs", [])][: cmd["senders"]]
-        talking = [loop.create_task(send(clients[i], i, cmd["messages"], cmd["interval"])) for i in senders]
+        talking = [
+            loop.create_task(send(clients[i], phase, i, cmd["messages"], cmd["interval"])) for i in senders
+        ]
         watched = [i for i in indexes if i % hubs in cmd.get("watch_hubs", [])]
         deadline = loop.time() + cmd["timeout"]
-        while any(len(seen[i]) < cmd["expect"] for i in indexes) and loop.time() < deadline:
+
+        def short(i: int, got: dict[int, set[str]] = got, expect: int = cmd["expect"]) -> int:
+            return max(0, expect - len(got.get(i, ())))
+
+        while any(short(i) for i in indexes) and loop.time() < deadline:
             changed.clear()
             with contextlib_suppress_timeout():
                 await asyncio.wait_for(changed.wait(), 1.0)
         await asyncio.gather(*talking)
-        caught_up = max((max(last_of(seen[i], last)) for i in watched if seen[i]), default=None)
+        arrivals = last.get(phase, {})
+        caught_up = max((max(arrivals[t] for t in got[i]) for i in watched if got.get(i)), default=None)
         say(
             {
-                "phase": phase[0],
-                "complete": all(len(seen[i]) >= cmd["expect"] for i in indexes),
-                "short": sum(max(0, cmd["expect"] - len(seen[i])) for i in indexes),
-                "doubles": doubles[0],
+                "phase": phase,
+                "complete": not any(short(i) for i in indexes),
+                "short": sum(short(i) for i in indexes),
+                "doubles": doubles.get(phase, 0),
                 "short_clients": [  # which, on which hub, in what state: to look into it
-                    [i, i % hubs, clients[i].state, len(seen[i]), sorted(view_of(clients[i], room))]
+                    [i, i % hubs, clients[i].state, len(got.get(i, ())), sorted(view_of(clients[i], room))]
                     for i in indexes
-                    if len(seen[i]) < cmd["expect"]
+                    if short(i)
                 ][:5],
-                "last": last,
+                "last": arrivals,
                 "watched_done": caught_up,
             }
         )
@@ -158,10 +166,6 @@ def view_of(client: Any, room: str) -> list[Any]:
         kinds[line.kind] = kinds.get(line.kind, 0) + 1
     return [("seen", view.seen if view else None), ("held", len(view.held) if view else None),
             ("dups", client.duplicates_dropped), *kinds.items()]  # fmt: skip
-
-
-def last_of(texts: set[str], last: dict[str, float]) -> list[float]:
-    return [last[t] for t in texts]
 
 
 class contextlib_suppress_timeout:  # noqa: N801 (a context manager named as one)
