@@ -258,50 +258,78 @@ class NatsBus:
         if last < max(after + 1, first):
             return []
         entries: list[LogEntry] = []
-        follower = self.follow(log, after)
-        try:
-            while not entries or entries[-1].seq < last:
-                try:
-                    entry = await asyncio.wait_for(anext(follower), READ_PATIENCE)
-                except TimeoutError:
-                    # nothing for a while: the entries still wanted may have been removed
-                    # meanwhile (retention), and then none will ever come
-                    if (await self._state(log))[0] > last:
-                        break
-                    continue
+
+        async def collect() -> None:
+            async for entry in self.follow(log, after):
                 if entry.seq > last:
-                    break
+                    return
                 entries.append(entry)
+                if entry.seq == last:
+                    return
+
+        collecting = asyncio.get_running_loop().create_task(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({collecting}, timeout=READ_PATIENCE)
+                if done:
+                    collecting.result()
+                    break
+                # nothing for a while: the entries still wanted may have been removed
+                # meanwhile (retention), and then none will ever come
+                if (await self._state(log))[0] > last:
+                    break
         finally:
-            await follower.aclose()
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
         return entries
+
+    async def _subscribe(self, log: str, subject: str, config: Any) -> Any:
+        """An ordered consumer, retried like an append while the cluster elects a leader
+        (making a consumer needs JetStream's meta leader: a node kill can take it)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + APPEND_PATIENCE
+        while True:
+            try:
+                return await self.js.subscribe(
+                    subject, ordered_consumer=True, config=config, idle_heartbeat=2.0
+                )
+            except _TRANSIENT as exc:
+                if loop.time() > give_up:
+                    raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
+                await asyncio.sleep(0.2)
+            except (nats.errors.Error, OSError) as exc:
+                raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
 
     async def follow(self, log: str, after: int) -> AsyncGenerator[LogEntry, None]:
         with _failing(f"follow {log!r} on {self.address}"):
             _, subject = await self._ensure_stream(log)
         # An ordered consumer: the client library re-creates it from the last
         # sequence it saw whenever a gap, a missed heartbeat or a reconnect shows,
-        # so what we yield has no gap and no repeat.
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(after, 0) + 1
-        )
-        with _failing(f"follow {log!r} on {self.address}"):
-            sub = await self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0)
+        # so what we yield has no gap and no repeat. If it gives up instead (its
+        # message iterator ends: seen while a node of a cluster was killed), we
+        # subscribe again from the next entry we owe.
         expected = max(after, 0) + 1
-        try:
-            async for msg in sub.messages:
-                seq = int(msg.metadata.sequence.stream)
-                if seq < expected:
-                    continue  # already yielded (belt and braces over the library's check)
-                if seq > expected:  # entries removed by the stream's limits: say so
-                    logger.warning(
-                        "cluster bus: log %r skips %d..%d (no longer kept)", log, expected, seq - 1
-                    )
-                expected = seq + 1
-                yield LogEntry(seq, msg.data)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        while True:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=expected
+            )
+            sub = await self._subscribe(log, subject, config)
+            try:
+                async for msg in sub.messages:
+                    seq = int(msg.metadata.sequence.stream)
+                    if seq < expected:
+                        continue  # already yielded (belt and braces over the library's check)
+                    if seq > expected:  # entries removed by the stream's limits: say so
+                        logger.warning(
+                            "cluster bus: log %r skips %d..%d (no longer kept)", log, expected, seq - 1
+                        )
+                    expected = seq + 1
+                    yield LogEntry(seq, msg.data)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            logger.warning("cluster bus: following %r stopped at %d; following again", log, expected)
+            await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ keys
 

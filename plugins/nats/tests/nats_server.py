@@ -195,13 +195,21 @@ async def nats_cluster(workdir: Path) -> AsyncIterator[NatsCluster]:
         cluster.stop()
 
 
-async def stream_leader(cluster: NatsCluster, stream: str) -> NatsServer:
-    """The node leading ``stream`` now, asked on a link of its own."""
+async def stream_leader(cluster: NatsCluster, stream: str, timeout: float = 30.0) -> NatsServer:
+    """The node leading ``stream`` now, asked on a link of its own (waiting out an
+    election: between two leaders the stream names none)."""
     import nats
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     nc = await nats.connect([n.url for n in cluster.nodes], connect_timeout=5)
     try:
-        info = await nc.jetstream(timeout=10).stream_info(stream)
-        return cluster.node(str(info.cluster.leader))
+        while True:
+            info = await nc.jetstream(timeout=10).stream_info(stream)
+            if info.cluster is not None and info.cluster.leader:
+                return cluster.node(str(info.cluster.leader))
+            if loop.time() > deadline:
+                raise RuntimeError(f"{stream} has had no leader for {timeout:g} s")
+            await asyncio.sleep(0.1)
     finally:
         await nc.close()
