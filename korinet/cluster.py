@@ -7,7 +7,9 @@ A hub needs three things from the bus (docs/CLUSTER.md):
   its sequence number in that log (1, 2, 3 ... with no gaps), so every hub that
   reads a log sees the same order; an append whose ``msg_id`` the log has seen
   lately is not stored twice and answers with the first copy's sequence number
-  (a hub re-publishing after a failure cannot duplicate).
+  (a hub re-publishing after a failure cannot duplicate). A log keeps everything
+  unless its owner gives it a :class:`Retention` (``retain``): then its oldest
+  entries go once a limit is passed, and the rest keep their numbers.
 * **key spaces**: keys with an owner and an expiry. ``claim`` creates a key only
   if no one holds it; the owner keeps it with ``renew`` and gives it up with
   ``release``; a key not renewed within the space's TTL is free again (a hub that
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -39,6 +41,7 @@ __all__ = [
     "Listener",
     "LocalBus",
     "LogEntry",
+    "Retention",
     "bus_for",
     "valid_name",
 ]
@@ -63,6 +66,25 @@ class Appended:
     seq: int
     #: True: the log had this msg_id already; ``seq`` is the first copy's
     duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of a log the bus keeps: once any limit is passed, the oldest entries
+    are removed (the others keep their numbers; readers after a removed entry start
+    at the first one kept). None: no limit of that kind."""
+
+    #: seconds an entry is kept after it was appended
+    max_age: float | None = None
+    #: the entries' data together (NATS counts its headers too: a little more)
+    max_bytes: int | None = None
+    max_entries: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_age", "max_bytes", "max_entries"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Retention.{name} must be above 0 (or None: no limit), not {value!r}")
 
 
 def valid_name(name: str) -> bool:
@@ -129,8 +151,14 @@ class ClusterBus(Protocol):
         """Add an entry at the end of ``log`` (created on first use)."""
         ...
 
+    async def retain(self, log: str, retention: Retention) -> None:
+        """Keep at most ``retention`` of ``log`` from now on (created if need be); the
+        owner of a log calls it before using the log, each time it starts."""
+        ...
+
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
-        """Up to ``limit`` entries with a sequence number above ``after``, in order."""
+        """Up to ``limit`` entries with a sequence number above ``after``, in order
+        (only those still kept: see :class:`Retention`)."""
         ...
 
     async def head(self, log: str) -> int:
@@ -139,7 +167,8 @@ class ClusterBus(Protocol):
 
     def follow(self, log: str, after: int) -> AsyncIterator[LogEntry]:
         """Every entry above ``after``, in order, then each new one as it is appended:
-        no gap, no repeat, whatever happens to the link to the bus meanwhile."""
+        no gap, no repeat, whatever happens to the link to the bus meanwhile (entries
+        removed by the log's :class:`Retention` before they were read are skipped)."""
         ...
 
     async def key_space(self, name: str, ttl: float) -> KeySpace: ...
@@ -178,9 +207,28 @@ def bus_for(address: str, plugins: object | None = None) -> ClusterBus:
 
 class _Log:
     def __init__(self) -> None:
-        self.entries: list[bytes] = []
+        self.entries: deque[tuple[float, bytes]] = deque()  # (appended at, data), oldest first
+        self.first = 1  # the number of entries[0]
+        self.size = 0  # bytes of data in entries
+        self.retention = Retention()
         self.ids: OrderedDict[str, int] = OrderedDict()
         self.grew = asyncio.Event()
+
+    @property
+    def head(self) -> int:
+        return self.first + len(self.entries) - 1
+
+    def trim(self, now: float) -> None:
+        """Remove the oldest entries past a limit of the retention."""
+        keep = self.retention
+        while self.entries and (
+            (keep.max_entries is not None and len(self.entries) > keep.max_entries)
+            or (keep.max_bytes is not None and self.size > keep.max_bytes)
+            or (keep.max_age is not None and self.entries[0][0] <= now - keep.max_age)
+        ):
+            _, data = self.entries.popleft()
+            self.size -= len(data)
+            self.first += 1
 
 
 class _LocalKeySpace:
@@ -242,15 +290,23 @@ class LocalBus:
         log = self._logs.get(_check(name))
         if log is None:
             log = self._logs[name] = _Log()
+        log.trim(self._clock())  # limits apply whenever the log is used (NATS: at once)
         return log
+
+    async def retain(self, log: str, retention: Retention) -> None:
+        entries = self._log(log)
+        entries.retention = retention
+        entries.trim(self._clock())
 
     async def append(self, log: str, data: bytes, *, msg_id: str) -> Appended:
         entries = self._log(log)
         first = entries.ids.get(msg_id)
         if first is not None:
             return Appended(first, duplicate=True)
-        entries.entries.append(bytes(data))
-        seq = len(entries.entries)
+        entries.entries.append((self._clock(), bytes(data)))
+        entries.size += len(data)
+        seq = entries.head
+        entries.trim(self._clock())
         entries.ids[msg_id] = seq
         if len(entries.ids) > DEDUP_WINDOW:
             entries.ids.popitem(last=False)
@@ -259,21 +315,26 @@ class LocalBus:
         return Appended(seq, duplicate=False)
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
-        entries = self._log(log).entries
-        start = max(after, 0)
-        return [LogEntry(start + i + 1, data) for i, data in enumerate(entries[start : start + limit])]
+        entries = self._log(log)
+        start = max(after + 1, entries.first)
+        end = min(entries.head, start + limit - 1)
+        return [LogEntry(seq, entries.entries[seq - entries.first][1]) for seq in range(start, end + 1)]
 
     async def head(self, log: str) -> int:
-        return len(self._log(log).entries)
+        return self._log(log).head
 
     async def follow(self, log: str, after: int) -> AsyncIterator[LogEntry]:
         entries = self._log(log)
         seq = max(after, 0)
         while True:
             grew = entries.grew
-            while seq < len(entries.entries):
+            entries.trim(self._clock())
+            seq = max(seq, entries.first - 1)  # removed before we read them: skipped
+            while seq < entries.head:
                 seq += 1
-                yield LogEntry(seq, entries.entries[seq - 1])
+                yield LogEntry(seq, entries.entries[seq - entries.first][1])
+                entries.trim(self._clock())
+                seq = max(seq, entries.first - 1)
             await grew.wait()
 
     async def key_space(self, name: str, ttl: float) -> KeySpace:

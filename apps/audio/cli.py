@@ -16,6 +16,7 @@ from korinet.cli import load_identity, parse_address, pinning_notice, wait_for_s
 from korinet.plugins import PluginConflict, PluginManager, default_manager
 
 from . import codecs as codec_registry
+from .cluster import PTT_KEEP
 
 if TYPE_CHECKING:
     from korinet.cluster import ClusterBus
@@ -59,6 +60,16 @@ def _client_tls(args: argparse.Namespace) -> ClientTLS | None:
 # ---------------------------------------------------------------------- serve
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"seconds above 0, not {text!r}")
+    return value
+
+
 async def _connect_bus(address: str, plugins: PluginManager) -> ClusterBus:
     """The cluster bus at ``address``, connected.
 
@@ -94,7 +105,7 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
             _say(str(exc))
             return 1
     server = Server(host, port, plugins=plugins, accept_plain=False, session_ttl=args.session_ttl, tls=tls)
-    audio = AudioHub(bus=bus)
+    audio = AudioHub(bus=bus, ptt_keep=args.ptt_keep)
     use_audio_hub(server.hub, audio)
     try:
         await server.start()
@@ -310,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="nats://HOST:PORT[,...]",
         help="share channels with the hubs on this cluster bus (needs korinet-nats): talkers on "
         "any of them hear each other",
+    )
+    p.add_argument(
+        "--ptt-keep",
+        type=_positive_seconds,
+        default=PTT_KEEP,
+        metavar="SECONDS",
+        help=f"with --cluster: seconds the bus keeps a push-to-talk part (default {PTT_KEEP:g}; "
+        "at most 64 MiB per channel either way)",
     )
     plaintext_flag(p)
     p.set_defaults(func=_serve, is_async=True)

@@ -26,7 +26,11 @@ is the channel name in hex: any channel name as one bus token):
   another hub's talker to its local members on the reliable lane, connected or not,
   as for a local talker: a detached member's session replays it on resume, once.
   Local members got local parts directly (no bus round trip); appended anyway, always,
-  so that no other hub depends on soft state to get them.
+  so that no other hub depends on soft state to get them. The log keeps parts for
+  ``ptt_keep`` seconds and at most PTT_MAX_BYTES (its Retention, set each time a hub
+  opens the channel): a hub reads it only from where it stood when it opened the
+  channel, so older parts serve only a hub cut from the bus for that long, and a
+  listener hears a missed utterance from their own hub's session, not from the log.
 
 The order of opening is what makes a roster trustworthy: a hub listens to frames and
 members before it says hello, so a hub that has heard of another's members knows that
@@ -45,14 +49,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from korinet.cluster import BusError, ClusterBus, Listener
+from korinet.cluster import BusError, ClusterBus, Listener, Retention
 
 from .frames import AudioFrame, MalformedFrame, UtterancePart
 
 if TYPE_CHECKING:
     from .hub import AudioHub
 
-__all__ = ["REFRESH", "ChannelBus", "channel_subjects"]
+__all__ = ["PTT_KEEP", "PTT_MAX_BYTES", "REFRESH", "ChannelBus", "channel_subjects"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,11 @@ OUTBOX_FRAMES: Final = 200
 MAX_REMOTE_MEMBERS: Final = 1000
 #: seconds before a link that failed (listeners, log) is opened again
 RETRY: Final = 1.0
+#: seconds a push-to-talk log keeps a part (``serve --ptt-keep``): much longer than a
+#: hub's usual cut from the bus, and than a session waits for a listener (120 s)
+PTT_KEEP: Final = 900.0
+#: bytes a push-to-talk log keeps at most, per channel (about 30 minutes of pcm16 talk)
+PTT_MAX_BYTES: Final = 64 * 2**20
 
 
 def channel_subjects(channel: str) -> tuple[str, str, str]:
@@ -132,15 +141,23 @@ class ChannelBus:
         bus: a connected cluster bus.
         hub_id: this hub on the bus (default: random); unique among the hubs.
         refresh: seconds between announcements of our members (the tests shorten it).
+        ptt_keep: seconds the channels' push-to-talk logs keep a part.
     """
 
     def __init__(
-        self, hub: AudioHub, bus: ClusterBus, hub_id: str | None = None, *, refresh: float = REFRESH
+        self,
+        hub: AudioHub,
+        bus: ClusterBus,
+        hub_id: str | None = None,
+        *,
+        refresh: float = REFRESH,
+        ptt_keep: float = PTT_KEEP,
     ) -> None:
         self.hub = hub
         self.bus = bus
         self.hub_id = hub_id or secrets.token_hex(6)
         self.refresh = refresh
+        self.ptt_retention = Retention(max_age=ptt_keep, max_bytes=PTT_MAX_BYTES)
         self.links: dict[str, _Link] = {}
         self._n = 0  # counts our member announcements: a late, older one is ignored
         self._outbox: asyncio.Queue[tuple[str, bytes]] | None = None
@@ -281,6 +298,7 @@ class ChannelBus:
                 listeners.append(frames)
                 members = await self.bus.listen(link.members)
                 listeners.append(members)
+                await self.bus.retain(link.log, self.ptt_retention)
                 if link.log_seq is None:  # parts said before we opened are not ours to play
                     link.log_seq = await self.bus.head(link.log)
                 loop = asyncio.get_running_loop()

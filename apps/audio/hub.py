@@ -32,7 +32,7 @@ from typing import Any, Final
 from korinet import KoriNetError, post_many, send_realtime_many
 from korinet.cluster import ClusterBus
 
-from .cluster import REFRESH, ChannelBus
+from .cluster import PTT_KEEP, REFRESH, ChannelBus
 from .codecs import negotiate
 from .frames import AudioFrame, MalformedFrame, UtterancePart
 from .plugin import FRAME, ROSTER, UTTERANCE
@@ -114,15 +114,23 @@ class AudioHub:
             this hub's channels are its own.
         hub_id: this hub on the bus (default: random).
         refresh: seconds between two announcements of our members on the bus.
+        ptt_keep: seconds the bus keeps a push-to-talk part (cluster.py).
     """
 
     def __init__(
-        self, *, bus: ClusterBus | None = None, hub_id: str | None = None, refresh: float = REFRESH
+        self,
+        *,
+        bus: ClusterBus | None = None,
+        hub_id: str | None = None,
+        refresh: float = REFRESH,
+        ptt_keep: float = PTT_KEEP,
     ) -> None:
         self.channels: dict[str, Channel] = {}
         self.members: dict[Any, Member] = {}
         self.stats = HubStats()
-        self.cluster = ChannelBus(self, bus, hub_id, refresh=refresh) if bus is not None else None
+        self.cluster = (
+            ChannelBus(self, bus, hub_id, refresh=refresh, ptt_keep=ptt_keep) if bus is not None else None
+        )
 
     async def close(self) -> None:
         """Leave the cluster bus (the bus itself stays open: its owner closes it)."""

@@ -7,6 +7,9 @@ Names on the server (one KoriNet bus may share a NATS account with others):
   sequence number is the stream's, so every hub reads one order. ``append``
   sends ``Nats-Msg-Id``: within the stream's duplicate window (2 minutes unless
   the address says ``?dedup=SECONDS``) a re-sent entry is stored once.
+  A log given a :class:`~korinet.cluster.Retention` gets it as the stream's
+  limits (``max_age``, ``max_bytes``, ``max_msgs``; the oldest go first), set when
+  the stream is made and changed on a stream that exists.
 * key space ``S``: bucket ``KORINET_S`` whose ``ttl`` (max age) is the space's.
 * signal subject ``X``: ``korinet.sig.X``.
 
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -30,7 +34,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from korinet.cluster import Appended, BusError, KeySpace, LogEntry, valid_name
+from korinet.cluster import Appended, BusError, KeySpace, LogEntry, Retention, valid_name
 
 __all__ = ["NatsBus", "parse_address"]
 
@@ -39,6 +43,9 @@ logger = logging.getLogger(__name__)
 #: how long one append keeps retrying (the same msg_id, so never twice) while the
 #: bus is unreachable or electing a leader
 APPEND_PATIENCE = 30.0
+
+#: seconds ``read`` waits for the next entry before it checks whether it was removed
+READ_PATIENCE = 1.0
 
 _TRANSIENT = (
     nats.errors.TimeoutError,
@@ -103,6 +110,7 @@ class NatsBus:
         self._nc: Any = None
         self._js: Any = None
         self._streams: set[str] = set()
+        self._retention: dict[str, Retention] = {}  # log -> its limits, as retain() set them
 
     def __repr__(self) -> str:
         return f"<NatsBus {self.address}>"
@@ -173,6 +181,20 @@ class NatsBus:
         _name("log", log)
         return f"KORINET_{log}", f"korinet.log.{log}"
 
+    def _limited(self, config: Any, log: str) -> Any:
+        """``config`` with the log's retention as the stream's limits (0 / -1: none)."""
+        keep = self._retention.get(log, Retention())
+        dedup = self.settings.dedup
+        if keep.max_age is not None:
+            dedup = min(dedup, keep.max_age)  # NATS: the window may not outlast the entries
+        return dataclasses.replace(
+            config,
+            max_age=keep.max_age or 0,
+            max_bytes=keep.max_bytes or -1,
+            max_msgs=keep.max_entries or -1,
+            duplicate_window=dedup,
+        )
+
     async def _ensure_stream(self, log: str) -> tuple[str, str]:
         stream, subject = self._stream(log)
         if stream not in self._streams:
@@ -181,14 +203,26 @@ class NatsBus:
                 subjects=[subject],
                 storage=api.StorageType.FILE,
                 num_replicas=self.settings.replicas,
-                duplicate_window=self.settings.dedup,
             )
             try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self.js.stream_info(stream)  # exists with other settings: use it as it is
+                await self.js.add_stream(self._limited(config, log))
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == 10005:  # a replicas-N stream needs N servers up to be made
+                    raise BusError(
+                        f"cannot make the log {log!r} with replicas={self.settings.replicas} on "
+                        f"{self.address}: fewer servers up than replicas ({exc.description})"
+                    ) from exc
+                info = await self.js.stream_info(stream)  # exists with other settings: use it...
+                if log in self._retention:  # ...with the limits its owner asked for
+                    await self.js.update_stream(self._limited(info.config, log))
             self._streams.add(stream)
         return stream, subject
+
+    async def retain(self, log: str, retention: Retention) -> None:
+        self._retention[_name("log", log)] = retention
+        self._streams.discard(self._stream(log)[0])  # made or changed with the limits now
+        with _failing(f"set the retention of {log!r} on {self.address}"):
+            await self._ensure_stream(log)
 
     async def append(self, log: str, data: bytes, *, msg_id: str) -> Appended:
         loop = asyncio.get_running_loop()
@@ -205,52 +239,97 @@ class NatsBus:
             except (nats.errors.Error, OSError) as exc:
                 raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
 
-    async def head(self, log: str) -> int:
+    async def _state(self, log: str) -> tuple[int, int]:
+        """(first, last): the numbers of the first entry kept and of the last one."""
         stream, _ = self._stream(log)
         with _failing(f"read the head of {log!r} on {self.address}"):
             try:
                 info = await self.js.stream_info(stream)
             except nats.js.errors.NotFoundError:
-                return 0
-        return int(info.state.last_seq)
+                return 1, 0
+        return int(info.state.first_seq), int(info.state.last_seq)
+
+    async def head(self, log: str) -> int:
+        return (await self._state(log))[1]
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
-        last = min(await self.head(log), max(after, 0) + limit)
-        if last <= after:
+        first, head = await self._state(log)
+        last = min(head, max(after, first - 1) + limit)
+        if last < max(after + 1, first):
             return []
         entries: list[LogEntry] = []
-        async for entry in self.follow(log, after):
-            entries.append(entry)
-            if entry.seq >= last:
-                break
+
+        async def collect() -> None:
+            async for entry in self.follow(log, after):
+                if entry.seq > last:
+                    return
+                entries.append(entry)
+                if entry.seq == last:
+                    return
+
+        collecting = asyncio.get_running_loop().create_task(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({collecting}, timeout=READ_PATIENCE)
+                if done:
+                    collecting.result()
+                    break
+                # nothing for a while: the entries still wanted may have been removed
+                # meanwhile (retention), and then none will ever come
+                if (await self._state(log))[0] > last:
+                    break
+        finally:
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
         return entries
 
-    async def follow(self, log: str, after: int) -> AsyncIterator[LogEntry]:
+    async def _subscribe(self, log: str, subject: str, config: Any) -> Any:
+        """An ordered consumer, retried like an append while the cluster elects a leader
+        (making a consumer needs JetStream's meta leader: a node kill can take it)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + APPEND_PATIENCE
+        while True:
+            try:
+                return await self.js.subscribe(
+                    subject, ordered_consumer=True, config=config, idle_heartbeat=2.0
+                )
+            except _TRANSIENT as exc:
+                if loop.time() > give_up:
+                    raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
+                await asyncio.sleep(0.2)
+            except (nats.errors.Error, OSError) as exc:
+                raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
+
+    async def follow(self, log: str, after: int) -> AsyncGenerator[LogEntry, None]:
         with _failing(f"follow {log!r} on {self.address}"):
             _, subject = await self._ensure_stream(log)
         # An ordered consumer: the client library re-creates it from the last
         # sequence it saw whenever a gap, a missed heartbeat or a reconnect shows,
-        # so what we yield has no gap and no repeat.
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(after, 0) + 1
-        )
-        with _failing(f"follow {log!r} on {self.address}"):
-            sub = await self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0)
+        # so what we yield has no gap and no repeat. If it gives up instead (its
+        # message iterator ends: seen while a node of a cluster was killed), we
+        # subscribe again from the next entry we owe.
         expected = max(after, 0) + 1
-        try:
-            async for msg in sub.messages:
-                seq = int(msg.metadata.sequence.stream)
-                if seq < expected:
-                    continue  # already yielded (belt and braces over the library's check)
-                if seq > expected:  # entries removed by the stream's limits: say so
-                    logger.warning(
-                        "cluster bus: log %r skips %d..%d (no longer kept)", log, expected, seq - 1
-                    )
-                expected = seq + 1
-                yield LogEntry(seq, msg.data)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        while True:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=expected
+            )
+            sub = await self._subscribe(log, subject, config)
+            try:
+                async for msg in sub.messages:
+                    seq = int(msg.metadata.sequence.stream)
+                    if seq < expected:
+                        continue  # already yielded (belt and braces over the library's check)
+                    if seq > expected:  # entries removed by the stream's limits: say so
+                        logger.warning(
+                            "cluster bus: log %r skips %d..%d (no longer kept)", log, expected, seq - 1
+                        )
+                    expected = seq + 1
+                    yield LogEntry(seq, msg.data)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            logger.warning("cluster bus: following %r stopped at %d; following again", log, expected)
+            await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ keys
 

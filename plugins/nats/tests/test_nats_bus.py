@@ -5,15 +5,16 @@ server can show: a kill -9 of the server in the middle of a follow."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from korinet_nats import NatsBus, parse_address
-from nats_server import NatsServer
+from nats_server import NatsServer, nats_cluster, stream_leader
 
-from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, bus_for
+from korinet.cluster import BusError, ClusterBus, LocalBus, LogEntry, Retention, bus_for
 from korinet.plugins import PluginManager
 
 pytestmark = pytest.mark.timeout(90)
@@ -151,7 +152,83 @@ async def test_bad_names_are_refused_with_a_clear_error(bus: ClusterBus) -> None
         await bus.key_space("a b", ttl=1)
 
 
+async def test_a_log_keeps_at_most_its_retention_and_numbers_stay(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.retain(log, Retention(max_entries=5))
+    for i in range(8):
+        await bus.append(log, b"%d" % i, msg_id=f"r{i}")
+    assert await bus.head(log) == 8, "the numbers go on: only the oldest entries went"
+    assert [(e.seq, e.data) for e in await bus.read(log, 0)] == [(4 + i, b"%d" % (3 + i)) for i in range(5)]
+    assert [e.seq for e in await bus.read(log, 5, limit=2)] == [6, 7]
+    follower = bus.follow(log, 1)  # from before the first entry kept: starts at it
+    assert [e.seq for e in await take(follower, 5)] == [4, 5, 6, 7, 8]
+    await bus.append(log, b"8", msg_id="r8")
+    assert [e.seq for e in await take(follower, 1)] == [9]
+    await follower.aclose()  # type: ignore[attr-defined]
+    assert (await bus.append(log, b"7", msg_id="r7")).duplicate  # de-duplication is not retention
+
+
+async def test_a_byte_limit_keeps_the_newest_entries_within_it(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.append(log, b"x" * 100, msg_id="before")  # a limit set later applies to what is there
+    for i in range(19):
+        await bus.append(log, b"%02d" % i + b"x" * 98, msg_id=f"b{i}")
+    assert len(await bus.read(log, 0)) == 20
+    await bus.retain(log, Retention(max_bytes=1000))
+    kept = await bus.read(log, 0)
+    assert 1 <= len(kept) <= 10  # NATS counts the subject and headers too: fewer on it
+    assert [e.seq for e in kept] == list(range(21 - len(kept), 21)) and await bus.head(log) == 20
+
+
+async def test_old_entries_go_after_max_age(bus: ClusterBus) -> None:
+    log = log_name()
+    await bus.retain(log, Retention(max_age=1.0))
+    for i in range(3):
+        await bus.append(log, b"%d" % i, msg_id=f"a{i}")
+    assert len(await bus.read(log, 0)) == 3
+    if isinstance(bus, LocalBus):
+        bus._clock = lambda: time.monotonic() + 1.5  # type: ignore[method-assign]
+    for _ in range(200):  # NATS removes them at its next sweep after a second
+        if not await bus.read(log, 0):
+            break
+        await asyncio.sleep(0.1)
+    assert await bus.read(log, 0) == [] and await bus.head(log) == 3
+    assert (await bus.append(log, b"3", msg_id="a3")).seq == 4
+
+
+def test_a_retention_is_positive_or_none() -> None:
+    with pytest.raises(ValueError, match="max_age must be above 0"):
+        Retention(max_age=0)
+    with pytest.raises(ValueError, match="max_entries"):
+        Retention(max_entries=-1)
+
+
 # ---------------------------------------------------------------- NATS only
+
+
+async def test_retention_is_the_streams_limits_made_or_changed(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    bus, other = NatsBus(server.url + "?dedup=300"), NatsBus(server.url)
+    await bus.connect()
+    await other.connect()
+    try:
+        await bus.retain("made", Retention(max_age=60, max_bytes=2**20, max_entries=1000))
+        config = (await bus.js.stream_info("KORINET_made")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (60, 2**20, 1000)
+        assert config.duplicate_window == 60  # NATS refuses a window longer than max_age
+        await other.append("changed", b"x", msg_id="1")  # made by a hub that set no limit
+        config = (await bus.js.stream_info("KORINET_changed")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (0, -1, -1)
+        await bus.retain("changed", Retention(max_entries=10))
+        config = (await bus.js.stream_info("KORINET_changed")).config
+        assert (config.max_age, config.max_bytes, config.max_msgs) == (0, -1, 10)
+        assert config.duplicate_window == 300
+        await other.append("changed", b"y", msg_id="2")  # another hub's append keeps the limits
+        assert (await bus.js.stream_info("KORINET_changed")).config.max_msgs == 10
+    finally:
+        await bus.close()
+        await other.close()
+        server.stop()
 
 
 async def test_follow_survives_a_kill_of_the_server_with_no_gap_and_no_repeat(tmp_path: Path) -> None:
@@ -181,6 +258,61 @@ async def test_follow_survives_a_kill_of_the_server_with_no_gap_and_no_repeat(tm
         await follower.aclose()  # type: ignore[attr-defined]
         await bus.close()
         server.stop()
+
+
+async def test_the_contract_survives_a_kill_of_one_node_of_three(tmp_path: Path) -> None:
+    # Two hubs' buses on a 3-node JetStream cluster, every log and key space with
+    # replicas 3. The node leading the log is killed (-9) mid-stream: a new leader is
+    # elected from the two left, and nothing acknowledged is lost, repeated or re-ordered.
+    async with nats_cluster(tmp_path) as cluster:
+        writer, reader = NatsBus(cluster.urls + "?replicas=3"), NatsBus(cluster.urls + "?replicas=3")
+        await writer.connect()
+        await reader.connect()
+        log = log_name()
+        follower = reader.follow(log, 0)
+        try:
+            spaces = [await bus.key_space("nodes_lost", ttl=30) for bus in (writer, reader)]
+            for i in range(50):
+                await writer.append(log, b"%d" % i, msg_id=f"k{i}")
+            assert [e.seq for e in await take(follower, 50)] == list(range(1, 51))
+            leader = await stream_leader(cluster, f"KORINET_{log}")
+            leader.kill()
+
+            async def keep_appending() -> list[int]:
+                seqs = []
+                for i in range(50, 100):  # append() waits out the election, same msg_id
+                    seqs.append((await writer.append(log, b"%d" % i, msg_id=f"k{i}")).seq)
+                return seqs
+
+            appending = asyncio.create_task(keep_appending())
+            rest = await take(follower, 50, timeout=90)
+            assert await appending == list(range(51, 101))
+            assert [(e.seq, e.data) for e in rest] == [(51 + i, b"%d" % (50 + i)) for i in range(50)]
+            # the duplicate window lives in the replicas too: re-sent ids are stored once
+            for i in (0, 49, 50, 99):
+                again = await writer.append(log, b"again", msg_id=f"k{i}")
+                assert again.duplicate and again.seq == i + 1
+            assert await reader.head(log) == 100
+            assert [e.seq for e in await reader.read(log, 0, limit=1000)] == list(range(1, 101))
+            # keys: the bucket is a stream of its own, whose leader may have died too: its
+            # calls raise BusError until it has a new one (a hub retries); then exactly one
+            # of eight racing claims, from both hubs, wins on the two nodes left
+            for _ in range(300):
+                try:
+                    await spaces[0].get("ana")
+                    break
+                except BusError:
+                    await asyncio.sleep(0.1)
+            claims = [spaces[i % 2].claim("ana", f"s{i}".encode()) for i in range(8)]
+            results = await asyncio.gather(*claims)
+            assert sum(results) == 1
+            winner = f"s{results.index(True)}".encode()
+            assert await spaces[0].get("ana") == await spaces[1].get("ana") == winner
+            assert await spaces[1 - results.index(True) % 2].renew("ana", b"not-theirs") is False
+        finally:
+            await follower.aclose()  # type: ignore[attr-defined]
+            await writer.close()
+            await reader.close()
 
 
 async def test_no_jetstream_or_no_server_is_one_clear_error(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import msgpack
 import pytest
 from audio_helpers import loud_frames, tone, tone_share, wait_for
 from korinet_audio import codecs
-from korinet_audio.cluster import channel_subjects
+from korinet_audio.cluster import PTT_KEEP, PTT_MAX_BYTES, channel_subjects
 from korinet_audio.frames import UtterancePart
 from korinet_audio.hub import AudioHub
 from korinet_audio.plugin import use_audio_hub
@@ -81,14 +81,17 @@ class Side:
 
 @asynccontextmanager
 async def two_hubs(
-    plugins: PluginManager, make_bus: Callable[[], ClusterBus], refresh: float = 2.0
+    plugins: PluginManager,
+    make_bus: Callable[[], ClusterBus],
+    refresh: float = 2.0,
+    ptt_keep: float = PTT_KEEP,
 ) -> AsyncIterator[tuple[Side, Side]]:
     sides: list[Side] = []
     try:
         for name in ("A", "B"):
             bus = make_bus()
             await bus.connect()
-            audio = AudioHub(bus=bus, hub_id=f"hub{name}", refresh=refresh)
+            audio = AudioHub(bus=bus, hub_id=f"hub{name}", refresh=refresh, ptt_keep=ptt_keep)
             server = Server("127.0.0.1", 0, plugins=plugins, accept_plain=False)
             use_audio_hub(server.hub, audio)
             await server.start()
@@ -303,6 +306,33 @@ async def test_frames_said_while_a_hub_was_not_listening_are_never_replayed(plug
         await close_calls(alice, late)
 
 
+async def test_a_push_to_talk_log_forgets_parts_older_than_ptt_keep(plugins: PluginManager) -> None:
+    now = [0.0]
+    bus = LocalBus(clock=lambda: now[0])  # the bus's clock only: the hubs run on real time
+    async with two_hubs(plugins, lambda: bus, ptt_keep=60.0) as (a, b):
+        alice, _ = await open_call(a.port, plugins, "alice")
+        bob, _ = await open_call(b.port, plugins, "bob")
+        await members_are([alice, bob], {"alice", "bob"})
+        parts: list[Any] = []
+        receive = bob.receiver.on_utterance
+        bob.receiver.on_utterance = lambda obj: (parts.append(obj), receive(obj))  # type: ignore[method-assign]
+        _, _, log = channel_subjects("lobby")
+        assert a.audio.cluster is not None
+        said = UtterancePart(7, 0, 0, int(time.time() * 1e6), "pcm16", (b"\x00" * 640,) * 3, False, "alice")
+        a.audio.cluster.part_out("lobby", "sess1", said)
+        await wait_for(lambda: len(parts) == 1, 5.0, "bob to get the first part")
+        now[0] = 59.0
+        assert [e.seq for e in await bus.read(log, 0)] == [1]  # kept within ptt_keep
+        now[0] = 61.0
+        assert await bus.read(log, 0) == [] and await bus.head(log) == 1  # gone, its number kept
+        later = UtterancePart(7, 0, 3, said.capture_us + 60000, "pcm16", (b"\x00" * 640,) * 3, True, "alice")
+        a.audio.cluster.part_out("lobby", "sess1", later)  # and the channel goes on
+        await wait_for(lambda: len(parts) == 2, 5.0, "bob to get the next part")
+        assert [e.seq for e in await bus.read(log, 0)] == [2]
+        assert [p["first_seq"] for p in parts] == [0, 3]
+        await close_calls(alice, bob)
+
+
 # ---------------------------------------------------------------------- nats-server
 
 
@@ -365,6 +395,25 @@ def run_cli(*args: str, home: Path, env: dict[str, str] | None = None) -> subpro
         [sys.executable, "-m", "korinet_audio.cli", *args],
         env=env, capture_output=True, text=True, timeout=30 * TIMEOUT_FACTOR,
     )  # fmt: skip
+
+
+async def test_on_nats_the_push_to_talk_stream_has_the_retention(
+    plugins: PluginManager, tmp_path: Path
+) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        async with two_hubs(plugins, lambda: _nats_bus(server.url), ptt_keep=300.0) as (a, _):
+            alice, _ = await open_call(a.port, plugins, "alice")
+            assert a.audio.cluster is not None
+            await wait_for(
+                lambda: a.audio.cluster.links["lobby"].ready.is_set(), 10.0, "the channel on the bus"
+            )
+            _, _, log = channel_subjects("lobby")
+            config = (await a.bus.js.stream_info(f"KORINET_{log}")).config  # type: ignore[attr-defined]
+            assert (config.max_age, config.max_bytes, config.max_msgs) == (300.0, PTT_MAX_BYTES, -1)
+            await close_calls(alice)
+    finally:
+        server.stop()
 
 
 def test_serve_cluster_says_in_one_line_when_the_bus_cannot_be_used(tmp_path: Path) -> None:
