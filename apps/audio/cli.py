@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from korinet.cluster import ClusterBus
     from korinet.security import ClientTLS, Identity, ServerTLS
 
+    from .hub import AudioHub
+
 __all__ = ["DEFAULT_PORT", "main"]
 
 #: The intercom's port (``korinet serve`` hosts it too, on its own port).
@@ -130,10 +132,21 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     print("Press Ctrl-C to stop.", flush=True)
     await wait_for_stop_signal()
     await server.close()
+    try:  # bounded: Ctrl-C ends the process even when the bus does not answer
+        await asyncio.wait_for(_leave_cluster(audio, bus), STOP_PATIENCE)
+    except TimeoutError:
+        _say(f"the cluster bus did not answer within {STOP_PATIENCE:.0f} s while stopping; stopped anyway")
+    return 0
+
+
+#: seconds a stopping hub gives the cluster bus for its goodbyes
+STOP_PATIENCE = 10.0
+
+
+async def _leave_cluster(audio: AudioHub, bus: ClusterBus | None) -> None:
     await audio.close()  # a bye on the bus: the other hubs drop our members at once
     if bus is not None:
         await bus.close()
-    return 0
 
 
 # ---------------------------------------------------------------------- talk

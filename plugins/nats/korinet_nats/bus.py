@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 #: bus is unreachable or electing a leader
 APPEND_PATIENCE = 30.0
 
+#: seconds an unsubscribe may take before we stop waiting for it (a JetStream
+#: consumer's may need the server, which a shutdown or a node loss can keep away)
+UNSUBSCRIBE_PATIENCE = 2.0
+
 #: seconds ``read`` waits for the next entry before it checks whether it was removed
 READ_PATIENCE = 1.0
 
@@ -111,6 +115,7 @@ class NatsBus:
         self._js: Any = None
         self._streams: set[str] = set()
         self._retention: dict[str, Retention] = {}  # log -> its limits, as retain() set them
+        self._closed = False  # close() was called: nothing waits out a "transient" error then
 
     def __repr__(self) -> str:
         return f"<NatsBus {self.address}>"
@@ -162,6 +167,7 @@ class NatsBus:
             ) from exc
 
     async def close(self) -> None:
+        self._closed = True
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
@@ -233,7 +239,7 @@ class NatsBus:
                 ack = await self.js.publish(subject, data, stream=stream, headers={"Nats-Msg-Id": msg_id})
                 return Appended(int(ack.seq), bool(ack.duplicate))
             except _TRANSIENT as exc:
-                if loop.time() > give_up:
+                if self._closed or loop.time() > give_up:
                     raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
                 await asyncio.sleep(0.2)  # the same msg_id again: stored once whatever happened
             except (nats.errors.Error, OSError) as exc:
@@ -294,7 +300,7 @@ class NatsBus:
                     subject, ordered_consumer=True, config=config, idle_heartbeat=2.0
                 )
             except _TRANSIENT as exc:
-                if loop.time() > give_up:
+                if self._closed or loop.time() > give_up:
                     raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
                 await asyncio.sleep(0.2)
             except (nats.errors.Error, OSError) as exc:
@@ -326,8 +332,10 @@ class NatsBus:
                     expected = seq + 1
                     yield LogEntry(seq, msg.data)
             finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                with contextlib.suppress(Exception):  # bounded: a shutdown must not wait on it
+                    await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_PATIENCE)
+            if self._closed:
+                return  # the messages ended because we closed the bus
             logger.warning("cluster bus: following %r stopped at %d; following again", log, expected)
             await asyncio.sleep(0.2)
 
