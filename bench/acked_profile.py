@@ -17,6 +17,8 @@ taking each with ``async for``) it prints, per message:
     python bench/acked_profile.py --plain             # only the run (for valgrind/strace)
     python bench/acked_profile.py --callgrind -n 5000 # instructions per message (valgrind)
     python bench/acked_profile.py --what request      # ``await client.request(p, ECHO)`` instead
+    python bench/acked_profile.py --what pipelined    # ``post()`` in a window of 1,024, as the
+                                                      # pipelined figure of bench/peer_korinet.py
     python bench/acked_profile.py --what raw-echo --procs 2 --callgrind
                                                       # the raw asyncio echo (bench/peer_asyncio.py)
 
@@ -51,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's korinet
 
 import peer_asyncio
+from benchutil import ACK_EVERY, WINDOW
 
 import korinet
 import korinet.builtin
@@ -148,6 +151,14 @@ async def _sends(client: korinet.Client, n: int, payload: bytes) -> None:
     if WHAT == "request":  # as bench/peer_korinet.py's request/response figure does it
         for _ in range(n):
             await client.request(payload, ECHO, timeout=10.0)
+        return
+    if WHAT == "pipelined":  # as bench/peer_korinet.py's pipelined figure: post() in a window
+        last = client.session.acked  # the warm-up sends were awaited: all acked
+        for _ in range(n):
+            if last - client.session.acked >= WINDOW:
+                await client.wait_acked(last - WINDOW + ACK_EVERY, timeout=10.0)
+            last = client.post(payload)
+        await client.wait_acked(last, timeout=10.0)
         return
     for _ in range(n):
         await client.send(payload)
@@ -437,9 +448,12 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
     ap.add_argument(
         "--what",
-        choices=("send", "request", "raw-echo"),
+        choices=("send", "request", "pipelined", "raw-echo"),
         default=WHAT,
-        help="send: await send() (default); request: await request(p, ECHO); raw-echo: peer_asyncio's echo",
+        help=(
+            "send: await send() (default); request: await request(p, ECHO); "
+            "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo"
+        ),
     )
     args = ap.parse_args()
     os.environ["ACKED_PROFILE_WHAT"] = args.what  # for the children (spawned, or under valgrind)
