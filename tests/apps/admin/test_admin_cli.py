@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from admin_helpers import CLI, RunningAgent, cli_env, install_client_identity, running_agent
 from korinet_admin.execclient import JobRun
-from testutil import TIMEOUT_FACTOR
+from testutil import TIMEOUT_FACTOR, eventually
 
 from korinet.security import AuthorizedKeys, Identity
 
@@ -78,31 +78,36 @@ async def test_timeout_kills_the_remote_command_and_says_so(
         assert all(job.done.done() for job in agent.agent.jobs.jobs.values())
 
 
-async def test_ctrl_c_stops_a_remote_sleep_within_a_second(
+async def test_ctrl_c_stops_a_remote_sleep(
     tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
 ) -> None:
+    # Event-driven: the remote `sleep 100` must end by the SIGINT the client forwards (its
+    # exit notice says so), not by a clock; a 1 s bound failed under load (client, agent and
+    # supervisor are three processes on a shared machine).
     async with running_agent(tmp_path, server_identity, authorized) as agent:
         proc = await asyncio.create_subprocess_exec(
             *CLI, "exec", host(agent), "--", "sleep", "100",
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=cli_env(client_home),
         )  # fmt: skip
-        jobs = agent.agent.jobs.jobs
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while not (jobs and next(iter(jobs.values())).pid) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        job = next(iter(jobs.values()))
-        os.kill(job.pid, 0)  # the remote sleep runs
-        started = loop.time()
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(asyncio.shield(job.done), 1.0 * TIMEOUT_FACTOR)
-        assert loop.time() - started < 1.0 * TIMEOUT_FACTOR
-        with pytest.raises(ProcessLookupError):
-            os.kill(job.pid, 0)
-        _, err = await asyncio.wait_for(proc.communicate(), WAIT)
-        assert proc.returncode == 128 + signal.SIGINT
-        assert b"sending SIGINT to the remote command" in err
+        try:
+            jobs = agent.agent.jobs.jobs
+            started = lambda: bool(jobs) and bool(next(iter(jobs.values())).pid)  # noqa: E731
+            await eventually(started, 30, "the remote sleep started")
+            job = next(iter(jobs.values()))
+            os.kill(job.pid, 0)  # the remote sleep runs
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(asyncio.shield(job.done), WAIT)
+            assert job.exit_notice()["signal"] == signal.SIGINT
+            with pytest.raises(ProcessLookupError):
+                os.kill(job.pid, 0)
+            _, err = await asyncio.wait_for(proc.communicate(), WAIT)
+            assert proc.returncode == 128 + signal.SIGINT
+            assert b"sending SIGINT to the remote command" in err
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def test_a_closed_stdout_stops_the_remote_writer_as_a_local_pipe_would(
