@@ -17,8 +17,13 @@ the relay's agents file (authorized_keys format, ``FINGERPRINT NAME``), so a str
 cannot claim a name and receive the clients meant for it.
 
 Relay to a parked agent, one byte each: ``k`` keepalive, ``G`` a client is spliced
-from the next byte on. The agent never sends on a parked connection, so the relay
-reads only to notice that it closed.
+from the next byte on. An agent whose registration asks for it (``"address": true``)
+is told the client's address instead: ``A``, one byte N (1 to ``MAX_ADDRESS``), N
+ASCII bytes ``HOST:PORT`` (``[V6]:PORT``), and the client's bytes only after that,
+so nothing the client sends can pass for the header. The agent cannot check it
+(the relay is not authenticated to it) and audits it as reported by the relay. The
+agent never sends on a parked connection, so the relay reads only to notice that it
+closed.
 
 Limits, so that a storm of agents coming back cannot shut clients out: agent
 registrations and client hellos have separate budgets (per address and in total), a
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -52,12 +58,16 @@ from korinet.security.identity import key_fingerprint
 from . import protocol as p
 
 __all__ = [
+    "ADDRESS",
     "DEFAULT_RELAY_PORT",
     "GO",
     "KEEPALIVE",
     "MAGIC",
+    "MAX_ADDRESS",
     "NONCE_SIZE",
     "Relay",
+    "client_header",
+    "parse_client_header",
     "parse_sni",
     "registration",
     "registration_message",
@@ -69,6 +79,10 @@ DEFAULT_RELAY_PORT: Final = p.DEFAULT_RELAY_PORT
 MAGIC: Final = b"KORINET-RELAY/1\n"
 NONCE_SIZE: Final = 32
 GO: Final = b"G"
+#: A client is spliced; its address (a header) comes first, then its bytes.
+ADDRESS: Final = b"A"
+#: Longest address header (``[v6]:port`` is at most 47 bytes).
+MAX_ADDRESS: Final = 64
 KEEPALIVE: Final = b"k"
 #: What an agent signs: this, the nonce, its name (no other protocol signs this text).
 _CONTEXT: Final = b"korinet-admin relay registration\x00"
@@ -84,8 +98,9 @@ def registration_message(nonce: bytes, name: str) -> bytes:
     return _CONTEXT + nonce + name.encode()
 
 
-def registration(identity: object, nonce: bytes, name: str) -> bytes:
-    """The agent's answer to ``nonce``: a length-prefixed JSON object."""
+def registration(identity: object, nonce: bytes, name: str, *, address: bool = True) -> bytes:
+    """The agent's answer to ``nonce``: a length-prefixed JSON object. ``address``:
+    ask to be told each client's address (``ADDRESS``) rather than just ``GO``."""
     from cryptography.hazmat.primitives import serialization
 
     key: ec.EllipticCurvePrivateKey = identity.key  # type: ignore[attr-defined]
@@ -96,9 +111,38 @@ def registration(identity: object, nonce: bytes, name: str) -> bytes:
             "name": name,
             "cert": base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode(),
             "sig": base64.b64encode(signature).decode(),
+            "address": address,
         }
     ).encode()
     return struct.pack("!I", len(body)) + body
+
+
+def client_header(host: str, port: int) -> bytes:
+    """What the relay sends a parked agent before the bytes of client ``host:port``."""
+    text = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii")
+    return ADDRESS + bytes([len(text)]) + text
+
+
+def parse_client_header(text: bytes) -> tuple[str, int]:
+    """The ``(host, port)`` of the N bytes after ``ADDRESS`` and N.
+
+    Raises:
+        ValueError: not ``IP:PORT`` / ``[IPV6]:PORT`` (the agent drops the link).
+    """
+    host, sep, port = text.decode("ascii").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"not [V6]:PORT: {text!r}")
+        address = ipaddress.ip_address(host[1:-1])
+        if address.version != 6:
+            raise ValueError(f"not [V6]:PORT: {text!r}")
+    else:
+        address = ipaddress.ip_address(host)
+        if address.version != 4:
+            raise ValueError(f"an IPv6 address without brackets: {text!r}")
+    return str(address), int(port)
 
 
 class _NeedMore(Exception):
@@ -166,6 +210,8 @@ class _Parked:
     writer: asyncio.StreamWriter
     since: float = field(default_factory=time.monotonic)
     watch: asyncio.Task[None] | None = None
+    #: the agent asked to be told each client's address
+    address: bool = False
 
 
 class Relay:
@@ -258,13 +304,14 @@ class Relay:
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if peer else "?"
+        port = int(peer[1]) if peer else 0
         keep = False
         try:
             first = await asyncio.wait_for(reader.readexactly(1), self.timeout)
             if first == MAGIC[:1]:
                 keep = await self._register(address, first, reader, writer)
             elif first == b"\x16":
-                await self._client(address, first, reader, writer)
+                await self._client(address, port, first, reader, writer)
             else:
                 self.stats["bad-hello"] += 1
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
@@ -296,7 +343,7 @@ class Relay:
                 (size,) = struct.unpack("!I", await reader.readexactly(4))
                 if size > MAX_REGISTRATION:
                     raise ValueError("registration too long")
-                name, reason = self._check(nonce, await reader.readexactly(size))
+                name, reason, wants_address = self._check(nonce, await reader.readexactly(size))
                 if reason is not None:
                     self.stats["refused"] += 1
                     logger.warning("relay: %s: registration refused: %s", address, reason)
@@ -310,7 +357,7 @@ class Relay:
                 del self._registering[address]
         self.stats["registered"] += 1
         self.last_seen[name] = time.monotonic()
-        link = _Parked(name, reader, writer)
+        link = _Parked(name, reader, writer, address=wants_address)
         links = self.parked.setdefault(name, deque())
         links.append(link)
         while len(links) > self.parked_per_agent:
@@ -318,32 +365,34 @@ class Relay:
         link.watch = asyncio.get_running_loop().create_task(self._watch(link))
         return True
 
-    def _check(self, nonce: bytes, body: bytes) -> tuple[str, str | None]:
-        """(name, None) for a good registration, else (name, why it is refused)."""
+    def _check(self, nonce: bytes, body: bytes) -> tuple[str, str | None, bool]:
+        """(name, None, whether it asks for clients' addresses) for a good
+        registration, else (name, why it is refused, False)."""
         try:
             data = json.loads(body)
             name = str(data["name"])
+            wants_address = data.get("address") is True
             cert = x509.load_der_x509_certificate(base64.b64decode(data["cert"]))
             signature = base64.b64decode(data["sig"])
             public = cert.public_key()
-        except (ValueError, KeyError, TypeError) as exc:
-            return "?", f"malformed registration ({exc})"
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return "?", f"malformed registration ({exc})", False
         if not isinstance(public, ec.EllipticCurvePublicKey):
-            return name, "not an elliptic-curve key"
+            return name, "not an elliptic-curve key", False
         fingerprint = key_fingerprint(public)
         try:
             public.verify(signature, registration_message(nonce, name), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
-            return name, f"bad signature by {fingerprint}"
+            return name, f"bad signature by {fingerprint}", False
         try:
             entry = self.authorized.lookup(fingerprint)
         except ValueError as exc:  # the file does not parse: nobody parks (fail closed)
-            return name, f"agents file unusable: {exc}"
+            return name, f"agents file unusable: {exc}", False
         if entry is None:
-            return name, f"key {fingerprint} is not an authorized agent of this relay"
+            return name, f"key {fingerprint} is not an authorized agent of this relay", False
         if entry.name != name:
-            return name, f"key {fingerprint} may register as {entry.name!r}, not {name!r}"
-        return name, None
+            return name, f"key {fingerprint} may register as {entry.name!r}, not {name!r}", False
+        return name, None, wants_address
 
     async def _watch(self, link: _Parked) -> None:
         """Notice a parked connection that closed (an agent never sends on it)."""
@@ -370,7 +419,12 @@ class Relay:
     # ------------------------------------------------------------------ clients
 
     async def _client(
-        self, address: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        address: str,
+        port: int,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         busy = self._hellos[address] >= self.max_hellos_per_address
         if busy or sum(self._hellos.values()) >= self.max_hellos:
@@ -403,7 +457,9 @@ class Relay:
             return
         self.stats["spliced"] += 1
         try:
-            link.writer.write(GO + bytes(hello))
+            # The header goes first, in the same write: the client's bytes follow it.
+            head = client_header(address, port) if link.address else GO
+            link.writer.write(head + bytes(hello))
             await asyncio.gather(_pump(reader, link.writer), _pump(link.reader, writer))
         finally:
             link.writer.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,3 +204,161 @@ def test_sni_parser_reads_a_real_hello_whole_cut_anywhere_and_split_in_records()
     half = len(body) // 2
     record = lambda part: hello[:3] + len(part).to_bytes(2, "big") + part  # noqa: E731
     assert parse_sni(record(body[:half]) + record(body[half:])) == "web-7.example"
+
+
+def local_address(conn: AdminConnection) -> str:
+    """``HOST:PORT`` of the client's end of its connection (what the relay saw)."""
+    link = conn.client.conn
+    assert link is not None and link.transport is not None
+    host, port = link.transport.get_extra_info("sockname")[:2]
+    return f"{host}:{port}"
+
+
+async def test_the_agent_audits_the_client_address_the_relay_reports_and_the_relay(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys,
+    relay_agents: AuthorizedKeys,
+) -> None:  # fmt: skip
+    async with (
+        running_relay(relay_agents) as relay,
+        running_agent(tmp_path, server_identity, authorized) as agent,
+    ):
+        dial = dial_home(agent.server, server_identity, relay, "web1")
+        try:
+            await wait_for(lambda: "web1" in relay.connected())
+            relay_port = relay.port
+            conn = await relayed(relay, "web1", server_identity, alice, tmp_path)
+            try:
+                client = local_address(conn)
+                assert (await run(conn, ["true"]))[0] == 0
+            finally:
+                await conn.close()
+            tls = dataclasses.replace(client_tls(alice, tmp_path), fingerprint=server_identity.fingerprint)
+            direct = await AdminConnection.open(agent.target, tls=tls, open_timeout=WAIT)
+            try:
+                direct_client = local_address(direct)
+                assert (await run(direct, ["true"]))[0] == 0
+            finally:
+                await direct.close()
+        finally:
+            await dial.close()
+    relayed_exec, direct_exec = [e for e in agent.audit() if e["event"] == "exec"]
+    # the relay is the peer (the only address the agent saw), the client's is its word
+    assert relayed_exec["peer"] == f"127.0.0.1:{relay_port}"
+    assert relayed_exec["via"] == "relay" and relayed_exec["reported_peer"] == client
+    assert relayed_exec["who"] == "alice"
+    # a direct connection is recorded as before: its own address, nothing reported
+    assert direct_exec["peer"] == direct_client
+    assert "via" not in direct_exec and "reported_peer" not in direct_exec
+
+
+class Reported:
+    """What the relay sends as the client's header, instead of the real address: the
+    ``next`` ones in order, then ``always`` if set (a client's retries too)."""
+
+    def __init__(self) -> None:
+        self.next: list[bytes] = []
+        self.always: bytes | None = None
+
+
+@pytest.fixture
+def reported(monkeypatch: pytest.MonkeyPatch) -> Reported:
+    """Several users behind one relay; a relay sending garbage."""
+    import korinet_admin.relay as relay_module
+
+    headers = Reported()
+    real = relay_module.client_header
+
+    def header(host: str, port: int) -> bytes:
+        if headers.next:
+            return headers.next.pop(0)
+        return headers.always if headers.always is not None else real(host, port)
+
+    monkeypatch.setattr(relay_module, "client_header", header)
+    return headers
+
+
+async def test_the_agents_per_address_limit_counts_the_reported_client_not_the_relay(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys,
+    relay_agents: AuthorizedKeys, reported: Reported,
+) -> None:  # fmt: skip
+    from korinet_admin.relay import client_header
+
+    async with (
+        running_relay(relay_agents) as relay,
+        running_agent(tmp_path, server_identity, authorized) as agent,
+    ):
+        agent.server.hub.max_connections_per_address = 1
+        dial = dial_home(agent.server, server_identity, relay, "web1")
+        conns: list[AdminConnection] = []
+        relay_port = relay.port
+        try:
+            await wait_for(lambda: "web1" in relay.connected())
+            # two users behind the relay: one connection each is within the limit
+            for address in ("203.0.113.5", "2001:db8::6"):
+                reported.next.append(client_header(address, 4000))
+                conns.append(await relayed(relay, "web1", server_identity, alice, tmp_path))
+            # the first user's second connection is over it, and only that user's
+            reported.always = client_header("203.0.113.5", 4001)  # and on each retry
+            await wait_for(lambda: len(relay.connected()) == 1 and len(relay.parked["web1"]) >= 1)
+            with pytest.raises(KoriNetError):
+                tls = dataclasses.replace(
+                    client_tls(alice, tmp_path), fingerprint=server_identity.fingerprint
+                )
+                await AdminConnection.open(Target("127.0.0.1", relay.port, "web1"), tls=tls, open_timeout=3)
+            for conn in conns:
+                assert (await run(conn, ["true"]))[0] == 0
+        finally:
+            for conn in conns:
+                await conn.close()
+            await dial.close()
+    audit = agent.audit()
+    assert [e["reported_peer"] for e in audit if e["event"] == "exec"] == [
+        "203.0.113.5:4000",
+        "2001:db8::6:4000",
+    ]
+    refusal = next(e for e in audit if e["event"] == "refused")  # then a summary of the retries
+    assert refusal["reported_peer"] == "203.0.113.5:4001" and refusal["via"] == "relay"
+    assert refusal["peer"] == f"127.0.0.1:{relay_port}"
+    assert "too many connections from 203.0.113.5" in refusal["reason"]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"A" + bytes([65]) + b"1" * 65,
+        b"A" + bytes([9]) + b"not-an-ip",
+        b"A\x00",
+        b"A" + bytes([7]) + b"1.2.3.4",
+    ],
+    ids=["too-long", "not-an-address", "empty", "no-port"],
+)
+async def test_a_bad_client_header_drops_that_link_and_the_agent_parks_again(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys,
+    relay_agents: AuthorizedKeys, reported: Reported, header: bytes, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="korinet_admin.dialhome")
+    async with (
+        running_relay(relay_agents) as relay,
+        running_agent(tmp_path, server_identity, authorized) as agent,
+    ):
+        dial = dial_home(agent.server, server_identity, relay, "web1", links=1)
+        try:
+            await wait_for(lambda: "web1" in relay.connected())
+            registered = relay.stats["registered"]
+            reported.always = header  # the client's retries too
+            with pytest.raises(KoriNetError):
+                await relayed(relay, "web1", server_identity, alice, tmp_path)
+            assert "bad client header from the relay" in caplog.text  # logged, then dropped
+            assert dial.spliced == 0  # nothing reached the Hub
+            reported.always = None
+            # the agent parks again and serves the next client, with its real address
+            await wait_for(lambda: relay.stats["registered"] > registered and "web1" in relay.connected())
+            conn = await relayed(relay, "web1", server_identity, alice, tmp_path)
+            try:
+                assert (await run(conn, ["true"]))[0] == 0
+            finally:
+                await conn.close()
+        finally:
+            await dial.close()
+    (entry,) = [e for e in agent.audit() if e["event"] == "exec"]
+    assert entry["reported_peer"].startswith("127.0.0.1:")
