@@ -122,7 +122,11 @@ class DialHome:
                 continue
             ceiling = self.initial
             self.last_error.pop(relay, None)
-            spliced, client = await self._wait_for_client(relay, sock)
+            try:
+                spliced, client = await self._wait_for_client(relay, sock)
+            except BaseException:  # close(): the relay must see the link go now
+                sock.close()
+                raise
             if spliced:
                 self._spawn(asyncio.get_running_loop().create_task(self._adopt(sock, client)))
                 first = True  # park the next one at once

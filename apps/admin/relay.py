@@ -65,10 +65,13 @@ __all__ = [
     "MAGIC",
     "MAX_ADDRESS",
     "NONCE_SIZE",
+    "QUERY",
     "Relay",
+    "RelayAnswer",
     "client_header",
     "parse_client_header",
     "parse_sni",
+    "query_relay",
     "registration",
     "registration_message",
 ]
@@ -77,6 +80,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RELAY_PORT: Final = p.DEFAULT_RELAY_PORT
 MAGIC: Final = b"KORINET-RELAY/1\n"
+#: A user's question (``korinet-admin hosts``): which of these names are parked?
+QUERY: Final = b"KORINET-QUERY/1\n"
+#: Longest question accepted (bytes of JSON), and names in it.
+MAX_QUERY: Final = 256 * 1024
+MAX_QUERY_NAMES: Final = 10000
 NONCE_SIZE: Final = 32
 GO: Final = b"G"
 #: A client is spliced; its address (a header) comes first, then its bytes.
@@ -253,7 +261,8 @@ class Relay:
         self.keepalive = keepalive
         #: name -> parked connections, oldest first
         self.parked: dict[str, deque[_Parked]] = {}
-        #: name -> monotonic time of its last registration
+        #: name -> monotonic time it was last known parked (registered, or a link of
+        #: it closed or taken by a client)
         self.last_seen: dict[str, float] = {}
         #: registered, refused, busy, spliced, unknown, bad-hello
         self.stats: Counter[str] = Counter()
@@ -309,7 +318,15 @@ class Relay:
         try:
             first = await asyncio.wait_for(reader.readexactly(1), self.timeout)
             if first == MAGIC[:1]:
-                keep = await self._register(address, first, reader, writer)
+                # MAGIC is read whole first even when busy: closing with unread bytes
+                # would send a reset, which can destroy the answer before it is read.
+                magic = first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout)
+                if magic == MAGIC:
+                    keep = await self._register(address, reader, writer)
+                elif magic == QUERY:
+                    await self._query(address, reader, writer)
+                else:
+                    raise ValueError("not a relay registration or query")
             elif first == b"\x16":
                 await self._client(address, port, first, reader, writer)
             else:
@@ -322,12 +339,8 @@ class Relay:
                 writer.close()
 
     async def _register(
-        self, address: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        # MAGIC is read first even when busy: closing with unread bytes would send a
-        # reset, which can destroy the answer before the agent reads it.
-        if first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout) != MAGIC:
-            raise ValueError("not a relay registration")
         if (
             sum(self._registering.values()) >= self.max_registering
             or self._registering[address] >= self.max_registering_per_address
@@ -398,6 +411,7 @@ class Relay:
         """Notice a parked connection that closed (an agent never sends on it)."""
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             await link.reader.read(1)
+        self.last_seen[link.name] = time.monotonic()
         links = self.parked.get(link.name)
         if links is not None and link in links:
             links.remove(link)
@@ -415,6 +429,51 @@ class Relay:
                 for link in list(links):
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         link.writer.write(KEEPALIVE)
+
+    # ------------------------------------------------------------------ queries
+
+    async def _query(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer which of the names asked are parked, and when each was last seen.
+
+        No authentication: the relay has no users (a client's key is end to end with
+        the agent). So only the names asked are answered, never a list; whether a
+        name is parked is what a ClientHello naming it learns anyway.
+        """
+        if (
+            self._hellos[address] >= self.max_hellos_per_address
+            or sum(self._hellos.values()) >= self.max_hellos
+        ):
+            self.stats["busy-client"] += 1
+            await _answer(writer, "busy")
+            return
+        self._hellos[address] += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                (size,) = struct.unpack("!I", await reader.readexactly(4))
+                if size > MAX_QUERY:
+                    raise ValueError("query too long")
+                names = json.loads(await reader.readexactly(size))["names"]
+                if not isinstance(names, list) or len(names) > MAX_QUERY_NAMES:
+                    raise ValueError("not a list of names, or too many")
+                now = time.monotonic()
+                agents = {}
+                for name in names:
+                    if not isinstance(name, str):
+                        raise ValueError("a name that is not a string")
+                    links = [link for link in self.parked.get(name, ()) if not link.writer.is_closing()]
+                    last = self.last_seen.get(name)
+                    ago = 0.0 if links else None if last is None else now - last
+                    agents[name] = {"parked": len(links), "seen": ago}
+                body = json.dumps({"agents": agents}).encode()
+                writer.write(b"+" + struct.pack("!I", len(body)) + body)
+                await writer.drain()
+                self.stats["queries"] += 1
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed query: {exc}") from None
+        finally:
+            self._hellos[address] -= 1
+            if not self._hellos[address]:
+                del self._hellos[address]
 
     # ------------------------------------------------------------------ clients
 
@@ -467,6 +526,8 @@ class Relay:
     def _take(self, name: str) -> _Parked | None:
         """The newest parked connection of ``name`` (the likeliest to be alive)."""
         links = self.parked.get(name)
+        if links:
+            self.last_seen[name] = time.monotonic()
         while links:
             link = links.pop()
             if link.watch is not None:
@@ -474,6 +535,52 @@ class Relay:
             if not link.writer.is_closing():
                 return link
         return None
+
+
+@dataclass(frozen=True)
+class RelayAnswer:
+    """What a relay says of one agent name: its parked connections, and how many
+    seconds ago it was last parked there (0 if now, None if not since the relay started)."""
+
+    parked: int
+    seen: float | None
+
+
+async def query_relay(host: str, port: int, names: list[str], timeout: float) -> dict[str, RelayAnswer]:
+    """Ask the relay at ``host:port`` about ``names`` (``korinet-admin hosts``).
+
+    Raises:
+        OSError, TimeoutError: the relay cannot be reached or does not answer in time.
+        ValueError: it answered something else than a relay's answer (or ``busy``).
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            body = json.dumps({"names": names}).encode()
+            writer.write(QUERY + struct.pack("!I", len(body)) + body)
+            await writer.drain()
+            try:
+                if await reader.readexactly(1) != b"+":
+                    (size,) = struct.unpack("!H", await reader.readexactly(2))
+                    raise ValueError((await reader.readexactly(size)).decode(errors="replace"))
+                (size,) = struct.unpack("!I", await reader.readexactly(4))
+                agents = json.loads(await reader.readexactly(size))["agents"]
+            except asyncio.IncompleteReadError:
+                raise ValueError(
+                    "the relay closed the connection without an answer (an older relay?)"
+                ) from None
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"not a relay's answer: {exc}") from None
+        finally:
+            writer.close()
+    answers: dict[str, RelayAnswer] = {}
+    for name in names:
+        entry = agents.get(name) if isinstance(agents, dict) else None
+        if not isinstance(entry, dict):
+            raise ValueError(f"the relay did not answer for {name!r}")
+        seen = entry.get("seen")
+        answers[name] = RelayAnswer(int(entry.get("parked", 0)), None if seen is None else float(seen))
+    return answers
 
 
 async def _answer(writer: asyncio.StreamWriter, reason: str) -> None:

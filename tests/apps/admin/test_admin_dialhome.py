@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -362,3 +363,98 @@ async def test_a_bad_client_header_drops_that_link_and_the_agent_parks_again(
             await dial.close()
     (entry,) = [e for e in agent.audit() if e["event"] == "exec"]
     assert entry["reported_peer"].startswith("127.0.0.1:")
+
+
+async def test_the_relay_answers_only_the_names_asked_and_survives_bad_queries(
+    tmp_path: Path, server_identity: Identity, authorized: AuthorizedKeys, relay_agents: AuthorizedKeys
+) -> None:
+    from korinet_admin.relay import QUERY, query_relay
+
+    async with (
+        running_relay(relay_agents) as relay,
+        running_agent(tmp_path, server_identity, authorized) as agent,
+    ):
+        dial = dial_home(agent.server, server_identity, relay, "web1")
+        try:
+            await wait_for(lambda: "web1" in relay.connected())
+            answers = await query_relay("127.0.0.1", relay.port, ["nobody"], WAIT)
+            assert list(answers) == ["nobody"]  # web1 is parked, but was not asked about
+            assert answers["nobody"].parked == 0 and answers["nobody"].seen is None
+            for garbage in (
+                QUERY + b"\x00\x00\x00\x05{bad}",  # not JSON
+                QUERY + b"\x00\x00\x00\x02[]",  # no names
+                QUERY + b"\x7f\xff\xff\xff",  # too long
+                QUERY + b'\x00\x00\x00\x0d{"names":[1]}',  # a name that is no string
+            ):
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                writer.write(garbage)
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""  # closed, no answer
+                writer.close()
+            answers = await query_relay("127.0.0.1", relay.port, ["web1"], WAIT)  # still serving
+            assert answers["web1"].parked == 2 and answers["web1"].seen == 0
+        finally:
+            await dial.close()
+        await wait_for(lambda: "web1" not in relay.connected())  # closed links are noticed
+        answers = await query_relay("127.0.0.1", relay.port, ["web1"], WAIT)
+        assert answers["web1"].parked == 0 and answers["web1"].seen is not None
+
+
+async def test_hosts_asks_each_relay_which_dial_home_hosts_are_parked(
+    tmp_path: Path, home: Path, server_identity: Identity, authorized: AuthorizedKeys,
+    relay_agents: AuthorizedKeys,
+) -> None:  # fmt: skip
+    import re
+    import subprocess
+
+    from admin_helpers import CLI, cli_env
+
+    home.mkdir(parents=True, exist_ok=True)
+    db1 = Identity.generate()
+    relay_agents.authorize(db1.fingerprint, "db1")
+    with socket.socket() as s:  # nothing listens there once closed
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    async with running_relay(relay_agents) as relay:
+        async with running_agent(tmp_path, db1, authorized) as stopped:
+            dial = dial_home(stopped.server, db1, relay, "db1")
+            try:
+                await wait_for(lambda: "db1" in relay.connected())
+            finally:
+                await dial.close()  # db1's agent stops
+        async with running_agent(tmp_path, server_identity, authorized) as agent:
+            dial = dial_home(agent.server, server_identity, relay, "web1")
+            try:
+                await wait_for(lambda: relay.connected() == ["web1"])
+                (home / "hosts.toml").write_text(
+                    f"""
+[hosts.web1]
+address = "127.0.0.1:{relay.port}/web1"
+key = "{server_identity.fingerprint}"
+[hosts.db1]
+address = "127.0.0.1:{relay.port}/db1"
+key = "{db1.fingerprint}"
+[hosts.cache1]
+address = "127.0.0.1:{relay.port}/cache1"
+[hosts.far1]
+address = "127.0.0.1:{dead}/far1"
+[hosts.direct1]
+address = "127.0.0.1:{agent.port}"
+"""
+                )
+                proc = await asyncio.create_subprocess_exec(
+                    *CLI, "hosts", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=cli_env(home),
+                )  # fmt: skip
+                out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+            finally:
+                await dial.close()
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert re.match(r"NAME\s+ADDRESS\s+GROUPS\s+KEY\s+RELAY\s+LAST SEEN$", lines[0])
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert re.search(r"\s+parked\s+never$", rows["web1"])
+    assert re.search(r"\s+not parked \(seen \d+[smhd] ago\)\s+never$", rows["db1"])
+    assert "not parked (never seen)" in rows["cache1"]
+    assert "relay unreachable (connection refused)" in rows["far1"]
+    assert re.search(r"\s+-\s+never$", rows["direct1"])
+    assert relay.stats["queries"] == 1  # one question per relay, about its hosts only
