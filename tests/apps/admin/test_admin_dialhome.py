@@ -139,6 +139,14 @@ async def test_relay_key_runs_nothing_and_a_pin_is_required(
             with pytest.raises(KoriNetError, match="not authorized"):
                 await relayed(relay, "web1", server_identity, relay_key, tmp_path)
             assert not [e for e in agent.audit() if e["event"] == "exec"]
+            # the refusal is audited with the client the relay reported, via the relay
+            refusal = next(e for e in agent.audit() if e["event"] == "refused")
+            assert refusal["fingerprint"] == relay_key.fingerprint and refusal["via"] == "relay"
+            assert refusal["peer"] == f"127.0.0.1:{relay.port}"
+            assert (
+                refusal["reported_peer"].startswith("127.0.0.1:")
+                and refusal["reported_peer"] != refusal["peer"]
+            )
             # without a pinned agent key the client refuses to go through a relay at all
             with pytest.raises(KoriNetError, match="needs its key pinned"):
                 target = Target("127.0.0.1", relay.port, "web1")
