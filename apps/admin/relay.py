@@ -25,6 +25,13 @@ so nothing the client sends can pass for the header. The agent cannot check it
 agent never sends on a parked connection, so the relay reads only to notice that it
 closed.
 
+A user's ``korinet-admin hosts`` asks which agents are parked: ``QUERY``, then a
+length-prefixed JSON ``{"names": [...]}``; the answer is ``+`` and a length-prefixed
+``{"agents": {NAME: {"parked": N, "seen": SECONDS_AGO or null}}}`` for the names
+asked only. The relay has no users to authenticate (a client's key is end to end
+with the agent), so it never lists names; whether a name is parked is what a
+ClientHello naming it learns anyway.
+
 Limits, so that a storm of agents coming back cannot shut clients out: agent
 registrations and client hellos have separate budgets (per address and in total), a
 registration over budget is told ``busy`` and retries after a jittered backoff, and
@@ -230,7 +237,8 @@ class Relay:
         max_registering, max_registering_per_address: agent registrations in
             progress at once; over it an agent is told ``busy`` and retries later.
         max_hellos, max_hellos_per_address: client connections whose ClientHello is
-            not read yet (a separate budget: an agent storm does not use it up).
+            not read yet, and queries being answered (a separate budget: an agent
+            storm does not use it up).
         parked_per_agent: parked connections kept per name (the oldest go first).
         timeout: seconds to finish a registration or send a ClientHello.
         keepalive: seconds between keepalive bytes to parked agents (NAT state).
@@ -264,7 +272,7 @@ class Relay:
         #: name -> monotonic time it was last known parked (registered, or a link of
         #: it closed or taken by a client)
         self.last_seen: dict[str, float] = {}
-        #: registered, refused, busy, spliced, unknown, bad-hello
+        #: registered, refused, busy, busy-client, spliced, unknown, bad-hello, queries
         self.stats: Counter[str] = Counter()
         self._registering: Counter[str] = Counter()
         self._hellos: Counter[str] = Counter()
