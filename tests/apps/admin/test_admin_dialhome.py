@@ -466,3 +466,34 @@ address = "127.0.0.1:{agent.port}"
     assert "relay unreachable (connection refused)" in rows["far1"]
     assert re.search(r"\s+-\s+never$", rows["direct1"])
     assert relay.stats["queries"] == 1  # one question per relay, about its hosts only
+
+
+async def test_an_agent_that_does_not_ask_for_addresses_gets_a_bare_go_as_before(
+    tmp_path: Path, server_identity: Identity, alice: Identity, authorized: AuthorizedKeys,
+    relay_agents: AuthorizedKeys, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """An older agent (no ``"address"`` in its registration) is spliced with ``G`` and
+    counts and audits the relay, as before the header existed."""
+    import functools
+
+    import korinet_admin.dialhome as dialhome_module
+    from korinet_admin.relay import registration
+
+    monkeypatch.setattr(dialhome_module, "registration", functools.partial(registration, address=False))
+    async with (
+        running_relay(relay_agents) as relay,
+        running_agent(tmp_path, server_identity, authorized) as agent,
+    ):
+        dial = dial_home(agent.server, server_identity, relay, "web1")
+        try:
+            await wait_for(lambda: "web1" in relay.connected())
+            relay_port = relay.port
+            conn = await relayed(relay, "web1", server_identity, alice, tmp_path)
+            try:
+                assert (await run(conn, ["true"]))[0] == 0
+            finally:
+                await conn.close()
+        finally:
+            await dial.close()
+    (entry,) = [e for e in agent.audit() if e["event"] == "exec"]
+    assert entry["peer"] == f"127.0.0.1:{relay_port}" and "via" not in entry and "reported_peer" not in entry
