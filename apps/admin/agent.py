@@ -113,6 +113,9 @@ class Agent:
             self.audit.record("adopted", jobs=len(adopted), running=running)
         self.transfers = AgentTransfers(self.policy, self.audit)
         self._refusals = Throttle(self.audit)
+        #: client ``HOST:PORT`` as a relay reported it -> the relay's, for relayed
+        #: connections in their handshake (filled by dialhome.DialHome)
+        self.relayed: dict[str, str] = {}
         self._attachments: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._hubs: list[Any] = []
         self._handlers: dict[str, Callable[[Any, dict[str, Any]], Awaitable[Any]]] = {
@@ -171,11 +174,13 @@ class Agent:
         TLS handshake, the wrong protocol). One line per address, code and key in an
         interval, then a summary (see :class:`~korinet_admin.audit.Throttle`)."""
         stage = "authentication" if code == 1007 else "connection"  # CloseCode.AUTH_FAILED
+        relay = self.relayed.get(peername)
+        where = _relayed(relay, peername) if relay is not None else {"peer": peername}
         self._refusals.record(
             (peer_address(peername), code, fingerprint),
             "refused",
             stage=stage,
-            peer=peername,
+            **where,
             fingerprint=fingerprint,
             reason=reason,
             code=code,
@@ -194,10 +199,12 @@ class Agent:
 
     def _who(self, peer: Any) -> dict[str, Any]:
         identity = getattr(peer, "identity", None)
+        peername = getattr(peer, "peername", None)
+        via = getattr(peer, "via", None)
         return {
             "who": getattr(identity, "name", None),
             "fingerprint": getattr(identity, "fingerprint", None),
-            "peer": getattr(peer, "peername", None),
+            **(_relayed(via, peername) if via is not None else {"peer": peername}),
         }
 
     def _owned_job(self, peer: Any, job_id: str) -> Job:
@@ -487,3 +494,9 @@ def host_status(jobs: int = 0) -> dict[str, Any]:
         "disks": disks,
         "jobs": jobs,
     }
+
+
+def _relayed(relay: str, reported: str | None) -> dict[str, Any]:
+    """The audit's ``peer`` of a relayed connection: the relay, the only address we
+    saw; the client's is the relay's word (it is not authenticated to us)."""
+    return {"peer": relay, "via": "relay", "reported_peer": reported}

@@ -95,6 +95,8 @@ class Throttle:
         if window is None and len(self._windows) >= THROTTLE_ADDRESSES:
             key, window = "*", self._windows.get("*")  # too many addresses: one bucket
             fields = {**fields, "peer": "*"}
+            if "reported_peer" in fields:
+                fields["reported_peer"] = "*"
         if window is not None and now < window.end:
             window.reasons[str(fields.get("reason"))] += 1
             return
@@ -118,9 +120,13 @@ class Throttle:
             return
         fields = dict(window.fields)
         event = fields.pop("event")
-        peer = str(fields.get("peer", ""))
-        fields["peer"] = peer_address(peer)
-        fields["reason"] = f"{count} more like this from {fields['peer']} within {self.interval:g}s"
+        if fields.get("reported_peer") not in (None, "*"):  # through a relay: keyed by the client
+            fields["reported_peer"] = peer_address(str(fields["reported_peer"]))
+            source = f"{fields['reported_peer']} (as reported by the relay {fields.get('peer')})"
+        else:
+            fields["peer"] = peer_address(str(fields.get("peer", "")))
+            source = fields["peer"]
+        fields["reason"] = f"{count} more like this from {source} within {self.interval:g}s"
         self.audit.record(event, **fields, repeated=count, reasons=dict(window.reasons.most_common(10)))
 
     def close(self) -> None:

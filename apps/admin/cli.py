@@ -259,9 +259,10 @@ async def _hosts(args: argparse.Namespace) -> int:
             print(f"{'@' + group:<{width}}  {len(members):>4}  {', '.join(members)}")
         return 0
     hosts = inventory.select(args.selection) if args.selection else list(inventory.hosts.values())
+    relayed = await _relay_states(hosts, args.timeout)  # asked before reading hosts-seen.json
     seen = load_seen()
     now = time.time()
-    rows = [("NAME", "ADDRESS", "GROUPS", "KEY", "LAST SEEN")]
+    rows = [("NAME", "ADDRESS", "GROUPS", "KEY", *(("RELAY",) if relayed else ()), "LAST SEEN")]
     for host in hosts:
         key = host.key[:15] + "…" if host.key else "-"
         last = seen.get(host.name)
@@ -271,11 +272,59 @@ async def _hosts(args: argparse.Namespace) -> int:
             state = f"{last['state']}{detail}, {when}"
         else:
             state = "never"
-        rows.append((host.name, host.address, ",".join(host.groups) or "-", key, state))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        relay = (relayed.get(host.name, "-"),) if relayed else ()
+        rows.append((host.name, host.address, ",".join(host.groups) or "-", key, *relay, state))
+    columns = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(columns)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1])
     return 0
+
+
+async def _relay_states(hosts: list[Any], timeout: float) -> dict[str, str]:
+    """What the relay of each dial-home host (``RELAY[:PORT]/AGENT``) says of it, by
+    host name: ``parked``, ``not parked (seen …)`` or ``relay unreachable (…)``. Each
+    relay is asked once, about its agents in ``hosts`` only (it answers no more)."""
+    import asyncio
+
+    from .execclient import parse_targets
+    from .inventory import age
+    from .relay import query_relay
+
+    by_relay: dict[tuple[str, int], dict[str, str]] = {}  # relay -> {host name: agent name}
+    for host in hosts:
+        try:
+            (target,) = parse_targets(host.address)
+        except ValueError:
+            continue
+        if target.agent is not None:
+            by_relay.setdefault((target.host, target.port), {})[host.name] = target.agent
+
+    async def ask(relay: tuple[str, int], agents: dict[str, str]) -> dict[str, str]:
+        try:
+            answers = await query_relay(*relay, sorted(set(agents.values())), timeout)
+        except TimeoutError:
+            return dict.fromkeys(agents, f"relay unreachable (no answer within {timeout:g}s)")
+        except ConnectionRefusedError:
+            return dict.fromkeys(agents, "relay unreachable (connection refused)")
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            return dict.fromkeys(agents, f"relay unreachable ({reason})")
+        states = {}
+        for name, agent in agents.items():
+            answer = answers[agent]
+            if answer.parked:
+                states[name] = "parked"
+            elif answer.seen is None:
+                states[name] = "not parked (never seen)"  # since the relay started
+            else:
+                states[name] = f"not parked (seen {age(answer.seen)})"
+        return states
+
+    states: dict[str, str] = {}
+    for found in await asyncio.gather(*(ask(relay, agents) for relay, agents in by_relay.items())):
+        states.update(found)
+    return states
 
 
 # ---------------------------------------------------------------------- attach, jobs, status
@@ -755,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hosts", help="the inventory: hosts, addresses, groups, keys, last states")
     p.add_argument("selection", nargs="?", metavar="SELECTION", help="only these (as exec takes)")
     p.add_argument("--groups", action="store_true", help="the groups and their hosts")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for each relay of dial-home hosts (default 5)")  # fmt: skip
     p.set_defaults(func=_hosts)
 
     p = sub.add_parser("attach", help="re-join a job: its output from where you left, then its exit")

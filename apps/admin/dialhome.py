@@ -7,6 +7,12 @@ After a loss (a relay restart, say) each link waits a random time before it dial
 again, drawn from [0, ceiling) with the ceiling doubling up to ``backoff_cap`` (full
 jitter): a thousand agents cut at once come back spread over the ceiling, not at
 the same instant. A link that registered restarts its ceiling.
+
+The relay tells each link the address of the client it splices to it (relay.py,
+``ADDRESS``) before the client's first byte: the Hub counts the connection under
+that address (``Hub.adopt(address=)``) and the agent's audit records it as reported
+by the relay, beside the relay's own address. A header that does not parse drops
+the link (the client with it), which parks again.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import struct
 import time
 from typing import Any, Final
 
-from .relay import GO, KEEPALIVE, MAGIC, NONCE_SIZE, registration
+from .plugin import agent_of
+from .relay import ADDRESS, GO, KEEPALIVE, MAGIC, MAX_ADDRESS, NONCE_SIZE, parse_client_header, registration
 
 __all__ = ["DialHome", "RegistrationRefused"]
 
@@ -75,6 +82,10 @@ class DialHome:
         #: set while at least one link is parked
         self.registered = asyncio.Event()
         self.last_error: dict[tuple[str, int], str] = {}
+        #: ``HOST:PORT`` a relay reported -> the relay's address, for the relayed
+        #: connections in their handshake: the agent's (``Agent.relayed``), whose audit
+        #: of a refusal reads it (the runtime's hook names only the reported address)
+        self.reported: dict[str, str] = getattr(agent_of(hub), "relayed", {})
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rng = random.Random()
 
@@ -111,8 +122,13 @@ class DialHome:
                 continue
             ceiling = self.initial
             self.last_error.pop(relay, None)
-            if await self._wait_for_client(relay, sock):
-                self._spawn(asyncio.get_running_loop().create_task(self._adopt(sock)))
+            try:
+                spliced, client = await self._wait_for_client(relay, sock)
+            except BaseException:  # close(): the relay must see the link go now
+                sock.close()
+                raise
+            if spliced:
+                self._spawn(asyncio.get_running_loop().create_task(self._adopt(sock, client)))
                 first = True  # park the next one at once
             else:
                 sock.close()
@@ -143,9 +159,12 @@ class DialHome:
             raise
         return sock
 
-    async def _wait_for_client(self, relay: tuple[str, int], sock: socket.socket) -> bool:
-        """Park until the relay says GO (True) or the link dies (False). One byte at a
-        time: what follows GO is the client's, for the Hub to read."""
+    async def _wait_for_client(
+        self, relay: tuple[str, int], sock: socket.socket
+    ) -> tuple[bool, tuple[str, int] | None]:
+        """Park until the relay splices a client: (True, its address as the relay
+        reports it, or None after a bare GO); (False, None) if the link dies or the
+        header is bad. Read exactly: what follows is the client's, for the Hub."""
         loop = asyncio.get_running_loop()
         self.parked[relay] += 1
         self.registered.set()
@@ -156,26 +175,52 @@ class DialHome:
                         byte = await loop.sock_recv(sock, 1)
                 except (OSError, TimeoutError) as exc:
                     self._error(relay, f"parked link lost: {exc or type(exc).__name__}")
-                    return False
+                    return False, None
                 if byte == GO:
                     self.spliced += 1
-                    return True
+                    return True, None
+                if byte == ADDRESS:
+                    try:
+                        client = await self._client_header(sock)
+                    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+                        self._error(relay, f"bad client header from the relay: {exc or type(exc).__name__}")
+                        return False, None
+                    self.spliced += 1
+                    return True, client
                 if byte != KEEPALIVE:
                     self._error(relay, "the relay closed the link" if not byte else "garbage from the relay")
-                    return False
+                    return False, None
         finally:
             self.parked[relay] -= 1
             if not any(self.parked.values()):
                 self.registered.clear()
 
-    async def _adopt(self, sock: socket.socket) -> None:
+    async def _client_header(self, sock: socket.socket) -> tuple[str, int]:
+        """The rest of an ``ADDRESS`` header: one byte N, then N bytes ``HOST:PORT``
+        (sent with ``ADDRESS`` in one write, so it has no reason to be slow)."""
+        async with asyncio.timeout(self.connect_timeout):
+            (size,) = await _recv_exactly(sock, 1)
+            if not 0 < size <= MAX_ADDRESS:
+                raise ValueError(f"an address of {size} bytes")
+            return parse_client_header(await _recv_exactly(sock, size))
+
+    async def _adopt(self, sock: socket.socket, client: tuple[str, int] | None) -> None:
         started = time.monotonic()
+        reported = _peername(client) if client is not None else None
+        if reported is not None:
+            try:
+                self.reported[reported] = _peername(sock.getpeername())
+            except OSError:  # reset already: the handshake fails below
+                reported = None
         try:
-            await self.hub.adopt(sock, self.ssl)
+            await self.hub.adopt(sock, self.ssl, address=client)
         except Exception as exc:  # a client that failed its handshake: the Hub logged it
             logger.debug("relayed client dropped after %.1fs: %s", time.monotonic() - started, exc)
             with contextlib.suppress(OSError):
                 sock.close()
+        finally:
+            if reported is not None:
+                self.reported.pop(reported, None)
 
 
 async def _accepted(sock: socket.socket) -> None:
@@ -183,6 +228,11 @@ async def _accepted(sock: socket.socket) -> None:
     if await _recv_exactly(sock, 1) != b"+":
         (size,) = struct.unpack("!H", await _recv_exactly(sock, 2))
         raise RegistrationRefused((await _recv_exactly(sock, size)).decode(errors="replace"))
+
+
+def _peername(address: tuple[str, int]) -> str:
+    """As the runtime writes a peer (``Connection.peername``)."""
+    return f"{address[0]}:{address[1]}"
 
 
 async def _recv_exactly(sock: socket.socket, size: int) -> bytes:

@@ -16,6 +16,7 @@ from korinet import Message, MessageType, hookimpl
 from . import protocol as p
 
 __all__ = [
+    "agent_of",
     "bind_agent",
     "korinet_message_rejected",
     "korinet_register_message_types",
@@ -32,6 +33,11 @@ _agents: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 #: Callbacks told when a client session's link drops and comes back (the CLI prints them).
 _link_watchers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def agent_of(hub: Any) -> Any | None:
+    """The agent bound to ``hub``, if any."""
+    return _agents.get(hub) if hub is not None else None
 
 
 def watch_links(client: Any, callback: Any) -> None:

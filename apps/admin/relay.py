@@ -17,8 +17,20 @@ the relay's agents file (authorized_keys format, ``FINGERPRINT NAME``), so a str
 cannot claim a name and receive the clients meant for it.
 
 Relay to a parked agent, one byte each: ``k`` keepalive, ``G`` a client is spliced
-from the next byte on. The agent never sends on a parked connection, so the relay
-reads only to notice that it closed.
+from the next byte on. An agent whose registration asks for it (``"address": true``)
+is told the client's address instead: ``A``, one byte N (1 to ``MAX_ADDRESS``), N
+ASCII bytes ``HOST:PORT`` (``[V6]:PORT``), and the client's bytes only after that,
+so nothing the client sends can pass for the header. The agent cannot check it
+(the relay is not authenticated to it) and audits it as reported by the relay. The
+agent never sends on a parked connection, so the relay reads only to notice that it
+closed.
+
+A user's ``korinet-admin hosts`` asks which agents are parked: ``QUERY``, then a
+length-prefixed JSON ``{"names": [...]}``; the answer is ``+`` and a length-prefixed
+``{"agents": {NAME: {"parked": N, "seen": SECONDS_AGO or null}}}`` for the names
+asked only. The relay has no users to authenticate (a client's key is end to end
+with the agent), so it never lists names; whether a name is parked is what a
+ClientHello naming it learns anyway.
 
 Limits, so that a storm of agents coming back cannot shut clients out: agent
 registrations and client hellos have separate budgets (per address and in total), a
@@ -32,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -52,13 +65,20 @@ from korinet.security.identity import key_fingerprint
 from . import protocol as p
 
 __all__ = [
+    "ADDRESS",
     "DEFAULT_RELAY_PORT",
     "GO",
     "KEEPALIVE",
     "MAGIC",
+    "MAX_ADDRESS",
     "NONCE_SIZE",
+    "QUERY",
     "Relay",
+    "RelayAnswer",
+    "client_header",
+    "parse_client_header",
     "parse_sni",
+    "query_relay",
     "registration",
     "registration_message",
 ]
@@ -67,8 +87,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RELAY_PORT: Final = p.DEFAULT_RELAY_PORT
 MAGIC: Final = b"KORINET-RELAY/1\n"
+#: A user's question (``korinet-admin hosts``): which of these names are parked?
+QUERY: Final = b"KORINET-QUERY/1\n"
+#: Longest question accepted (bytes of JSON), and names in it.
+MAX_QUERY: Final = 256 * 1024
+MAX_QUERY_NAMES: Final = 10000
 NONCE_SIZE: Final = 32
 GO: Final = b"G"
+#: A client is spliced; its address (a header) comes first, then its bytes.
+ADDRESS: Final = b"A"
+#: Longest address header (``[v6]:port`` is at most 47 bytes).
+MAX_ADDRESS: Final = 64
 KEEPALIVE: Final = b"k"
 #: What an agent signs: this, the nonce, its name (no other protocol signs this text).
 _CONTEXT: Final = b"korinet-admin relay registration\x00"
@@ -84,8 +113,9 @@ def registration_message(nonce: bytes, name: str) -> bytes:
     return _CONTEXT + nonce + name.encode()
 
 
-def registration(identity: object, nonce: bytes, name: str) -> bytes:
-    """The agent's answer to ``nonce``: a length-prefixed JSON object."""
+def registration(identity: object, nonce: bytes, name: str, *, address: bool = True) -> bytes:
+    """The agent's answer to ``nonce``: a length-prefixed JSON object. ``address``:
+    ask to be told each client's address (``ADDRESS``) rather than just ``GO``."""
     from cryptography.hazmat.primitives import serialization
 
     key: ec.EllipticCurvePrivateKey = identity.key  # type: ignore[attr-defined]
@@ -96,9 +126,38 @@ def registration(identity: object, nonce: bytes, name: str) -> bytes:
             "name": name,
             "cert": base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode(),
             "sig": base64.b64encode(signature).decode(),
+            "address": address,
         }
     ).encode()
     return struct.pack("!I", len(body)) + body
+
+
+def client_header(host: str, port: int) -> bytes:
+    """What the relay sends a parked agent before the bytes of client ``host:port``."""
+    text = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("ascii")
+    return ADDRESS + bytes([len(text)]) + text
+
+
+def parse_client_header(text: bytes) -> tuple[str, int]:
+    """The ``(host, port)`` of the N bytes after ``ADDRESS`` and N.
+
+    Raises:
+        ValueError: not ``IP:PORT`` / ``[IPV6]:PORT`` (the agent drops the link).
+    """
+    host, sep, port = text.decode("ascii").rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"not [V6]:PORT: {text!r}")
+        address = ipaddress.ip_address(host[1:-1])
+        if address.version != 6:
+            raise ValueError(f"not [V6]:PORT: {text!r}")
+    else:
+        address = ipaddress.ip_address(host)
+        if address.version != 4:
+            raise ValueError(f"an IPv6 address without brackets: {text!r}")
+    return str(address), int(port)
 
 
 class _NeedMore(Exception):
@@ -166,6 +225,8 @@ class _Parked:
     writer: asyncio.StreamWriter
     since: float = field(default_factory=time.monotonic)
     watch: asyncio.Task[None] | None = None
+    #: the agent asked to be told each client's address
+    address: bool = False
 
 
 class Relay:
@@ -176,7 +237,8 @@ class Relay:
         max_registering, max_registering_per_address: agent registrations in
             progress at once; over it an agent is told ``busy`` and retries later.
         max_hellos, max_hellos_per_address: client connections whose ClientHello is
-            not read yet (a separate budget: an agent storm does not use it up).
+            not read yet, and queries being answered (a separate budget: an agent
+            storm does not use it up).
         parked_per_agent: parked connections kept per name (the oldest go first).
         timeout: seconds to finish a registration or send a ClientHello.
         keepalive: seconds between keepalive bytes to parked agents (NAT state).
@@ -207,9 +269,10 @@ class Relay:
         self.keepalive = keepalive
         #: name -> parked connections, oldest first
         self.parked: dict[str, deque[_Parked]] = {}
-        #: name -> monotonic time of its last registration
+        #: name -> monotonic time it was last known parked (registered, or a link of
+        #: it closed or taken by a client)
         self.last_seen: dict[str, float] = {}
-        #: registered, refused, busy, spliced, unknown, bad-hello
+        #: registered, refused, busy, busy-client, spliced, unknown, bad-hello, queries
         self.stats: Counter[str] = Counter()
         self._registering: Counter[str] = Counter()
         self._hellos: Counter[str] = Counter()
@@ -258,13 +321,22 @@ class Relay:
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if peer else "?"
+        port = int(peer[1]) if peer else 0
         keep = False
         try:
             first = await asyncio.wait_for(reader.readexactly(1), self.timeout)
             if first == MAGIC[:1]:
-                keep = await self._register(address, first, reader, writer)
+                # MAGIC is read whole first even when busy: closing with unread bytes
+                # would send a reset, which can destroy the answer before it is read.
+                magic = first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout)
+                if magic == MAGIC:
+                    keep = await self._register(address, reader, writer)
+                elif magic == QUERY:
+                    await self._query(address, reader, writer)
+                else:
+                    raise ValueError("not a relay registration or query")
             elif first == b"\x16":
-                await self._client(address, first, reader, writer)
+                await self._client(address, port, first, reader, writer)
             else:
                 self.stats["bad-hello"] += 1
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
@@ -275,12 +347,8 @@ class Relay:
                 writer.close()
 
     async def _register(
-        self, address: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
-        # MAGIC is read first even when busy: closing with unread bytes would send a
-        # reset, which can destroy the answer before the agent reads it.
-        if first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout) != MAGIC:
-            raise ValueError("not a relay registration")
         if (
             sum(self._registering.values()) >= self.max_registering
             or self._registering[address] >= self.max_registering_per_address
@@ -296,7 +364,7 @@ class Relay:
                 (size,) = struct.unpack("!I", await reader.readexactly(4))
                 if size > MAX_REGISTRATION:
                     raise ValueError("registration too long")
-                name, reason = self._check(nonce, await reader.readexactly(size))
+                name, reason, wants_address = self._check(nonce, await reader.readexactly(size))
                 if reason is not None:
                     self.stats["refused"] += 1
                     logger.warning("relay: %s: registration refused: %s", address, reason)
@@ -310,7 +378,7 @@ class Relay:
                 del self._registering[address]
         self.stats["registered"] += 1
         self.last_seen[name] = time.monotonic()
-        link = _Parked(name, reader, writer)
+        link = _Parked(name, reader, writer, address=wants_address)
         links = self.parked.setdefault(name, deque())
         links.append(link)
         while len(links) > self.parked_per_agent:
@@ -318,37 +386,40 @@ class Relay:
         link.watch = asyncio.get_running_loop().create_task(self._watch(link))
         return True
 
-    def _check(self, nonce: bytes, body: bytes) -> tuple[str, str | None]:
-        """(name, None) for a good registration, else (name, why it is refused)."""
+    def _check(self, nonce: bytes, body: bytes) -> tuple[str, str | None, bool]:
+        """(name, None, whether it asks for clients' addresses) for a good
+        registration, else (name, why it is refused, False)."""
         try:
             data = json.loads(body)
             name = str(data["name"])
+            wants_address = data.get("address") is True
             cert = x509.load_der_x509_certificate(base64.b64decode(data["cert"]))
             signature = base64.b64decode(data["sig"])
             public = cert.public_key()
-        except (ValueError, KeyError, TypeError) as exc:
-            return "?", f"malformed registration ({exc})"
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return "?", f"malformed registration ({exc})", False
         if not isinstance(public, ec.EllipticCurvePublicKey):
-            return name, "not an elliptic-curve key"
+            return name, "not an elliptic-curve key", False
         fingerprint = key_fingerprint(public)
         try:
             public.verify(signature, registration_message(nonce, name), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
-            return name, f"bad signature by {fingerprint}"
+            return name, f"bad signature by {fingerprint}", False
         try:
             entry = self.authorized.lookup(fingerprint)
         except ValueError as exc:  # the file does not parse: nobody parks (fail closed)
-            return name, f"agents file unusable: {exc}"
+            return name, f"agents file unusable: {exc}", False
         if entry is None:
-            return name, f"key {fingerprint} is not an authorized agent of this relay"
+            return name, f"key {fingerprint} is not an authorized agent of this relay", False
         if entry.name != name:
-            return name, f"key {fingerprint} may register as {entry.name!r}, not {name!r}"
-        return name, None
+            return name, f"key {fingerprint} may register as {entry.name!r}, not {name!r}", False
+        return name, None, wants_address
 
     async def _watch(self, link: _Parked) -> None:
         """Notice a parked connection that closed (an agent never sends on it)."""
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             await link.reader.read(1)
+        self.last_seen[link.name] = time.monotonic()
         links = self.parked.get(link.name)
         if links is not None and link in links:
             links.remove(link)
@@ -367,10 +438,60 @@ class Relay:
                     with contextlib.suppress(ConnectionError, RuntimeError):
                         link.writer.write(KEEPALIVE)
 
+    # ------------------------------------------------------------------ queries
+
+    async def _query(self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer which of the names asked are parked, and when each was last seen.
+
+        No authentication: the relay has no users (a client's key is end to end with
+        the agent). So only the names asked are answered, never a list; whether a
+        name is parked is what a ClientHello naming it learns anyway.
+        """
+        if (
+            self._hellos[address] >= self.max_hellos_per_address
+            or sum(self._hellos.values()) >= self.max_hellos
+        ):
+            self.stats["busy-client"] += 1
+            await _answer(writer, "busy")
+            return
+        self._hellos[address] += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                (size,) = struct.unpack("!I", await reader.readexactly(4))
+                if size > MAX_QUERY:
+                    raise ValueError("query too long")
+                names = json.loads(await reader.readexactly(size))["names"]
+                if not isinstance(names, list) or len(names) > MAX_QUERY_NAMES:
+                    raise ValueError("not a list of names, or too many")
+                now = time.monotonic()
+                agents = {}
+                for name in names:
+                    if not isinstance(name, str):
+                        raise ValueError("a name that is not a string")
+                    links = [link for link in self.parked.get(name, ()) if not link.writer.is_closing()]
+                    last = self.last_seen.get(name)
+                    ago = 0.0 if links else None if last is None else now - last
+                    agents[name] = {"parked": len(links), "seen": ago}
+                body = json.dumps({"agents": agents}).encode()
+                writer.write(b"+" + struct.pack("!I", len(body)) + body)
+                await writer.drain()
+                self.stats["queries"] += 1
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed query: {exc}") from None
+        finally:
+            self._hellos[address] -= 1
+            if not self._hellos[address]:
+                del self._hellos[address]
+
     # ------------------------------------------------------------------ clients
 
     async def _client(
-        self, address: str, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        address: str,
+        port: int,
+        first: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         busy = self._hellos[address] >= self.max_hellos_per_address
         if busy or sum(self._hellos.values()) >= self.max_hellos:
@@ -403,7 +524,9 @@ class Relay:
             return
         self.stats["spliced"] += 1
         try:
-            link.writer.write(GO + bytes(hello))
+            # The header goes first, in the same write: the client's bytes follow it.
+            head = client_header(address, port) if link.address else GO
+            link.writer.write(head + bytes(hello))
             await asyncio.gather(_pump(reader, link.writer), _pump(link.reader, writer))
         finally:
             link.writer.close()
@@ -411,6 +534,8 @@ class Relay:
     def _take(self, name: str) -> _Parked | None:
         """The newest parked connection of ``name`` (the likeliest to be alive)."""
         links = self.parked.get(name)
+        if links:
+            self.last_seen[name] = time.monotonic()
         while links:
             link = links.pop()
             if link.watch is not None:
@@ -418,6 +543,52 @@ class Relay:
             if not link.writer.is_closing():
                 return link
         return None
+
+
+@dataclass(frozen=True)
+class RelayAnswer:
+    """What a relay says of one agent name: its parked connections, and how many
+    seconds ago it was last parked there (0 if now, None if not since the relay started)."""
+
+    parked: int
+    seen: float | None
+
+
+async def query_relay(host: str, port: int, names: list[str], timeout: float) -> dict[str, RelayAnswer]:
+    """Ask the relay at ``host:port`` about ``names`` (``korinet-admin hosts``).
+
+    Raises:
+        OSError, TimeoutError: the relay cannot be reached or does not answer in time.
+        ValueError: it answered something else than a relay's answer (or ``busy``).
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            body = json.dumps({"names": names}).encode()
+            writer.write(QUERY + struct.pack("!I", len(body)) + body)
+            await writer.drain()
+            try:
+                if await reader.readexactly(1) != b"+":
+                    (size,) = struct.unpack("!H", await reader.readexactly(2))
+                    raise ValueError((await reader.readexactly(size)).decode(errors="replace"))
+                (size,) = struct.unpack("!I", await reader.readexactly(4))
+                agents = json.loads(await reader.readexactly(size))["agents"]
+            except asyncio.IncompleteReadError:
+                raise ValueError(
+                    "the relay closed the connection without an answer (an older relay?)"
+                ) from None
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"not a relay's answer: {exc}") from None
+        finally:
+            writer.close()
+    answers: dict[str, RelayAnswer] = {}
+    for name in names:
+        entry = agents.get(name) if isinstance(agents, dict) else None
+        if not isinstance(entry, dict):
+            raise ValueError(f"the relay did not answer for {name!r}")
+        seen = entry.get("seen")
+        answers[name] = RelayAnswer(int(entry.get("parked", 0)), None if seen is None else float(seen))
+    return answers
 
 
 async def _answer(writer: asyncio.StreamWriter, reason: str) -> None:

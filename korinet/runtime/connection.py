@@ -52,6 +52,10 @@ class Connection(asyncio.BufferedProtocol):
     :class:`~korinet.runtime.tlslink.TLSTransport`, ``on_made`` is called once the
     TLS handshake is done, and ``secured`` resolves then (or fails with the error
     that ended the handshake).
+
+    ``reported``: the peer's ``(host, port)`` as told by whoever handed the socket
+    over (``Hub.adopt(address=...)``, a relay): :attr:`peername` and the hub's
+    per-address limits use it, and :attr:`via` names the socket's own peer.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Connection(asyncio.BufferedProtocol):
             self.secured = self.loop.create_future()
             self.secured.add_done_callback(_retrieve)  # a failure nobody awaits is no error
         self.peer: Peer | None = None
+        self.reported: tuple[str, int] | None = None
         self.on_data: Callable[[bytes], None] | None = None
         self.on_made = on_made
         self.lost: asyncio.Future[BaseException | None] = self.loop.create_future()
@@ -185,6 +190,28 @@ class Connection(asyncio.BufferedProtocol):
 
     @property
     def peername(self) -> str:
+        """``host:port`` of the peer: the reported one if any, else the socket's."""
+        if self.reported is not None:
+            return f"{self.reported[0]}:{self.reported[1]}"
+        return self._socket_peername()
+
+    @property
+    def host(self) -> str:
+        """The peer's host, what per-address limits count (the reported one if any)."""
+        if self.reported is not None:
+            return self.reported[0]
+        if self.transport is None:
+            return "?"
+        name = self.transport.get_extra_info("peername")
+        return str(name[0]) if isinstance(name, tuple) and name else str(name)
+
+    @property
+    def via(self) -> str | None:
+        """With a reported peer, ``host:port`` of the socket's own peer (the relay or
+        proxy that reported it, the only address this side saw); else None."""
+        return self._socket_peername() if self.reported is not None else None
+
+    def _socket_peername(self) -> str:
         if self.transport is None:
             return "?"
         name = self.transport.get_extra_info("peername")

@@ -80,12 +80,18 @@ class ServerPeer(Peer):
         super().__init__(session, hub.plugins, accept_plain=hub.accept_plain, identity=identity)
         self.hub = hub
         self.peername = peername
+        #: the socket's own peer when ``peername`` was reported (``Hub.adopt(address=)``)
+        self.via: str | None = None
         self._expiry: asyncio.TimerHandle | None = None
         #: restored from the hub's store at start-up (its handler runs on its first resume)
         self.restored = record is not None
         self._handler_pending = False
         if hub.store is not None:
             self._use_store(hub.store, record.key if record is not None else None, record)
+
+    def attach(self, conn: Connection) -> None:
+        super().attach(conn)
+        self.via = conn.via
 
     def _on_link_lost(self, error: BaseException) -> None:
         if not self.is_closed:
@@ -798,14 +804,27 @@ class Hub:
             if not peer.is_closed:
                 await peer.close()
 
-    async def adopt(self, sock: socket.socket, ssl: ssl_module.SSLContext | None = None) -> AnyPeer:
+    async def adopt(
+        self,
+        sock: socket.socket,
+        ssl: ssl_module.SSLContext | None = None,
+        *,
+        address: tuple[str, int] | None = None,
+    ) -> AnyPeer:
         """Run the handshake on a socket accepted elsewhere; return its peer (a new
-        session, a resumed one, or a legacy peer)."""
+        session, a resumed one, or a legacy peer).
+
+        ``address``: the client's ``(host, port)`` as whoever handed the socket over
+        reports it (a relay or proxy whose socket this is). The per-address limits,
+        the failed-authentication delay, the hooks (``peername``), the logs and
+        ``peer.peername`` then use it, and ``peer.via`` gives the socket's own peer.
+        It is taken on trust: only the socket's peer was seen by this side."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[AnyPeer] = loop.create_future()
 
         def factory() -> Connection:
             conn = self.protocol_factory(ssl)
+            conn.reported = address
             self._results[conn] = fut
             return conn
 
@@ -1097,7 +1116,4 @@ def _tls_failure(exc: BaseException) -> str:
 
 
 def _host_of(conn: Connection) -> str:
-    if conn.transport is None:
-        return "?"
-    name = conn.transport.get_extra_info("peername")
-    return str(name[0]) if isinstance(name, tuple) and name else str(name)
+    return conn.host

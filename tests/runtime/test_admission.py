@@ -231,3 +231,56 @@ async def test_a_server_that_never_answers_tls_is_reported_in_words(tmp_path: Pa
                 "127.0.0.1", port, plugins=PluginManager.load(entry_points=False), tls=tls,
                 connect_timeout=0.2 * TIMEOUT_FACTOR, open_timeout=WAIT / 2,
             )  # fmt: skip
+
+
+async def test_an_adopted_socket_counts_and_is_reported_under_the_address_given() -> None:
+    """``Hub.adopt(address=)``: what a relay reports is the address the limits count
+    and the hooks name; ``peer.via`` keeps the socket's own peer."""
+    from korinet.runtime import Hub
+
+    refusals = Refusals()
+    plugins = PluginManager.load(entry_points=False, extra=[refusals])
+    hub = Hub(plugins=plugins, handler=echo, max_connections_per_address=1, legacy=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    clients: list[Client] = []
+
+    async def through(address: tuple[str, int]) -> Any:
+        """A client connects; the 'relay' (this test) hands its socket over with ``address``."""
+        accepted = loop.create_task(loop.sock_accept(listener))
+        dialing = loop.create_task(
+            Client.connect(
+                "127.0.0.1", port, plugins=PluginManager.load(entry_points=False), open_timeout=WAIT
+            )
+        )
+        sock, _ = await asyncio.wait_for(accepted, WAIT)
+        try:
+            peer = await asyncio.wait_for(hub.adopt(sock, address=address), WAIT)
+            clients.append(await asyncio.wait_for(dialing, WAIT))
+            return peer
+        except BaseException:
+            dialing.cancel()
+            await asyncio.gather(dialing, return_exceptions=True)
+            raise
+
+    try:
+        first = await through(("203.0.113.5", 4000))
+        assert first.peername == "203.0.113.5:4000"
+        assert first.via is not None and first.via.startswith("127.0.0.1:")  # the client's socket
+        # another reported address from the same socket peer is admitted: the limit
+        # of one per address counts reported addresses, not the relay's
+        second = await through(("203.0.113.6", 4000))
+        assert second.peername == "203.0.113.6:4000"
+        # the same reported address again is over the limit, and refused under it
+        with pytest.raises((ConnectionError, ConnectionClosedError, TimeoutError)):
+            await through(("203.0.113.5", 4001))
+        (event,) = await refusals.wait_for(1)
+        assert event["peername"] == "203.0.113.5:4001"
+        assert "too many connections from 203.0.113.5" in event["reason"]
+    finally:
+        for client in clients:
+            await client.close()
+        await hub.close()
+        listener.close()

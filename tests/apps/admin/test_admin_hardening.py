@@ -242,3 +242,22 @@ async def test_a_plaintext_client_at_a_tls_agent_is_told_at_once(
     assert elapsed < WAIT
     (refused,) = refusals(entries)
     assert "TLS only" in refused["reason"] and refused["code"] == 1002
+
+
+def test_a_summary_of_relayed_refusals_names_the_reported_client_and_the_relay(tmp_path: Path) -> None:
+    from korinet_admin.audit import AuditLog, Throttle
+
+    throttle = Throttle(AuditLog(tmp_path / "audit.log"))
+    for port in (4000, 4001, 4002):
+        fields = {"peer": "198.51.100.7:1238", "via": "relay", "reported_peer": f"203.0.113.5:{port}"}
+        throttle.record(
+            ("203.0.113.5", 1009, None), "refused", **fields, reason="too many connections", code=1009
+        )
+    throttle.close()
+    first, summary = AuditLog.read(tmp_path / "audit.log")
+    assert first["reported_peer"] == "203.0.113.5:4000" and first["peer"] == "198.51.100.7:1238"
+    assert summary["repeated"] == 2 and summary["via"] == "relay"
+    assert summary["peer"] == "198.51.100.7:1238" and summary["reported_peer"] == "203.0.113.5"
+    assert (
+        "2 more like this from 203.0.113.5 (as reported by the relay 198.51.100.7:1238)" in summary["reason"]
+    )
