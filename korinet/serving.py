@@ -10,15 +10,18 @@ long a failed authentication waits before it is answered.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from .exceptions import KoriNetError, NegotiationError
-from .session import CloseCode, Hello
+from .codecs.base import default_offer
+from .exceptions import AuthenticationError, KoriNetError, NegotiationError
+from .session import CloseCode, HandshakeOutcome, Hello, ServerHandshake, SessionConfig
 
 if TYPE_CHECKING:
+    from .codecs.base import Codec
     from .endpoint import SessionHandle
     from .security import AuthorizedKeys, PeerIdentity
 
@@ -27,10 +30,13 @@ __all__ = [
     "AUTH_DELAY_MAX",
     "AUTH_FAILURE_MEMORY",
     "AuthFailures",
+    "Verdict",
     "authenticate",
     "find_resumable",
     "fingerprint_of",
+    "handshake_step",
     "rejection_code",
+    "server_codecs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +123,54 @@ def find_resumable(
             return handle, None, None
     log.info("%s: asked to resume unknown session %s", peername, resume["id"])
     return None, resume["id"], None
+
+
+class Verdict(enum.Enum):
+    """What a server does after feeding bytes to its :class:`ServerHandshake`."""
+
+    WAIT = "wait"  #: read more
+    WRITE = "write"  #: write the bytes (a passphrase CHALLENGE), then read more
+    REFUSE = "refuse"  #: the HELLO is in: answer the refusal decided before it
+    AUTH_FAILED = "auth failed"  #: wrong or missing passphrase: answer after the delay
+    REJECT = "reject"  #: write the bytes (a CLOSE with the reason) and close
+    LEGACY = "legacy"  #: serve the original v2 wire (``handshake.leftover``)
+    HELLO = "hello"  #: open or resume a session (``handshake.hello``)
+
+
+def handshake_step(
+    handshake: ServerHandshake, data: bytes, refused: bool, peername: str, log: logging.Logger = logger
+) -> tuple[Verdict, bytes]:
+    """Feed ``data`` to ``handshake``; returns what to do, and the bytes to write for
+    WRITE and REJECT. ``refused``: the connection is already refused (TLS client key,
+    plaintext at a TLS server), and waits for the HELLO only so that the client reads
+    our CLOSE (written earlier, it could be lost to the reset its late HELLO causes)."""
+    outcome = handshake.receive_data(data)
+    if outcome is HandshakeOutcome.NEED_DATA:
+        challenge = handshake.data_to_send()  # a passphrase CHALLENGE after the HELLO
+        if not challenge:
+            return Verdict.WAIT, b""
+        if not refused:
+            return Verdict.WRITE, challenge
+        # else the HELLO is in: refuse now, the client can read our CLOSE
+    if refused:
+        return Verdict.REFUSE, b""
+    if outcome is HandshakeOutcome.REJECTED:
+        if isinstance(handshake.error, AuthenticationError):
+            log.warning("%s: refused: %s", peername, handshake.error)
+            return Verdict.AUTH_FAILED, b""
+        log.warning("%s: handshake rejected: %s", peername, handshake.error)
+        return Verdict.REJECT, handshake.data_to_send()
+    if outcome is HandshakeOutcome.LEGACY:
+        log.info("%s: speaks the legacy v2 wire", peername)
+        return Verdict.LEGACY, b""
+    return Verdict.HELLO, b""
+
+
+def server_codecs(config: SessionConfig, codecs: Mapping[str, Codec]) -> tuple[str, ...]:
+    """The codec names a server offers, its preference first: those its config pins
+    (or the default offer), then every other codec it has."""
+    pinned = config.codecs or default_offer(codecs)
+    return tuple(n for n in pinned if n in codecs) + tuple(n for n in codecs if n not in pinned)
 
 
 def rejection_code(error: KoriNetError | None) -> CloseCode:

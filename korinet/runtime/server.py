@@ -30,7 +30,6 @@ import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
-from ..codecs.base import default_offer
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
 from ..plugins import PluginManager, default_manager
 from ..security.passphrase import PassphraseVerifier
@@ -39,15 +38,17 @@ from ..serving import (  # the AUTH_ constants are read here too
     AUTH_DELAY_MAX,  # noqa: F401
     AUTH_FAILURE_MEMORY,  # noqa: F401
     AuthFailures,
+    Verdict,
     authenticate,
     find_resumable,
     fingerprint_of,
+    handshake_step,
     rejection_code,
+    server_codecs,
 )
 from ..session import (
     SERVER,
     CloseCode,
-    HandshakeOutcome,
     Hello,
     ServerHandshake,
     Session,
@@ -229,10 +230,7 @@ class Hub:
         self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
         self._tls: TLS | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        pinned = self.config.codecs or default_offer(self.codecs)
-        self._codec_names = tuple(n for n in pinned if n in self.codecs) + tuple(
-            n for n in self.codecs if n not in pinned
-        )
+        self._codec_names = server_codecs(self.config, self.codecs)
         self._own_store: SessionStore | None = None
         if store is not None and not isinstance(store, SessionStore):
             store = self._own_store = SessionStore(store)
@@ -628,23 +626,17 @@ class Hub:
         identity: PeerIdentity | None = None,
         refusal: tuple[CloseCode, str] | None = None,
     ) -> None:
-        outcome = handshake.receive_data(data)
-        if outcome is HandshakeOutcome.NEED_DATA:
-            challenge = handshake.data_to_send()  # a passphrase CHALLENGE after the HELLO
-            if not challenge:
-                return
-            if refusal is None:
-                conn.write(challenge)
-                return
-            # else the HELLO is in: refuse now (below), the client can read our CLOSE
+        verdict, out = handshake_step(handshake, data, refusal is not None, conn.peername, logger)
+        if verdict is Verdict.WAIT:
+            return
+        if verdict is Verdict.WRITE:
+            conn.write(out)
+            return
         conn.cancel_timer()
         conn.on_data = None
         self._handshake_over(conn)
         if refusal is not None:
-            # Refused before anything of the HELLO is acted on. We waited for it only so
-            # that the client reads our CLOSE (written earlier, it could be lost to the
-            # reset that its late HELLO would cause on a closed socket). Already reported.
-            code, reason = refusal
+            code, reason = refusal  # (already reported)
             if code == CloseCode.AUTH_FAILED:
                 self._refuse(conn, reason, can_read_close=handshake.saw_preface)
             else:
@@ -652,20 +644,17 @@ class Hub:
                     conn.write(encode_close(code, reason))
                 conn.close()
                 self._fail_result(conn, ConnectionClosedError(code, reason))
-        elif outcome is HandshakeOutcome.REJECTED and isinstance(handshake.error, AuthenticationError):
-            logger.warning("%s: refused: %s", conn.peername, handshake.error)
+        elif verdict is Verdict.AUTH_FAILED:
             self._refused(conn.peername, CloseCode.AUTH_FAILED, str(handshake.error), _fingerprint(identity))
             self._refuse(conn, str(handshake.error))
-        elif outcome is HandshakeOutcome.REJECTED:
-            logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
+        elif verdict is Verdict.REJECT:
             self._refused(
                 conn.peername, _rejection_code(handshake.error), str(handshake.error), _fingerprint(identity)
             )
-            conn.write(handshake.data_to_send())
+            conn.write(out)
             conn.close()
             self._fail_result(conn, handshake.error or KoriNetError("handshake rejected"))
-        elif outcome is HandshakeOutcome.LEGACY:
-            logger.info("%s: speaks the legacy v2 wire", conn.peername)
+        elif verdict is Verdict.LEGACY:
             legacy = LegacyPeer(conn, self.accept_plain)
             self._set_result(conn, legacy)
             legacy.receive_data(handshake.leftover)

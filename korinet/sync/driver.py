@@ -102,7 +102,7 @@ from ..plugins import PluginManager
 from ..session import CLOSED, OPEN, CloseCode, LinkOpened, MessagesAcked, Session
 from ..wire.frames import MessageFlags
 
-__all__ = ["BLOCKING_SLICE", "CLOSE_TIMEOUT", "SyncDriver"]
+__all__ = ["BLOCKING_SLICE", "CLOSE_TIMEOUT", "SyncDriver", "await_in_background"]
 
 logger = logging.getLogger(__name__)
 
@@ -384,12 +384,7 @@ class SyncDriver(EndpointStatus):
                 if self._followers:
                     self._cv.notify_all()
         finally:
-            self._leader = None
-            self._last_active = monotonic()
-            if self._followers:
-                self._cv.notify_all()
-            if self._deferred:
-                self._run_deferred_locked()
+            self._resign()
 
     def send_realtime(self, obj: Any, type: str = "") -> bool:
         """Send a realtime message now, or drop it: no link, or more than
@@ -687,12 +682,7 @@ class SyncDriver(EndpointStatus):
                 try:
                     self._lead(cond, deadline)
                 finally:
-                    self._leader = None
-                    self._last_active = time.monotonic()
-                    if self._followers:
-                        self._cv.notify_all()
-                    if self._deferred:
-                        self._run_deferred_locked()
+                    self._resign()
                 continue
             leader = self._leader
             if leader == threading.get_ident():
@@ -707,6 +697,15 @@ class SyncDriver(EndpointStatus):
                 self._followers -= 1
         if link is not None and self._link_no != link and not wanted():
             raise self._link_gone()
+
+    def _resign(self) -> None:
+        """(mutex held, leader) Let go of the reader role: a follower may take it."""
+        self._leader = None
+        self._last_active = time.monotonic()
+        if self._followers:
+            self._cv.notify_all()
+        if self._deferred:
+            self._run_deferred_locked()
 
     def _link_gone(self) -> ConnectionClosedError:
         return ConnectionClosedError(
@@ -979,6 +978,8 @@ class SyncDriver(EndpointStatus):
         self._sock = sock
         self._sock_fd = sock.fileno()
         self._link_no += 1
+        self._plain = not isinstance(sock, ssl_module.SSLSocket) and _MSG_DONTWAIT != 0
+        self._send_flags = self._recv_flags = _MSG_DONTWAIT if self._plain else 0
         self._outbuf.clear()
         self._broken = None
         self._link_opened = False
@@ -1071,7 +1072,7 @@ class SyncDriver(EndpointStatus):
 
     def call_hook(self, hook: Callable[..., list[Any]], *args: Any) -> None:
         """Plugin hooks run after the current step, without the mutex."""
-        self._deferred.append(lambda: _await_in_background(hook(*args)))
+        self._deferred.append(lambda: await_in_background(hook(*args)))
 
     def call_handler(self, handler: Callable[..., Any], msg: Message) -> Any:
         """(mutex held, leader) A handler runs without the mutex, holding the role."""
@@ -1181,7 +1182,7 @@ def _background(ref: weakref.ref[SyncDriver]) -> None:
         del client
 
 
-def _await_in_background(awaitables: list[Any]) -> None:
+def await_in_background(awaitables: list[Any]) -> None:
     """Awaitables returned by async plugin hooks run on the shared asyncio loop
     (korinet._loopthread), started only if a plugin needs it."""
     if not awaitables:
