@@ -277,7 +277,7 @@ class SyncDriver(EndpointStatus):
     # ------------------------------------------------------------------ sending
 
     def send(self, obj: Any, type: str = "", *, link: int | None = None) -> None:
-        """Send a message; return once the server's application has it.
+        """Send a message; return once the peer's application has it.
 
         Messages of a realtime type are sent best-effort instead (see
         :meth:`send_realtime`). Waits for window space first (backpressure).
@@ -285,8 +285,10 @@ class SyncDriver(EndpointStatus):
         Raises:
             KoriNetTimeout: no acknowledgement within ``timeout``; the message stays
                 queued and is delivered exactly once when the link returns.
-            MessageRejected: the server refused it (unknown type, invalid...).
+            MessageRejected: the peer refused it (unknown type, invalid...).
             SessionExpired: the server lost the session before acknowledging it.
+            ConnectionClosedError: with ``link``, that link is gone (or was already):
+                the message stays queued and is delivered when the session resumes.
             ConnectionClosed: the session ended.
         """
         if type:
@@ -302,8 +304,6 @@ class SyncDriver(EndpointStatus):
                 self._check_caller()
             if self.endpoint.ended is not None:
                 raise self.endpoint.ended
-            if link is not None and link != self._link_no:
-                raise self._link_gone()
             session = self.session
             try:
                 seq = session.send_message(obj, type)
