@@ -7,7 +7,8 @@
 - heartbeats are answered while the server application is busy elsewhere;
 - a resume on a new socket takes the session from the old server object, whose
   blocked recv() raises ConnectionClosedError;
-- a session whose client never comes back is expired and taken off the table.
+- a session whose client never comes back is expired and taken off the table;
+- over TLS, a session resumes with its client's key, and only with it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import pytest
 from relay import Relay
 from testutil import TIMEOUT_FACTOR, wait_until
 
-from korinet import ConnectionClosedError, KoriNetError, client, server
+from korinet import AuthenticationError, ConnectionClosedError, KoriNetError, client, server
+from korinet.security import AuthorizedKeys, ClientTLS, Identity, ServerTLS, client_context
 from korinet.session import CloseCode, SessionConfig
-from korinet.session.handshake import decode_control, encode_control
+from korinet.session.handshake import decode_close, decode_control, encode_control
 from korinet.sync.server import SessionTable, SyncServerSession
 from korinet.wire.buffer import FrameDecoder
 from korinet.wire.frames import PREFACE, FrameType
@@ -315,3 +317,94 @@ def test_a_session_whose_client_never_returns_is_reaped(table: Any) -> None:
     assert handle.endpoint.ended.code == CloseCode.SESSION_UNKNOWN
     assert got == ["bye"]
     listener.close()
+
+
+def test_tls_sessions_resume_and_stay_bound_to_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KORINET_HOME", str(tmp_path / "home"))
+    server_key, alice, bob = Identity.generate(), Identity.generate(), Identity.generate()
+    keys = AuthorizedKeys(tmp_path / "authorized_keys")
+    keys.authorize(alice.fingerprint, "alice")
+    keys.authorize(bob.fingerprint, "bob")
+    tls = ServerTLS(server_key, authorized=keys)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    got: list[tuple[Any, str]] = []
+    refusals: list[KoriNetError] = []
+    stop = threading.Event()
+
+    def readme_server() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                srv = server(conn, tls=tls)
+                while True:
+                    got.append((srv.recv(timeout=T), srv.peer.identity.name))
+                    srv.send(got[-1][0])
+            except KoriNetError:
+                pass
+
+    def thief_server(second: socket.socket) -> None:
+        try:
+            server(second.accept()[0], tls=tls)
+        except AuthenticationError as exc:
+            refusals.append(exc)
+
+    thread = threading.Thread(target=readme_server, daemon=True)
+    thread.start()
+    try:
+        with Relay(listener.getsockname()) as relay:
+            pinned = ClientTLS(alice, fingerprint=server_key.fingerprint)
+            cli = client("127.0.0.1", relay.port, timeout=T, tls=pinned)
+            for n in range(20):
+                cli.send(n)
+                if n in (5, 12):
+                    relay.cut()
+                assert cli.recv(timeout=T) == n
+            assert cli.runtime.session.stats.resumes >= 2
+            # Bob is authorized, and holds alice's session id and token: not enough.
+            session = cli.runtime.session
+            assert session.session_id is not None and session.token is not None and session.codec is not None
+            # (another accept loop, the same ServerTLS: the same session table)
+            second = socket.create_server(("127.0.0.1", 0))
+            thief_thread = threading.Thread(target=lambda: thief_server(second), daemon=True)
+            thief_thread.start()
+            raw = client_context(bob).wrap_socket(socket.create_connection(second.getsockname()))
+            fields = {
+                "versions": [3],
+                "codecs": [session.codec.name],
+                "heartbeat": 5.0,
+                "window": 64,
+                "window_bytes": 1 << 20,
+                "max_frame": 1 << 20,
+                "resume": {"id": session.session_id, "token": session.token, "received": 0},
+                "agent": "thief",
+            }
+            raw.sendall(PREFACE + encode_control(FrameType.HELLO, fields))
+            raw.settimeout(T)
+            decoder = FrameDecoder(1 << 20)
+            while data := raw.recv(65536):
+                decoder.feed(data)
+            raw.close()
+            thief_thread.join(T)
+            second.close()
+            ((ftype, body),) = list(decoder.frames())
+            assert ftype == FrameType.CLOSE
+            code, reason, _ = decode_close(body)
+            assert code == CloseCode.AUTH_FAILED and "another identity" in reason
+            # alice's session was not touched
+            cli.send("still mine")
+            assert cli.recv(timeout=T) == "still mine"
+            assert cli.runtime.links_opened == cli.runtime.session.stats.links
+            cli.close()
+    finally:
+        stop.set()
+        thread.join(T)
+        listener.close()
+    assert [data for data, _ in got] == [*range(20), "still mine"]
+    assert {name for _, name in got} == {"alice"}
+    assert len(refusals) == 1 and "another identity" in str(refusals[0])
