@@ -21,8 +21,9 @@ from ..endpoint import Endpoint
 from ..exceptions import AuthenticationError, KoriNetError, KoriNetTimeout
 from ..plugins import PluginManager, default_manager
 from ..reconnect import Reconnect, Reconnecting, fatal_error
+from ..security.tlsbio import TLS, TLSEngine
 from ..session import CLIENT, LinkOpened, Session, SessionConfig
-from .driver import SyncDriver
+from .driver import SyncDriver, tls_handshake
 
 if TYPE_CHECKING:
     from ..security import ClientTLS
@@ -96,7 +97,7 @@ class SyncClient(SyncDriver, Reconnecting):
         self.connect_timeout = connect_timeout
         self.reconnect = Reconnect(f"{host}:{port}", cap=backoff_cap, outage_limit=outage_limit)
         self._retry_at = 0.0
-        self._init_driver(tls=ssl is not None)
+        self._init_driver()
 
         deadline = None if open_timeout is None else time.monotonic() + open_timeout
         try:
@@ -136,17 +137,14 @@ class SyncClient(SyncDriver, Reconnecting):
         if deadline is not None and self._leader != self._bg_ident:  # (the caller's deadline)
             limit = min(limit, deadline - now)
         sock: socket.socket | None = None
+        engine: TLSEngine | None = None
+        early = b""
         error: BaseException | None = None
         self._mutex.release()
         try:
-            sock = self._open_socket(max(limit, 0.001))
-            if self.tls is not None:
-                self._verify_server(sock)
+            sock, engine, early = self._open_socket(max(limit, 0.001))
         except (OSError, TimeoutError, AuthenticationError) as exc:  # ssl.SSLError is an OSError
             error = exc
-            if sock is not None:
-                sock.close()
-                sock = None
         finally:
             self._mutex.acquire()
         if sock is None:
@@ -168,29 +166,31 @@ class SyncClient(SyncDriver, Reconnecting):
             sock.close()
             self.last_error = exc
             return
-        self._install_socket(sock)
+        self._install_socket(sock, engine)
         self._flush()  # the preface and HELLO
+        if early:  # (a server speaks after our HELLO; the session judges what came before)
+            self.session.receive_data(early, time.monotonic())
+            self._after_input()
 
-    def _open_socket(self, timeout: float) -> socket.socket:
-        """Connect (TCP_NODELAY, TLS if configured); blocking, bounded by ``timeout``."""
+    def _open_socket(self, timeout: float) -> tuple[socket.socket, TLSEngine | None, bytes]:
+        """Connect (TCP_NODELAY; TLS, and the server's key checked against the pin,
+        before anything is sent, which sets :attr:`identity`); blocking, bounded by
+        ``timeout``. Returns the socket, its TLS state, and any plaintext already in."""
+        deadline = time.monotonic() + timeout
         sock = socket.create_connection((self.host, self.port), timeout=timeout)
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            engine, early = None, b""
             if self.ssl is not None:
-                sock = self.ssl.wrap_socket(sock, server_hostname=self.server_hostname or self.host)
-            # see _plain: blocking (each write says MSG_DONTWAIT), or non-blocking
-            sock.setblocking(self._plain)
+                tls = TLS(self.ssl, server_side=False, server_hostname=self.server_hostname or self.host)
+                engine, early = tls_handshake(sock, tls, deadline)
+                if self.tls is not None:
+                    self.identity = self.tls.check_server(self.host, self.port, engine.peer_certificate())
         except BaseException:
             sock.close()
             raise
-        return sock
-
-    def _verify_server(self, sock: socket.socket) -> None:
-        """Check the server's key against the pin before anything is sent; sets
-        :attr:`identity`."""
-        assert self.tls is not None and isinstance(sock, ssl_module.SSLSocket)
-        self.identity = self.tls.check_server(self.host, self.port, sock.getpeercert(binary_form=True))
+        return sock, engine, early
 
     def _schedule_retry(self, *, opened: bool) -> None:
         """(mutex held) After a failed attempt or a lost link: when to dial next."""

@@ -99,10 +99,11 @@ from ..exceptions import (
 )
 from ..messages import REALTIME, Message
 from ..plugins import PluginManager
+from ..security.tlsbio import RECORD, TLS, TLSEngine
 from ..session import CLOSED, OPEN, CloseCode, LinkOpened, MessagesAcked, Session
 from ..wire.frames import MessageFlags
 
-__all__ = ["BLOCKING_SLICE", "CLOSE_TIMEOUT", "SyncDriver", "await_in_background"]
+__all__ = ["BLOCKING_SLICE", "CLOSE_TIMEOUT", "SyncDriver", "await_in_background", "tls_handshake"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ _POLLERR = select.POLLERR if hasattr(select, "POLLERR") else 8
 _POLLHUP = select.POLLHUP if hasattr(select, "POLLHUP") else 16
 _READABLE = _POLLIN | _POLLERR | _POLLHUP
 #: Exceptions of a non-blocking socket that mean "not now", not "broken".
-_NOT_NOW = (BlockingIOError, InterruptedError, ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError)
+_NOT_NOW = (BlockingIOError, InterruptedError)
 #: Per-call non-blocking I/O on a blocking socket (Linux, BSD, macOS); 0 elsewhere.
 _MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 _TIMEVAL = struct.Struct("@ll")
@@ -221,7 +222,7 @@ class SyncDriver(EndpointStatus):
     endpoint: Endpoint
     timeout: float | None
 
-    def _init_driver(self, *, tls: bool) -> None:
+    def _init_driver(self) -> None:
         heartbeat = self.session.config.heartbeat_interval
         #: idle time after which the background thread reads (see the module docstring)
         self.idle_handover = min(IDLE_HANDOVER, heartbeat / 10)
@@ -246,11 +247,12 @@ class SyncDriver(EndpointStatus):
         self._pollers: list[Any] = []  # [application's, background's]
         self._poll_masks = [0, 0]
         self._outbuf = bytearray()
-        # plain TCP with MSG_DONTWAIT: a blocking socket, written without blocking, read
-        # in blocking recv() by application threads; else a non-blocking socket + poll()
-        self._plain = not tls and _MSG_DONTWAIT != 0
-        self._send_flags = _MSG_DONTWAIT if self._plain else 0
-        self._recv_flags = _MSG_DONTWAIT if self._plain else 0
+        # With MSG_DONTWAIT: a blocking socket, written without blocking, read in blocking
+        # recv() by application threads; else (elsewhere) a non-blocking socket + poll()
+        self._plain = _MSG_DONTWAIT != 0
+        self._send_flags = self._recv_flags = _MSG_DONTWAIT
+        #: the TLS state of the link (None: plaintext); its bytes go through the socket
+        self._tls_engine: TLSEngine | None = None
         self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO, in seconds (0: none set)
         self._rbuf = bytearray(READ_SIZE)
         self._rview = memoryview(self._rbuf)
@@ -377,7 +379,10 @@ class SyncDriver(EndpointStatus):
                     if size == 0 and self._sock is sock:
                         self._link_lost(None)
                     return
-                session.receive_data(bytes(rview[:size]), monotonic())
+                if self._tls_engine is None:
+                    session.receive_data(bytes(rview[:size]), monotonic())
+                else:
+                    self._decrypt(rview[:size])
                 self._after_input()
                 if self._sock is not sock:  # the link was dropped
                     return
@@ -552,7 +557,7 @@ class SyncDriver(EndpointStatus):
                     )
                     if linked:
                         echo = min(timeout, CLOSE_ECHO_TIMEOUT)
-                        if self._plain and self._sock is not None and not self._outbuf:
+                        if self._tls_engine is None and self._sock is not None and not self._outbuf:
                             try:  # nothing more from us: the server sees EOF after the CLOSE
                                 self._sock.shutdown(socket.SHUT_WR)
                             except OSError:
@@ -800,9 +805,10 @@ class SyncDriver(EndpointStatus):
             if size > 0:
                 if self._sock is not sock:  # close() took the link meanwhile
                     continue
-                session.receive_data(bytes(rview[:size]), monotonic())
-                if not self._plain:
-                    self._read_tls_pending(sock)
+                if self._tls_engine is None:
+                    session.receive_data(bytes(rview[:size]), monotonic())
+                else:
+                    self._decrypt(rview[:size])
                 self._after_input()
                 if self._followers:
                     self._cv.notify_all()
@@ -862,20 +868,26 @@ class SyncDriver(EndpointStatus):
             self._poll_masks[which] = mask
         return poller
 
-    def _read_tls_pending(self, sock: socket.socket) -> None:
-        """(mutex held, leader) TLS may hold decrypted bytes that poll() cannot see."""
-        while self._sock is sock and isinstance(sock, ssl_module.SSLSocket) and sock.pending():
-            try:
-                size = sock.recv_into(self._rbuf)
-            except _NOT_NOW:
-                return
-            except OSError as exc:
-                self._broken = exc  # the leader drops the link after this batch
-                return
-            if not size:
-                self._broken = ConnectionClosedError(CloseCode.LINK_LOST, "connection lost")
-                return
-            self.session.receive_data(bytes(self._rview[:size]), time.monotonic())
+    def _decrypt(self, data: memoryview) -> None:
+        """(mutex held, leader, TLS) Ciphertext read from the link: its plaintext to the
+        session; a TLS error or the peer's close_notify breaks the link."""
+        engine = self._tls_engine
+        assert engine is not None
+        now = time.monotonic()
+        receive_data = self.session.receive_data
+
+        def deliver(plain: memoryview) -> bool:
+            receive_data(plain.tobytes(), now)
+            return True
+
+        try:
+            if engine.receive(data, deliver):
+                self._broken = ConnectionClosedError(CloseCode.LINK_LOST, "the peer closed the TLS link")
+        except ssl_module.SSLError as exc:
+            self._broken = exc  # (after its alert, below)
+        out = engine.data_to_send()  # an alert, a KeyUpdate's answer
+        if out:
+            self._write_raw(out)
 
     def _after_input(self) -> None:
         """(mutex held, leader) Act on the session's events, write, drop the link if due."""
@@ -928,9 +940,22 @@ class SyncDriver(EndpointStatus):
             self._ack_due = time.monotonic() + LAZY_ACK_DELAY
 
     def _write(self, data: bytes) -> None:
+        if self._sock is None:
+            return  # no link: the session replays what matters on the next one
+        engine = self._tls_engine
+        if engine is not None:
+            try:
+                data = engine.encrypt(data)
+            except ssl_module.SSLError as exc:
+                self._broken = exc
+                self._wake()
+                return
+        self._write_raw(data)
+
+    def _write_raw(self, data: bytes) -> None:
         sock = self._sock
         if sock is None:
-            return  # no link: the session replays what matters on the next one
+            return
         if self._outbuf:
             self._outbuf += data
             self._flush_outbuf()
@@ -972,14 +997,16 @@ class SyncDriver(EndpointStatus):
         """(mutex held, leader) The link is gone (``exc``: why, None for EOF; ``opened``:
         it had completed its handshake) and the session lives on, unless it ended."""
 
-    def _install_socket(self, sock: socket.socket) -> None:
-        """(mutex held, leader, no link) Carry the session over ``sock`` from now on; the
-        caller has started the session's side of the link (connection_made, accept...)."""
+    def _install_socket(self, sock: socket.socket, tls: TLSEngine | None = None) -> None:
+        """(mutex held, leader, no link) Carry the session over ``sock`` (with ``tls``, its
+        TLS state, handshake done: see :func:`tls_handshake`) from now on; the caller
+        has started the session's side of the link (connection_made, accept...)."""
+        # see _plain: blocking (each write says MSG_DONTWAIT), or non-blocking
+        sock.setblocking(self._plain)
         self._sock = sock
         self._sock_fd = sock.fileno()
         self._link_no += 1
-        self._plain = not isinstance(sock, ssl_module.SSLSocket) and _MSG_DONTWAIT != 0
-        self._send_flags = self._recv_flags = _MSG_DONTWAIT if self._plain else 0
+        self._tls_engine = tls
         self._outbuf.clear()
         self._broken = None
         self._link_opened = False
@@ -1033,6 +1060,9 @@ class SyncDriver(EndpointStatus):
         self._pollers = []
         self._poll_masks = [0, 0]
         self._broken = None
+        engine, self._tls_engine = self._tls_engine, None
+        if engine is not None:
+            self._outbuf += engine.close_notify()
         if self._outbuf:
             try:  # best effort: a CLOSE frame may be in there
                 sock.send(self._outbuf, self._send_flags)
@@ -1160,6 +1190,46 @@ class SyncDriver(EndpointStatus):
                     wait = min(wait, max(self._ack_due - now, 0.001))
         self._stopping.wait(wait)
         return True
+
+
+def tls_handshake(sock: socket.socket, tls: TLS, deadline: float) -> tuple[TLSEngine, bytes]:
+    """Run the TLS handshake on a connected blocking socket, before anything else is
+    sent, by ``deadline`` (time.monotonic()). Returns the link's TLS state and the
+    plaintext that came with the handshake's last flight (a client's first bytes).
+
+    Raises:
+        ssl.SSLError: the handshake failed (our alert was sent).
+        TimeoutError: not done by ``deadline``.
+        ConnectionResetError: the peer closed the connection first.
+    """
+    engine = TLSEngine(tls)
+    early = b""
+    try:
+        engine.handshake()
+        while True:
+            out = engine.data_to_send()
+            if out:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.sendall(out)
+            if engine.ready:
+                return engine, early
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the TLS handshake did not complete in time")
+            sock.settimeout(remaining)
+            data = sock.recv(2 * RECORD)
+            if not data:
+                raise ConnectionResetError("the connection closed during the TLS handshake")
+            plain, ended = engine.decrypt(memoryview(data))
+            early += plain
+            if ended:
+                raise ConnectionResetError("the peer closed TLS during its handshake")
+    except ssl_module.SSLError:
+        try:  # the alert that tells the peer why
+            sock.sendall(engine.data_to_send())
+        except OSError:
+            pass
+        raise
 
 
 def _background(ref: weakref.ref[SyncDriver]) -> None:

@@ -30,6 +30,7 @@ from ..endpoint import Endpoint
 from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
 from ..plugins import PluginManager, default_manager
 from ..security.passphrase import PassphraseVerifier
+from ..security.tlsbio import TLS, TLSEngine
 from ..serving import (
     AuthFailures,
     Verdict,
@@ -42,7 +43,7 @@ from ..serving import (
 )
 from ..session import SERVER, CloseCode, Hello, ServerHandshake, Session, SessionConfig
 from ..session.handshake import encode_close
-from .driver import SyncDriver, await_in_background
+from .driver import SyncDriver, await_in_background, tls_handshake
 from .legacy import SyncLegacyPeer
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 TLS_HANDSHAKE_RECORD: Final = b"\x16"
 #: Bytes read per call during the handshake.
 HANDSHAKE_READ: Final = 64 * 1024
+#: Longest a write of the handshake may block (a CHALLENGE, a CLOSE: a few bytes).
+HANDSHAKE_WRITE: Final = 1.0
 
 
 class SyncServerSession(SyncDriver):
@@ -79,17 +82,19 @@ class SyncServerSession(SyncDriver):
         self.detached_at: float | None = None
         #: how many server(conn) calls took this session (the last one owns it)
         self.adoptions = 0
-        self._init_driver(tls=False)  # (each link says whether it is TLS)
+        self._init_driver()
 
     def __repr__(self) -> str:
         return f"<SyncServerSession {self.peername} {self.session.session_id} {self.session.state.name}>"
 
-    def open(self, sock: socket.socket, hello: Hello, leftover: bytes, expired: str | None) -> int:
+    def open(
+        self, sock: socket.socket, tls: TLSEngine | None, hello: Hello, leftover: bytes, expired: str | None
+    ) -> int:
         """Start the session on ``sock`` from its client's HELLO; returns the link."""
         with self._mutex:
             self._leader = threading.get_ident()
             try:
-                self._install_socket(sock)
+                self._install_socket(sock, tls)
                 now = time.monotonic()
                 self.session.accept(hello, now, b"", expired=expired)
                 self.adoptions += 1
@@ -104,7 +109,13 @@ class SyncServerSession(SyncDriver):
         return link
 
     def resume_on(
-        self, sock: socket.socket, hello: Hello, leftover: bytes, identity: PeerIdentity | None, peername: str
+        self,
+        sock: socket.socket,
+        tls: TLSEngine | None,
+        hello: Hello,
+        leftover: bytes,
+        identity: PeerIdentity | None,
+        peername: str,
     ) -> int | None:
         """Continue the session on ``sock`` (the token is checked); returns the link,
         or None if the session ended meanwhile or its old link could not be taken."""
@@ -121,7 +132,7 @@ class SyncServerSession(SyncDriver):
                 self.identity = identity  # the same key, with the roles the file gives now
                 self.peername = peername
                 self.detached_at = None
-                self._install_socket(sock)
+                self._install_socket(sock, tls)
                 self.session.resume(hello, time.monotonic(), leftover)
                 self.adoptions += 1
                 link = self._link_no
@@ -262,30 +273,29 @@ class SessionTable:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # small frames must not wait for the peer's delayed ACK
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = _HandshakeLink(sock)
             if ssl is not None:
-                sock = ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            return self._handshake(sock, ssl is not None, deadline, peername, address)
+                try:
+                    link.engine, link.early = tls_handshake(sock, TLS(ssl, server_side=True), deadline)
+                except TimeoutError:
+                    self._refused(peername, CloseCode.HANDSHAKE_TIMEOUT, "no TLS handshake in time")
+                    raise ConnectionAbortedError(
+                        f"TLS handshake not done within {self.config.handshake_timeout:g}s: aborted"
+                    ) from None
+            return self._handshake(link, deadline, peername, address)
         except BaseException:
             sock.close()
             raise
 
     def _handshake(
-        self, sock: socket.socket, tls: bool, deadline: float, peername: str, address: str
+        self, link: _HandshakeLink, deadline: float, peername: str, address: str
     ) -> tuple[SyncServerSession | SyncLegacyPeer, int | None]:
         identity: PeerIdentity | None = None
         refusal: tuple[CloseCode, str] | None = None
-        if isinstance(sock, ssl_module.SSLSocket):
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                sock.do_handshake()
-            except TimeoutError:
-                self._refused(peername, CloseCode.HANDSHAKE_TIMEOUT, "no TLS handshake in time")
-                raise ConnectionAbortedError(
-                    f"TLS handshake not done within {self.config.handshake_timeout:g}s: aborted"
-                ) from None
+        if link.engine is not None:
             if self.authorized is not None:
                 identity, reason, fingerprint = authenticate(
-                    self.authorized, sock.getpeercert(binary_form=True), peername, logger
+                    self.authorized, link.engine.peer_certificate(), peername, logger
                 )
                 if reason is not None:
                     self._refused(peername, CloseCode.AUTH_FAILED, reason, fingerprint)
@@ -298,7 +308,7 @@ class SessionTable:
         )
         first = True
         while True:
-            data = _read(sock, deadline)
+            data = link.read(deadline)
             if data is None:
                 logger.warning(
                     "%s: no handshake within %.1fs, closing", peername, self.config.handshake_timeout
@@ -309,70 +319,70 @@ class SessionTable:
                     )
                 if handshake.saw_preface:
                     # Only a v3 peer can read a CLOSE; a quiet v2 client would take it for an ack.
-                    _send_quietly(sock, encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
+                    link.send_quietly(encode_close(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout"))
                 raise ConnectionClosedError(CloseCode.HANDSHAKE_TIMEOUT, "handshake timeout")
             if not data:
                 raise ConnectionClosedError(CloseCode.LINK_LOST, "connection lost during the handshake")
-            if first and not tls and data[:1] == TLS_HANDSHAKE_RECORD:
+            if first and link.engine is None and data[:1] == TLS_HANDSHAKE_RECORD:
                 reason = "this server speaks plaintext, not TLS"
                 logger.warning("%s: refused: a TLS client at a plaintext server", peername)
                 self._refused(
                     peername, CloseCode.PROTOCOL_ERROR, f"a TLS client at a plaintext server ({reason})"
                 )
-                _send_quietly(sock, encode_close(CloseCode.PROTOCOL_ERROR, reason))
+                link.send_quietly(encode_close(CloseCode.PROTOCOL_ERROR, reason))
                 raise ConnectionClosedError(CloseCode.PROTOCOL_ERROR, reason)
             first = False
             verdict, out = handshake_step(handshake, data, refusal is not None, peername, logger)
             if verdict is Verdict.WRITE:
-                sock.sendall(out)
+                link.send(out)
             elif verdict is not Verdict.WAIT:
                 break
         if refusal is not None:
             code, reason = refusal  # (already reported)
             if code == CloseCode.AUTH_FAILED:
-                self._refuse(sock, peername, address, reason, can_read_close=handshake.saw_preface)
+                self._refuse(link, peername, address, reason, can_read_close=handshake.saw_preface)
             if handshake.saw_preface:
-                _send_quietly(sock, encode_close(code, reason))
+                link.send_quietly(encode_close(code, reason))
             raise ConnectionClosedError(code, reason)
         if verdict is Verdict.AUTH_FAILED:
             self._refused(peername, CloseCode.AUTH_FAILED, str(handshake.error), fingerprint_of(identity))
-            self._refuse(sock, peername, address, str(handshake.error))
+            self._refuse(link, peername, address, str(handshake.error))
         if verdict is Verdict.REJECT:
             error = handshake.error or KoriNetError("handshake rejected")
             self._refused(peername, rejection_code(handshake.error), str(error), fingerprint_of(identity))
-            _send_quietly(sock, out)
+            link.send_quietly(out)
             raise error
         if verdict is Verdict.LEGACY:
-            sock.settimeout(None)
-            return SyncLegacyPeer(sock, peername, handshake.leftover, self.accept_plain), None
+            if link.engine is not None:  # (the original 0.0.1 had no TLS)
+                raise ConnectionClosedError(CloseCode.PROTOCOL_ERROR, "not a KoriNet peer (v2 over TLS)")
+            link.sock.settimeout(None)
+            return SyncLegacyPeer(link.sock, peername, handshake.leftover, self.accept_plain), None
         assert handshake.hello is not None
         if self._passphrase is not None:
             with self._lock:
                 self._auth_failures.succeeded(address)
-        return self._hello(sock, handshake.hello, handshake.leftover, identity, peername, address)
+        return self._hello(link, handshake.hello, handshake.leftover, identity, peername, address)
 
     def _hello(
         self,
-        sock: socket.socket,
+        link: _HandshakeLink,
         hello: Hello,
         leftover: bytes,
         identity: PeerIdentity | None,
         peername: str,
         address: str,
     ) -> tuple[SyncServerSession, int]:
-        # a blocking socket, written without blocking (MSG_DONTWAIT), or a non-blocking TLS one
-        sock.settimeout(None)
-        sock.setblocking(not isinstance(sock, ssl_module.SSLSocket))
+        sock, engine = link.sock, link.engine
         with self._lock:
             handle, expired, refusal = find_resumable(self.sessions, hello, identity, peername, logger)
         if refusal is not None:
             self._refused(peername, CloseCode.AUTH_FAILED, refusal, fingerprint_of(identity))
-            self._refuse(sock, peername, address, refusal)
+            self._refuse(link, peername, address, refusal)
             raise ConnectionClosedError(CloseCode.AUTH_FAILED, refusal)
         if handle is not None:
-            link = handle.resume_on(sock, hello, leftover, identity, peername)
-            if link is not None:
-                return handle, link
+            resumed = handle.resume_on(sock, engine, hello, leftover, identity, peername)
+            if resumed is not None:
+                return handle, resumed
             expired = hello.resume["id"] if hello.resume else None  # it ended meanwhile
         handle = SyncServerSession(self, peername, identity)
         with self._lock:
@@ -380,15 +390,15 @@ class SessionTable:
         if full:
             logger.warning("refusing a new session from %s: %d sessions", peername, len(self.sessions))
             self._refused(peername, CloseCode.TRY_AGAIN_LATER, "too many sessions", fingerprint_of(identity))
-            _send_quietly(sock, encode_close(CloseCode.TRY_AGAIN_LATER, "too many sessions"))
+            link.send_quietly(encode_close(CloseCode.TRY_AGAIN_LATER, "too many sessions"))
             raise ConnectionClosedError(CloseCode.TRY_AGAIN_LATER, "too many sessions")
-        link = handle.open(sock, hello, leftover, expired)
+        opened = handle.open(sock, engine, hello, leftover, expired)
         sid = handle.session_id
         assert sid is not None
         with self._lock:
             if handle.endpoint.ended is None:
                 self.sessions[sid] = handle
-        return handle, link
+        return handle, opened
 
     def _refused(self, peername: str, code: CloseCode, reason: str, fingerprint: str | None = None) -> None:
         """Tell the plugins that the connection from ``peername`` is refused (hook
@@ -396,7 +406,7 @@ class SessionTable:
         await_in_background(self.plugins.session_refused(self, peername, fingerprint, reason, code))
 
     def _refuse(
-        self, sock: socket.socket, peername: str, address: str, reason: str, *, can_read_close: bool = True
+        self, link: _HandshakeLink, peername: str, address: str, reason: str, *, can_read_close: bool = True
     ) -> None:
         """Refuse an authentication after the failed-authentication delay (it blocks
         this ``server(conn)`` call: an accept loop serves nobody else meanwhile, as
@@ -406,26 +416,53 @@ class SessionTable:
         if delay:
             time.sleep(delay)
         if can_read_close:
-            _send_quietly(sock, encode_close(CloseCode.AUTH_FAILED, reason))
+            link.send_quietly(encode_close(CloseCode.AUTH_FAILED, reason))
         raise AuthenticationError(reason)
 
 
-def _read(sock: socket.socket, deadline: float) -> bytes | None:
-    """Bytes from ``sock`` before ``deadline`` (b"": EOF), or None when it passed."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        return None
-    sock.settimeout(remaining)
-    try:
-        return sock.recv(HANDSHAKE_READ)
-    except TimeoutError:
-        return None
+class _HandshakeLink:
+    """An accepted socket during the server handshake, blocking, through its TLS
+    state if it has one (then ``early`` holds the plaintext that came with the TLS
+    handshake)."""
 
+    __slots__ = ("early", "engine", "sock")
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    """Write a last word (a CLOSE frame) before the socket is closed: best effort."""
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(data)
-    except OSError:
-        pass
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.engine: TLSEngine | None = None
+        self.early = b""
+
+    def read(self, deadline: float) -> bytes | None:
+        """Plaintext before ``deadline`` (b"": the peer closed), or None when it passed."""
+        if self.early:
+            data, self.early = self.early, b""
+            return data
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(HANDSHAKE_READ)
+            except TimeoutError:
+                return None
+            engine = self.engine
+            if engine is None or not data:
+                return data
+            plain, ended = engine.decrypt(memoryview(data))
+            out = engine.data_to_send()
+            if out:
+                self.sock.sendall(out)
+            if plain or ended:
+                return plain
+
+    def send(self, data: bytes) -> None:
+        self.sock.settimeout(HANDSHAKE_WRITE)
+        self.sock.sendall(data if self.engine is None else self.engine.encrypt(data))
+
+    def send_quietly(self, data: bytes) -> None:
+        """Write a last word (a CLOSE frame) before the socket is closed: best effort."""
+        try:
+            self.send(data)
+        except OSError:  # (ssl.SSLError is one)
+            pass

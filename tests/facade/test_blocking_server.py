@@ -408,3 +408,40 @@ def test_tls_sessions_resume_and_stay_bound_to_their_key(
     assert [data for data, _ in got] == [*range(20), "still mine"]
     assert {name for _, name in got} == {"alice"}
     assert len(refusals) == 1 and "another identity" in str(refusals[0])
+
+
+def test_tls_runs_over_memory_bios_with_messages_larger_than_its_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The blocking driver decrypts through TLSEngine (security/tlsbio.py), a TLS record
+    # at a time into a 256 KiB shared buffer: messages around and beyond those sizes
+    # come through whole, both ways, on a plain socket (no ssl.SSLSocket and its buffer).
+    monkeypatch.setenv("KORINET_HOME", str(tmp_path / "home"))
+    server_key = Identity.generate()
+    tls = ServerTLS(server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    sizes = [1, 16 * 1024 - 40, 16 * 1024 + 1, 100_000, 256 * 1024 + 7, 600_000]
+    echoed: list[int] = []
+    links: list[Any] = []
+
+    def app() -> None:
+        srv = server(listener.accept()[0], tls=tls)
+        links.append(srv.peer._sock)
+        for _ in sizes:
+            data = srv.recv(timeout=T)
+            echoed.append(len(data))
+            srv.send(data)
+
+    thread = threading.Thread(target=app, daemon=True)
+    thread.start()
+    pinned = ClientTLS(fingerprint=server_key.fingerprint)
+    cli = client("127.0.0.1", listener.getsockname()[1], timeout=T, tls=pinned)
+    for i, size in enumerate(sizes):
+        payload = bytes((i + k) % 251 for k in range(size))
+        cli.send(payload)
+        assert cli.recv(timeout=T) == payload
+    thread.join(T)
+    assert echoed == sizes
+    assert type(links[0]) is socket.socket and type(cli.runtime._sock) is socket.socket
+    cli.close()
+    listener.close()
