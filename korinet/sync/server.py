@@ -384,7 +384,6 @@ class SessionTable:
             if resumed is not None:
                 return handle, resumed
             expired = hello.resume["id"] if hello.resume else None  # it ended meanwhile
-        handle = SyncServerSession(self, peername, identity)
         with self._lock:
             full = len(self.sessions) >= self.max_sessions
         if full:
@@ -392,6 +391,7 @@ class SessionTable:
             self._refused(peername, CloseCode.TRY_AGAIN_LATER, "too many sessions", fingerprint_of(identity))
             link.send_quietly(encode_close(CloseCode.TRY_AGAIN_LATER, "too many sessions"))
             raise ConnectionClosedError(CloseCode.TRY_AGAIN_LATER, "too many sessions")
+        handle = SyncServerSession(self, peername, identity)
         opened = handle.open(sock, engine, hello, leftover, expired)
         sid = handle.session_id
         assert sid is not None
