@@ -1,4 +1,9 @@
-"""The original blocking server API: ``server(conn)`` on a socket you accepted.
+"""The original blocking API: ``server(conn)`` on a socket you accepted.
+
+It runs in the caller's thread, with no event loop on its path: the handshake, and
+then every ``recv()`` and ``send()``, read and write the socket in the calling thread
+(:mod:`korinet.sync.server`), and a background thread answers heartbeats while the
+application is busy elsewhere.
 
 Every ``server(conn)`` in a process shares one session table, so when a client
 comes back on a new socket, the next ``server(conn)`` continues its session: what
@@ -16,48 +21,57 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl as ssl_module
+import threading
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._loopthread import run
 from .client import with_id
 from .exceptions import ConnectionClosedError
-from .runtime.legacy import LegacyPeer
-from .runtime.server import AnyPeer, Hub, ServerPeer
 from .session import CloseCode
+from .sync.legacy import SyncLegacyPeer
+from .sync.server import SessionTable, SyncServerSession
 
 if TYPE_CHECKING:
+    from .runtime.server import AnyPeer, Hub
     from .security import ServerTLS
 
 __all__ = ["default_hub", "server"]
 
 T = TypeVar("T")
 
-#: one hub (session table) per (id of the ServerTLS, passphrase); the ServerTLS is
-#: kept in the value so that its id stays its own
-_hubs: dict[tuple[int, str | None], tuple[ServerTLS | None, Hub]] = {}
+#: one session table per (id of the ServerTLS, passphrase); the ServerTLS is kept in
+#: the value so that its id stays its own
+_tables: dict[tuple[int, str | None], tuple[ServerTLS | None, SessionTable]] = {}
+_tables_lock = threading.Lock()
 
 
-async def _get_hub(tls: ServerTLS | None = None, passphrase: str | None = None) -> Hub:
+def _table(tls: ServerTLS | None = None, passphrase: str | None = None) -> SessionTable:
     key = (id(tls), passphrase)
-    if key not in _hubs:
-        authorized = tls.authorized if tls is not None else None
-        _hubs[key] = (tls, Hub(authorized=authorized, passphrase=passphrase))
-    return _hubs[key][1]
+    with _tables_lock:
+        if key not in _tables:
+            authorized = tls.authorized if tls is not None else None
+            _tables[key] = (tls, SessionTable(authorized=authorized, passphrase=passphrase))
+        return _tables[key][1]
 
 
-def default_hub() -> Hub:
-    """The session table shared by every plaintext ``server(conn)`` of this process."""
-    return run(_get_hub())
+def default_hub() -> SessionTable:
+    """The session table shared by every plaintext ``server(conn)`` of this process.
+
+    It is a blocking :class:`~korinet.sync.server.SessionTable` (its ``sessions``
+    maps session ids to sessions), no longer an asyncio Hub: give ``server(conn,
+    hub=...)`` a :class:`~korinet.runtime.Hub` of your own to serve on asyncio.
+    """
+    return _table()
 
 
 class server:  # noqa: N801 - the original API's name
-    """Serve one client connection (blocking).
+    """Serve one client connection (blocking, in the caller's thread).
 
     ``recv()`` and ``send()`` raise :class:`~korinet.ConnectionClosedError` when this
     connection drops; the session waits (its TTL) for the client to reconnect, and
-    the next ``server(conn)`` continues it. A ``send()`` interrupted this way is not
-    lost: it is delivered when the session resumes.
+    the next ``server(conn)`` continues it (from then on this object's calls raise
+    that error at once). A ``send()`` interrupted this way is not lost: it is
+    delivered when the session resumes.
 
     Args:
         conn: an accepted socket (taken over: do not use it afterwards).
@@ -65,7 +79,8 @@ class server:  # noqa: N801 - the original API's name
             object to every ``server(conn)`` so that they share one session table.
         passphrase: admit only clients that prove this passphrase.
         ssl: a ready ``ssl.SSLContext`` instead of ``tls`` (no client authentication).
-        hub: a session table of your own instead of the shared one.
+        hub: an asyncio :class:`~korinet.runtime.Hub` of your own instead of the
+            shared table: the session then runs on KoriNet's loop thread.
     """
 
     def __init__(
@@ -83,47 +98,88 @@ class server:  # noqa: N801 - the original API's name
             raise ValueError("a hub of your own carries its own authorized keys and passphrase")
         if tls is not None:
             ssl = tls.context()
-        # Take the socket over: the runtime owns it from now on.
+        # Take the socket over: the driver owns it from now on.
         sock = socket.socket(conn.family, conn.type, conn.proto, fileno=conn.detach())
-        sock.setblocking(False)
-        self._peer: AnyPeer = run(self._adopt(hub, tls, passphrase, sock, ssl))
-
-    @staticmethod
-    async def _adopt(
-        hub: Hub | None,
-        tls: ServerTLS | None,
-        passphrase: str | None,
-        sock: socket.socket,
-        ssl: ssl_module.SSLContext | None,
-    ) -> AnyPeer:
-        return await (hub or await _get_hub(tls, passphrase)).adopt(sock, ssl)
+        self._link: int | None = None
+        self._adoption = 0
+        if hub is not None:
+            sock.setblocking(False)
+            self._peer: SyncServerSession | SyncLegacyPeer | AnyPeer = _on_hub(hub, sock, ssl)
+            return
+        peer, self._link = _table(tls, passphrase).adopt(sock, ssl)
+        self._peer = peer
+        if isinstance(peer, SyncServerSession):
+            self._adoption = peer.adoptions
 
     @property
-    def peer(self) -> AnyPeer:
-        """The runtime peer underneath."""
+    def peer(self) -> Any:
+        """The session underneath (a :class:`~korinet.sync.server.SyncServerSession`,
+        a v2 peer, or with ``hub=`` the asyncio peer)."""
         return self._peer
 
     @property
     def legacy(self) -> bool:
         """Whether the client speaks the original v2 wire."""
-        return isinstance(self._peer, LegacyPeer)
+        from .runtime.legacy import LegacyPeer
+
+        return isinstance(self._peer, SyncLegacyPeer | LegacyPeer)
 
     def recv(self, giveID: bool = False, timeout: float | None = None) -> Any:  # noqa: N803
         """Return the next message; with ``giveID`` a dict gains its ``"id"``."""
-        msg = run(self._while_linked(self._peer.recv_message(timeout)))
+        peer = self._peer
+        if isinstance(peer, SyncServerSession):
+            msg = peer.recv_message(timeout, link=self._link)
+        elif isinstance(peer, SyncLegacyPeer):
+            msg = peer.recv_message(timeout)
+        else:
+            msg = _run_linked(peer, peer.recv_message(timeout))
         return with_id(msg) if giveID else msg.data
 
     def send(self, obj: Any, type: str = "") -> None:
         """Send ``obj`` and return once the client's application has it."""
-        run(self._while_linked(self._peer.send(obj, type)))
+        peer = self._peer
+        if isinstance(peer, SyncServerSession):
+            peer.send(obj, type, link=self._link)
+        elif isinstance(peer, SyncLegacyPeer):
+            peer.send(obj, type)
+        else:
+            _run_linked(peer, peer.send(obj, type))
 
     def close(self) -> None:
-        run(self._peer.close())
-
-    async def _while_linked(self, aw: Awaitable[T]) -> T:
-        """Await ``aw`` but give up when this connection drops (the session stays)."""
-        task = asyncio.ensure_future(aw)
+        """End the session (unless a newer ``server(conn)`` has taken it over)."""
         peer = self._peer
+        if isinstance(peer, SyncServerSession):
+            if peer.adoptions == self._adoption:
+                peer.close()
+        elif isinstance(peer, SyncLegacyPeer):
+            peer.close()
+        else:
+            from ._loopthread import run
+
+            run(peer.close())
+
+
+# ---------------------------------------------------------------------- server(conn, hub=Hub)
+
+
+def _on_hub(hub: Hub, sock: socket.socket, ssl: ssl_module.SSLContext | None) -> AnyPeer:
+    """Hand ``sock`` to an asyncio Hub, on KoriNet's loop thread."""
+    from ._loopthread import run
+
+    async def adopt() -> AnyPeer:
+        return await hub.adopt(sock, ssl)
+
+    return run(adopt())
+
+
+def _run_linked(peer: AnyPeer, aw: Awaitable[T]) -> T:
+    """Run ``aw`` on the loop thread, but give up when the peer's connection drops
+    (the session stays)."""
+    from ._loopthread import run
+    from .runtime.server import ServerPeer
+
+    async def while_linked() -> T:
+        task = asyncio.ensure_future(aw)
         if isinstance(peer, ServerPeer):
             conn = peer.conn
             if conn is None:
@@ -139,3 +195,5 @@ class server:  # noqa: N801 - the original API's name
                     "the client's connection dropped; its session waits for it to reconnect",
                 )
         return await task
+
+    return run(while_linked())

@@ -24,15 +24,12 @@ from ..exceptions import (
 )
 from ..messages import Message
 from ..session import CloseCode
-from ..wire.legacy import LEGACY_ACK, V2Decoder, encode_v2
+from ..wire.legacy import LEGACY_ACK, LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2
 from .connection import Connection
 
 __all__ = ["LegacyPeer"]
 
 logger = logging.getLogger(__name__)
-
-#: A v2 peer has no heartbeat; one silent this long is dropped.
-LEGACY_IDLE_TIMEOUT = 600.0
 
 
 class LegacyPeer:

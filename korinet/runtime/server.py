@@ -24,21 +24,31 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hmac
 import logging
 import socket
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
-from ..codecs.base import default_offer
-from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError, NegotiationError
+from ..exceptions import AuthenticationError, ConnectionClosedError, KoriNetError
 from ..plugins import PluginManager, default_manager
 from ..security.passphrase import PassphraseVerifier
+from ..serving import (  # the AUTH_ constants are read here too
+    AUTH_DELAY_FIRST,  # noqa: F401
+    AUTH_DELAY_MAX,  # noqa: F401
+    AUTH_FAILURE_MEMORY,  # noqa: F401
+    AuthFailures,
+    Verdict,
+    authenticate,
+    find_resumable,
+    fingerprint_of,
+    handshake_step,
+    rejection_code,
+    server_codecs,
+)
 from ..session import (
     SERVER,
     CloseCode,
-    HandshakeOutcome,
     Hello,
     ServerHandshake,
     Session,
@@ -216,8 +226,7 @@ class Hub:
         #: connections without a session yet, the one accepted first first
         self._handshaking: dict[_Admission, None] = {}
         self._admission_of: dict[Connection, _Admission] = {}
-        #: failed authentications per address: (count, time of the last one)
-        self._auth_failures: dict[str, tuple[int, float]] = {}
+        self._auth_failures = AuthFailures(logger)
         #: when a warning about each address was last logged (see _warn)
         self._warned: dict[str, float] = {}
         self.legacy = legacy
@@ -227,10 +236,7 @@ class Hub:
         self._results: dict[Connection, asyncio.Future[AnyPeer]] = {}
         self._tls: TLS | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        pinned = self.config.codecs or default_offer(self.codecs)
-        self._codec_names = tuple(n for n in pinned if n in self.codecs) + tuple(
-            n for n in self.codecs if n not in pinned
-        )
+        self._codec_names = server_codecs(self.config, self.codecs)
         self._own_store: SessionStore | None = None
         if store is not None and not isinstance(store, SessionStore):
             store = self._own_store = SessionStore(store)
@@ -585,32 +591,16 @@ class Hub:
         TLS handshake. Returns the identity, or the reason to refuse the client."""
         if self.authorized is None:
             return None, None
-        from ..security.tls import peer_fingerprint  # TLS users only pay for cryptography
+        from ..security.tls import peer_certificate  # TLS users only pay for cryptography
 
-        try:
-            fingerprint = peer_fingerprint(conn.transport)
-        except ValueError:  # OpenSSL accepted it, so this should not happen
-            fingerprint = None
-        if fingerprint is None:
-            logger.warning("%s: refused: no client certificate", conn.peername)
-            reason = (
-                "this server admits only authorized keys, and the client presented none "
-                "(connect with TLS and an identity)"
-            )
-            self._refused(conn.peername, CloseCode.AUTH_FAILED, reason)
-            return None, reason
-        entry = self.authorized.lookup(fingerprint)
-        if entry is None:
-            logger.warning("%s: refused: key %s is not authorized", conn.peername, fingerprint)
-            reason = (
-                f"key {fingerprint} is not authorized on this server "
-                f"(its operator can run: korinet authorize {fingerprint} --name NAME)"
-            )
+        identity, reason, fingerprint = authenticate(
+            self.authorized, peer_certificate(conn.transport), conn.peername, logger
+        )
+        if reason is not None:
             self._refused(conn.peername, CloseCode.AUTH_FAILED, reason, fingerprint)
             return None, reason
-        logger.info("%s: authenticated as %s (%s)", conn.peername, entry.name, fingerprint)
-        self._auth_failures.pop(_host_of(conn), None)  # a success clears the address
-        return entry.identity(), None
+        self._auth_failures.succeeded(_host_of(conn))
+        return identity, None
 
     def _refused(self, peername: str, code: CloseCode, reason: str, fingerprint: str | None = None) -> None:
         """Tell the plugins that the connection from ``peername`` is refused (hook
@@ -620,19 +610,8 @@ class Hub:
             self._spawn(guarded.run())
 
     def _refuse(self, conn: Connection, reason: str, *, can_read_close: bool = True) -> None:
-        """Refuse an authentication, after a delay that doubles with every failure from
-        the same address (reset by a success, forgotten after AUTH_FAILURE_MEMORY):
-        with the per-address connection limit, it bounds the rate of guesses."""
-        address = _host_of(conn)
-        now = conn.loop.time()
-        count, last = self._auth_failures.get(address, (0, now))
-        if now - last > AUTH_FAILURE_MEMORY:
-            count = 0
-        self._auth_failures[address] = (count + 1, now)
-        delay = min(AUTH_DELAY_FIRST * 2 ** (count - 1), AUTH_DELAY_MAX) if count else 0.0
-        if delay:
-            logger.warning("%s: failed authentication #%d from %s, answering in %.1fs", conn.peername,
-                           count + 1, address, delay)  # fmt: skip
+        """Refuse an authentication, after the delay of :class:`~korinet.serving.AuthFailures`."""
+        delay = self._auth_failures.failed(_host_of(conn), conn.loop.time(), conn.peername)
 
         def answer() -> None:
             if can_read_close:
@@ -653,23 +632,17 @@ class Hub:
         identity: PeerIdentity | None = None,
         refusal: tuple[CloseCode, str] | None = None,
     ) -> None:
-        outcome = handshake.receive_data(data)
-        if outcome is HandshakeOutcome.NEED_DATA:
-            challenge = handshake.data_to_send()  # a passphrase CHALLENGE after the HELLO
-            if not challenge:
-                return
-            if refusal is None:
-                conn.write(challenge)
-                return
-            # else the HELLO is in: refuse now (below), the client can read our CLOSE
+        verdict, out = handshake_step(handshake, data, refusal is not None, conn.peername, logger)
+        if verdict is Verdict.WAIT:
+            return
+        if verdict is Verdict.WRITE:
+            conn.write(out)
+            return
         conn.cancel_timer()
         conn.on_data = None
         self._handshake_over(conn)
         if refusal is not None:
-            # Refused before anything of the HELLO is acted on. We waited for it only so
-            # that the client reads our CLOSE (written earlier, it could be lost to the
-            # reset that its late HELLO would cause on a closed socket). Already reported.
-            code, reason = refusal
+            code, reason = refusal  # (already reported)
             if code == CloseCode.AUTH_FAILED:
                 self._refuse(conn, reason, can_read_close=handshake.saw_preface)
             else:
@@ -677,20 +650,17 @@ class Hub:
                     conn.write(encode_close(code, reason))
                 conn.close()
                 self._fail_result(conn, ConnectionClosedError(code, reason))
-        elif outcome is HandshakeOutcome.REJECTED and isinstance(handshake.error, AuthenticationError):
-            logger.warning("%s: refused: %s", conn.peername, handshake.error)
+        elif verdict is Verdict.AUTH_FAILED:
             self._refused(conn.peername, CloseCode.AUTH_FAILED, str(handshake.error), _fingerprint(identity))
             self._refuse(conn, str(handshake.error))
-        elif outcome is HandshakeOutcome.REJECTED:
-            logger.warning("%s: handshake rejected: %s", conn.peername, handshake.error)
+        elif verdict is Verdict.REJECT:
             self._refused(
                 conn.peername, _rejection_code(handshake.error), str(handshake.error), _fingerprint(identity)
             )
-            conn.write(handshake.data_to_send())
+            conn.write(out)
             conn.close()
             self._fail_result(conn, handshake.error or KoriNetError("handshake rejected"))
-        elif outcome is HandshakeOutcome.LEGACY:
-            logger.info("%s: speaks the legacy v2 wire", conn.peername)
+        elif verdict is Verdict.LEGACY:
             legacy = LegacyPeer(conn, self.accept_plain)
             self._set_result(conn, legacy)
             legacy.receive_data(handshake.leftover)
@@ -699,44 +669,22 @@ class Hub:
         else:
             assert handshake.hello is not None
             if self._passphrase is not None:
-                self._auth_failures.pop(_host_of(conn), None)  # a success clears the address
+                self._auth_failures.succeeded(_host_of(conn))
             self._hello(conn, handshake.hello, handshake.leftover, identity)
 
     def _hello(
         self, conn: Connection, hello: Hello, leftover: bytes, identity: PeerIdentity | None = None
     ) -> None:
-        resume = hello.resume
-        expired = None
-        if resume is not None:
-            peer = self.sessions.get(resume["id"])
-            if (
-                peer is not None
-                and peer.session.token is not None
-                and hmac.compare_digest(peer.session.token, resume["token"])
-                and peer.session.codec is not None
-                and peer.session.codec.name in hello.codecs
-            ):
-                if _fingerprint(peer.identity) != _fingerprint(identity):
-                    # A resume token is bound to the identity that opened the session:
-                    # a stolen one is useless to anyone else (docs/SECURITY.md).
-                    logger.warning(
-                        "%s: refused: %s presented the resume token of %r, which belongs to %s",
-                        conn.peername,
-                        _fingerprint(identity) or "an anonymous client",
-                        peer,
-                        _fingerprint(peer.identity) or "an anonymous client",
-                    )
-                    reason = "this session belongs to another identity"
-                    self._refused(conn.peername, CloseCode.AUTH_FAILED, reason, _fingerprint(identity))
-                    self._refuse(conn, reason)
-                    return
-                peer.identity = identity  # the same key, with the roles the file gives now
-                logger.debug("%s: resumes %r", conn.peername, peer)
-                peer._resumed_on(conn, hello, leftover)
-                self._set_result(conn, peer)
-                return
-            expired = resume["id"]
-            logger.info("%s: asked to resume unknown session %s", conn.peername, expired)
+        peer, expired, refusal = find_resumable(self.sessions, hello, identity, conn.peername, logger)
+        if refusal is not None:
+            self._refused(conn.peername, CloseCode.AUTH_FAILED, refusal, _fingerprint(identity))
+            self._refuse(conn, refusal)
+            return
+        if peer is not None:
+            peer.identity = identity  # the same key, with the roles the file gives now
+            peer._resumed_on(conn, hello, leftover)
+            self._set_result(conn, peer)
+            return
         if len(self.sessions) >= self.max_sessions:
             logger.warning("refusing a new session from %s: %d sessions", conn.peername, len(self.sessions))
             self._refused(
@@ -1045,24 +993,8 @@ async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     return sockets
 
 
-def _fingerprint(identity: Any) -> str | None:
-    return getattr(identity, "fingerprint", None)
-
-
-def _rejection_code(error: KoriNetError | None) -> CloseCode:
-    """The CLOSE code ServerHandshake sent with a rejection that is not an
-    authentication failure (it keeps only the bytes)."""
-    if isinstance(error, NegotiationError):
-        return CloseCode.UNSUPPORTED_CODEC if error.what == "codec" else CloseCode.UNSUPPORTED_VERSION
-    return CloseCode.PROTOCOL_ERROR
-
-
-#: The delay after a second failed authentication from one address; it doubles after
-#: each further one, up to AUTH_DELAY_MAX.
-AUTH_DELAY_FIRST = 0.5
-AUTH_DELAY_MAX = 30.0
-#: Failures older than this (seconds) are forgotten.
-AUTH_FAILURE_MEMORY = 600.0
+_fingerprint = fingerprint_of
+_rejection_code = rejection_code
 
 
 #: The first byte of a TLS ClientHello (a handshake record); a KoriNet client's is "K".

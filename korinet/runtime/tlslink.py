@@ -2,17 +2,11 @@
 
 asyncio's ``SSLProtocol`` gives every connection its own 256 KiB read buffer, so an
 idle TLS session cost a server ~300 KiB against ~15 KiB in plaintext. Here the TLS
-state of a connection is an ``ssl.SSLObject`` between two ``ssl.MemoryBIO``\\ s, driven
-by the :class:`~korinet.runtime.connection.Connection` that owns it: ciphertext is
-read into the connection's shared per-thread buffer, and plaintext is decrypted into
-a second shared one, then copied out, as plaintext links do.
-
-A memory BIO keeps the largest block it ever held, so ciphertext goes in, and
-plaintext goes out, at most one TLS record at a time: a session that once moved a
-large message then holds a few tens of KiB, not that message's size.
-
-The context is the caller's (security/tls.py: TLS 1.3 only, no tickets, the client
-certificate asked for with authorized keys); this module only moves bytes.
+state of a connection is a :class:`~korinet.security.tlsbio.TLSEngine` (an
+``ssl.SSLObject`` between two memory BIOs, sans-I/O, the blocking driver's too),
+driven by the :class:`~korinet.runtime.connection.Connection` that owns it:
+ciphertext is read into the connection's shared per-thread buffer, and plaintext is
+decrypted into a second shared one, then copied out, as plaintext links do.
 :class:`TLSTransport` is what the Connection writes to: it looks like asyncio's TLS
 transport (``get_extra_info("ssl_object")``, no ``write_eof``), so the code reading
 certificates, and the peers, are the same for either.
@@ -22,38 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any
+
+from ..security.tlsbio import TLS, TLSEngine
 
 if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["TLS", "TLSTransport"]
-
-#: Plaintext decrypted at most per delivery (ciphertext read per call is no larger).
-PLAIN_SIZE: Final = 256 * 1024
-#: The largest TLS record's payload: what goes through a memory BIO at once.
-RECORD: Final = 16 * 1024
-
-_plain_buffers = threading.local()
-
-
-def _plain_view() -> memoryview:
-    view: memoryview | None = getattr(_plain_buffers, "view", None)
-    if view is None:
-        view = _plain_buffers.view = memoryview(bytearray(PLAIN_SIZE))
-    return view
-
-
-@dataclass(frozen=True, slots=True)
-class TLS:
-    """How a Connection runs TLS: the context, which side it is, the name it sends
-    (SNI) as a client. One is shared by every connection of a server or client."""
-
-    context: ssl.SSLContext
-    server_side: bool
-    server_hostname: str | None = None
 
 
 class TLSTransport(asyncio.Transport):
@@ -64,101 +34,63 @@ class TLSTransport(asyncio.Transport):
     that error (``error``), after the alert OpenSSL wrote, if any, is sent.
     """
 
-    __slots__ = (
-        "_closing",
-        "_conn",
-        "_early",
-        "_incoming",
-        "_outgoing",
-        "_raw",
-        "_ready",
-        "_sslobj",
-        "error",
-    )
+    __slots__ = ("_closing", "_conn", "_early", "_engine", "_raw", "error")
 
     def __init__(self, raw: asyncio.Transport, conn: Connection, tls: TLS) -> None:
         super().__init__()
         self._raw = raw
         self._conn = conn
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._sslobj = tls.context.wrap_bio(
-            self._incoming, self._outgoing, server_side=tls.server_side, server_hostname=tls.server_hostname
-        )
-        self._ready = False
+        self._engine = TLSEngine(tls)
         self._closing = False
         self._early: list[bytes] | None = None  # written before the handshake was done
         #: the TLS error that ended the connection, if one did
         self.error: Exception | None = None
 
+    @property
+    def _ready(self) -> bool:
+        return self._engine.ready
+
     def start(self) -> None:
         """Begin the handshake (a client sends its ClientHello now)."""
-        self._handshake()
+        try:
+            if self._engine.handshake():
+                self._secured()
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
+        self._flush()
 
     # -------------------------------------------------------------- incoming
 
     def received(self, data: memoryview) -> None:
         """Ciphertext from the socket (a view of the shared read buffer, used here
         only): decrypt it, hand the plaintext to the connection."""
-        plain = _plain_view()
-        filled = 0
-        ended = False
-        failure: ssl.SSLError | None = None
-        for start in range(0, len(data), RECORD):
-            if self._closing:
-                return
-            self._incoming.write(data[start : start + RECORD])
-            if not self._ready:
-                if not self._handshake():
-                    continue
-                if self._closing:  # the owner dropped it as soon as it was secured
-                    return
-            try:
-                while True:
-                    if filled == len(plain):
-                        self._conn.data_received(plain.tobytes())
-                        filled = 0
-                        if self._closing:
-                            return
-                    # Into a buffer, read() returns a count (typeshed says bytes).
-                    count = cast(int, self._sslobj.read(len(plain) - filled, plain[filled:]))
-                    if count == 0:  # close_notify
-                        ended = True
-                        break
-                    filled += count
-            except ssl.SSLWantReadError:
-                continue
-            except ssl.SSLZeroReturnError:
-                ended = True
-            except ssl.SSLError as exc:
-                failure = exc
-            break
-        if filled and not self._closing:
-            self._conn.data_received(plain[:filled].tobytes())
-        if failure is not None:
-            self._fail(failure)
-        elif ended:
-            self.close()  # the peer closed its side; the session decides what that means
-        elif not self._closing:
-            self._flush()  # post-handshake messages (a KeyUpdate's answer)
-
-    def _handshake(self) -> bool:
-        """One step of the handshake; whether it is done."""
+        if self._closing:
+            return
         try:
-            self._sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return False
+            ended = self._engine.receive(data, self._deliver, self._secured)
         except ssl.SSLError as exc:
             self._fail(exc)
+            return
+        if ended:
+            self.close()  # the peer closed its side; the session decides what that means
+        elif not self._closing:
+            self._flush()  # handshake flights, post-handshake messages (a KeyUpdate's answer)
+
+    def _deliver(self, plain: memoryview) -> bool:
+        if self._closing:
             return False
-        self._ready = True
+        self._conn.data_received(plain.tobytes())
+        return not self._closing
+
+    def _secured(self) -> bool:
+        """The handshake is done: tell the connection, send what waited for it."""
         self._flush()
         early, self._early = self._early, None
         self._conn._secured()
         for data in early or ():
             self.write(data)
-        return True
+        return not self._closing  # the owner may drop it as soon as it is secured
 
     def _fail(self, exc: Exception) -> None:
         if self._closing:
@@ -170,30 +102,22 @@ class TLSTransport(asyncio.Transport):
         self._raw.close()
 
     def _flush(self) -> None:
-        if self._outgoing.pending:
-            self._raw.write(self._outgoing.read())
+        out = self._engine.data_to_send()
+        if out:
+            self._raw.write(out)
 
     # -------------------------------------------------------------- asyncio.Transport
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
-        if not self._ready:
+        if not self._engine.ready:
             if self._early is None:
                 self._early = []
             self._early.append(bytes(data))
             return
         try:
-            if len(data) <= RECORD:
-                self._sslobj.write(data)
-                out = self._outgoing.read()
-            else:  # a record at a time, so that the BIO never holds the whole message
-                view = memoryview(data)
-                parts = []
-                for start in range(0, len(view), RECORD):
-                    self._sslobj.write(view[start : start + RECORD])
-                    parts.append(self._outgoing.read())
-                out = b"".join(parts)
+            out = self._engine.encrypt(data)
         except ssl.SSLError as exc:
             self._fail(exc)
             return
@@ -213,12 +137,9 @@ class TLSTransport(asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        if self._ready:
-            try:
-                self._sslobj.unwrap()  # writes close_notify; not waiting for the peer's
-            except (ssl.SSLError, ValueError):
-                pass
-            self._flush()
+        out = self._engine.close_notify()  # not waiting for the peer's
+        if out:
+            self._raw.write(out)
         self._raw.close()
 
     def abort(self) -> None:
@@ -229,16 +150,17 @@ class TLSTransport(asyncio.Transport):
         return self._closing or self._raw.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        sslobj = self._engine.sslobj
         if name == "ssl_object":
-            return self._sslobj
+            return sslobj
         if name == "sslcontext":
-            return self._sslobj.context
+            return sslobj.context
         if name == "peercert":
-            return self._sslobj.getpeercert() if self._ready else default
+            return sslobj.getpeercert() if self._ready else default
         if name == "cipher":
-            return self._sslobj.cipher() if self._ready else default
+            return sslobj.cipher() if self._ready else default
         if name == "compression":
-            return self._sslobj.compression() if self._ready else default
+            return sslobj.compression() if self._ready else default
         return self._raw.get_extra_info(name, default)
 
     def get_write_buffer_size(self) -> int:

@@ -1,14 +1,15 @@
-"""A blocking KoriNet client that does its own socket I/O in the caller's thread.
+"""The blocking drivers: KoriNet sessions driven in the caller's thread, no event loop.
 
-:class:`SyncClient` drives the same sans-I/O :class:`~korinet.session.Session` as
-the asyncio :class:`~korinet.runtime.Client`, over a plain (or TLS) socket, with no
-event loop on the path of ``send()`` and ``recv()``. ``korinet.client`` (the
-original blocking API) is built on it. See ``korinet/sync/client.py`` for the
-threading design.
+:class:`SyncClient` (``korinet.client``) and :class:`SessionTable` /
+:class:`SyncServerSession` (``korinet.server``) drive the same sans-I/O
+:class:`~korinet.session.Session` and :class:`~korinet.endpoint.Endpoint` as the
+asyncio runtime, over blocking sockets, through one driver, ``sync/driver.py``
+(which describes the threading).
 """
 
 from __future__ import annotations
 
 from .client import DEFAULT_PORT, SyncClient, connect
+from .server import SessionTable, SyncServerSession
 
-__all__ = ["DEFAULT_PORT", "SyncClient", "connect"]
+__all__ = ["DEFAULT_PORT", "SessionTable", "SyncClient", "SyncServerSession", "connect"]

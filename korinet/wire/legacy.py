@@ -16,10 +16,12 @@ import cbor2
 
 from ..exceptions import CodecError, FrameTooLarge, RemoteProtocolError
 
-__all__ = ["LEGACY_ACK", "LEGACY_MAX_BODY", "V2Decoder", "encode_v2", "new_id"]
+__all__ = ["LEGACY_ACK", "LEGACY_IDLE_TIMEOUT", "LEGACY_MAX_BODY", "V2Decoder", "encode_v2", "new_id"]
 
 LEGACY_MAX_BODY: Final = 524288
 LEGACY_ACK: Final = {"statusP": True}
+#: A v2 peer has no heartbeat; a server drops one silent this long.
+LEGACY_IDLE_TIMEOUT: Final = 600.0
 _LEN = struct.Struct("!I")
 
 
