@@ -33,6 +33,10 @@ Theory of operation (docs/AUDIO.md, "Jitter buffer"):
 * After ``idle_after_ms`` with nothing to play the buffer goes idle and plays
   silence; the next frames start it again at the live edge. A new ``stream`` id
   (the talker restarted) resets everything.
+* Every frame it accepted and then let go unplayed (over the cap, a restart at the
+  live edge, :meth:`JitterBuffer.go_live`), and every stale one, is kept in
+  :attr:`JitterBuffer.discarded` until the caller takes it: live speech is better
+  lost than late, but a push-to-talk listener plays them in its catch-up instead.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ SHRINK_WINDOW: Final = 50
 STALE_RESET: Final = 25
 #: Transits remembered to find the smallest (the base network delay): 2 s of frames.
 TRANSIT_WINDOW: Final = 100
+#: Discarded frames kept for a caller that does not take them: 10 s of frames.
+DISCARDED_KEPT: Final = 500
 
 
 class PlayoutKind(enum.Enum):
@@ -140,6 +146,9 @@ class JitterBuffer:
         self._transits: deque[float] = deque(maxlen=TRANSIT_WINDOW)
         self._last_transit: float | None = None
         self._stale_run = 0
+        #: frames received but let go unplayed (over the cap, a live-edge restart,
+        #: go_live, stale): the caller takes them (:meth:`take_discarded`)
+        self.discarded: deque[AudioFrame] = deque(maxlen=DISCARDED_KEPT)
 
     # ------------------------------------------------------------------ status
 
@@ -183,6 +192,7 @@ class JitterBuffer:
             self._stale_run += 1
             if self._stale_run < STALE_RESET:
                 self.stats.stale += 1
+                self.discarded.append(frame)
                 return PushResult.STALE
             self._transits.clear()  # that many in a row: the talker's clock jumped
             self._last_transit = None
@@ -226,11 +236,17 @@ class JitterBuffer:
         self._drop_before(self._newest - self.target + 1, overflow=True)
 
     def _drop_before(self, seq: int, *, overflow: bool = False) -> None:
-        for old in [s for s in self._frames if s < seq]:
-            del self._frames[old]
+        for old in sorted(s for s in self._frames if s < seq):
+            self.discarded.append(self._frames.pop(old))
             if overflow:
                 self.stats.overflow += 1
         self._next = max(self._next, seq)
+
+    def take_discarded(self) -> list[AudioFrame]:
+        """The frames let go unplayed since the last call (see :attr:`discarded`)."""
+        out = list(self.discarded)
+        self.discarded.clear()
+        return out
 
     def go_live(self) -> None:
         """Forget buffered frames and start again at the live edge (after a reconnect)."""

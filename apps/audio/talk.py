@@ -131,6 +131,7 @@ class CallStats:
     missed_parts_played: int = 0
     missed_parts_heard: int = 0  # arrived reliably but were already heard live
     missed_parts_dropped: int = 0  # more missed audio waiting than MAX_MISSED_PARTS
+    frames_rescued: int = 0  # push-to-talk frames the jitter buffer let go, caught up on
     reconnects: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=500))
 
@@ -364,6 +365,7 @@ class _Source:
     played: _Memory = field(default_factory=_Memory)  # played, live or catching up
     last_heard: float = 0.0
     catch_up: _CatchUp | None = None
+    ptt_stream: int | None = None  # the stream utterance parts came for: push-to-talk
 
 
 class Receiver:
@@ -413,6 +415,26 @@ class Receiver:
         result = source.jitter.push(frame, now)
         if result is PushResult.ACCEPTED or result is PushResult.DUPLICATE:
             source.heard.add((frame.stream, frame.seq))
+        self._rescue(source)
+
+    def _rescue(self, source: _Source) -> None:
+        """Push-to-talk loses nothing: frames the jitter buffer let go unplayed (a
+        burst over its cap after a stall, a restart at the live edge, stale ones) are
+        played by the catch-up instead, faster, in seq order, each once. Live speech
+        (no utterance parts) is better lost than late: they go."""
+        discarded = source.jitter.take_discarded()
+        if source.ptt_stream is None:
+            return
+        for frame in discarded:
+            if frame.stream != source.ptt_stream or (frame.stream, frame.seq) in source.played:
+                continue
+            if source.catch_up is None:
+                source.catch_up = _CatchUp(frame.stream, frame.seq, self._decode)
+            catch_up = source.catch_up
+            if catch_up.stream == frame.stream and catch_up.add(
+                frame.seq, frame.codec, frame.payload, frame.capture_time
+            ):
+                self.stats.frames_rescued += 1
 
     def on_utterance(self, obj: Any) -> None:
         """A push-to-talk utterance part: the frames of it not played yet are caught up
@@ -425,6 +447,7 @@ class Receiver:
         source = self._source(part.src)
         if source is None:
             return
+        source.ptt_stream = part.stream
         catch_up = source.catch_up
         if catch_up is None or catch_up.stream != part.stream:
             missed = [s for s in part.seqs if (part.stream, s) not in source.heard]
@@ -479,6 +502,7 @@ class Receiver:
         """After a reconnect: drop whatever was buffered, restart at the live edge."""
         for source in self.sources.values():
             source.jitter.go_live()
+            self._rescue(source)
 
     # -- to the speaker (the audio clock, in the event loop)
 
@@ -513,6 +537,7 @@ class Receiver:
                     source.played.add((frame.stream, frame.seq))
                     self.stats.latencies.append(source.jitter.last_latency)
                     self.history.append((heard_at, frame.capture_time))
+            self._rescue(source)  # what pop or skip let go, for the next 20 ms
             if samples is not None:
                 mix += samples
         np.clip(mix, -32768, 32767, out=mix)

@@ -165,6 +165,28 @@ def test_the_buffer_shrinking_back_during_a_catch_up_hands_the_frame_to_it(codec
     assert receiver.stats.missed_parts_played >= 4 and not receiver.replaying
 
 
+@pytest.mark.parametrize("codec", ["pcm16", "opus"])
+@pytest.mark.parametrize(("length", "offset"), [(0.13, 0.0), (0.15, 0.0137), (0.2, 0.0822), (0.5, 0.0411)])
+def test_a_stall_past_the_buffers_cap_loses_no_push_to_talk_frame(
+    codec: str, length: float, offset: float
+) -> None:
+    """A stall longer than the buffer's cap (120 ms) or its idle time, then a burst: the
+    buffer lets the frames over its cap go, or restarts at the live edge, or finds them
+    stale. Received live, they were counted as heard, so no utterance part brought them
+    back: a pulse or two lost per stall (seen in the realtime test under load, issue 17).
+    Now the catch-up plays them, and the delay is back at the live edge soon after."""
+    stall = 3.0 + offset
+    receiver, played = simulate(codec, 12.0, stall=(stall, stall + length))
+    jitter = receiver.sources["alice"].jitter.stats
+    assert jitter.overflow + jitter.stale + jitter.idle >= 1, "the buffer let nothing go: nothing tested"
+    assert compare_pulses(pulses_heard(played), 120) == (120, 0, 0)
+    delays = [(h - T0, h - c) for h, c in receiver.history]
+    before = sorted(d for h, d in delays if 1.0 <= h < stall)
+    after = sorted(d for h, d in delays if stall + length + 5.0 <= h < 12.0)
+    assert after[len(after) // 2] <= before[len(before) // 2] + 0.001, "the delay did not come back down"
+    assert not receiver.replaying
+
+
 def test_a_talker_restarting_during_a_catch_up_is_heard_live_at_once() -> None:
     from korinet_audio.frames import AudioFrame, UtterancePart
 
