@@ -21,6 +21,8 @@ taking each with ``async for``) it prints, per message:
                                                       # pipelined figure of bench/peer_korinet.py
     python bench/acked_profile.py --what raw-echo --procs 2 --callgrind
                                                       # the raw asyncio echo (bench/peer_asyncio.py)
+    python bench/acked_profile.py --what blocking --procs 2 --callgrind
+                                                      # client().send() against server(conn)
 
 ``--callgrind`` runs the plain script under ``valgrind --tool=callgrind`` twice, with
 N and with 0 measured messages (start-up, connect and warm-up cancel out), every
@@ -321,9 +323,15 @@ def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any,
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     raw = WHAT == "raw-echo"
-    if raw and not plain:
-        raise SystemExit("--what raw-echo runs only with --plain or --callgrind, with --procs 2")
-    target, args = (_raw_server_main, (child,)) if raw else (_server_main, (child, n, with_profile, plain))
+    blocking = WHAT == "blocking"
+    if (raw or blocking) and not plain:
+        raise SystemExit(f"--what {WHAT} runs only with --plain or --callgrind, with --procs 2")
+    if raw:
+        target, args = _raw_server_main, (child,)
+    elif blocking:
+        target, args = _blocking_server_main, (child, n)
+    else:
+        target, args = _server_main, (child, n, with_profile, plain)
     proc = ctx.Process(target=target, args=args, daemon=True)
     proc.start()
     try:
@@ -332,6 +340,9 @@ def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any,
         port = parent.recv()
         if raw:
             asyncio.run(_raw_client(port, n, size))
+            client = None
+        elif blocking:
+            _blocking_client(port, n, size)
             client = None
         else:
             client = asyncio.run(_client(port, n, size, with_profile, plain))
@@ -365,6 +376,31 @@ async def _raw_client(port: int, n: int, size: int) -> None:
             await proto.until(i + 1, 600)
     finally:
         transport.close()
+
+
+# the blocking API, client() against server(conn): plain runs only
+
+
+def _blocking_server_main(conn: Connection, n: int) -> None:
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        conn.send(listener.getsockname()[1])
+        accepted, _ = listener.accept()
+    peer = korinet.server(accepted)
+    for _ in range(WARMUP + n):
+        peer.recv()
+    conn.send(None)
+    conn.recv()  # the client has closed
+    peer.close()
+
+
+def _blocking_client(port: int, n: int, size: int) -> None:
+    cli = korinet.client(LOOPBACK, port)
+    payload = os.urandom(size)
+    try:
+        for _ in range(WARMUP + n):
+            cli.send(payload)
+    finally:
+        cli.close()
 
 
 # --------------------------------------------------------------------------- output
@@ -448,11 +484,12 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
     ap.add_argument(
         "--what",
-        choices=("send", "request", "pipelined", "raw-echo"),
+        choices=("send", "request", "pipelined", "raw-echo", "blocking"),
         default=WHAT,
         help=(
             "send: await send() (default); request: await request(p, ECHO); "
-            "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo"
+            "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo; "
+            "blocking: client().send() against server(conn)"
         ),
     )
     args = ap.parse_args()
