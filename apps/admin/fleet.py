@@ -286,6 +286,10 @@ class Fleet:
         self.client_kwargs = client_kwargs
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_reason = "interrupted"
+        #: the last signal Ctrl-C asked for: a job whose start the client learns of
+        #: later (the agent had started it when the key was pressed) gets it too
+        self._signalled: int | None = None
+        self._late_signals: set[asyncio.Task[None]] = set()
 
     def say(self, line: str) -> None:
         self.progress.say(line)
@@ -318,8 +322,16 @@ class Fleet:
             task.cancel()
 
     def signal_all(self, sig: int) -> list[asyncio.Task[None]]:
+        self._signalled = sig
         loop = asyncio.get_running_loop()
         return [loop.create_task(self._signal(name, run, sig)) for name, run in self.runs.items()]
+
+    def _started(self, name: str, run: JobRun) -> None:
+        self.runs[name] = run
+        if self._signalled is not None:  # Ctrl-C came before we knew this job ran
+            task = asyncio.get_running_loop().create_task(self._signal(name, run, self._signalled))
+            self._late_signals.add(task)
+            task.add_done_callback(self._late_signals.discard)
 
     async def _signal(self, name: str, run: JobRun, sig: int) -> None:
         try:
@@ -355,7 +367,7 @@ class Fleet:
                     timeout=opts.timeout,
                     stdin=opts.stdin,
                     job_id=job_id,
-                    on_started=lambda run: self.runs.__setitem__(host.name, run),
+                    on_started=lambda run: self._started(host.name, run),
                     report=self.say,
                     label=host.name,
                     outage_limit=opts.outage_limit,

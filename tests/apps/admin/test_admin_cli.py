@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from admin_helpers import CLI, RunningAgent, cli_env, install_client_identity, running_agent
@@ -105,6 +106,52 @@ async def test_ctrl_c_stops_a_remote_sleep(
             assert proc.returncode == 128 + signal.SIGINT
             assert b"sending SIGINT to the remote command" in err
         finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_ctrl_c_before_the_client_knows_the_job_started_still_stops_it(
+    tmp_path: Path, client_home: Path, server_identity: Identity, authorized: AuthorizedKeys
+) -> None:
+    """The agent has started the job but its reply is still on the way when Ctrl-C comes:
+    the client had no job to signal yet and the SIGINT was lost, the remote command ran
+    on (seen in a full run). The agent here holds its reply until the client has said it
+    is sending SIGINT; the job must still end by that SIGINT."""
+    async with running_agent(tmp_path, server_identity, authorized) as agent:
+        jobs = agent.agent.jobs
+        submit = jobs.submit
+        release = asyncio.Event()
+
+        async def held_submit(spec: Any) -> Any:
+            result = await submit(spec)
+            await release.wait()  # the job runs; the reply waits
+            return result
+
+        jobs.submit = held_submit  # type: ignore[method-assign]
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "exec", host(agent), "--", "sleep", "100",
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=cli_env(client_home),
+        )  # fmt: skip
+        try:
+            started = lambda: bool(jobs.jobs) and bool(next(iter(jobs.jobs.values())).pid)  # noqa: E731
+            await eventually(started, 30, "the remote sleep started")
+            job = next(iter(jobs.jobs.values()))
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            said = b""
+            while b"sending SIGINT" not in said:
+                line = await asyncio.wait_for(proc.stderr.readline(), WAIT)
+                assert line, f"the client ended without forwarding SIGINT: {said!r}"
+                said += line
+            release.set()
+            await asyncio.wait_for(asyncio.shield(job.done), WAIT)
+            assert job.exit_notice()["signal"] == signal.SIGINT
+            await asyncio.wait_for(proc.wait(), WAIT)
+            assert proc.returncode == 128 + signal.SIGINT
+        finally:
+            release.set()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
