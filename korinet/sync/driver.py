@@ -33,7 +33,8 @@ The leader releases ``_mutex`` while it waits for the socket. An application
 thread on a plain TCP socket waits inside a blocking ``recv_into()`` bounded by
 ``SO_RCVTIMEO`` (at most BLOCKING_SLICE, less when a timer or the caller's
 deadline is nearer): one system call per read, the fast path of a stop-and-wait
-``send()`` (written out in :meth:`SyncDriver._read_until_acked`). The background
+``send()`` and of the ``recv()`` that answers it (written out in
+:meth:`SyncDriver._read_blocking`). The background
 thread, and every thread on TLS (whose decrypted bytes ``poll()`` cannot see),
 waits in ``poll()`` on the socket and on a wake-up socketpair instead. A thread
 that needs that leader to re-plan (the kernel refused bytes so the leader must
@@ -321,7 +322,7 @@ class SyncDriver(EndpointStatus):
                     self._flush()
             if not pending.finished:
                 if self._plain and self._claim():
-                    self._read_until_acked(pending, deadline)
+                    self._read_blocking(pending.done, deadline)
                 if not pending.finished:
                     self._wait(
                         pending.done,
@@ -332,9 +333,10 @@ class SyncDriver(EndpointStatus):
         if pending.error is not None:
             raise pending.error
 
-    def _read_until_acked(self, pending: _Box, deadline: float | None) -> None:
-        """(mutex held, role claimed) The stop-and-wait fast path of :meth:`send`:
-        lead, and read in blocking recv() until the ACK for ``pending`` arrives.
+    def _read_blocking(self, done: Callable[[], object], deadline: float | None) -> None:
+        """(mutex held, role claimed) The stop-and-wait fast path of :meth:`send` and
+        :meth:`recv_message`: lead, and read in blocking recv() until ``done()``
+        (an ACK for the message sent, a message in the inbox).
 
         It handles only the common case (an OPEN plain link, no timer due before the
         next SO_RCVTIMEO slice ends, nothing waiting to be written) and returns as soon
@@ -351,7 +353,7 @@ class SyncDriver(EndpointStatus):
         self._leader = threading.get_ident()
         self._takeover = False
         try:
-            while not pending.finished:
+            while not done():
                 if self._outbuf or self.endpoint.ended is not None or self._broken is not None:
                     return
                 wake_at = self._tick_at
@@ -485,12 +487,20 @@ class SyncDriver(EndpointStatus):
             inbox = endpoint.inbox
             if not inbox:
                 deadline = None if timeout is None else time.monotonic() + timeout
+                fast = self._plain
                 while not inbox:
                     notice = endpoint.take_notice()
                     if notice is not None:
                         raise notice
                     if endpoint.ended is not None:
                         raise endpoint.ended
+                    if fast and self._claim():
+                        # once: then the general loop, whatever made it return. (No
+                        # notice can arise in there: one comes with a new link's
+                        # handshake, and the fast path returns when the link goes.)
+                        fast = False
+                        self._read_blocking(inbox.__len__, deadline)
+                        continue
                     self._wait(
                         lambda: bool(inbox) or endpoint.has_notice or endpoint.ended is not None,
                         deadline,
