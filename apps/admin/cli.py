@@ -471,6 +471,12 @@ async def _status(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- put, get
 
+TRANSFER_DESCRIPTION = (
+    "{what}, in 1 MiB chunks checked with SHA-256. An interrupted copy (a cut, Ctrl-C, a restart) "
+    "resumes from where it stopped when run again; the destination appears only once it is whole, "
+    "renamed over any file of that name. On a terminal a progress line shows the bytes the other "
+    "side has written, percent, rate and time left."
+)
 SETID_HELP = (
     "keep the setuid, setgid and sticky bits of the file's mode (dropped by default: a setuid "
     "file written by a root agent is a root shell for whoever may run it)"
@@ -801,14 +807,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]", help="the command (after --)")
     p.set_defaults(func=_exec)
 
-    p = sub.add_parser("hosts", help="the inventory: hosts, addresses, groups, keys, last states")
+    p = sub.add_parser(
+        "hosts",
+        help="the inventory: hosts, addresses, groups, keys, last states",
+        description="List the hosts of the inventory, hosts.toml in the configuration directory "
+        "($KORINET_HOME, default ~/.korinet; docs/ADMIN.md, Fleet, shows the format): NAME, "
+        "ADDRESS, GROUPS, the pinned KEY, RELAY (for hosts that dial home to a relay: whether "
+        "their agent is parked there now, asked of each relay) and LAST SEEN (how the last exec "
+        "run found it, from hosts-seen.json beside it).",
+        epilog="Examples: `korinet-admin hosts`, `korinet-admin hosts @web` (a group), "
+        "`korinet-admin hosts web1,db1`, `korinet-admin hosts --groups`.",
+    )
     p.add_argument("selection", nargs="?", metavar="SELECTION", help="only these (as exec takes)")
     p.add_argument("--groups", action="store_true", help="the groups and their hosts")
     p.add_argument("--timeout", type=float, default=5.0, metavar="S",
                    help="seconds to wait for each relay of dial-home hosts (default 5)")  # fmt: skip
     p.set_defaults(func=_hosts)
 
-    p = sub.add_parser("attach", help="re-join a job: its output from where you left, then its exit")
+    p = sub.add_parser(
+        "attach",
+        help="re-join a job: its output from where you left, then its exit",
+        description="Re-join a job started by `exec` (after the client gave up, was killed, or ran "
+        "elsewhere): its output from byte OUT of stdout and ERR of stderr, then its exit code, "
+        "which becomes ours. The host keeps a job's output for 24 h (at most 2 GiB a job); a notice "
+        "says how many bytes are gone if some are. Ctrl-C detaches; the job keeps running.",
+        epilog="Example: `korinet-admin attach web1 JOB` (`korinet-admin jobs web1` lists the ids).",
+    )
     p.add_argument("host", metavar="HOST[:PORT]")
     p.add_argument("job", metavar="JOB", help="the job id (korinet-admin jobs HOST lists them)")
     p.add_argument("--from", dest="offsets", metavar="OUT,ERR",
@@ -816,17 +840,30 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(p)
     p.set_defaults(func=_attach)
 
-    p = sub.add_parser("jobs", help="list your jobs on a host")
+    p = sub.add_parser(
+        "jobs",
+        help="list your jobs on a host",
+        description="Your jobs on a host, running and finished: id, state, exit code, output size "
+        "and command; `*` marks an exit nobody collected (`attach HOST JOB` collects it).",
+    )
     p.add_argument("host", metavar="HOST[:PORT]")
     client_options(p)
     p.set_defaults(func=_jobs)
 
-    p = sub.add_parser("status", help="uptime, load, memory and disks of a host")
+    p = sub.add_parser(
+        "status",
+        help="uptime, load, memory and disks of a host",
+        description="The host's uptime, load averages, memory, swap and disks, as its agent reads them.",
+    )
     p.add_argument("host", metavar="HOST[:PORT]")
     client_options(p)
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("put", help="copy a local file to a host (checksummed, resumable)")
+    p = sub.add_parser(
+        "put",
+        help="copy a local file to a host (checksummed, resumable)",
+        description=TRANSFER_DESCRIPTION.format(what="Copy the local file SRC to DST on the host"),
+    )
     p.add_argument("host", metavar="HOST[:PORT]")
     p.add_argument("source", metavar="SRC", help="local file")
     p.add_argument("destination", metavar="DST", help="remote path (ending in / : into that directory)")
@@ -834,7 +871,11 @@ def build_parser() -> argparse.ArgumentParser:
     client_options(p)
     p.set_defaults(func=_put)
 
-    p = sub.add_parser("get", help="copy a file from a host (checksummed, resumable)")
+    p = sub.add_parser(
+        "get",
+        help="copy a file from a host (checksummed, resumable)",
+        description=TRANSFER_DESCRIPTION.format(what="Copy the file SRC on the host to DST here"),
+    )
     p.add_argument("host", metavar="HOST[:PORT]")
     p.add_argument("source", metavar="SRC", help="remote file")
     p.add_argument("destination", metavar="DST", help="local path or directory")

@@ -3,6 +3,7 @@ signals and exit codes, against agents running in the test's event loop."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -353,3 +354,16 @@ async def test_the_agent_command_serves_stops_cleanly_and_keeps_plaintext_on_loo
         agent_home, "agent", "0.0.0.0:0", "--insecure-plaintext", "--state-dir", str(state)
     )
     assert code == 2 and b"loopback only" in err
+
+
+def test_every_command_s_help_says_what_it_does() -> None:
+    """`korinet-admin COMMAND --help` answers more than its usage line: a description."""
+    from korinet_admin.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) >= set("exec hosts attach jobs status put get agent relay".split())
+    for name, sub in commands.choices.items():
+        assert sub.description and len(sub.description) > 40, f"`korinet-admin {name} --help`: no description"
+    hosts_help = " ".join(commands.choices["hosts"].format_help().split())
+    assert "hosts.toml" in hosts_help and "RELAY" in hosts_help and "LAST SEEN" in hosts_help
