@@ -15,7 +15,8 @@ expires it and takes it off the table, and so it does early to the session detac
 longest when more than ``max_detached`` wait (their threads are part of the bound).
 A resume on a new socket takes the session over from whatever still holds the old
 one: the old socket is shut down, so a thread blocked on it wakes up, and each call
-made for the old link raises ConnectionClosedError (the ``link`` argument of send() and recv_message()).
+made for the old link raises ConnectionClosedError (the ``link`` argument of send()
+and recv_message()).
 """
 
 from __future__ import annotations
@@ -324,8 +325,8 @@ class SessionTable:
             wait = self._auth_failures.retry_in(address, time.monotonic())
         if wait:
             # Before any TLS or handshake work, and without a CLOSE (we cannot know
-            # yet whether the peer reads one): a guesser waits out its delay here
-            # instead of in this thread, which may be the application's accept loop.
+            # yet whether the peer reads one): the guesser waits out its delay, not
+            # this thread, which may be the application's accept loop.
             reason = f"too many failed authentications from {address}, retry in {math.ceil(wait)} s"
             logger.info("%s: refused: %s", peername, reason)
             sock.close()
