@@ -4,8 +4,9 @@ The asyncio :class:`~korinet.runtime.server.Hub` and the blocking ``server(conn)
 (:mod:`korinet.sync.server`) make the same decisions with different I/O, so the
 decisions live here, once: who a TLS client is (its certificate's key against the
 authorized keys), whether a HELLO resumes a session (its token, its codec, and the
-identity the session is bound to), the CLOSE code of a rejected handshake, and how
-long a failed authentication waits before it is answered.
+identity the session is bound to), the CLOSE code of a rejected handshake, how
+long a failed authentication holds back the next one, and which detached session
+goes first when too many wait for their clients.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import enum
 import hmac
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from .codecs.base import default_offer
 from .exceptions import AuthenticationError, KoriNetError, NegotiationError
@@ -30,6 +31,7 @@ __all__ = [
     "AUTH_DELAY_MAX",
     "AUTH_FAILURE_MEMORY",
     "AuthFailures",
+    "DetachedSessions",
     "Verdict",
     "authenticate",
     "find_resumable",
@@ -49,6 +51,7 @@ AUTH_DELAY_MAX: Final = 30.0
 AUTH_FAILURE_MEMORY: Final = 600.0
 
 H = TypeVar("H", bound="SessionHandle")
+D = TypeVar("D")
 
 
 def fingerprint_of(identity: Any) -> str | None:
@@ -182,10 +185,13 @@ def rejection_code(error: KoriNetError | None) -> CloseCode:
 
 
 class AuthFailures:
-    """Failed authentications per address: the answer to one waits a delay that
-    doubles with every failure from the same address (reset by a success, forgotten
-    after AUTH_FAILURE_MEMORY); with the per-address connection limit, it bounds the
-    rate of guesses."""
+    """Failed authentications per address, and the delay each one imposes: it doubles
+    with every failure from the same address (reset by a success, forgotten after
+    AUTH_FAILURE_MEMORY). The asyncio Hub answers a failure only after its delay;
+    the blocking server answers at once and closes the address's next connections
+    until the delay has passed (:meth:`retry_in`), so that a guesser does not stall
+    its single-threaded accept loop. Either way, with the per-address connection
+    limit, it bounds the rate of guesses."""
 
     def __init__(self, log: logging.Logger = logger) -> None:
         self._log = log
@@ -193,17 +199,67 @@ class AuthFailures:
         self._failures: dict[str, tuple[int, float]] = {}
 
     def failed(self, address: str, now: float, peername: str) -> float:
-        """Count a failure from ``address``; returns the seconds to wait before answering."""
+        """Count a failure from ``address``; returns its delay (seconds)."""
         count, last = self._failures.get(address, (0, now))
         if now - last > AUTH_FAILURE_MEMORY:
             count = 0
         self._failures[address] = (count + 1, now)
-        delay = min(AUTH_DELAY_FIRST * 2 ** (count - 1), AUTH_DELAY_MAX) if count else 0.0
+        delay = _auth_delay(count + 1)
         if delay:
-            self._log.warning("%s: failed authentication #%d from %s, answering in %.1fs", peername,
+            self._log.warning("%s: failed authentication #%d from %s, delayed %.1fs", peername,
                            count + 1, address, delay)  # fmt: skip
         return delay
+
+    def retry_in(self, address: str, now: float) -> float:
+        """Seconds until the delay of the last failure from ``address`` has passed
+        (0.0: it may try now)."""
+        count, last = self._failures.get(address, (0, now))
+        return max(last + _auth_delay(count) - now, 0.0)
 
     def succeeded(self, address: str) -> None:
         """A success clears the address."""
         self._failures.pop(address, None)
+
+
+def _auth_delay(failures: int) -> float:
+    """The delay imposed by the ``failures``-th failure in a row: none for the first."""
+    return min(AUTH_DELAY_FIRST * 2 ** (failures - 2), AUTH_DELAY_MAX) if failures > 1 else 0.0
+
+
+class DetachedSessions(Generic[D]):
+    """The sessions waiting for their client to come back, the one detached longest
+    first, at most ``limit`` of them: clients that connect and vanish must not fill
+    the server (memory, and the blocking server's threads) until their TTL. Beyond
+    the limit the one detached longest is taken off, for the server to expire now
+    (its client gets SessionExpired, as after the TTL). Not thread-safe."""
+
+    def __init__(self, limit: int, log: logging.Logger = logger) -> None:
+        self.limit = limit
+        self._log = log
+        self._order: dict[D, None] = {}  # a dict keeps insertion order
+
+    def note(self, session: D) -> list[D]:
+        """``session`` lost its link. Returns the sessions to expire early, taken off."""
+        self._order[session] = None
+        overflow = []
+        while len(self._order) > self.limit:
+            oldest = next(iter(self._order))
+            del self._order[oldest]
+            self._log.warning(
+                "%r: expired early: more than %d detached sessions (max_detached)", oldest, self.limit
+            )
+            overflow.append(oldest)
+        return overflow
+
+    def forget(self, session: D) -> None:
+        """``session`` resumed or ended."""
+        self._order.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, session: object) -> bool:
+        return session in self._order
+
+    def __iter__(self) -> Iterator[D]:
+        return iter(list(self._order))

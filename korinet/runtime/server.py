@@ -38,6 +38,7 @@ from ..serving import (  # the AUTH_ constants are read here too
     AUTH_DELAY_MAX,  # noqa: F401
     AUTH_FAILURE_MEMORY,  # noqa: F401
     AuthFailures,
+    DetachedSessions,
     Verdict,
     authenticate,
     find_resumable,
@@ -115,7 +116,7 @@ class ServerPeer(Peer):
             self.finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
 
     def _resumed_on(self, conn: Connection, hello: Hello, leftover: bytes) -> None:
-        self.hub._detached.pop(self, None)
+        self.hub._detached.forget(self)
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -214,9 +215,8 @@ class Hub:
         self.accept_plain = accept_plain
         self.session_ttl = session_ttl
         self.max_sessions = max_sessions
-        self.max_detached = max_detached
-        #: detached sessions, the one detached longest first (a dict keeps insertion order)
-        self._detached: dict[ServerPeer, None] = {}
+        #: detached sessions, the one detached longest first, at most max_detached
+        self._detached: DetachedSessions[ServerPeer] = DetachedSessions(max_detached, logger)
         self.max_connections = max_connections
         self.max_connections_per_address = max_connections_per_address
         self.max_handshaking = max_handshaking if max_handshaking is not None else _default_max_handshaking()
@@ -716,18 +716,16 @@ class Hub:
         if fut is not None and not fut.done():
             fut.set_exception(error)
 
+    @property
+    def max_detached(self) -> int:
+        return self._detached.limit
+
     def _note_detached(self, peer: ServerPeer) -> None:
-        self._detached[peer] = None
-        while len(self._detached) > self.max_detached:
-            oldest = next(iter(self._detached))
-            del self._detached[oldest]
-            logger.warning(
-                "%r: expired early: more than %d detached sessions (max_detached)", oldest, self.max_detached
-            )
+        for oldest in self._detached.note(peer):
             oldest._expire()
 
     def _forget(self, peer: ServerPeer) -> None:
-        self._detached.pop(peer, None)
+        self._detached.forget(peer)
         if peer.session_id is not None and self.sessions.get(peer.session_id) is peer:
             del self.sessions[peer.session_id]
 

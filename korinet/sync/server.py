@@ -11,15 +11,18 @@ A :class:`SyncServerSession` is a :class:`~korinet.sync.driver.SyncDriver`: the
 application's thread reads and writes the socket itself, and a background thread
 answers heartbeats while the application is busy elsewhere. Without a link it
 waits for its client to come back; after ``session_ttl`` its background thread
-expires it and takes it off the table. A resume on a new socket takes the session
-over from whatever still holds the old one: the old socket is shut down, so a
-thread blocked on it wakes up, and each call made for the old link raises
-ConnectionClosedError (the ``link`` argument of send() and recv_message()).
+expires it and takes it off the table, and so it does early to the session detached
+longest when more than ``max_detached`` wait (their threads are part of the bound).
+A resume on a new socket takes the session over from whatever still holds the old
+one: the old socket is shut down, so a thread blocked on it wakes up, and each call
+made for the old link raises ConnectionClosedError (the ``link`` argument of send()
+and recv_message()).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl as ssl_module
 import threading
@@ -33,6 +36,7 @@ from ..security.passphrase import PassphraseVerifier
 from ..security.tlsbio import TLS, TLSEngine
 from ..serving import (
     AuthFailures,
+    DetachedSessions,
     Verdict,
     authenticate,
     find_resumable,
@@ -82,6 +86,8 @@ class SyncServerSession(SyncDriver):
         self.detached_at: float | None = None
         #: how many server(conn) calls took this session (the last one owns it)
         self.adoptions = 0
+        self._evicted = False  # beyond max_detached: the leader expires it now
+        self._taking_over = False  # resume_on drops the old link: not a detach
         self._init_driver()
 
     def __repr__(self) -> str:
@@ -124,14 +130,21 @@ class SyncServerSession(SyncDriver):
                 return None
             try:
                 if self._sock is not None:
-                    self._link_lost(
-                        ConnectionClosedError(CloseCode.LINK_LOST, "the client resumed elsewhere")
-                    )
+                    self._taking_over = True
+                    try:
+                        self._link_lost(
+                            ConnectionClosedError(CloseCode.LINK_LOST, "the client resumed elsewhere")
+                        )
+                    finally:
+                        self._taking_over = False
                 if self.endpoint.ended is not None:
                     return None
                 self.identity = identity  # the same key, with the roles the file gives now
                 self.peername = peername
                 self.detached_at = None
+                self._evicted = False  # back in time after all
+                with self.table._lock:
+                    self.table.detached.forget(self)
                 self._install_socket(sock, tls)
                 self.session.resume(hello, time.monotonic(), leftover)
                 self.adoptions += 1
@@ -175,16 +188,47 @@ class SyncServerSession(SyncDriver):
         if detached_at is None:
             detached_at = self.detached_at = now
         expires = detached_at + self.table.session_ttl
-        if now >= expires:
-            logger.info("%r: expired after %.0fs detached", self, self.table.session_ttl)
-            self.session.close(CloseCode.NORMAL, "expired")
-            self.endpoint.finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
+        if now >= expires or self._evicted:
+            if not self._evicted:
+                logger.info("%r: expired after %.0fs detached", self, self.table.session_ttl)
+            self._expire()
             return
         self._idle_poll((expires if deadline is None else min(expires, deadline)) - now)
 
+    def _expire(self) -> None:
+        """(mutex held, detached) End the session as its TTL does: its client, if it
+        comes back, gets a new session and SessionExpired; the background thread exits."""
+        self.session.close(CloseCode.NORMAL, "expired")
+        self.endpoint.finish(ConnectionClosedError(CloseCode.SESSION_UNKNOWN, "session expired"))
+
+    def expire_early(self) -> None:
+        """(from another session's thread) Beyond ``max_detached``: this session,
+        detached longest, is expired now, unless its client came back meanwhile."""
+        with self._mutex:
+            if self.endpoint.ended is not None or self._sock is not None:
+                return
+            self._evicted = True
+            if self._leader is None:
+                self._expire()
+            else:
+                self._wake()  # the leader, in _idle_poll(), expires it in _link_step()
+        self._run_deferred()
+
     def _on_link_lost(self, exc: BaseException | None, opened: bool) -> None:
-        if self.endpoint.ended is None:
-            self.detached_at = time.monotonic()
+        if self.endpoint.ended is not None or self._taking_over:
+            return
+        self.detached_at = time.monotonic()
+        with self.table._lock:
+            overflow = self.table.detached.note(self)
+        if overflow:
+            # Their mutexes are taken without ours (two detaching sessions could each
+            # pick the other); we keep the reader role, so nothing moves meanwhile.
+            self._mutex.release()
+            try:
+                for oldest in overflow:
+                    oldest.expire_early()
+            finally:
+                self._mutex.acquire()
 
     def _may_deliver(self) -> bool:
         return self._sock is not None  # the client is not waited for
@@ -206,6 +250,8 @@ class SessionTable:
             clients cannot, so they are refused).
         session_ttl: seconds a detached session is kept for its client to resume.
         max_sessions: sessions kept at once; beyond, new clients are told to retry later.
+        max_detached: detached sessions kept at once (each has its background
+            thread); beyond, the one detached longest is expired early.
         accept_plain: accept untyped messages into the inbox.
         legacy: serve peers speaking the original v2 wire.
     """
@@ -219,6 +265,7 @@ class SessionTable:
         passphrase: str | None = None,
         session_ttl: float = 120.0,
         max_sessions: int = 20000,
+        max_detached: int = 10000,
         accept_plain: bool = True,
         legacy: bool = True,
     ) -> None:
@@ -236,11 +283,14 @@ class SessionTable:
         self._codec_names = server_codecs(self.config, self.codecs)
         self._lock = threading.Lock()  # the table and the failure counts; never held across I/O
         self.sessions: dict[str, SyncServerSession] = {}
+        #: the sessions without a link, the one detached longest first
+        self.detached: DetachedSessions[SyncServerSession] = DetachedSessions(max_detached, logger)
         self._auth_failures = AuthFailures(logger)
 
     def forget(self, handle: SyncServerSession) -> None:
         """A session ended: off the table."""
         with self._lock:
+            self.detached.forget(handle)
             sid = handle.session_id
             if sid is not None and self.sessions.get(sid) is handle:
                 del self.sessions[sid]
@@ -256,9 +306,12 @@ class SessionTable:
         and None. The socket is the session's from then on.
 
         Raises:
-            AuthenticationError: the client was refused (after the failed-authentication delay).
-            ConnectionClosedError, NegotiationError, RemoteProtocolError, OSError: the
-                handshake failed; the socket is closed.
+            AuthenticationError: the client was refused (answered at once).
+            ConnectionClosedError: the handshake failed, or (code TRY_AGAIN_LATER) the
+                client's address failed to authenticate too recently to try again:
+                the socket was closed at once. The socket is closed.
+            NegotiationError, RemoteProtocolError, OSError: the handshake failed; the
+                socket is closed.
         """
         deadline = time.monotonic() + self.config.handshake_timeout
         try:
@@ -268,6 +321,17 @@ class SessionTable:
             raise
         peername = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else str(name)
         address = str(name[0]) if isinstance(name, tuple) else str(name)
+        with self._lock:
+            wait = self._auth_failures.retry_in(address, time.monotonic())
+        if wait:
+            # Before any TLS or handshake work, and without a CLOSE (we cannot know
+            # yet whether the peer reads one): the guesser waits out its delay, not
+            # this thread, which may be the application's accept loop.
+            reason = f"too many failed authentications from {address}, retry in {math.ceil(wait)} s"
+            logger.info("%s: refused: %s", peername, reason)
+            sock.close()
+            self._refused(peername, CloseCode.TRY_AGAIN_LATER, reason)
+            raise ConnectionClosedError(CloseCode.TRY_AGAIN_LATER, reason)
         # (the socket is the session's only once the handshake succeeds: else closed)
         try:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -408,13 +472,12 @@ class SessionTable:
     def _refuse(
         self, link: _HandshakeLink, peername: str, address: str, reason: str, *, can_read_close: bool = True
     ) -> None:
-        """Refuse an authentication after the failed-authentication delay (it blocks
-        this ``server(conn)`` call: an accept loop serves nobody else meanwhile, as
-        with any slow handshake), then raise AuthenticationError."""
+        """Refuse an authentication at once and raise AuthenticationError. The failure's
+        delay (:class:`~korinet.serving.AuthFailures`) is served by refusing the
+        address's next connections until it has passed (see adopt()): waiting here
+        would stall the application's accept loop for everyone."""
         with self._lock:
-            delay = self._auth_failures.failed(address, time.monotonic(), peername)
-        if delay:
-            time.sleep(delay)
+            self._auth_failures.failed(address, time.monotonic(), peername)
         if can_read_close:
             link.send_quietly(encode_close(CloseCode.AUTH_FAILED, reason))
         raise AuthenticationError(reason)

@@ -117,13 +117,14 @@ class _Pair:
 
 
 class Relay:
-    """Listen on 127.0.0.1 (a free port) and forward to ``upstream``.
+    """Listen on 127.0.0.1 (a free port) and forward to ``upstream`` (from ``source``).
 
     Use as a context manager, or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, upstream: tuple[str, int], *, client_preface: int = 4) -> None:
+    def __init__(self, upstream: tuple[str, int], *, client_preface: int = 4, source: str = "") -> None:
         self.upstream = upstream
+        self.source = source  # the address the upstream sees (another loopback one: 127.0.0.2)
         self.client_preface = client_preface
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
@@ -222,7 +223,9 @@ class Relay:
             except OSError:
                 return
             try:
-                up = socket.create_connection(self.upstream, timeout=5)
+                up = socket.create_connection(
+                    self.upstream, timeout=5, source_address=(self.source, 0) if self.source else None
+                )
             except OSError:
                 down.close()
                 continue

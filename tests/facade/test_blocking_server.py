@@ -8,6 +8,11 @@
 - a resume on a new socket takes the session from the old server object, whose
   blocked recv() raises ConnectionClosedError;
 - a session whose client never comes back is expired and taken off the table;
+- beyond max_detached, the session detached longest is expired early, its thread
+  gone: its client gets a new session and SessionExpired, the others resume;
+- a failed authentication is answered at once: the next client of a
+  single-threaded accept loop is not held up; the guesser's address is refused
+  until its delay has passed;
 - over TLS, a session resumes with its client's key, and only with it.
 """
 
@@ -18,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ from testutil import TIMEOUT_FACTOR, wait_until
 
 from korinet import AuthenticationError, ConnectionClosedError, KoriNetError, client, server
 from korinet.security import AuthorizedKeys, ClientTLS, Identity, ServerTLS, client_context
+from korinet.serving import AUTH_DELAY_MAX
 from korinet.session import CloseCode, SessionConfig
 from korinet.session.handshake import decode_close, decode_control, encode_control
 from korinet.sync.server import SessionTable, SyncServerSession
@@ -40,12 +47,13 @@ T = 20 * TIMEOUT_FACTOR  # generous waits for events
 
 @pytest.fixture
 def table(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Give the plaintext server(conn) of this test a session table of its own."""
+    """Give the plaintext server(conn) of this test (with this passphrase) a session
+    table of its own."""
 
     def install(**kwargs: Any) -> SessionTable:
         fresh = SessionTable(**kwargs)
         facade = importlib.import_module("korinet.server")  # (korinet.server is the class)
-        monkeypatch.setitem(facade._tables, (id(None), None), (None, fresh))
+        monkeypatch.setitem(facade._tables, (id(None), kwargs.get("passphrase")), (None, fresh))
         return fresh
 
     return install
@@ -222,8 +230,11 @@ def test_heartbeats_are_answered_while_the_server_application_sleeps(table: Any)
     listener.close()
 
 
-def _raw_resume(port: int, sid: str, token: str, codec: str) -> tuple[socket.socket, list[tuple[int, bytes]]]:
-    """Resume session ``sid`` by hand on a new socket; return it and the server's first frames."""
+def _raw_resume(
+    port: int, sid: str, token: str, codec: str, until: FrameType = FrameType.WELCOME
+) -> tuple[socket.socket, list[tuple[int, bytes]]]:
+    """Resume session ``sid`` by hand on a new socket; return it and the server's
+    first frames, up to the first of type ``until``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=T)
     fields = {
         "versions": [3],
@@ -238,11 +249,11 @@ def _raw_resume(port: int, sid: str, token: str, codec: str) -> tuple[socket.soc
     sock.sendall(PREFACE + encode_control(FrameType.HELLO, fields))
     decoder = FrameDecoder(1 << 20)
     frames: list[tuple[int, bytes]] = []
-    while not frames:
+    while all(kind != until for kind, _ in frames):
         data = sock.recv(65536)
         assert data, "the server closed instead of answering"
         decoder.feed(data)
-        frames = list(decoder.frames())
+        frames += decoder.frames()
     return sock, frames
 
 
@@ -457,3 +468,128 @@ def test_tls_runs_over_memory_bios_with_messages_larger_than_its_buffers(
     assert type(links[0]) is socket.socket and type(cli.runtime._sock) is socket.socket
     cli.close()
     listener.close()
+
+
+def _accept_loop(listener: socket.socket, stop: threading.Event, outcomes: list[Any], **kwargs: Any) -> None:
+    """The README's server, in one thread: accept, server(conn), next; each
+    server(conn) or its exception goes to ``outcomes``, in order."""
+    listener.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        try:
+            outcomes.append(server(conn, **kwargs))
+        except (KoriNetError, OSError) as exc:
+            outcomes.append(exc)
+
+
+def _server_threads(besides: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("korinet-server-") and t not in besides]
+
+
+def test_beyond_max_detached_the_session_detached_longest_expires_and_its_thread_ends(table: Any) -> None:
+    sessions = table(max_detached=3)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served: list[Any] = []
+    stop = threading.Event()
+    before = set(threading.enumerate())
+    thread = threading.Thread(target=_accept_loop, args=(listener, stop, served), daemon=True)
+    thread.start()
+    raws: list[socket.socket] = []
+    try:
+        clients = [client("127.0.0.1", port, timeout=T) for _ in range(6)]
+        ids = [c.runtime.session_id for c in clients]
+        wait_until(lambda: len(served) == 6, timeout=T, what="six sessions")
+        handles = [sessions.sessions[i] for i in ids]
+        assert [s.peer for s in served] == handles  # (one connection at a time, in order)
+        creds = []
+        for c in clients:
+            s = c.runtime.session
+            assert s.session_id is not None and s.token is not None and s.codec is not None
+            creds.append((s.session_id, s.token, s.codec.name))
+        for c, h in zip(clients, handles, strict=True):
+            c.runtime.abort()  # vanishes without a CLOSE
+            wait_until(lambda h=h: h.detached_at is not None, timeout=T, what=f"{h!r} detached")
+        # the three that detached first were expired, oldest first; three are kept
+        wait_until(lambda: set(sessions.sessions) == set(ids[3:]), timeout=T, what="three expired")
+        assert list(sessions.detached) == handles[3:]
+        for h in handles[:3]:
+            assert isinstance(h.endpoint.ended, ConnectionClosedError)
+            assert h.endpoint.ended.code == CloseCode.SESSION_UNKNOWN
+        # and their background threads are gone: three sessions, three threads
+        wait_until(lambda: len(_server_threads(before)) == 3, timeout=T, what="three server threads")
+        assert not any(h._bg_thread.is_alive() for h in handles[:3])
+        # the application's send to a kept session waits for its client's return
+        with pytest.raises(ConnectionClosedError):
+            served[5].send("while away")
+        # an expired one's client comes back: a new session, told its old one expired
+        raw, frames = _raw_resume(port, *creds[0])
+        raws.append(raw)
+        welcome = decode_control(frames[0][1])
+        assert frames[0][0] == FrameType.WELCOME and welcome["resumed"] is False
+        assert welcome["expired"] == ids[0] and welcome["session"] not in ids
+        fresh = welcome["session"]
+        # a kept one's resumes, and gets what was sent while it was away
+        raw, frames = _raw_resume(port, *creds[5], until=FrameType.MSG)
+        raws.append(raw)
+        welcome = decode_control(frames[0][1])
+        assert frames[0][0] == FrameType.WELCOME and welcome["resumed"] is True
+        assert frames[-1][0] == FrameType.MSG and b"while away" in frames[-1][1]
+        wait_until(lambda: len(served) == 8, timeout=T, what="both served")
+        assert served[7].peer is handles[5] and handles[5] not in sessions.detached
+        assert served[6].peer.session_id == fresh and fresh in sessions.sessions
+    finally:
+        stop.set()
+        thread.join(T)
+        listener.close()
+        for raw in raws:
+            raw.close()
+        for h in list(sessions.sessions.values()):
+            h.abort()
+
+
+def test_a_wrong_passphrase_does_not_hold_up_the_accept_loop(table: Any) -> None:
+    secret = "the right passphrase"
+    sessions = table(passphrase=secret)
+    # 127.0.0.2 failed 7 times, 20 s ago (the delay of the last, 16 s, has passed):
+    # it may try again, and its next failure imposes the longest delay
+    with sessions._lock:
+        for _ in range(7):
+            sessions._auth_failures.failed("127.0.0.2", time.monotonic() - 20, "earlier guesses")
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcomes: list[Any] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_accept_loop, args=(listener, stop, outcomes), kwargs={"passphrase": secret}, daemon=True
+    )
+    thread.start()
+    try:
+        with Relay(listener.getsockname(), source="127.0.0.2") as guesser:
+            started = time.monotonic()
+            with pytest.raises(AuthenticationError, match="wrong passphrase"):
+                client("127.0.0.1", guesser.port, passphrase="a guess", timeout=T)
+            # the same loop serves the next client at once, not after AUTH_DELAY_MAX
+            good = client("127.0.0.1", listener.getsockname()[1], passphrase=secret, timeout=T)
+            assert time.monotonic() - started < AUTH_DELAY_MAX / 3
+            wait_until(lambda: len(outcomes) == 2, timeout=T, what="both served")
+            assert isinstance(outcomes[0], AuthenticationError)
+            assert outcomes[1].peer.session_id == good.runtime.session_id
+            # the guesser's next attempts, within its delay, are closed at once, before
+            # any handshake (no guess is checked); its client retries until it gives up
+            with pytest.raises(KoriNetError):
+                client("127.0.0.1", guesser.port, passphrase="another guess", timeout=2)
+            wait_until(lambda: len(outcomes) >= 3, timeout=T, what="the refusal")
+            for refusal in outcomes[2:]:
+                assert isinstance(refusal, ConnectionClosedError), refusal
+                assert refusal.code == CloseCode.TRY_AGAIN_LATER
+                assert "too many failed authentications from 127.0.0.2, retry in" in str(refusal)
+            with sessions._lock:
+                assert sessions._auth_failures._failures["127.0.0.2"][0] == 8  # (7, then ours)
+            good.close()
+    finally:
+        stop.set()
+        thread.join(T)
+        listener.close()
