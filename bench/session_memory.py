@@ -1,6 +1,6 @@
 """Where an idle session's server memory goes: Python allocations per session, by site.
 
-    python bench/session_memory.py [--sessions 500] [--repo PATH]
+    python bench/session_memory.py [--sessions 500] [--top 12] [--repo PATH]
 
 The server runs in a child process with tracemalloc on; this process opens N idle
 plaintext sessions; the child compares snapshots from before and after and prints
@@ -24,7 +24,7 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
-def _server_main(conn: Connection, repo: str, n: int) -> None:
+def _server_main(conn: Connection, repo: str, n: int, top: int) -> None:
     sys.path.insert(0, repo)
     from korinet import Server, SessionConfig
 
@@ -52,7 +52,7 @@ def _server_main(conn: Connection, repo: str, n: int) -> None:
         sessions = len(server.hub.sessions)
         stats = after.compare_to(before, "traceback")
         lines = [f"{sessions} sessions: {sum(s.size_diff for s in stats) / sessions:,.0f} B per session"]
-        for stat in stats[:12]:
+        for stat in stats[:top]:
             frames = reversed(stat.traceback)  # the allocating line first, then its callers
             where = " <- ".join(
                 f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}" for f in frames
@@ -74,12 +74,13 @@ async def _open(port: int, n: int) -> list[Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=500)
+    ap.add_argument("--top", type=int, default=12, help="allocation sites to list")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent), help="checkout to import")
     args = ap.parse_args()
     sys.path.insert(0, args.repo)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(child, args.repo, args.sessions), daemon=True)
+    proc = ctx.Process(target=_server_main, args=(child, args.repo, args.sessions, args.top), daemon=True)
     proc.start()
     port = parent.recv()
 

@@ -85,7 +85,9 @@ class Peer(EndpointStatus):
         self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # hook and handler tasks, kept from the garbage collector; made on first use
+        # (an empty set is 216 B, and most sessions never run one)
+        self._tasks: set[asyncio.Task[Any]] | None = None
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
         #: the durable store of this session (None: it lives in memory only)
         self._stored: StoredSession | None = None
@@ -335,8 +337,8 @@ class Peer(EndpointStatus):
             KoriNetTimeout: nothing arrived within ``timeout``.
         """
         deadline = None if timeout is None else self.loop.time() + timeout
-        inbox = self.endpoint.inbox
-        while not inbox:
+        endpoint = self.endpoint
+        while not endpoint.inbox:  # (made on first use: read afresh each time)
             notice = self.endpoint.take_notice()
             if notice is not None:
                 raise notice
@@ -349,14 +351,14 @@ class Peer(EndpointStatus):
                     await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
-        msg = self.endpoint.take()
+        msg = endpoint.take()
         if msg.seq:
             if self._stored is not None:
                 # Durable at the end of this loop turn, before the ACK: what the application
                 # writes to the store before its next await commits with the delivery.
                 self._stored.touch()
                 self._schedule_flush()
-            elif inbox:
+            elif endpoint.inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
             else:
                 self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
@@ -553,9 +555,7 @@ class Peer(EndpointStatus):
 
     def call_hook(self, hook: Callable[..., list[Any]], *args: Any) -> None:
         for guarded in hook(*args):
-            task = self.loop.create_task(guarded.run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._keep(self.loop.create_task(guarded.run()))
 
     def call_handler(self, handler: Callable[..., Any], msg: Message) -> Any:
         return handler(self, msg)
@@ -563,9 +563,14 @@ class Peer(EndpointStatus):
     def run_awaitable(
         self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]
     ) -> None:
-        task = self.loop.create_task(_await(awaitable, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._keep(self.loop.create_task(_await(awaitable, done)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        tasks = self._tasks
+        if tasks is None:
+            tasks = self._tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _on_closed(self, error: KoriNetError) -> None:
         """Hook for subclasses (the server forgets the session)."""

@@ -482,17 +482,16 @@ class SyncDriver(EndpointStatus):
         with self._mutex:
             if link is not None and link != self._link_no:
                 raise self._link_gone()
-            inbox = endpoint.inbox
-            if not inbox:
+            if not endpoint.inbox:  # (made on first use: read afresh each time)
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while not inbox:
+                while not endpoint.inbox:
                     notice = endpoint.take_notice()
                     if notice is not None:
                         raise notice
                     if endpoint.ended is not None:
                         raise endpoint.ended
                     self._wait(
-                        lambda: bool(inbox) or endpoint.has_notice or endpoint.ended is not None,
+                        lambda: bool(endpoint.inbox) or endpoint.has_notice or endpoint.ended is not None,
                         deadline,
                         "waiting for a message",
                         link,
