@@ -187,8 +187,9 @@ class Endpoint:
         self.link_failure: KoriNetError | None = None
         #: called after a message is counted delivered (a durable store touches itself)
         self.on_delivered: Callable[[], None] | None = None
-        # Made on first use (None: empty): an empty deque is 760 B, and a server's
-        # sessions are mostly idle. Read them afresh, not through an old reference.
+        # Made on first use and dropped once empty again (None: empty): an empty deque
+        # is 760 B, and a server's sessions are mostly idle. Read them afresh, not
+        # through a reference kept across a wait.
         #: (message, epoch) waiting for recv()
         self.inbox: deque[tuple[Message, int]] | None = None
         #: realtime messages waiting for recv_realtime_nowait(), at most REALTIME_INBOX
@@ -260,8 +261,20 @@ class Endpoint:
         inbox = self.inbox
         assert inbox is not None, "take() from an empty inbox"
         msg, epoch = inbox.popleft()
+        if not inbox:
+            self.inbox = None
         if msg.seq:
             self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
+        return msg
+
+    def take_realtime(self) -> Message | None:
+        """The oldest waiting realtime message, or None."""
+        rt_inbox = self.rt_inbox
+        if not rt_inbox:
+            return None
+        msg = rt_inbox.popleft()
+        if not rt_inbox:
+            self.rt_inbox = None
         return msg
 
     def process(self, events: list[Event]) -> bool:
@@ -330,6 +343,8 @@ class Endpoint:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(MessageRejected(reason))
+        if not acks:
+            self.acks = None
         if rejected:  # rejections of posted messages nobody awaits: already logged
             for s in [s for s in rejected if s <= seq]:
                 del rejected[s]

@@ -370,8 +370,7 @@ class Peer(EndpointStatus):
 
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
-        rt_inbox = self.endpoint.rt_inbox
-        return rt_inbox.popleft() if rt_inbox else None
+        return self.endpoint.take_realtime()
 
     def __aiter__(self) -> Peer:
         return self

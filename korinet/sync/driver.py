@@ -508,8 +508,7 @@ class SyncDriver(EndpointStatus):
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
         with self._mutex:
-            rt_inbox = self.endpoint.rt_inbox
-            return rt_inbox.popleft() if rt_inbox else None
+            return self.endpoint.take_realtime()
 
     def __iter__(self) -> Iterator[Any]:
         """``for data in client``: every payload until the session closes normally."""
