@@ -79,8 +79,9 @@ class Peer(EndpointStatus):
         self.endpoint = Endpoint(session, plugins, self, self, accept_plain=accept_plain, identity=identity)
         self.conn: Connection | None = None
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._space_waiters: list[asyncio.Future[None]] = []
-        self._open_waiters: list[asyncio.Future[None]] = []
+        # (None while nobody waits: most sessions never do, and a list is 72 B)
+        self._space_waiters: list[asyncio.Future[None]] | None = None
+        self._open_waiters: list[asyncio.Future[None]] | None = None
         self._flush_pending = False  # a _flush is scheduled with call_soon
         self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
@@ -126,6 +127,8 @@ class Peer(EndpointStatus):
             return
         self._raise_if_closed()
         waiter = self.loop.create_future()
+        if self._open_waiters is None:
+            self._open_waiters = []
         self._open_waiters.append(waiter)
         await self._wait(waiter, timeout, "waiting for the connection")
         self._raise_if_closed()  # woken because the session ended, not because it opened
@@ -276,6 +279,8 @@ class Peer(EndpointStatus):
                 return self._queue(obj, type, flags, corr)
             except SendBufferFull:
                 waiter = self.loop.create_future()
+                if self._space_waiters is None:
+                    self._space_waiters = []
                 self._space_waiters.append(waiter)
                 remaining = None if deadline is None else deadline - self.loop.time()
                 await self._wait(waiter, remaining, "waiting for window space")
@@ -524,7 +529,7 @@ class Peer(EndpointStatus):
 
     def space_available(self) -> None:
         if self._space_waiters:
-            waiters, self._space_waiters = self._space_waiters, []
+            waiters, self._space_waiters = self._space_waiters, None
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -533,14 +538,14 @@ class Peer(EndpointStatus):
         self._schedule_flush()
 
     def link_opened(self, ev: LinkOpened) -> None:
-        for waiter in self._open_waiters:
+        waiters, self._open_waiters = self._open_waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
-        self._open_waiters.clear()
 
     def ended(self, error: KoriNetError) -> None:
         self.closed.set_result(error)
-        for waiter in self._open_waiters:
+        for waiter in self._open_waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
         if self.conn is not None:
