@@ -343,7 +343,7 @@ class Peer(EndpointStatus):
         """
         deadline = None if timeout is None else self.loop.time() + timeout
         endpoint = self.endpoint
-        while not endpoint.inbox:  # (made on first use: read afresh each time)
+        while not endpoint.inbox:  # (None when empty: read it afresh each time)
             notice = self.endpoint.take_notice()
             if notice is not None:
                 raise notice

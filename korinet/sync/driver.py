@@ -482,7 +482,7 @@ class SyncDriver(EndpointStatus):
         with self._mutex:
             if link is not None and link != self._link_no:
                 raise self._link_gone()
-            if not endpoint.inbox:  # (made on first use: read afresh each time)
+            if not endpoint.inbox:  # (None when empty: read it afresh each time)
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not endpoint.inbox:
                     notice = endpoint.take_notice()
