@@ -1,10 +1,12 @@
 """Where an idle session's server memory goes: Python allocations per session, by site.
 
-    python bench/session_memory.py [--sessions 500] [--repo PATH]
+    python bench/session_memory.py [--sessions 500] [--top 12] [--echoes 0] [--repo PATH]
 
 The server runs in a child process with tracemalloc on; this process opens N idle
 plaintext sessions; the child compares snapshots from before and after and prints
 bytes and blocks per session for the busiest allocation sites (3 frames each).
+``--echoes K``: each client first sends K messages, each echoed by the server and
+awaited both ways, so the sessions are idle again after some traffic (as a chat's).
 ``--repo`` imports korinet from another checkout (to compare two commits). It
 counts what Python allocates, not RSS (bench/scale.py reports RSS per session).
 Set KORINET_DISABLE_PLUGINS to leave plugins out.
@@ -24,7 +26,7 @@ from typing import Any
 LOOPBACK = "127.0.0.1"
 
 
-def _server_main(conn: Connection, repo: str, n: int) -> None:
+def _server_main(conn: Connection, repo: str, n: int, top: int) -> None:
     sys.path.insert(0, repo)
     from korinet import Server, SessionConfig
 
@@ -32,8 +34,8 @@ def _server_main(conn: Connection, repo: str, n: int) -> None:
         loop = asyncio.get_running_loop()
 
         async def idle(peer: Any) -> None:
-            async for _ in peer:
-                pass
+            async for data in peer:
+                await peer.send(data)  # only with --echoes
 
         kw: dict[str, Any] = {"handler": idle, "config": SessionConfig(heartbeat_interval=30)}
         try:
@@ -52,7 +54,7 @@ def _server_main(conn: Connection, repo: str, n: int) -> None:
         sessions = len(server.hub.sessions)
         stats = after.compare_to(before, "traceback")
         lines = [f"{sessions} sessions: {sum(s.size_diff for s in stats) / sessions:,.0f} B per session"]
-        for stat in stats[:12]:
+        for stat in stats[:top]:
             frames = reversed(stat.traceback)  # the allocating line first, then its callers
             where = " <- ".join(
                 f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}" for f in frames
@@ -65,28 +67,35 @@ def _server_main(conn: Connection, repo: str, n: int) -> None:
     asyncio.run(main())
 
 
-async def _open(port: int, n: int) -> list[Any]:
+async def _open(port: int, n: int, echoes: int) -> list[Any]:
     from korinet import Client
 
-    return [await Client.connect(LOOPBACK, port) for _ in range(n)]
+    clients = [await Client.connect(LOOPBACK, port) for _ in range(n)]
+    for client in clients:
+        for i in range(echoes):
+            await client.send(i)
+            assert await client.recv(timeout=30) == i
+    return clients
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=500)
+    ap.add_argument("--top", type=int, default=12, help="allocation sites to list")
+    ap.add_argument("--echoes", type=int, default=0, help="messages each session echoes first")
     ap.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent), help="checkout to import")
     args = ap.parse_args()
     sys.path.insert(0, args.repo)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(child, args.repo, args.sessions), daemon=True)
+    proc = ctx.Process(target=_server_main, args=(child, args.repo, args.sessions, args.top), daemon=True)
     proc.start()
     port = parent.recv()
 
     async def run() -> None:
         parent.send("go")
         parent.recv()
-        clients = await _open(port, args.sessions)
+        clients = await _open(port, args.sessions, args.echoes)
         parent.send("open")
         print(await asyncio.get_running_loop().run_in_executor(None, parent.recv))
         for client in clients:

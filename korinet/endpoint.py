@@ -133,6 +133,32 @@ class Endpoint:
     public object); ``driver`` is told what to wake and run.
     """
 
+    # One per session, most of them idle on a server: slots, not a dict.
+    __slots__ = (
+        "_notice",
+        "_opened_once",
+        "_probe",
+        "_processing",
+        "_rejected",
+        "accept_plain",
+        "acks",
+        "driver",
+        "ended",
+        "handle",
+        "identity",
+        "inbox",
+        "link_failure",
+        "links_opened",
+        "message_types",
+        "next_corr",
+        "on_delivered",
+        "plugins",
+        "requests",
+        "rt_inbox",
+        "rtt",
+        "session",
+    )
+
     def __init__(
         self,
         session: Session,
@@ -161,9 +187,15 @@ class Endpoint:
         self.link_failure: KoriNetError | None = None
         #: called after a message is counted delivered (a durable store touches itself)
         self.on_delivered: Callable[[], None] | None = None
-        self.inbox: deque[tuple[Message, int]] = deque()
-        self.rt_inbox: deque[Message] = deque(maxlen=REALTIME_INBOX)
-        self.acks: deque[tuple[int, Waiter]] = deque()
+        # Made on first use and dropped once empty again (None: empty): an empty deque
+        # is 760 B, and a server's sessions are mostly idle. Read them afresh, not
+        # through a reference kept across a wait.
+        #: (message, epoch) waiting for recv()
+        self.inbox: deque[tuple[Message, int]] | None = None
+        #: realtime messages waiting for recv_realtime_nowait(), at most REALTIME_INBOX
+        self.rt_inbox: deque[Message] | None = None
+        #: (seq, waiter) resolved when seq is acknowledged, in seq order
+        self.acks: deque[tuple[int, Waiter]] | None = None
         self.requests: dict[int, tuple[Waiter, int]] = {}
         self.next_corr = 1  # the next request's correlation id
         self._rejected: dict[int, str] = {}
@@ -179,13 +211,18 @@ class Endpoint:
         """Message ``seq`` was accepted by the session: resolve ``waiter`` on its ack,
         and time it for korinet_ack_timed if a plugin listens."""
         if waiter is not None:
-            self.acks.append((seq, waiter))
+            acks = self.acks
+            if acks is None:
+                acks = self.acks = deque()
+            acks.append((seq, waiter))
         if self._probe is None and self.plugins.times_acks:
             self._probe = (seq, time.perf_counter(), self.links_opened)
 
     def wait_acked(self, seq: int, waiter: Waiter) -> None:
         """Resolve ``waiter`` once everything up to ``seq`` is acknowledged."""
         acks = self.acks
+        if acks is None:
+            acks = self.acks = deque()
         if not acks or acks[-1][0] <= seq:
             acks.append((seq, waiter))
         else:  # rare: an older seq than one already awaited
@@ -221,9 +258,23 @@ class Endpoint:
         """The oldest inbox message, handed to the application: only now counted
         delivered, so its ack says the application has it (a request's ack rides
         on its reply)."""
-        msg, epoch = self.inbox.popleft()
+        inbox = self.inbox
+        assert inbox is not None, "take() from an empty inbox"
+        msg, epoch = inbox.popleft()
+        if not inbox:
+            self.inbox = None
         if msg.seq:
             self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
+        return msg
+
+    def take_realtime(self) -> Message | None:
+        """The oldest waiting realtime message, or None."""
+        rt_inbox = self.rt_inbox
+        if not rt_inbox:
+            return None
+        msg = rt_inbox.popleft()
+        if not rt_inbox:
+            self.rt_inbox = None
         return msg
 
     def process(self, events: list[Event]) -> bool:
@@ -292,6 +343,8 @@ class Endpoint:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(MessageRejected(reason))
+        if not acks:
+            self.acks = None
         if rejected:  # rejections of posted messages nobody awaits: already logged
             for s in [s for s in rejected if s <= seq]:
                 del rejected[s]
@@ -312,14 +365,14 @@ class Endpoint:
         renumbered = ev.renumbered
         codec_error = CodecError(f"the new session's codec cannot carry this message: {ev.failure}")
         kept: deque[tuple[int, Waiter]] = deque()
-        for seq, waiter in self.acks:
+        for seq, waiter in self.acks or ():
             new_seq = renumbered.get(seq)
             if new_seq is not None:
                 kept.append((new_seq, waiter))
             elif not waiter.done():
                 waiter.set_exception(error if seq <= ev.unconfirmed_through else codec_error)
                 waiter.exception()  # a send_nowait caller may never look: no warning
-        self.acks = kept
+        self.acks = kept or None
         for corr, (reply, seq) in list(self.requests.items()):
             new_seq = renumbered.get(seq)
             if new_seq is not None:
@@ -338,7 +391,7 @@ class Endpoint:
         if self.ended is not None:
             return False
         self.ended = error
-        for _, waiter in self.acks:
+        for _, waiter in self.acks or ():
             if not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()
@@ -391,7 +444,10 @@ class Endpoint:
             return
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self.handle)
         if mtype is None or mtype.handler is None:
-            self.inbox.append((msg, self.session.epoch))
+            inbox = self.inbox
+            if inbox is None:
+                inbox = self.inbox = deque()
+            inbox.append((msg, self.session.epoch))
             self.driver.inbox_readable()
             return
         self.deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
@@ -434,9 +490,12 @@ class Endpoint:
             except Exception:
                 logger.exception("%r: realtime handler for %r failed", self.handle, ev.type)
             return
-        if len(self.rt_inbox) == self.rt_inbox.maxlen:
+        rt_inbox = self.rt_inbox
+        if rt_inbox is None:
+            rt_inbox = self.rt_inbox = deque(maxlen=REALTIME_INBOX)
+        if len(rt_inbox) == rt_inbox.maxlen:
             self.session.stats.realtime_dropped += 1
-        self.rt_inbox.append(msg)
+        rt_inbox.append(msg)
 
 
 class EndpointStatus:

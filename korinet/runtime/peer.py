@@ -79,13 +79,16 @@ class Peer(EndpointStatus):
         self.endpoint = Endpoint(session, plugins, self, self, accept_plain=accept_plain, identity=identity)
         self.conn: Connection | None = None
         self._inbox_waiter: asyncio.Future[None] | None = None
-        self._space_waiters: list[asyncio.Future[None]] = []
-        self._open_waiters: list[asyncio.Future[None]] = []
+        # (None while nobody waits: most sessions never do, and a list is 72 B)
+        self._space_waiters: list[asyncio.Future[None]] | None = None
+        self._open_waiters: list[asyncio.Future[None]] | None = None
         self._flush_pending = False  # a _flush is scheduled with call_soon
         self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
         self._ack_timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # hook and handler tasks, kept from the garbage collector; made on first use
+        # (an empty set is 216 B, and most sessions never run one)
+        self._tasks: set[asyncio.Task[Any]] | None = None
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
         #: the durable store of this session (None: it lives in memory only)
         self._stored: StoredSession | None = None
@@ -124,6 +127,8 @@ class Peer(EndpointStatus):
             return
         self._raise_if_closed()
         waiter = self.loop.create_future()
+        if self._open_waiters is None:
+            self._open_waiters = []
         self._open_waiters.append(waiter)
         await self._wait(waiter, timeout, "waiting for the connection")
         self._raise_if_closed()  # woken because the session ended, not because it opened
@@ -274,6 +279,8 @@ class Peer(EndpointStatus):
                 return self._queue(obj, type, flags, corr)
             except SendBufferFull:
                 waiter = self.loop.create_future()
+                if self._space_waiters is None:
+                    self._space_waiters = []
                 self._space_waiters.append(waiter)
                 remaining = None if deadline is None else deadline - self.loop.time()
                 await self._wait(waiter, remaining, "waiting for window space")
@@ -335,8 +342,8 @@ class Peer(EndpointStatus):
             KoriNetTimeout: nothing arrived within ``timeout``.
         """
         deadline = None if timeout is None else self.loop.time() + timeout
-        inbox = self.endpoint.inbox
-        while not inbox:
+        endpoint = self.endpoint
+        while not endpoint.inbox:  # (None when empty: read it afresh each time)
             notice = self.endpoint.take_notice()
             if notice is not None:
                 raise notice
@@ -349,14 +356,14 @@ class Peer(EndpointStatus):
                     await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
-        msg = self.endpoint.take()
+        msg = endpoint.take()
         if msg.seq:
             if self._stored is not None:
                 # Durable at the end of this loop turn, before the ACK: what the application
                 # writes to the store before its next await commits with the delivery.
                 self._stored.touch()
                 self._schedule_flush()
-            elif inbox:
+            elif endpoint.inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
             else:
                 self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
@@ -368,8 +375,7 @@ class Peer(EndpointStatus):
 
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
-        rt_inbox = self.endpoint.rt_inbox
-        return rt_inbox.popleft() if rt_inbox else None
+        return self.endpoint.take_realtime()
 
     def __aiter__(self) -> Peer:
         return self
@@ -523,7 +529,7 @@ class Peer(EndpointStatus):
 
     def space_available(self) -> None:
         if self._space_waiters:
-            waiters, self._space_waiters = self._space_waiters, []
+            waiters, self._space_waiters = self._space_waiters, None
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -532,14 +538,14 @@ class Peer(EndpointStatus):
         self._schedule_flush()
 
     def link_opened(self, ev: LinkOpened) -> None:
-        for waiter in self._open_waiters:
+        waiters, self._open_waiters = self._open_waiters, None
+        for waiter in waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
-        self._open_waiters.clear()
 
     def ended(self, error: KoriNetError) -> None:
         self.closed.set_result(error)
-        for waiter in self._open_waiters:
+        for waiter in self._open_waiters or ():
             if not waiter.done():
                 waiter.set_result(None)
         if self.conn is not None:
@@ -553,9 +559,7 @@ class Peer(EndpointStatus):
 
     def call_hook(self, hook: Callable[..., list[Any]], *args: Any) -> None:
         for guarded in hook(*args):
-            task = self.loop.create_task(guarded.run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._keep(self.loop.create_task(guarded.run()))
 
     def call_handler(self, handler: Callable[..., Any], msg: Message) -> Any:
         return handler(self, msg)
@@ -563,9 +567,14 @@ class Peer(EndpointStatus):
     def run_awaitable(
         self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]
     ) -> None:
-        task = self.loop.create_task(_await(awaitable, done))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._keep(self.loop.create_task(_await(awaitable, done)))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        tasks = self._tasks
+        if tasks is None:
+            tasks = self._tasks = set()
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     def _on_closed(self, error: KoriNetError) -> None:
         """Hook for subclasses (the server forgets the session)."""

@@ -150,6 +150,50 @@ def _peer_list(fields: dict[str, Any], name: str) -> list[Any]:
 class Session:
     """One side of a KoriNet session. See the module docstring for the driver's duties."""
 
+    # A server holds one per client, most of them idle: slots instead of a 1.5 KiB dict.
+    __slots__ = (
+        "_ack_sent",
+        "_ack_urgent",
+        "_acked",
+        "_decoder",
+        "_delivered_early",
+        "_events",
+        "_handshake_deadline",
+        "_last_ping",
+        "_last_recv",
+        "_limit_bytes",
+        "_limit_messages",
+        "_link_dead",
+        "_next_seq",
+        "_out",
+        "_peer_heartbeat",
+        "_peer_max_frame",
+        "_peer_window",
+        "_peer_window_bytes",
+        "_ping_nonce",
+        "_ping_sent_at",
+        "_progress_mark",
+        "_prover",
+        "_sent_high",
+        "_unacked",
+        "_unacked_bytes",
+        "_undelivered_bytes",
+        "_undelivered_sizes",
+        "codec",
+        "codecs",
+        "config",
+        "delivered",
+        "epoch",
+        "failure",
+        "received",
+        "session_id",
+        "side",
+        "state",
+        "stats",
+        "token",
+        "version",
+    )
+
     def __init__(
         self,
         side: Side,
@@ -163,12 +207,8 @@ class Session:
         self.side = side
         self._prover = PassphraseProver(passphrase) if passphrase is not None else None
         self.config = config or SessionConfig()
-        self.codecs = dict(codecs)
-        #: the codecs a HELLO offers, best first: the config's pinned list, or by
-        #: default every codec we were handed (korinet.codecs.base.default_offer)
-        self.codec_offer: tuple[str, ...] = tuple(
-            c for c in (self.config.codecs or default_offer(self.codecs)) if c in self.codecs
-        )
+        # Not copied: a hub hands every session the same mapping, and nothing changes it.
+        self.codecs = codecs
         self.state: State = DETACHED
         self.session_id: str | None = None
         self.token: str | None = None
@@ -180,16 +220,19 @@ class Session:
         #: the error that ended the session, if one did
         self.failure: KoriNetError | None = None
         # Send side (§5): every reliable message stays in _unacked until acknowledged.
+        # The deques and the set are made on first use (None until then), and the
+        # deques dropped again once empty: an empty deque is 760 B, and most of a
+        # server's sessions are idle (a deque per message costs ~1% of its path).
         self._next_seq = 1
-        self._unacked: deque[tuple[int, bytes, int]] = deque()  # (seq, frame, payload size)
+        self._unacked: deque[StoredMessage] | None = None  # (seq, frame, payload size)
         self._unacked_bytes = 0
         self._acked = 0
         self._sent_high = 0  # highest seq ever handed to a link
         # Receive side: received >= delivered >= ack_sent.
         self.received = 0
         self.delivered = 0
-        self._delivered_early: set[int] = set()
-        self._undelivered_sizes: deque[int] = deque()
+        self._delivered_early: set[int] | None = None
+        self._undelivered_sizes: deque[int] | None = None
         self._undelivered_bytes = 0
         self._ack_sent = 0
         self._ack_urgent = False
@@ -218,9 +261,16 @@ class Session:
         return f"<Session {self.side.name} {self.session_id} {self.state.name}>"
 
     @property
+    def codec_offer(self) -> tuple[str, ...]:
+        """The codecs a HELLO offers, best first: the config's pinned list, or by
+        default every codec we were handed (korinet.codecs.base.default_offer).
+        (Computed when asked: only a client asks, once per link.)"""
+        return tuple(c for c in (self.config.codecs or default_offer(self.codecs)) if c in self.codecs)
+
+    @property
     def unacked(self) -> int:
         """Reliable messages sent (or queued) and not yet acknowledged."""
-        return len(self._unacked)
+        return len(self._unacked) if self._unacked else 0
 
     @property
     def unacked_bytes(self) -> int:
@@ -244,8 +294,9 @@ class Session:
     def can_send(self, size: int = 0) -> bool:
         """Whether a message of ``size`` payload bytes fits in the send window now.
         (A single message larger than the byte window is let through alone.)"""
-        return not self._unacked or (
-            len(self._unacked) < self._limit_messages and self._unacked_bytes + size <= self._limit_bytes
+        unacked = self._unacked
+        return not unacked or (
+            len(unacked) < self._limit_messages and self._unacked_bytes + size <= self._limit_bytes
         )
 
     def close_expected(self) -> bool:
@@ -286,13 +337,13 @@ class Session:
             self._acked,
             self.delivered,
             tuple(sorted(self._delivered_early)) if self._delivered_early else (),
-            tuple(self._unacked) if messages else (),
+            tuple(self._unacked) if messages and self._unacked else (),
         )
 
     def unacked_after(self, seq: int) -> list[StoredMessage]:
         """Unacknowledged messages with a seq above ``seq``, oldest first."""
         tail: list[StoredMessage] = []
-        for entry in reversed(self._unacked):
+        for entry in reversed(self._unacked or ()):
             if entry[0] <= seq:
                 break
             tail.append(entry)
@@ -320,14 +371,16 @@ class Session:
         self.session_id, self.token = snapshot.session_id, snapshot.token
         self.version = snapshot.version
         self.epoch = snapshot.epoch
-        self._unacked = deque(snapshot.messages)
+        if snapshot.messages:
+            self._unacked = deque(snapshot.messages)
         self._unacked_bytes = sum(size for _, _, size in snapshot.messages)
         self._acked = snapshot.acked
         self._next_seq = snapshot.next_seq
         # An ACK up to here is legitimate: each buffered message may have been sent.
         self._sent_high = self._next_seq - 1
         self.received = self.delivered = snapshot.delivered
-        self._delivered_early = {seq for seq in snapshot.delivered_early if seq > snapshot.delivered}
+        early = {seq for seq in snapshot.delivered_early if seq > snapshot.delivered}
+        self._delivered_early = early or None
 
     # ------------------------------------------------------------------ link lifecycle
 
@@ -523,10 +576,11 @@ class Session:
         """The one path of a reliable message (frame ``seq`` of ``size`` payload bytes)
         into the send buffer (§5.1): window, frame limit, replay buffer, stats."""
         unacked = self._unacked
-        if unacked and (
-            len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes
-        ):
-            raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
+        if unacked:
+            if len(unacked) >= self._limit_messages or self._unacked_bytes + size > self._limit_bytes:
+                raise SendBufferFull(f"{len(unacked)} messages / {self._unacked_bytes} bytes unacknowledged")
+        elif unacked is None:
+            unacked = self._unacked = deque()
         if len(frame) - 4 > self._peer_max_frame:
             raise MessageTooLarge(len(frame) - 4, self._peer_max_frame)
         self._next_seq = seq + 1
@@ -593,18 +647,26 @@ class Session:
         if not lazy:
             self._ack_urgent = True
         if seq != self.delivered + 1:
-            self._delivered_early.add(seq)
+            if self._delivered_early is None:
+                self._delivered_early = {seq}
+            else:
+                self._delivered_early.add(seq)
             return
         self.delivered = seq
-        self._undelivered_bytes -= self._undelivered_sizes.popleft()
+        sizes = self._undelivered_sizes
+        assert sizes is not None  # seq <= received: _handle_msg made it
+        self._undelivered_bytes -= sizes.popleft()
         if self._delivered_early:
             self._catch_up_delivered()
+        if not sizes:
+            self._undelivered_sizes = None  # all delivered: idle sessions hold no empty deque
 
     def _catch_up_delivered(self) -> None:
         # Only received messages count: after a restore (§6.4) early deliveries may
         # lie beyond ``received`` until the peer replays them.
         early = self._delivered_early
         sizes = self._undelivered_sizes
+        assert sizes is not None  # only called once a message was received
         while early and self.delivered + 1 in early and self.delivered < self.received:
             early.remove(self.delivered + 1)
             self.delivered += 1
@@ -747,7 +809,10 @@ class Session:
         except CodecError as exc:
             raise RemoteProtocolError(f"message {seq}: {exc}") from exc
         self.received = seq
-        self._undelivered_sizes.append(size)
+        sizes = self._undelivered_sizes
+        if sizes is None:
+            sizes = self._undelivered_sizes = deque()
+        sizes.append(size)
         self._undelivered_bytes += size
         self.stats.messages_received += 1
         if self._delivered_early and seq in self._delivered_early:
@@ -766,6 +831,8 @@ class Session:
         unacked = self._unacked
         while unacked and unacked[0][0] <= seq:
             self._unacked_bytes -= unacked.popleft()[2]
+        if not unacked:
+            self._unacked = None  # all acknowledged: idle sessions hold no empty deque
         self._acked = seq
         self._events.append(MessagesAcked(seq))
 
@@ -870,17 +937,19 @@ class Session:
         """The server lost our session: void what it may have seen, renumber the rest (§6.3)."""
         old_id = self.session_id or ""
         sent_high = self._sent_high
-        unconfirmed = sum(1 for e in self._unacked if e[0] <= sent_high)
-        carried = [e for e in self._unacked if e[0] > sent_high]
+        unacked = self._unacked or ()
+        unconfirmed = sum(1 for e in unacked if e[0] <= sent_high)
+        carried = [e for e in unacked if e[0] > sent_high]
         self.epoch += 1
-        self._unacked = deque()
+        self._unacked = None
         self._unacked_bytes = 0
         self._next_seq = 1
         self._acked = self._sent_high = 0
         self.received = self.delivered = self._ack_sent = 0
-        self._delivered_early.clear()
-        self._undelivered_sizes.clear()
+        self._delivered_early = None
+        self._undelivered_sizes = None
         self._undelivered_bytes = 0
+        kept: deque[StoredMessage] = deque()
         old_codec = self.codec
         renumbered: dict[int, int] = {}
         failed: list[int] = []
@@ -901,8 +970,9 @@ class Session:
             self._next_seq += 1
             renumbered[old_seq] = seq
             frame = frame[:_SEQ_OFFSET] + _U64.pack(seq) + frame[_SEQ_OFFSET + 8 :]
-            self._unacked.append((seq, frame, size))
+            kept.append((seq, frame, size))
             self._unacked_bytes += size
+        self._unacked = kept or None
         self._events.append(
             SessionExpiredEvent(old_id, sent_high, unconfirmed, renumbered, tuple(failed), failure)
         )
@@ -919,7 +989,7 @@ class Session:
     def _replay_after(self, peer_received: int) -> int:
         """Queue every unacknowledged message the peer has not received (§6.2)."""
         count = 0
-        for seq, frame, _size in self._unacked:
+        for seq, frame, _size in self._unacked or ():
             if seq > peer_received:
                 self._out.append(frame)
                 if seq <= self._sent_high:

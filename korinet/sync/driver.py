@@ -484,11 +484,10 @@ class SyncDriver(EndpointStatus):
         with self._mutex:
             if link is not None and link != self._link_no:
                 raise self._link_gone()
-            inbox = endpoint.inbox
-            if not inbox:
+            if not endpoint.inbox:  # (None when empty: read it afresh each time)
                 deadline = None if timeout is None else time.monotonic() + timeout
                 fast = self._plain
-                while not inbox:
+                while not endpoint.inbox:
                     notice = endpoint.take_notice()
                     if notice is not None:
                         raise notice
@@ -499,10 +498,10 @@ class SyncDriver(EndpointStatus):
                         # notice can arise in there: one comes with a new link's
                         # handshake, and the fast path returns when the link goes.)
                         fast = False
-                        self._read_blocking(inbox.__len__, deadline)
+                        self._read_blocking(lambda: endpoint.inbox, deadline)
                         continue
                     self._wait(
-                        lambda: bool(inbox) or endpoint.has_notice or endpoint.ended is not None,
+                        lambda: bool(endpoint.inbox) or endpoint.has_notice or endpoint.ended is not None,
                         deadline,
                         "waiting for a message",
                         link,
@@ -519,8 +518,7 @@ class SyncDriver(EndpointStatus):
     def recv_realtime_nowait(self) -> Message | None:
         """The oldest waiting realtime message, or None."""
         with self._mutex:
-            rt_inbox = self.endpoint.rt_inbox
-            return rt_inbox.popleft() if rt_inbox else None
+            return self.endpoint.take_realtime()
 
     def __iter__(self) -> Iterator[Any]:
         """``for data in client``: every payload until the session closes normally."""

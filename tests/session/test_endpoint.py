@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from session_helpers import SessionPair
 
-from korinet.endpoint import Done, Endpoint
+from korinet.endpoint import REALTIME_INBOX, Done, Endpoint
 from korinet.exceptions import ConnectionClosedError, MessageRejected
 from korinet.hookspecs import hookimpl
 from korinet.messages import Message, MessageType
@@ -217,4 +217,17 @@ def test_realtime_goes_to_the_realtime_inbox(plugins: PluginManager) -> None:
     pair, client, server = opened(plugins)
     assert pair.client.send_realtime("tick", "")
     step(pair, client, server)
-    assert [m.data for m in server.endpoint.rt_inbox] == ["tick"]
+    assert [m.data for m in server.endpoint.rt_inbox or ()] == ["tick"]
+    taken = server.endpoint.take_realtime()
+    assert taken is not None and taken.data == "tick"
+    assert server.endpoint.take_realtime() is None
+
+
+def test_a_full_realtime_inbox_drops_its_oldest(plugins: PluginManager) -> None:
+    pair, client, server = opened(plugins)
+    for i in range(REALTIME_INBOX + 2):
+        assert pair.client.send_realtime(i, "")
+    step(pair, client, server)
+    assert pair.server is not None and pair.server.stats.realtime_dropped == 2
+    taken = [m.data for m in iter(server.endpoint.take_realtime, None)]
+    assert taken == list(range(2, REALTIME_INBOX + 2))
