@@ -857,13 +857,7 @@ class SyncDriver(EndpointStatus):
         return bool(sock_events & _READABLE)
 
     def _set_rcvtimeo(self, sock: socket.socket, seconds: float) -> None:
-        whole = int(seconds)
-        try:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
-            )
-        except OSError:
-            pass  # the link is failing: the read reports it
+        set_socket_timeout(sock, socket.SO_RCVTIMEO, seconds)
         self._rcvtimeo = seconds
 
     def _update_poll_mask(self, which: int) -> Any:
@@ -1198,6 +1192,16 @@ class SyncDriver(EndpointStatus):
                     wait = min(wait, max(self._ack_due - now, 0.001))
         self._stopping.wait(wait)
         return True
+
+
+def set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Set SO_RCVTIMEO or SO_SNDTIMEO: how long one blocking call on ``sock`` may wait
+    (0: forever). A failing socket is left as it is: its next read or write says so."""
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
+    except OSError:
+        pass
 
 
 def tls_handshake(sock: socket.socket, tls: TLS, deadline: float) -> tuple[TLSEngine, bytes]:

@@ -25,6 +25,7 @@ from ..exceptions import (
 from ..messages import Message
 from ..session import CloseCode
 from ..wire.legacy import LEGACY_ACK, LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2
+from .driver import set_socket_timeout
 
 __all__ = ["SyncLegacyPeer"]
 
@@ -43,7 +44,12 @@ class SyncLegacyPeer:
     def __init__(
         self, sock: socket.socket, peername: str, leftover: bytes, accept_plain: bool = True
     ) -> None:
+        # A blocking socket whose waits SO_RCVTIMEO bounds: one system call per read
+        # (a Python timeout would poll() before every recv()), as the original reads.
+        sock.setblocking(True)
+        set_socket_timeout(sock, socket.SO_SNDTIMEO, LEGACY_IDLE_TIMEOUT)  # a peer that never reads
         self.sock = sock
+        self._rcvtimeo = 0.0  # SO_RCVTIMEO now (0.0: none)
         self.peername = peername
         self.accept_plain = accept_plain
         self._decoder = V2Decoder()
@@ -74,10 +80,16 @@ class SyncLegacyPeer:
         has been silent for LEGACY_IDLE_TIMEOUT, which ends the connection)."""
         try:
             while (entry := self._decoder.next_entry()) is None:
-                self.sock.settimeout(LEGACY_IDLE_TIMEOUT if timeout is None else timeout)
+                wait = LEGACY_IDLE_TIMEOUT if timeout is None else timeout
+                flags = 0
+                if wait < 1e-3:
+                    flags = socket.MSG_DONTWAIT  # (SO_RCVTIMEO 0 would wait forever)
+                elif wait != self._rcvtimeo:
+                    set_socket_timeout(self.sock, socket.SO_RCVTIMEO, wait)
+                    self._rcvtimeo = wait
                 try:
-                    data = self.sock.recv(READ_SIZE)
-                except TimeoutError:
+                    data = self.sock.recv(READ_SIZE, flags)
+                except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO passed (EAGAIN)
                     if timeout is not None:
                         raise KoriNetTimeout("timed out waiting for a message") from None
                     logger.info("%r: silent for %.0fs, closing", self, LEGACY_IDLE_TIMEOUT)

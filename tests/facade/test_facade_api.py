@@ -87,3 +87,49 @@ def test_v2_round_trip_and_eof() -> None:
         a.shutdown(socket.SHUT_WR)
         with pytest.raises(korinet.ConnectionClosedError):
             right.recv()
+
+
+@pytest.mark.timeout(60)
+def test_a_v2_peer_s_server_waits_in_one_blocking_read_and_honours_timeouts() -> None:
+    """server(conn) for an original v2 client: recv(timeout) raises KoriNetTimeout and the
+    connection lives on; the socket stays blocking (SO_RCVTIMEO bounds each read: one
+    system call per read, no poll() before it, as the original itself reads)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    peer = socket.create_connection(listener.getsockname(), timeout=10)
+    with listener, peer:
+        v2 = korinet.protocol.v2(peer)
+        v2.send({"n": 1})
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        srv = korinet.server(conn)
+        assert srv.legacy
+        assert srv.recv(timeout=10)["n"] == 1
+        assert v2.recv()["statusP"] is True
+        for timeout in (0.2, 0.0):
+            with pytest.raises(korinet.KoriNetTimeout):
+                srv.recv(timeout=timeout)
+        assert srv.peer.sock.gettimeout() is None, "the socket must stay blocking"
+        done = threading.Event()
+
+        def later() -> None:
+            v2.send({"n": 2})
+            assert v2.recv()["statusP"] is True
+            done.set()
+
+        sender = threading.Thread(target=later)
+        sender.start()
+        assert srv.recv(timeout=10)["n"] == 2
+        sender.join(10)
+        assert done.is_set()
+        replies: list[object] = []
+
+        def acknowledge() -> None:  # as the original client's recv(): take it, then statusP
+            replies.append(v2.recv())
+            v2.send({"statusP": True})
+
+        reader = threading.Thread(target=acknowledge)
+        reader.start()
+        srv.send({"status": True})  # returns once the v2 peer acknowledged it
+        reader.join(10)
+        assert [r["status"] for r in replies] == [True]  # type: ignore[index]
