@@ -437,7 +437,10 @@ class Endpoint:
                 else:
                     entry[0].set_result(ev.obj)
             return
-        mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
+        if not ev.type and self.accept_plain:
+            mtype, refusal = None, None  # plain data, welcome here: admit()'s first case, inline
+        else:
+            mtype, refusal = admit(ev, self.message_types, self.identity, self.accept_plain)
         if refusal is not None:
             queue_rejection(self.session, ev, refusal, self.handle)
             self.driver.call_hook(self.plugins.message_rejected, self.handle, ev.type, refusal)

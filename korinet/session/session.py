@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -689,12 +689,17 @@ class Session:
             and self.delivered > self._ack_sent
             and (self._ack_urgent or self._out or self.delivered - self._ack_sent >= LAZY_ACK_MAX)
         ):
-            self._out.append(_ACK_FRAME.pack(9, _ACK, self.delivered))
+            ack = _ACK_FRAME.pack(9, _ACK, self.delivered)
             self._ack_sent = self.delivered
             self._ack_urgent = False
-        out = self._out
-        if not out:
-            return b""
+            out = self._out
+            if not out:
+                return ack  # (a stop-and-wait receiver's every write)
+            out.append(ack)
+        else:
+            out = self._out
+            if not out:
+                return b""
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
@@ -714,14 +719,20 @@ class Session:
         if self._decoder is None or self._link_dead or self.state is CLOSED:
             return
         decoder = self._decoder
-        decoder.feed(data)
-        # Liveness (§4.3) needs a whole frame, or real progress through a large one:
-        # a peer dripping a byte at a time must not keep a link (and its buffer) alive.
-        if decoder.buffered >= self._progress_mark + PROGRESS_BYTES:
-            self._last_recv = now
-            self._progress_mark = decoder.buffered
+        frames: Iterable[tuple[int, bytes]]
+        whole = decoder.whole_frame(data)
+        if whole is not None:
+            frames = (whole,)  # one frame, one read: no copy through the decoder's buffer
+        else:
+            decoder.feed(data)
+            # Liveness (§4.3) needs a whole frame, or real progress through a large one:
+            # a peer dripping a byte at a time must not keep a link (and its buffer) alive.
+            if decoder.buffered >= self._progress_mark + PROGRESS_BYTES:
+                self._last_recv = now
+                self._progress_mark = decoder.buffered
+            frames = decoder.frames()
         try:
-            for ftype, body in decoder.frames():
+            for ftype, body in frames:
                 self._last_recv = now
                 self._progress_mark = 0
                 if self.state is OPEN:

@@ -101,7 +101,7 @@ from ..exceptions import (
 from ..messages import REALTIME, Message
 from ..plugins import PluginManager
 from ..security.tlsbio import RECORD, TLS, TLSEngine
-from ..session import CLOSED, OPEN, CloseCode, LinkOpened, MessagesAcked, Session
+from ..session import CLOSED, OPEN, CloseCode, LinkOpened, MessageReceived, MessagesAcked, Session
 from ..wire.frames import MessageFlags
 
 __all__ = ["BLOCKING_SLICE", "CLOSE_TIMEOUT", "SyncDriver", "await_in_background", "tls_handshake"]
@@ -313,13 +313,13 @@ class SyncDriver(EndpointStatus):
             except SendBufferFull:
                 pending = self._enqueue(obj, type, 0, 0, deadline, link)
             else:
-                pending = _Box()
-                self.endpoint.sent(seq, pending)
                 out = session.data_to_send()
                 if out:
-                    self._write(out)
+                    self._write(out)  # first: the peer works on it while we do the bookkeeping
                 else:
                     self._flush()
+                pending = _Box()  # (no ACK is read before it is registered: we hold the mutex)
+                self.endpoint.sent(seq, pending)
             if not pending.finished:
                 if self._plain and self._claim():
                     self._read_blocking(pending.done, deadline)
@@ -349,22 +349,19 @@ class SyncDriver(EndpointStatus):
             return  # (a claimed role is simply not taken: _wait claims it again)
         mutex = self._mutex
         monotonic = time.monotonic
+        endpoint = self.endpoint
         rbuf, rview = self._rbuf, self._rview
         self._leader = threading.get_ident()
         self._takeover = False
+        now = monotonic()  # then the time each read returned: timers are judged on it
         try:
             while not done():
-                if self._outbuf or self.endpoint.ended is not None or self._broken is not None:
+                if self._outbuf or endpoint.ended is not None or self._broken is not None:
                     return
                 wake_at = self._tick_at
                 if deadline is not None and (wake_at is None or deadline < wake_at):
                     wake_at = deadline
-                if (
-                    wake_at is None
-                    or self._ack_due is not None
-                    or wake_at - monotonic() < BLOCKING_SLICE
-                    or self._sock is not sock
-                ):
+                if wake_at is None or wake_at - now < BLOCKING_SLICE or self._ack_due is not None:
                     return
                 mutex.release()
                 try:
@@ -377,12 +374,14 @@ class SyncDriver(EndpointStatus):
                         self._broken = exc  # the general loop drops the link
                 finally:
                     mutex.acquire()
+                # (the link may have changed hands while the mutex was let go)
                 if size <= 0 or self._sock is not sock:
                     if size == 0 and self._sock is sock:
                         self._link_lost(None)
                     return
+                now = monotonic()
                 if self._tls_engine is None:
-                    session.receive_data(bytes(rview[:size]), monotonic())
+                    session.receive_data(bytes(rview[:size]), now)
                 else:
                     self._decrypt(rview[:size])
                 self._after_input()
@@ -894,8 +893,15 @@ class SyncDriver(EndpointStatus):
     def _after_input(self) -> None:
         """(mutex held, leader) Act on the session's events, write, drop the link if due."""
         events = self.session.events_received()
-        if len(events) == 1 and type(events[0]) is MessagesAcked:
-            self.endpoint.acked(events[0].seq)  # the stop-and-wait fast path
+        if len(events) == 1:  # the stop-and-wait fast paths (flush_soon is a no-op here)
+            ev = events[0]
+            kind = type(ev)
+            if kind is MessagesAcked:
+                self.endpoint.acked(ev.seq)  # type: ignore[attr-defined]
+            elif kind is MessageReceived:
+                self.endpoint.dispatch(ev)  # type: ignore[arg-type]
+            else:
+                self.endpoint.process(events)
         elif events:
             self.endpoint.process(events)
         self._flush()

@@ -41,6 +41,17 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buf) - self._pos
 
+    def whole_frame(self, data: bytes) -> tuple[int, bytes] | None:
+        """``(type, body)`` when nothing is buffered and ``data`` is exactly one valid
+        frame (the common case of a request-response exchange), without copying it
+        through the buffer; otherwise None, and the caller feeds ``data``."""
+        if self._pos != len(self._buf) or len(data) < HEADER_SIZE:
+            return None
+        length, ftype = _HEADER.unpack_from(data)
+        if length + 4 != len(data) or length > self.max_size or ftype not in _KNOWN_TYPES:
+            return None  # (a zero length cannot match: len(data) >= HEADER_SIZE)
+        return ftype, data[HEADER_SIZE:]
+
     def take_rest(self) -> bytes:
         """Return and forget every unparsed byte (used when a link changes hands)."""
         rest = bytes(self._buf[self._pos :])

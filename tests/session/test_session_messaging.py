@@ -371,6 +371,18 @@ def test_oversize_frame_closes_with_frame_too_large() -> None:
     assert close_code(server.data_to_send()) == CloseCode.FRAME_TOO_LARGE
 
 
+def test_an_oversize_frame_that_arrives_whole_in_one_read_is_refused_too() -> None:
+    # A read holding exactly one frame skips the receive buffer (the request-response
+    # fast path); the frame-size limit must hold on that path as well.
+    pair = SessionPair(server_config=SessionConfig(max_frame_size=1000)).open()
+    server = pair.server
+    assert server is not None
+    server.receive_data(encode_message(FrameType.MSG, 1, 0, 0, "", b"x" * 1000), 1.0)
+    assert server.state is CLOSED
+    assert close_code(server.data_to_send()) == CloseCode.FRAME_TOO_LARGE
+    assert not of_type(server.events_received(), MessageReceived)
+
+
 def test_nothing_is_processed_after_a_violation() -> None:
     pair = SessionPair().open()
     server = pair.server

@@ -166,3 +166,46 @@ def test_garbage_raises_only_remote_errors_and_stays_bounded(data: bytes, chunk:
             return
         # after parsing, at most one incomplete frame remains: its header or its body
         assert decoder.buffered < max(limit, 5)
+
+
+# whole_frame(): one read holding exactly one frame skips the buffer, never the checks
+
+
+def test_whole_frame_takes_exactly_one_frame_on_an_empty_decoder() -> None:
+    decoder = FrameDecoder(1000)
+    frame = Frame(FrameType.ACK, b"\x00" * 7 + b"\x05")
+    assert decoder.whole_frame(frame.serialize()) == (FrameType.ACK, frame.body)
+    assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        Frame(FrameType.PING, b"\x00" * 8).serialize() + b"\x00",  # a frame and the start of the next
+        Frame(FrameType.PING, b"\x00" * 8).serialize()[:-1],  # not all of it yet
+        b"\x00\x00\x00",  # not even a header
+        b"\xff\xff\xff\xff" + bytes([FrameType.MSG]),  # a 4 GiB prefix: the buffer's check refuses it
+        b"\x00\x00\x00\x00\x06",  # zero length
+        b"\x00\x00\x00\x01\xc8",  # unknown type 200
+        Frame(FrameType.PONG, b"p" * 1000).serialize(),  # whole, but one byte over the limit
+    ],
+    ids=["two", "part", "short", "4gib", "zero", "unknown", "oversize"],
+)
+def test_whole_frame_leaves_everything_else_to_the_buffer(data: bytes) -> None:
+    assert FrameDecoder(1000).whole_frame(data) is None
+
+
+def test_whole_frame_is_not_taken_while_bytes_wait_in_the_buffer() -> None:
+    decoder = FrameDecoder(1000)
+    first = Frame(FrameType.PONG, b"a" * 10).serialize()
+    decoder.feed(first[:3])
+    # a complete frame on its own, but the bytes before it come first
+    assert decoder.whole_frame(Frame(FrameType.PING, b"\x00" * 8).serialize()) is None
+    decoder.feed(first[3:])
+    assert drain(decoder) == [Frame(FrameType.PONG, b"a" * 10)]
+    assert decoder.whole_frame(first) == (FrameType.PONG, b"a" * 10)  # all consumed: fast again
+
+
+def test_whole_frame_of_exactly_the_limit() -> None:
+    frame = Frame(FrameType.PONG, b"p" * 999)
+    assert FrameDecoder(1000).whole_frame(frame.serialize()) == (FrameType.PONG, frame.body)
