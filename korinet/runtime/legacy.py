@@ -24,7 +24,7 @@ from ..exceptions import (
 )
 from ..messages import Message
 from ..session import CloseCode
-from ..wire.legacy import LEGACY_ACK, LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2
+from ..wire.legacy import LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2, encode_v2_ack
 from .connection import Connection
 
 __all__ = ["LegacyPeer"]
@@ -120,7 +120,7 @@ class LegacyPeer:
             except TimeoutError:
                 raise KoriNetTimeout("timed out waiting for a message") from None
         msg = self._inbox.popleft()
-        self.conn.write(encode_v2(LEGACY_ACK))
+        self.conn.write(encode_v2_ack())
         return msg
 
     async def recv(self, timeout: float | None = None) -> Any:

@@ -24,7 +24,7 @@ from ..exceptions import (
 )
 from ..messages import Message
 from ..session import CloseCode
-from ..wire.legacy import LEGACY_ACK, LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2
+from ..wire.legacy import LEGACY_IDLE_TIMEOUT, V2Decoder, encode_v2, encode_v2_ack
 from .driver import set_socket_timeout
 
 __all__ = ["SyncLegacyPeer"]
@@ -123,7 +123,7 @@ class SyncLegacyPeer:
                 obj, msg_id = self._next_entry(timeout)
                 self._inbox.append(Message("", obj, 0, 0, self, id=str(msg_id)))
             msg = self._inbox.popleft()
-            self._write(encode_v2(LEGACY_ACK))
+            self._write(encode_v2_ack())
             return msg
 
     def recv(self, timeout: float | None = None) -> Any:

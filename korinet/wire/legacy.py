@@ -16,7 +16,15 @@ import cbor2
 
 from ..exceptions import CodecError, FrameTooLarge, RemoteProtocolError
 
-__all__ = ["LEGACY_ACK", "LEGACY_IDLE_TIMEOUT", "LEGACY_MAX_BODY", "V2Decoder", "encode_v2", "new_id"]
+__all__ = [
+    "LEGACY_ACK",
+    "LEGACY_IDLE_TIMEOUT",
+    "LEGACY_MAX_BODY",
+    "V2Decoder",
+    "encode_v2",
+    "encode_v2_ack",
+    "new_id",
+]
 
 LEGACY_MAX_BODY: Final = 524288
 LEGACY_ACK: Final = {"statusP": True}
@@ -38,6 +46,15 @@ def encode_v2(data: Any, msg_id: str | None = None) -> bytes:
     if len(body) > LEGACY_MAX_BODY:
         raise CodecError(f"v2 frame body of {len(body)} bytes exceeds {LEGACY_MAX_BODY}")
     return _LEN.pack(len(body)) + body
+
+
+def encode_v2_ack() -> bytes:
+    """``encode_v2(LEGACY_ACK)``, the frame a server writes for every message it takes,
+    without running the CBOR encoder: only its id changes, and it is the last field."""
+    return _ACK_HEAD + new_id().encode()
+
+
+_ACK_HEAD: Final = encode_v2(LEGACY_ACK, "0" * 32)[:-32]
 
 
 class V2Decoder:

@@ -180,3 +180,22 @@ def test_oversize_data_is_refused_when_encoding() -> None:
     with pytest.raises(CodecError):
         encode_v2(b"x" * LEGACY_MAX_BODY)
     assert len(encode_v2(b"x" * (LEGACY_MAX_BODY - 100))) <= LEGACY_MAX_BODY + 4
+
+
+def test_the_servers_ack_is_encode_v2_of_statusp_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    # encode_v2_ack() splices a fresh id into a precomputed head instead of encoding
+    monkeypatch.setattr(legacy, "new_id", lambda: FIXED_ID)
+    assert legacy.encode_v2_ack() == encode_v2(LEGACY_ACK)
+
+
+def test_every_ack_has_a_fresh_id() -> None:
+    ids = set()
+    for _ in range(100):
+        wire = legacy.encode_v2_ack()
+        (length,) = struct.unpack("!I", wire[:4])
+        entry = cbor2.loads(wire[4:])
+        assert length == len(wire) - 4
+        assert entry["data"] == LEGACY_ACK
+        assert re.fullmatch(r"[0-9a-f]{32}", entry["id"])
+        ids.add(entry["id"])
+    assert len(ids) == 100
