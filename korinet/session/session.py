@@ -529,7 +529,10 @@ class Session:
             CodecError: ``obj`` cannot be encoded.
             MessageTooLarge: the frame would exceed the peer's maximum.
         """
-        payload = self._sending_codec().encode(obj)
+        codec = self.codec
+        if codec is None or self.state is CLOSED:
+            codec = self._sending_codec()  # raises why not
+        payload = codec.encode(obj)
         seq = self._next_seq
         # _message_frame inlined: this is every post's hot path
         if flags or type:
@@ -802,12 +805,12 @@ class Session:
             m = decode_message(body)
             seq, flags, corr, mtype, payload = m.seq, m.flags, m.corr, m.type, m.payload
         received = self.received
-        if seq == 0:
-            raise RemoteProtocolError("MSG with sequence number 0 (reliable messages start at 1)")
-        if seq <= received:
-            self.stats.duplicates_dropped += 1  # a replay of what we already have (§5.3)
-            return
         if seq != received + 1:
+            if seq == 0:
+                raise RemoteProtocolError("MSG with sequence number 0 (reliable messages start at 1)")
+            if seq <= received:
+                self.stats.duplicates_dropped += 1  # a replay of what we already have (§5.3)
+                return
             raise RemoteProtocolError(f"sequence gap: expected {received + 1}, got {seq}")
         if seq - self.delivered > self.config.window:
             raise RemoteProtocolError(f"the peer exceeded our window of {self.config.window} messages")
