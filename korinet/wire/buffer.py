@@ -18,7 +18,8 @@ class FrameDecoder:
     """Accumulates bytes and parses frames out of them.
 
     Feed bytes with :meth:`feed`, then iterate :meth:`frames` (the fast path, used
-    by the session) or call :meth:`next_frame` until it returns ``None``. A
+    by the session) or call :meth:`next_frame` until it returns ``None``; a read
+    that holds exactly one frame may skip the buffer (:meth:`whole_frame`). A
     malformed header raises a :class:`~korinet.exceptions.RemoteProtocolError`
     after every complete frame before it was yielded; the decoder is then unusable.
     """
