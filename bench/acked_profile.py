@@ -17,6 +17,8 @@ taking each with ``async for``) it prints, per message:
     python bench/acked_profile.py --plain             # only the run (for valgrind/strace)
     python bench/acked_profile.py --callgrind -n 5000 # instructions per message (valgrind)
     python bench/acked_profile.py --what request      # ``await client.request(p, ECHO)`` instead
+    python bench/acked_profile.py --what echo         # ``send()`` then ``recv()`` of the server's
+                                                      # echo (``post(msg)``), as bench/core.py's async_echo
     python bench/acked_profile.py --what pipelined    # ``post()`` in a window of 1,024, as the
                                                       # pipelined figure of bench/peer_korinet.py
     python bench/acked_profile.py --what raw-echo --procs 2 --callgrind
@@ -142,8 +144,9 @@ class _CountingSocket:
 
 
 async def _consume(peer: korinet.Peer) -> None:
-    async for _ in peer:
-        pass
+    async for data in peer:
+        if WHAT == "echo":
+            peer.post(data)
 
 
 WHAT = os.environ.get("ACKED_PROFILE_WHAT", "send")  # set by --what; children inherit it
@@ -153,6 +156,11 @@ async def _sends(client: korinet.Client, n: int, payload: bytes) -> None:
     if WHAT == "request":  # as bench/peer_korinet.py's request/response figure does it
         for _ in range(n):
             await client.request(payload, ECHO, timeout=10.0)
+        return
+    if WHAT == "echo":  # as bench/peer_korinet.py's echo_send_recv (async_echo)
+        for _ in range(n):
+            await client.send(payload, timeout=10.0)
+            await client.recv(timeout=10.0)
         return
     if WHAT == "pipelined":  # as bench/peer_korinet.py's pipelined figure: post() in a window
         last = client.session.acked  # the warm-up sends were awaited: all acked
@@ -251,7 +259,7 @@ async def _serve(conn: Connection, n: int, with_profile: bool, plain: bool) -> N
 
     async def consume(peer: korinet.Peer) -> None:
         nonlocal received
-        async for _ in peer:
+        async for data in peer:
             received += 1
             if received == WARMUP + 1:
                 # the first measured message is in: count from here (the client's
@@ -262,6 +270,8 @@ async def _serve(conn: Connection, n: int, with_profile: bool, plain: bool) -> N
                     counts.wrap_socket(peer.conn.transport)
                     prof.start()
                 started.set()
+            if WHAT == "echo":  # after the counting starts: the echo is part of the cost
+                peer.post(data)
             if received == WARMUP + n:
                 done.set()
 
@@ -484,10 +494,11 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
     ap.add_argument(
         "--what",
-        choices=("send", "request", "pipelined", "raw-echo", "blocking"),
+        choices=("send", "request", "echo", "pipelined", "raw-echo", "blocking"),
         default=WHAT,
         help=(
             "send: await send() (default); request: await request(p, ECHO); "
+            "echo: send() then recv() of the server's post() back; "
             "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo; "
             "blocking: client().send() against server(conn)"
         ),

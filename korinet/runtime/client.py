@@ -63,6 +63,10 @@ class Client(Peer, Reconnecting):
             delivered exactly once (docs/ARCHITECTURE.md, "Durable sessions").
     """
 
+    # made on first use (class defaults until then: see Peer's)
+    _tls_settings: TLS | None = None
+    _own_store: SessionStore | None = None
+
     def __init__(
         self,
         host: str,
@@ -95,8 +99,6 @@ class Client(Peer, Reconnecting):
         self._runner: asyncio.Task[None] | None = None
         self._link_down = asyncio.Event()
         self._wake = asyncio.Event()
-        self._tls_settings: TLS | None = None
-        self._own_store: SessionStore | None = None
         if store is not None:
             self._open_store(store)
 

@@ -114,8 +114,13 @@ class Connection(asyncio.BufferedProtocol):
         # Copied out at once, so one buffer serves every connection of this thread.
         if self._tls is not None:
             self._tls.received(_read_buffers.view[:nbytes])
-        else:
-            self.data_received(_read_buffers.view[:nbytes].tobytes())
+            return
+        data = _read_buffers.view[:nbytes].tobytes()
+        peer = self.peer
+        if peer is not None:  # (data_received's first case, one call less per read)
+            peer.link_data(self, data)
+        elif self.on_data is not None:
+            self.on_data(data)
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None:

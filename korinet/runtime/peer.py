@@ -55,6 +55,13 @@ LAZY_ACK_DELAY: float = 0.02
 #: A realtime message is dropped rather than queued behind this many unsent bytes.
 REALTIME_MAX_BACKLOG: int = 64 * 1024
 
+# Peer._answering: the application took a message and has queued none since (_TOOK);
+# it queued one between its last two takes (_ANSWERS): it answers what it takes (an
+# echo, a stop-and-wait client reading replies), and the ACK of what it takes waits
+# for the answer, to ride on it (one write, one segment, where an ACK alone made two).
+_TOOK = 1
+_ANSWERS = 2
+
 
 class Peer(EndpointStatus):
     """One session as the application sees it.
@@ -64,6 +71,19 @@ class Peer(EndpointStatus):
     :meth:`send_realtime`. Receiving: :meth:`recv`, :meth:`recv_message`,
     ``async for``. Typed messages with a handler never reach the inbox.
     """
+
+    # State the hot path never reads starts as these class defaults, set on the
+    # instance only once used: CPython shares a class's instance attribute names
+    # only up to a limit (30 keys), and near it every attribute lookup of the hot
+    # path costs more (a Client with 30 attributes spent 2% more instructions per
+    # message than one with 28). Not for what the hot path reads: an attribute
+    # found on the class is a slower lookup than one on the instance.
+    #: waits with a timeout, made on first use
+    _deadlines: _Deadlines | None = None
+    #: hook and handler tasks, kept from the garbage collector (an empty set is 216 B)
+    _tasks: set[asyncio.Task[Any]] | None = None
+    #: True: when the session ends here, leave it in the store (to be resumed later)
+    keep_stored = False
 
     def __init__(
         self,
@@ -85,15 +105,11 @@ class Peer(EndpointStatus):
         self._flush_pending = False  # a _flush is scheduled with call_soon
         self._wrote_now = False  # a message went out at once since the last _flush
         self._unflushed = 0
+        self._answering = 0  # _TOOK | _ANSWERS: whether the application answers what it takes
         self._ack_timer: asyncio.TimerHandle | None = None
-        # hook and handler tasks, kept from the garbage collector; made on first use
-        # (an empty set is 216 B, and most sessions never run one)
-        self._tasks: set[asyncio.Task[Any]] | None = None
         self.closed: asyncio.Future[KoriNetError] = self.loop.create_future()
         #: the durable store of this session (None: it lives in memory only)
         self._stored: StoredSession | None = None
-        #: True: when the session ends here, leave it in the store (to be resumed later)
-        self.keep_stored = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.session.session_id} {self.session.state.name}>"
@@ -160,6 +176,7 @@ class Peer(EndpointStatus):
                 pass
         if fut is None:
             fut = await self._enqueue(obj, type, 0, 0, timeout)
+            assert fut is not None  # (None only for a request)
         if timeout is None:
             await fut
         else:
@@ -249,7 +266,7 @@ class Peer(EndpointStatus):
             queued = False
             if self.session.codec is not None and not self.closed.done():
                 try:  # the common case, without _enqueue's coroutine (as send())
-                    self._queue(obj, type, _REQUEST, corr)
+                    self._queue_request(obj, type, corr)
                     queued = True
                 except SendBufferFull:
                     pass
@@ -264,11 +281,14 @@ class Peer(EndpointStatus):
         if not request.corr:
             raise ValueError("this message is not a request")
         fut = await self._enqueue(obj, request.type, _REPLY, request.corr, None)
+        assert fut is not None  # (None only for a request)
         await fut
 
     async def _enqueue(
         self, obj: Any, type: str, flags: int, corr: int, timeout: float | None
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[None] | None:
+        """Queue a message once the session can take it: its ack future, or None
+        for a request (:meth:`_queue_request`)."""
         deadline = None if timeout is None else self.loop.time() + timeout
         while True:
             self._raise_if_closed()
@@ -276,6 +296,9 @@ class Peer(EndpointStatus):
                 await self.wait_connected(None if deadline is None else deadline - self.loop.time())
                 continue
             try:
+                if flags & _REQUEST:
+                    self._queue_request(obj, type, corr)
+                    return None
                 return self._queue(obj, type, flags, corr)
             except SendBufferFull:
                 waiter = self.loop.create_future()
@@ -291,10 +314,20 @@ class Peer(EndpointStatus):
             self._accepted()
         fut: asyncio.Future[None] = self.loop.create_future()
         self.endpoint.sent(seq, fut)
-        if flags & _REQUEST:
-            self.endpoint.request_sent(corr, seq)
         self._after_queue()
         return fut
+
+    def _queue_request(self, obj: Any, type: str, corr: int) -> None:
+        # As _queue, without an ack future: nobody awaits a request's ack (its reply
+        # says more, and carries the ack), and close() waits for it through the
+        # request table.
+        seq = self.session.send_message(obj, type, flags=_REQUEST, corr=corr)
+        if self._stored is not None:
+            self._accepted()
+        endpoint = self.endpoint
+        endpoint.sent(seq)
+        endpoint.request_sent(corr, seq)
+        self._after_queue()
 
     def _after_queue(self) -> None:
         # The first message after a quiet spell goes out at once (latency); the ones
@@ -304,6 +337,8 @@ class Peer(EndpointStatus):
         # runs whenever bytes arrive or a scheduled flush fires. So a stop-and-wait
         # sender (its ack came in between) schedules nothing.
         self._unflushed += 1
+        if self._answering & _TOOK:
+            self._answering = _ANSWERS
         if not self._wrote_now:
             self._flush()
             self._wrote_now = True
@@ -318,15 +353,18 @@ class Peer(EndpointStatus):
     async def _wait(self, fut: asyncio.Future[Any], timeout: float | None, what: str) -> Any:
         if timeout is None:
             return await fut
+        # Every future waited on here is this call's own (an ack, a reply, a waiter):
+        # failing it with KoriNetTimeout abandons the wait, not the message (the
+        # session keeps it; whoever resolves these skips done futures).
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = _Deadlines(self.loop)
+        waits = deadlines.waits
+        deadlines.add(fut, timeout, what)
         try:
-            # Every future waited on here is this call's own (an ack, a reply, a
-            # waiter): cancelling it on a timeout abandons the wait, not the message
-            # (the session keeps it; _acked skips cancelled futures). Awaiting it
-            # directly, not through wait_for(shield()), saves two loop turns a wait.
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise KoriNetTimeout(f"timed out after {timeout:.3g}s {what}") from None
+            return await fut
+        finally:
+            waits.pop(fut, None)
 
     # ------------------------------------------------------------------ receiving
 
@@ -341,13 +379,16 @@ class Peer(EndpointStatus):
             ConnectionClosedOK / ConnectionClosedError: the session ended.
             KoriNetTimeout: nothing arrived within ``timeout``.
         """
+        if self._answering & _TOOK:  # nothing queued since the last take: no answer to ride on
+            self._answering = 0
         deadline = None if timeout is None else self.loop.time() + timeout
         endpoint = self.endpoint
         while not endpoint.inbox:  # (None when empty: read it afresh each time)
-            notice = self.endpoint.take_notice()
+            notice = endpoint.take_notice()
             if notice is not None:
                 raise notice
-            self._raise_if_closed()
+            if self.closed.done():  # (_raise_if_closed, inline: once per message)
+                raise self.closed.result()
             waiter = self._inbox_waiter = self.loop.create_future()
             try:
                 if deadline is None:
@@ -365,8 +406,13 @@ class Peer(EndpointStatus):
                 self._schedule_flush()
             elif endpoint.inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
+            elif self._answering & _ANSWERS:
+                # The ACK rides on the answer the application queues in this step
+                # (_after_queue writes at once); at the latest it goes a loop turn later.
+                self._schedule_flush()
             else:
                 self._flush()  # the inbox is drained: acknowledge now, not a loop turn later
+            self._answering |= _TOOK
         return msg
 
     async def recv(self, timeout: float | None = None) -> Any:
@@ -394,17 +440,18 @@ class Peer(EndpointStatus):
         to be acknowledged, so that closing never loses what send_nowait queued."""
         if self.is_closed:
             return
-        acks = self.endpoint.acks
-        if acks and self.is_connected:
+        waits = [cast("asyncio.Future[None]", f) for _, f in self.endpoint.acks or ()]
+        # requests in flight have no ack future (_queue_request): wait for the last one's ack
+        last_request = max((seq for _, seq in self.endpoint.requests.values()), default=0)
+        if last_request > self.session.acked:
+            request_acked: asyncio.Future[None] = self.loop.create_future()
+            self.endpoint.wait_acked(last_request, request_acked)
+            waits.append(request_acked)
+        if waits and self.is_connected:
             try:
-                await asyncio.wait_for(
-                    asyncio.gather(
-                        *(cast("asyncio.Future[None]", f) for _, f in acks), return_exceptions=True
-                    ),
-                    timeout,
-                )
+                await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
             except TimeoutError:
-                logger.warning("%r: closing with %d message(s) unacknowledged", self, len(acks))
+                logger.warning("%r: closing with %d message(s) unacknowledged", self, self.session.unacked)
         self.session.close(CloseCode.NORMAL, reason)
         conn = self.conn
         if conn is not None and (self._stored is None or self._commit_before_write()):
@@ -645,6 +692,50 @@ class Peer(EndpointStatus):
             conn.abort()
             self.session.connection_lost(self.loop.time())
         self.finish(error)
+
+
+class _Deadlines:
+    """The waits of one Peer that have a timeout, served by one timer armed for the
+    earliest deadline: a stop-and-wait loop with a timeout arms a timer once per
+    timeout period, not once per message as asyncio.timeout() does (a TimerHandle,
+    a heap push, a Timeout object, a cancel)."""
+
+    __slots__ = ("at", "loop", "timer", "waits")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: future -> (deadline, timeout, what it waits for)
+        self.waits: dict[asyncio.Future[Any], tuple[float, float, str]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.at = 0.0  # when the timer fires
+
+    def add(self, fut: asyncio.Future[Any], timeout: float, what: str) -> None:
+        when = self.loop.time() + timeout
+        self.waits[fut] = (when, timeout, what)
+        if self.timer is None or when < self.at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.at = when
+        self.timer = self.loop.call_at(when, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        earliest = None
+        waits = self.waits
+        for fut, (when, timeout, what) in list(waits.items()):
+            if when <= now:
+                del waits[fut]
+                if not fut.done():
+                    fut.set_exception(KoriNetTimeout(f"timed out after {timeout:.3g}s {what}"))
+                    fut.exception()  # the waiter raises it; no "never retrieved" if it was cancelled too
+            elif earliest is None or when < earliest:
+                earliest = when
+        if earliest is not None:
+            self._arm(earliest)
 
 
 async def _await(awaitable: Awaitable[Any], done: Done) -> None:

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from testutil import TIMEOUT_FACTOR
+from testutil import TIMEOUT_FACTOR, eventually
 
-from korinet import Client, KoriNetTimeout, Peer, Server
+from korinet import Client, KoriNetTimeout, Peer, Server, SessionConfig
+from korinet.builtin import ECHO
 from korinet.plugins import PluginManager
 
 T = 10 * TIMEOUT_FACTOR
@@ -104,7 +105,7 @@ async def test_a_burst_goes_out_in_few_writes_and_all_arrives(count: int) -> Non
 
 
 async def test_a_timed_out_send_is_still_delivered_once_and_the_session_goes_on() -> None:
-    # A timeout abandons the wait (its future is cancelled), never the message.
+    # A timeout abandons the wait (its future fails with KoriNetTimeout), never the message.
     plugins = PluginManager.load(entry_points=False)
     got: list[object] = []
     release = asyncio.Event()
@@ -126,4 +127,174 @@ async def test_a_timed_out_send_is_still_delivered_once_and_the_session_goes_on(
         await client.send("second", timeout=T)  # acked after the first: both are in
         await asyncio.wait_for(both_in.wait(), T)
         assert got == ["first", "second"] and client.queued == 0
+        await client.close()
+
+
+def _count_timers(loop: asyncio.AbstractEventLoop) -> tuple[list[float], Callable[[], None]]:
+    """Record every timer armed on ``loop`` (call_at; call_later goes through it)."""
+    armed: list[float] = []
+    call_at = loop.call_at
+
+    def spy(when: float, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        armed.append(when)
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = spy  # type: ignore[method-assign]
+
+    def undo() -> None:
+        del loop.call_at  # type: ignore[method-assign]
+
+    return armed, undo
+
+
+async def test_waits_with_a_timeout_share_one_timer() -> None:
+    # A stop-and-wait loop with a timeout (send, request, recv) arms no timer per
+    # message: one timer, armed for the earliest deadline, serves every wait.
+    plugins = PluginManager.load(entry_points=False)
+
+    async def echo(peer: Peer) -> None:
+        async for item in peer:
+            peer.post(item)
+
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        await client.send("warm-up", timeout=T)
+        assert await client.recv(timeout=T) == "warm-up"
+        armed, undo = _count_timers(asyncio.get_running_loop())
+        try:
+            for i in range(50):
+                await client.send(i, timeout=T)
+                assert await client.recv(timeout=T) == i
+        finally:
+            undo()
+        # (a lazy-ack timer may be armed for the echo's ack if the loop is slow)
+        assert len(armed) <= 5, armed
+        await client.close()
+
+
+async def test_a_shorter_timeout_fires_on_time_under_a_longer_one() -> None:
+    # The shared timer is re-armed for a wait whose deadline comes first, and a wait
+    # that times out leaves the others (and their timer) alone.
+    plugins = PluginManager.load(entry_points=False)
+    release = asyncio.Event()
+
+    async def late(peer: Peer) -> None:
+        await release.wait()  # takes nothing until told: no ack comes
+        async for _ in peer:
+            pass
+
+    async with Server("127.0.0.1", 0, handler=late, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        long_wait = asyncio.ensure_future(client.send("long", timeout=T))
+        await asyncio.sleep(0)  # the long wait is registered first
+        with pytest.raises(KoriNetTimeout, match=r"timed out after 0\.05s waiting for the ack"):
+            await client.send("short", timeout=0.05)
+        assert not long_wait.done()
+        with pytest.raises(KoriNetTimeout, match="waiting for a message"):
+            await client.recv(timeout=0.01)
+        assert not long_wait.done()
+        release.set()
+        await asyncio.wait_for(long_wait, T)  # acked: the timer did not fail it
+        assert client.queued == 0
+        await client.close()
+
+
+async def test_a_request_needs_no_ack_future_and_close_still_waits_for_its_ack() -> None:
+    # A request's ack resolves nothing (its reply does): no future per request. But
+    # close() still waits for a request in flight to be acknowledged, as for a send.
+    plugins = PluginManager.load(entry_points=False)
+    release = asyncio.Event()
+
+    async def late(peer: Peer) -> None:
+        await release.wait()  # the application takes nothing until told
+        while True:  # (ends when the session does)
+            msg = await peer.recv_message()
+            await peer.reply(msg, ("re", msg.data))
+
+    async with Server("127.0.0.1", 0, handler=late, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        request = asyncio.ensure_future(client.request("q", timeout=T))
+        await eventually(lambda: client.queued == 1, T, "the request is queued")
+        assert client.endpoint.acks is None  # no ack future for it
+        peer = next(iter(server.hub.sessions.values()))
+        await eventually(lambda: peer.endpoint.inbox, T, "the request is in")
+        closing = asyncio.ensure_future(client.close())
+        await asyncio.sleep(0)  # close() has started and waits for the ack
+        release.set()
+        assert await asyncio.wait_for(request, T) == ["re", "q"]
+        await asyncio.wait_for(closing, T)
+        assert client.queued == 0
+
+
+async def test_an_answer_carries_the_ack_of_what_it_answers() -> None:
+    # An echo round trip takes one write a side: the ACK of the message taken rides
+    # on the answer queued in the same step, on the server (the echo) and on the
+    # client (its next message carries the ACK of the echo it read).
+    plugins = PluginManager.load(entry_points=False)
+
+    async def echo(peer: Peer) -> None:
+        async for item in peer:
+            peer.post(item)
+
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        for i in range(3):  # warm-up: both sides learn that the other answers
+            await client.send(i, timeout=T)
+            assert await client.recv(timeout=T) == i
+        peer = next(iter(server.hub.sessions.values()))
+        client_writes, server_writes = _count_writes(client), _count_writes(peer)
+        for i in range(50):
+            await client.send(i, timeout=T)
+            assert await client.recv(timeout=T) == i
+        assert len(server_writes) == 50  # the echo and the ACK of the message together
+        assert len(client_writes) <= 51  # each message with the ACK of the last echo
+        await client.close()
+
+
+async def test_an_ack_owed_to_an_application_that_stops_answering_still_goes() -> None:
+    # The application answered so far, then takes a message and awaits something
+    # else: the ACK does not wait for an answer that never comes (at most a loop turn).
+    plugins = PluginManager.load(entry_points=False)
+    acked = asyncio.Event()
+
+    async def echo_then_stall(peer: Peer) -> None:
+        async for item in peer:
+            if item == "stall":
+                await acked.wait()  # set only once the client has our ACK
+                return
+            peer.post(item)
+
+    # heartbeats far apart: a PING's flush must not be what sends the ACK
+    config = SessionConfig(heartbeat_interval=60.0)
+    async with Server("127.0.0.1", 0, handler=echo_then_stall, plugins=plugins, config=config) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins, config=config)
+        for i in range(3):
+            await client.send(i, timeout=T)
+            assert await client.recv(timeout=T) == i
+        await client.send("stall", timeout=T)  # acknowledged without an answer
+        acked.set()
+        await client.close()
+
+
+async def test_a_client_keeps_its_attributes_within_the_shared_key_limit() -> None:
+    # CPython shares the attribute names of a class's instances only up to a limit
+    # (30 keys); near it every attribute lookup of the hot path costs more (a
+    # Client with 30 attributes spent 2% more instructions per message than one
+    # with 28). State most sessions never use starts as class defaults. After the
+    # busiest pattern (send, recv and request, all with timeouts), with a margin:
+    plugins = PluginManager.load(entry_points=False)
+
+    async def echo(peer: Peer) -> None:
+        async for item in peer:
+            peer.post(item)
+
+    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        for i in range(3):
+            await client.send(i, timeout=T)
+            assert await client.recv(timeout=T) == i
+        assert await client.request("q", ECHO, timeout=T) == "q"
+        assert len(vars(client)) <= 26, sorted(vars(client))
+        peer = next(iter(server.hub.sessions.values()))
+        assert len(vars(peer)) <= 26, sorted(vars(peer))
         await client.close()
