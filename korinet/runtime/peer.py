@@ -556,9 +556,15 @@ class Peer(EndpointStatus):
 
     def process(self) -> None:
         """Act on the session's events, then write what it has to send."""
-        events = self.session.events_received()
+        session = self.session
+        events = session.events_received()
         reschedule = self.endpoint.process(events) if events else False
-        self._flush()  # (drops the link, and so its timer, when the session says so)
+        if session.has_output or self._stored is not None:
+            self._flush()  # (drops the link, and so its timer, when the session says so)
+        else:  # nothing to write, no ACK owed (a lone ACK, a message for the inbox): as _flush would
+            self._flush_pending = False
+            self._wrote_now = False
+            self._unflushed = 0
         conn = self.conn
         if conn is not None and (reschedule or conn._timer is None):
             self._schedule_timer()

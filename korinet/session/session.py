@@ -299,6 +299,13 @@ class Session:
             len(unacked) < self._limit_messages and self._unacked_bytes + size <= self._limit_bytes
         )
 
+    @property
+    def has_output(self) -> bool:
+        """Whether the driver has anything to do after input: bytes to write, an
+        acknowledgement owed (urgent or lazy), or the link to drop. When False,
+        :meth:`data_to_send` is empty and :meth:`close_expected` is False."""
+        return bool(self._out) or self.delivered > self._ack_sent or self._link_dead or self.state is CLOSED
+
     def close_expected(self) -> bool:
         """True when the driver must drop the current link (after writing data_to_send)."""
         return self._link_dead or self.state is CLOSED

@@ -904,9 +904,10 @@ class SyncDriver(EndpointStatus):
                 self.endpoint.process(events)
         elif events:
             self.endpoint.process(events)
-        self._flush()
-        if self.session.close_expected():
-            self._close_link()
+        if self.session.has_output:  # (not after a lone ACK, nor a message for the inbox)
+            self._flush()
+            if self.session.close_expected():
+                self._close_link()
 
     def _close_link(self) -> None:
         """(mutex held, leader) The session wants the link dropped (its data is written)."""
