@@ -38,22 +38,28 @@ def _count_writes(peer: Peer) -> list[bytes]:
     return writes
 
 
+def _spy_on(loop: asyncio.AbstractEventLoop, method: str, record: Callable[..., Any]) -> Callable[[], None]:
+    """Call ``record(*args)`` on every call of the loop's ``method`` (call_soon,
+    call_at...), which then runs as usual; returns the undo."""
+    original = getattr(loop, method)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        record(*args)
+        return original(*args, **kwargs)
+
+    setattr(loop, method, spy)
+    return lambda: delattr(loop, method)
+
+
 def _count_flushes(loop: asyncio.AbstractEventLoop, peer: Peer) -> tuple[list[str], Callable[[], None]]:
     """Record the peer's callbacks scheduled with call_soon; returns (names, undo)."""
     scheduled: list[str] = []
-    call_soon = loop.call_soon
 
-    def spy(callback: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Handle:
+    def record(callback: Callable[..., Any], *args: Any) -> None:
         if getattr(callback, "__self__", None) is peer:
             scheduled.append(callback.__name__)
-        return call_soon(callback, *args, **kwargs)
 
-    loop.call_soon = spy  # type: ignore[method-assign]
-
-    def undo() -> None:
-        del loop.call_soon  # type: ignore[method-assign]
-
-    return scheduled, undo
+    return scheduled, _spy_on(loop, "call_soon", record)
 
 
 async def test_stop_and_wait_writes_once_and_schedules_nothing() -> None:
@@ -133,18 +139,7 @@ async def test_a_timed_out_send_is_still_delivered_once_and_the_session_goes_on(
 def _count_timers(loop: asyncio.AbstractEventLoop) -> tuple[list[float], Callable[[], None]]:
     """Record every timer armed on ``loop`` (call_at; call_later goes through it)."""
     armed: list[float] = []
-    call_at = loop.call_at
-
-    def spy(when: float, callback: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        armed.append(when)
-        return call_at(when, callback, *args, **kwargs)
-
-    loop.call_at = spy  # type: ignore[method-assign]
-
-    def undo() -> None:
-        del loop.call_at  # type: ignore[method-assign]
-
-    return armed, undo
+    return armed, _spy_on(loop, "call_at", lambda when, *args: armed.append(when))
 
 
 async def test_waits_with_a_timeout_share_one_timer() -> None:
@@ -152,11 +147,7 @@ async def test_waits_with_a_timeout_share_one_timer() -> None:
     # message: one timer, armed for the earliest deadline, serves every wait.
     plugins = PluginManager.load(entry_points=False)
 
-    async def echo(peer: Peer) -> None:
-        async for item in peer:
-            peer.post(item)
-
-    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+    async with Server("127.0.0.1", 0, handler=_echo, plugins=plugins) as server:
         client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
         await client.send("warm-up", timeout=T)
         assert await client.recv(timeout=T) == "warm-up"
@@ -226,21 +217,26 @@ async def test_a_request_needs_no_ack_future_and_close_still_waits_for_its_ack()
         assert client.queued == 0
 
 
+async def _echo(peer: Peer) -> None:
+    async for item in peer:
+        peer.post(item)
+
+
+async def _echoes(client: Client, count: int) -> None:
+    for i in range(count):
+        await client.send(i, timeout=T)
+        assert await client.recv(timeout=T) == i
+
+
 async def test_an_answer_carries_the_ack_of_what_it_answers() -> None:
     # An echo round trip takes one write a side: the ACK of the message taken rides
     # on the answer queued in the same step, on the server (the echo) and on the
     # client (its next message carries the ACK of the echo it read).
     plugins = PluginManager.load(entry_points=False)
 
-    async def echo(peer: Peer) -> None:
-        async for item in peer:
-            peer.post(item)
-
-    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+    async with Server("127.0.0.1", 0, handler=_echo, plugins=plugins) as server:
         client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
-        for i in range(3):  # warm-up: both sides learn that the other answers
-            await client.send(i, timeout=T)
-            assert await client.recv(timeout=T) == i
+        await _echoes(client, 3)  # warm-up: both sides learn that the other answers
         peer = next(iter(server.hub.sessions.values()))
         client_writes, server_writes = _count_writes(client), _count_writes(peer)
         for i in range(50):
@@ -268,9 +264,7 @@ async def test_an_ack_owed_to_an_application_that_stops_answering_still_goes() -
     config = SessionConfig(heartbeat_interval=60.0)
     async with Server("127.0.0.1", 0, handler=echo_then_stall, plugins=plugins, config=config) as server:
         client = await Client.connect("127.0.0.1", server.port, plugins=plugins, config=config)
-        for i in range(3):
-            await client.send(i, timeout=T)
-            assert await client.recv(timeout=T) == i
+        await _echoes(client, 3)
         await client.send("stall", timeout=T)  # acknowledged without an answer
         acked.set()
         await client.close()
@@ -284,15 +278,9 @@ async def test_a_client_keeps_its_attributes_within_the_shared_key_limit() -> No
     # busiest pattern (send, recv and request, all with timeouts), with a margin:
     plugins = PluginManager.load(entry_points=False)
 
-    async def echo(peer: Peer) -> None:
-        async for item in peer:
-            peer.post(item)
-
-    async with Server("127.0.0.1", 0, handler=echo, plugins=plugins) as server:
+    async with Server("127.0.0.1", 0, handler=_echo, plugins=plugins) as server:
         client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
-        for i in range(3):
-            await client.send(i, timeout=T)
-            assert await client.recv(timeout=T) == i
+        await _echoes(client, 3)
         assert await client.request("q", ECHO, timeout=T) == "q"
         assert len(vars(client)) <= 26, sorted(vars(client))
         peer = next(iter(server.hub.sessions.values()))
