@@ -43,7 +43,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -73,6 +73,9 @@ RETRY: Final = 1.0
 PTT_KEEP: Final = 900.0
 #: bytes a push-to-talk log keeps at most, per channel (about 30 minutes of pcm16 talk)
 PTT_MAX_BYTES: Final = 64 * 2**20
+#: seconds a cancelled task has to end (its clean-up: a bus unsubscribes within 2 s)
+#: before it is cancelled again (see _cancel_and_wait)
+CANCEL_PATIENCE = 5.0
 
 
 def channel_subjects(channel: str) -> tuple[str, str, str]:
@@ -227,10 +230,7 @@ class ChannelBus:
             await asyncio.wait_for(
                 asyncio.gather(*(self._say_members(link, bye=True) for link in links)), 2.0
             )
-        for task in list(self._tasks):
-            if not task.cancelling():  # once: a second cancel would cut a link's clean-up short
-                task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_and_wait(self._tasks)
 
     # ------------------------------------------------------------------ tasks
 
@@ -317,9 +317,7 @@ class ChannelBus:
                 logger.warning("#%s on the cluster bus: %s; again in %.0f s", link.channel, exc, RETRY)
             finally:
                 link.ready.clear()
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await _cancel_and_wait(tasks)
                 for listener in listeners:
                     with contextlib.suppress(Exception):
                         await listener.close()
@@ -402,3 +400,23 @@ class ChannelBus:
             return
         self.hub.stats.utterances_from_bus += 1
         self.hub.part_in(link.channel, part)
+
+
+async def _cancel_and_wait(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    A task still running CANCEL_PATIENCE after its cancel is cancelled again: on
+    Python 3.11, ``asyncio.wait_for`` (used inside the NATS client) swallows a
+    cancellation that lands just as what it waits for completes, and the task then
+    goes on (here: follows its log forever, and closing the hub hung). A task
+    cancelled already (by close(), while it cleans up) is given its patience first:
+    a second cancel would cut its clean-up short."""
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        if not task.cancelling():
+            task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_PATIENCE)
+        for task in pending:
+            logger.debug("%r did not end on its cancel; cancelling it again", task)
+            task.cancel()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import audio_helpers
+import korinet_audio.cluster as audio_cluster
 import korinet_audio.plugin as audio_plugin
 import msgpack
 import pytest
@@ -331,6 +332,38 @@ async def test_a_push_to_talk_log_forgets_parts_older_than_ptt_keep(plugins: Plu
         assert [e.seq for e in await bus.read(log, 0)] == [2]
         assert [p["first_seq"] for p in parts] == [0, 3]
         await close_calls(alice, bob)
+
+
+class _FollowerThatSwallowsItsCancel(LocalBus):
+    """A bus whose log follower takes its first cancel for nothing and goes on
+    waiting, as one does when asyncio.wait_for (inside the NATS client, on Python
+    3.11) swallows a cancellation that lands as what it waits for completes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swallowed = 0
+
+    async def follow(self, log: str, after: int) -> AsyncIterator[Any]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        await asyncio.Event().wait()
+        yield  # (an async generator, as follow() is)
+
+
+async def test_closing_a_hub_ends_a_link_task_that_swallowed_its_cancel(
+    plugins: PluginManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audio_cluster, "CANCEL_PATIENCE", 0.05)
+    bus = _FollowerThatSwallowsItsCancel()
+    async with asyncio.timeout(20 * TIMEOUT_FACTOR):  # (closing hung for good before)
+        async with two_hubs(plugins, lambda: bus) as (a, _):
+            alice, _ = await open_call(a.port, plugins, "alice")
+            assert a.audio.cluster is not None
+            await wait_for(lambda: a.audio.cluster.links["lobby"].ready.is_set(), 10.0, "the channel")
+            await close_calls(alice)
+    assert bus.swallowed >= 1
 
 
 # ---------------------------------------------------------------------- nats-server
