@@ -25,6 +25,9 @@ taking each with ``async for``) it prints, per message:
                                                       # the raw asyncio echo (bench/peer_asyncio.py)
     python bench/acked_profile.py --what blocking --procs 2 --callgrind
                                                       # client().send() against server(conn)
+    python bench/acked_profile.py --what blocking-echo --procs 2 --callgrind
+                                                      # client() send()+recv() against server(conn)
+                                                      # recv()+send(), as bench/core.py's blocking_rtt
 
 ``--callgrind`` runs the plain script under ``valgrind --tool=callgrind`` twice, with
 N and with 0 measured messages (start-up, connect and warm-up cancel out), every
@@ -333,7 +336,7 @@ def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any,
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     raw = WHAT == "raw-echo"
-    blocking = WHAT == "blocking"
+    blocking = WHAT in ("blocking", "blocking-echo")
     if (raw or blocking) and not plain:
         raise SystemExit(f"--what {WHAT} runs only with --plain or --callgrind, with --procs 2")
     if raw:
@@ -396,8 +399,11 @@ def _blocking_server_main(conn: Connection, n: int) -> None:
         conn.send(listener.getsockname()[1])
         accepted, _ = listener.accept()
     peer = korinet.server(accepted)
+    echo = WHAT == "blocking-echo"
     for _ in range(WARMUP + n):
-        peer.recv()
+        msg = peer.recv()
+        if echo:
+            peer.send(msg)
     conn.send(None)
     conn.recv()  # the client has closed
     peer.close()
@@ -406,9 +412,12 @@ def _blocking_server_main(conn: Connection, n: int) -> None:
 def _blocking_client(port: int, n: int, size: int) -> None:
     cli = korinet.client(LOOPBACK, port)
     payload = os.urandom(size)
+    echo = WHAT == "blocking-echo"
     try:
         for _ in range(WARMUP + n):
             cli.send(payload)
+            if echo:
+                cli.recv()
     finally:
         cli.close()
 
@@ -494,13 +503,14 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
     ap.add_argument(
         "--what",
-        choices=("send", "request", "echo", "pipelined", "raw-echo", "blocking"),
+        choices=("send", "request", "echo", "pipelined", "raw-echo", "blocking", "blocking-echo"),
         default=WHAT,
         help=(
             "send: await send() (default); request: await request(p, ECHO); "
             "echo: send() then recv() of the server's post() back; "
             "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo; "
-            "blocking: client().send() against server(conn)"
+            "blocking: client().send() against server(conn); "
+            "blocking-echo: client() send()+recv() against server(conn) recv()+send()"
         ),
     )
     args = ap.parse_args()

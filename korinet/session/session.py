@@ -730,9 +730,9 @@ class Session:
             return
         decoder = self._decoder
         frames: Iterable[tuple[int, bytes]]
-        whole = decoder.whole_frame(data)
+        whole = decoder.whole_frames(data)
         if whole is not None:
-            frames = (whole,)  # one frame, one read: no copy through the decoder's buffer
+            frames = whole  # whole frames, one read: no copy through the decoder's buffer
         else:
             decoder.feed(data)
             # Liveness (§4.3) needs a whole frame, or real progress through a large one:

@@ -355,8 +355,9 @@ class SyncDriver(EndpointStatus):
         as anything else comes up, for the general loop (:meth:`_wait`) to handle;
         what it does is the same as :meth:`_lead` does.
         """
-        if self._owe_ack:
-            self._send_owed_ack()
+        if self._owe_ack:  # (_send_owed_ack, written out: a stop-and-wait receiver's every call)
+            self._owe_ack = False
+            self._flush()
         sock = self._sock
         session = self.session
         if sock is None or session.state is not OPEN or self._rcvtimeo != BLOCKING_SLICE:

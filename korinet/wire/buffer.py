@@ -11,7 +11,11 @@ from collections.abc import Iterator
 
 from .frames import _HEADER, _KNOWN_TYPES, HEADER_SIZE, Frame, FrameType
 
-__all__ = ["FrameDecoder"]
+__all__ = ["WHOLE_FRAMES_MAX", "FrameDecoder"]
+
+#: Most frames :meth:`FrameDecoder.whole_frames` takes from one read; a read with
+#: more (a pipelined stream's) goes through the buffer without a second scan.
+WHOLE_FRAMES_MAX = 4
 
 
 class FrameDecoder:
@@ -19,7 +23,7 @@ class FrameDecoder:
 
     Feed bytes with :meth:`feed`, then iterate :meth:`frames` (the fast path, used
     by the session) or call :meth:`next_frame` until it returns ``None``; a read
-    that holds exactly one frame may skip the buffer (:meth:`whole_frame`). A
+    that holds only whole frames, a few, may skip the buffer (:meth:`whole_frames`). A
     malformed header raises a :class:`~korinet.exceptions.RemoteProtocolError`
     after every complete frame before it was yielded; the decoder is then unusable.
     """
@@ -42,16 +46,28 @@ class FrameDecoder:
         """Bytes received but not yet returned as frames."""
         return len(self._buf) - self._pos
 
-    def whole_frame(self, data: bytes) -> tuple[int, bytes] | None:
-        """``(type, body)`` when nothing is buffered and ``data`` is exactly one valid
-        frame (the common case of a request-response exchange), without copying it
-        through the buffer; otherwise None, and the caller feeds ``data``."""
-        if self._pos != len(self._buf) or len(data) < HEADER_SIZE:
+    def whole_frames(self, data: bytes) -> list[tuple[int, bytes]] | None:
+        """``[(type, body), ...]`` when nothing is buffered and ``data`` is exactly
+        one to WHOLE_FRAMES_MAX valid frames (a request-response exchange's every
+        read: a message, an ACK, or both), without copying them through the buffer;
+        otherwise None, and the caller feeds ``data``."""
+        size = len(data)
+        if self._pos != len(self._buf) or size < HEADER_SIZE:
             return None
-        length, ftype = _HEADER.unpack_from(data)
-        if length + 4 != len(data) or length > self.max_size or ftype not in _KNOWN_TYPES:
-            return None  # (a zero length cannot match: len(data) >= HEADER_SIZE)
-        return ftype, data[HEADER_SIZE:]
+        unpack = _HEADER.unpack_from
+        limit = self.max_size
+        found: list[tuple[int, bytes]] = []
+        pos = 0
+        while pos < size:
+            if size - pos < HEADER_SIZE or len(found) == WHOLE_FRAMES_MAX:
+                return None
+            length, ftype = unpack(data, pos)
+            end = pos + 4 + length
+            if end > size or length > limit or length == 0 or ftype not in _KNOWN_TYPES:
+                return None
+            found.append((ftype, data[pos + HEADER_SIZE : end]))
+            pos = end
+        return found
 
     def take_rest(self) -> bytes:
         """Return and forget every unparsed byte (used when a link changes hands)."""

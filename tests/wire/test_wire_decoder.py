@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from korinet.exceptions import FrameTooLarge, RemoteProtocolError, UnknownFrameType
-from korinet.wire.buffer import FrameDecoder
+from korinet.wire.buffer import WHOLE_FRAMES_MAX, FrameDecoder
 from korinet.wire.frames import Frame, FrameType, encode_message
 
 FRAMES = [
@@ -168,13 +168,18 @@ def test_garbage_raises_only_remote_errors_and_stays_bounded(data: bytes, chunk:
         assert decoder.buffered < max(limit, 5)
 
 
-# whole_frame(): one read holding exactly one frame skips the buffer, never the checks
+# whole_frames(): a read of a few whole frames skips the buffer, never the checks
 
 
-def test_whole_frame_takes_exactly_one_frame_on_an_empty_decoder() -> None:
+def test_whole_frames_takes_a_read_of_whole_frames_on_an_empty_decoder() -> None:
     decoder = FrameDecoder(1000)
-    frame = Frame(FrameType.ACK, b"\x00" * 7 + b"\x05")
-    assert decoder.whole_frame(frame.serialize()) == (FrameType.ACK, frame.body)
+    ack = Frame(FrameType.ACK, b"\x00" * 7 + b"\x05")
+    assert decoder.whole_frames(ack.serialize()) == [(FrameType.ACK, ack.body)]
+    answer = FRAMES[1]  # an answer and the ACK riding on it: a request-response exchange's read
+    assert decoder.whole_frames(answer.serialize() + ack.serialize()) == [
+        (FrameType.MSG, answer.body),
+        (FrameType.ACK, ack.body),
+    ]
     assert decoder.buffered == 0
 
 
@@ -185,27 +190,50 @@ def test_whole_frame_takes_exactly_one_frame_on_an_empty_decoder() -> None:
         Frame(FrameType.PING, b"\x00" * 8).serialize()[:-1],  # not all of it yet
         b"\x00\x00\x00",  # not even a header
         b"\xff\xff\xff\xff" + bytes([FrameType.MSG]),  # a 4 GiB prefix: the buffer's check refuses it
+        FRAMES[0].serialize() + b"\xff\xff\xff\xff" + bytes([FrameType.MSG]),  # ... after a good frame
         b"\x00\x00\x00\x00\x06",  # zero length
         b"\x00\x00\x00\x01\xc8",  # unknown type 200
+        FRAMES[0].serialize() + b"\x00\x00\x00\x01\xc8",  # ... after a good frame
         Frame(FrameType.PONG, b"p" * 1000).serialize(),  # whole, but one byte over the limit
+        FRAMES[0].serialize() * (WHOLE_FRAMES_MAX + 1),  # more than a few: a stream's read
     ],
-    ids=["two", "part", "short", "4gib", "zero", "unknown", "oversize"],
+    ids=["partial", "part", "short", "4gib", "4gib-2nd", "zero", "unknown", "unknown-2nd", "over", "many"],
 )
-def test_whole_frame_leaves_everything_else_to_the_buffer(data: bytes) -> None:
-    assert FrameDecoder(1000).whole_frame(data) is None
+def test_whole_frames_leaves_everything_else_to_the_buffer(data: bytes) -> None:
+    assert FrameDecoder(1000).whole_frames(data) is None
 
 
-def test_whole_frame_is_not_taken_while_bytes_wait_in_the_buffer() -> None:
+def test_whole_frames_is_not_taken_while_bytes_wait_in_the_buffer() -> None:
     decoder = FrameDecoder(1000)
     first = Frame(FrameType.PONG, b"a" * 10).serialize()
     decoder.feed(first[:3])
     # a complete frame on its own, but the bytes before it come first
-    assert decoder.whole_frame(Frame(FrameType.PING, b"\x00" * 8).serialize()) is None
+    assert decoder.whole_frames(Frame(FrameType.PING, b"\x00" * 8).serialize()) is None
     decoder.feed(first[3:])
     assert drain(decoder) == [Frame(FrameType.PONG, b"a" * 10)]
-    assert decoder.whole_frame(first) == (FrameType.PONG, b"a" * 10)  # all consumed: fast again
+    assert decoder.whole_frames(first) == [(FrameType.PONG, b"a" * 10)]  # all consumed: fast again
 
 
-def test_whole_frame_of_exactly_the_limit() -> None:
+def test_whole_frames_of_exactly_the_limit() -> None:
     frame = Frame(FrameType.PONG, b"p" * 999)
-    assert FrameDecoder(1000).whole_frame(frame.serialize()) == (FrameType.PONG, frame.body)
+    assert FrameDecoder(1000).whole_frames(frame.serialize()) == [(FrameType.PONG, frame.body)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    picks=st.lists(st.integers(0, len(FRAMES) - 1), max_size=6),
+    tail=st.binary(max_size=12),
+    cut=st.integers(0, 40),
+)
+def test_whole_frames_agrees_with_the_buffer(picks: list[int], tail: bytes, cut: int) -> None:
+    """Whatever a read holds (whole frames, a cut one, garbage after them), the fast
+    path either declines or gives exactly what the buffer would, with nothing left."""
+    data = b"".join(FRAMES[i].serialize() for i in picks) + tail
+    data = data[: max(len(data) - cut, 0)] if cut % 2 else data
+    fast = FrameDecoder(4096).whole_frames(data)
+    if fast is None:
+        return
+    slow = FrameDecoder(4096)
+    slow.feed(data)
+    assert fast == [(f.type, f.body) for f in drain(slow)]
+    assert slow.buffered == 0
