@@ -65,14 +65,6 @@ new ``server(conn)``, and expires after its TTL (``sync/server.py``). Waits
 without a link are spent in ``poll()`` on the wake-up pair, so a hand-over,
 a resume or ``close()`` interrupts them.
 
-``recv()`` acknowledges what it hands out, but the ACK of the inbox's last message
-waits for the application's next call: an answer (``send()``, ``request()``,
-``reply()``, ``close()``) carries it in the same write, so a request-response
-exchange costs one write per side, as a raw ping-pong does; a thread about to block
-(the next ``recv()`` included) writes it first; an application busy elsewhere has it
-written by the background thread within ``idle_handover``. While another thread
-reads, the ACK goes out at once (that reader may sleep in ``poll()`` for long).
-
 A handler (of a typed message) runs in the reading thread, holding the leader
 role but not ``_mutex``; a request is answered by its return value. A blocking
 call on the same client from a handler would wait for itself: it raises
@@ -271,9 +263,6 @@ class SyncDriver(EndpointStatus):
         #: its link is gone (see the ``link`` argument of send() and recv_message())
         self._link_no = 0
         self._ack_due: float | None = None
-        #: recv() handed out the inbox's last message and left its ACK to ride on the
-        #: application's next frame (see recv_message); whoever next blocks sends it
-        self._owe_ack = False
         self._tick_at: float | None = None  # when the session's timers are next due (cached)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -324,8 +313,7 @@ class SyncDriver(EndpointStatus):
             except SendBufferFull:
                 pending = self._enqueue(obj, type, 0, 0, deadline, link)
             else:
-                out = session.data_to_send()  # (with the ACK recv() left owed, if any)
-                self._owe_ack = False
+                out = session.data_to_send()
                 if out:
                     self._write(out)  # first: the peer works on it while we do the bookkeeping
                 else:
@@ -355,9 +343,6 @@ class SyncDriver(EndpointStatus):
         as anything else comes up, for the general loop (:meth:`_wait`) to handle;
         what it does is the same as :meth:`_lead` does.
         """
-        if self._owe_ack:  # (_send_owed_ack, written out: a stop-and-wait receiver's every call)
-            self._owe_ack = False
-            self._flush()
         sock = self._sock
         session = self.session
         if sock is None or session.state is not OPEN or self._rcvtimeo != BLOCKING_SLICE:
@@ -522,13 +507,7 @@ class SyncDriver(EndpointStatus):
                     )
             msg = endpoint.take()
             if msg.seq:
-                if endpoint.inbox is None and self._leader is None and not msg.corr:
-                    # The inbox's last message: its ACK rides on the application's next
-                    # frame (an answer is one write, not two), or goes out as soon as a
-                    # thread blocks, or from the background thread within idle_handover.
-                    self._owe_ack = True
-                else:
-                    self._flush()
+                self._flush()
             return msg
 
     def recv(self, timeout: float | None = None) -> Any:
@@ -699,8 +678,6 @@ class SyncDriver(EndpointStatus):
             KoriNetTimeout: ``deadline`` passed first.
             ConnectionClosedError: ``link`` is gone (the session lives on).
         """
-        if self._owe_ack:
-            self._send_owed_ack()
         if link is not None:
             wanted = cond
 
@@ -963,12 +940,6 @@ class SyncDriver(EndpointStatus):
 
     # ------------------------------------------------------------------ writing
 
-    def _send_owed_ack(self) -> None:
-        """(mutex held) Write the ACK recv() left to ride on the application's next
-        frame: the application is waiting instead (or was idle for idle_handover)."""
-        self._owe_ack = False
-        self._flush()
-
     def _flush(self) -> None:
         """(mutex held) Write what the session has to send."""
         data = self.session.data_to_send()
@@ -1186,8 +1157,6 @@ class SyncDriver(EndpointStatus):
             if self.endpoint.ended is not None or self._stopping.is_set():
                 return False
             now = time.monotonic()
-            if self._owe_ack and self._leader is None:
-                self._send_owed_ack()
             if self._ack_due is not None and now >= self._ack_due and self._leader is None:
                 self._ack_due = None
                 if self.session.ack_pending:
