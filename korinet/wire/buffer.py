@@ -54,8 +54,13 @@ class FrameDecoder:
         size = len(data)
         if self._pos != len(self._buf) or size < HEADER_SIZE:
             return None
-        unpack = _HEADER.unpack_from
         limit = self.max_size
+        length, ftype = _HEADER.unpack_from(data)
+        if length + 4 == size:  # one frame: a stop-and-wait exchange's every read
+            if length > limit or ftype not in _KNOWN_TYPES:
+                return None  # (a zero length cannot match: size >= HEADER_SIZE)
+            return [(ftype, data[HEADER_SIZE:])]
+        unpack = _HEADER.unpack_from
         found: list[tuple[int, bytes]] = []
         pos = 0
         while pos < size:
