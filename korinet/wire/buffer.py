@@ -54,25 +54,21 @@ class FrameDecoder:
         size = len(data)
         if self._pos != len(self._buf) or size < HEADER_SIZE:
             return None
-        limit = self.max_size
-        length, ftype = _HEADER.unpack_from(data)
-        if length + 4 == size:  # one frame: a stop-and-wait exchange's every read
-            if length > limit or ftype not in _KNOWN_TYPES:
-                return None  # (a zero length cannot match: size >= HEADER_SIZE)
-            return [(ftype, data[HEADER_SIZE:])]
         unpack = _HEADER.unpack_from
+        limit = self.max_size
         found: list[tuple[int, bytes]] = []
         pos = 0
-        while pos < size:
-            if size - pos < HEADER_SIZE or len(found) == WHOLE_FRAMES_MAX:
-                return None
+        while True:
             length, ftype = unpack(data, pos)
             end = pos + 4 + length
             if end > size or length > limit or length == 0 or ftype not in _KNOWN_TYPES:
                 return None
             found.append((ftype, data[pos + HEADER_SIZE : end]))
+            if end == size:
+                return found
+            if size - end < HEADER_SIZE or len(found) == WHOLE_FRAMES_MAX:
+                return None
             pos = end
-        return found
 
     def take_rest(self) -> bytes:
         """Return and forget every unparsed byte (used when a link changes hands)."""
