@@ -233,7 +233,8 @@ class JobRun:
 
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """The exit notice (see protocol.ExitNotice)."""
-        return await asyncio.wait_for(asyncio.shield(self.exit), timeout)
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self.exit)
 
     async def signal(self, sig: int) -> bool:
         reply = await self.conn.client.request({"job": self.id, "signal": int(sig)}, p.SIGNAL, timeout=10)

@@ -310,7 +310,8 @@ class Job:
         self._watch_events()
         launcher.launch(self.dir)
         try:
-            await asyncio.wait_for(self.started_event.wait(), START_TIMEOUT)
+            async with asyncio.timeout(START_TIMEOUT):
+                await self.started_event.wait()
         except TimeoutError:
             self._lost("its supervisor did not start the command in time")
 

@@ -324,11 +324,13 @@ class Relay:
         port = int(peer[1]) if peer else 0
         keep = False
         try:
-            first = await asyncio.wait_for(reader.readexactly(1), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                first = await reader.readexactly(1)
             if first == MAGIC[:1]:
                 # MAGIC is read whole first even when busy: closing with unread bytes
                 # would send a reset, which can destroy the answer before it is read.
-                magic = first + await asyncio.wait_for(reader.readexactly(len(MAGIC) - 1), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    magic = first + await reader.readexactly(len(MAGIC) - 1)
                 if magic == MAGIC:
                     keep = await self._register(address, reader, writer)
                 elif magic == QUERY:

@@ -151,7 +151,8 @@ async def run_on_host(
         # as in a local pipeline (cmd | head): the writer gets SIGPIPE, silently
         if run is not None:
             with contextlib.suppress(KoriNetError, TimeoutError):
-                await asyncio.wait_for(run.signal(signal.SIGPIPE), 2.0)
+                async with asyncio.timeout(2.0):
+                    await run.signal(signal.SIGPIPE)
         return HostResult(128 + signal.SIGPIPE, "local output closed", "done", signal.SIGPIPE, job_id)
     except MessageRejected as exc:
         report(f"{name}: refused: {explain(exc)}")

@@ -133,7 +133,8 @@ async def _serve(args: argparse.Namespace, plugins: PluginManager) -> int:
     await wait_for_stop_signal()
     await server.close()
     try:  # bounded: Ctrl-C ends the process even when the bus does not answer
-        await asyncio.wait_for(_leave_cluster(audio, bus), STOP_PATIENCE)
+        async with asyncio.timeout(STOP_PATIENCE):
+            await _leave_cluster(audio, bus)
     except TimeoutError:
         _say(f"the cluster bus did not answer within {STOP_PATIENCE:.0f} s while stopping; stopped anyway")
     return 0

@@ -227,9 +227,8 @@ class ChannelBus:
             if link.task is not None:
                 link.task.cancel()
         with contextlib.suppress(BusError, TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*(self._say_members(link, bye=True) for link in links)), 2.0
-            )
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*(self._say_members(link, bye=True) for link in links))
         await _cancel_and_wait(self._tasks)
 
     # ------------------------------------------------------------------ tasks

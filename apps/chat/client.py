@@ -843,7 +843,8 @@ class ChatClient:
             return
         self.hosting = True
         try:
-            await asyncio.wait_for(self._ask("took", port=port, **({"fp": fp} if fp else {})), MOVE_TIMEOUT)
+            async with asyncio.timeout(MOVE_TIMEOUT):
+                await self._ask("took", port=port, **({"fp": fp} if fp else {}))
         except (ChatError, KoriNetError, TimeoutError):
             pass  # the old hub is gone already: the others find us as after a crash
         await self._move(address, port, fp, f"{host}'s hub closed; now hosted by you ({self.nick})")
@@ -1124,7 +1125,8 @@ class ChatClient:
             return
         self._rooms_asked = now
         try:
-            result = await asyncio.wait_for(self._ask("rooms"), timeout)
+            async with asyncio.timeout(timeout):
+                result = await self._ask("rooms")
         except (ChatError, KoriNetError, TimeoutError):
             return
         self._learn_rooms([r.get("room") for r in result.get("rooms", ()) if isinstance(r, dict)])

@@ -127,7 +127,8 @@ async def browse(timeout: float = 1.5, *, interfaces: Sequence[str] | None = Non
         deadline = loop.time() + timeout
         # Stop at the first answer (plus a moment for others on the same LAN).
         try:
-            await asyncio.wait_for(seen.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await seen.wait()
             await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
         except TimeoutError:
             pass
@@ -151,7 +152,8 @@ async def answers(host: str, port: int, timeout: float = 1.0) -> bool:
     TTL), so a found hub is probed before anyone waits on it.
     """
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()

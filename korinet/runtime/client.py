@@ -10,6 +10,7 @@ credentials, a protocol violation) end the session instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as ssl_module
 from typing import TYPE_CHECKING, Any
@@ -211,13 +212,9 @@ class Client(Peer, Reconnecting):
                 return
             if delay:
                 logger.debug("%r: reconnecting in %.2fs", self, delay)
-                # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a
-                # cancel that lands as its inner wait finishes, and close() would hang.
-                nudge = asyncio.ensure_future(self._wake.wait())
-                try:
-                    await asyncio.wait({nudge}, timeout=delay)
-                finally:
-                    nudge.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 if self._wake.is_set():
                     logger.debug("%r: reconnecting now (nudged)", self)
                 self._wake.clear()
@@ -226,7 +223,8 @@ class Client(Peer, Reconnecting):
         """Connect, run the link until it drops; return whether a handshake completed."""
         self.reconnect.attempts += 1
         try:
-            conn = await asyncio.wait_for(self._open(), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await self._open()
         except (OSError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and not str(exc):  # say what took too long
                 exc = TimeoutError(

@@ -116,7 +116,8 @@ class LegacyPeer:
                 raise self.closed.result()
             self._waiter = self.loop.create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                async with asyncio.timeout(timeout):
+                    await self._waiter
             except TimeoutError:
                 raise KoriNetTimeout("timed out waiting for a message") from None
         msg = self._inbox.popleft()
@@ -142,7 +143,8 @@ class LegacyPeer:
         self._acks.append(fut)
         self.conn.write(encode_v2(obj))
         try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(fut)
         except TimeoutError:
             raise KoriNetTimeout("timed out waiting for the v2 acknowledgement") from None
 

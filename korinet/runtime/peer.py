@@ -449,7 +449,8 @@ class Peer(EndpointStatus):
             waits.append(request_acked)
         if waits and self.is_connected:
             try:
-                await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), timeout)
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*waits, return_exceptions=True)
             except TimeoutError:
                 logger.warning("%r: closing with %d message(s) unacknowledged", self, self.session.unacked)
         self.session.close(CloseCode.NORMAL, reason)
@@ -463,7 +464,8 @@ class Peer(EndpointStatus):
             if conn.transport is not None and conn.transport.can_write_eof():
                 conn.transport.write_eof()
             try:
-                await asyncio.wait_for(asyncio.shield(conn.lost), min(timeout, CLOSE_ECHO_TIMEOUT))
+                async with asyncio.timeout(min(timeout, CLOSE_ECHO_TIMEOUT)):
+                    await asyncio.shield(conn.lost)
             except TimeoutError:
                 pass
             conn.close()

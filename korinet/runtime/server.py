@@ -779,7 +779,8 @@ class Hub:
             # The application accepted the socket: its TLS handshake is bounded by our
             # handshake timeout (it counts in the limits once TLS is done).
             try:
-                await asyncio.wait_for(asyncio.shield(conn.secured), self.config.handshake_timeout)
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    await asyncio.shield(conn.secured)
             except TimeoutError:
                 conn.abort()
                 self._results.pop(conn, None)

@@ -139,8 +139,8 @@ class NatsBus:
                 logger.warning("cluster bus %s: reconnected", self.address)
 
         try:
-            self._nc = await asyncio.wait_for(
-                nats.connect(
+            async with asyncio.timeout(self.connect_timeout):
+                self._nc = await nats.connect(
                     servers=self.settings.servers,
                     connect_timeout=self.connect_timeout,
                     max_reconnect_attempts=-1,
@@ -148,9 +148,7 @@ class NatsBus:
                     allow_reconnect=True,
                     error_cb=failed,
                     reconnected_cb=reconnected,
-                ),
-                self.connect_timeout,
-            )
+                )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise BusError(
                 f"cannot reach the cluster bus at {self.address}: "
@@ -333,7 +331,8 @@ class NatsBus:
                     yield LogEntry(seq, msg.data)
             finally:
                 with contextlib.suppress(Exception):  # bounded: a shutdown must not wait on it
-                    await asyncio.wait_for(sub.unsubscribe(), UNSUBSCRIBE_PATIENCE)
+                    async with asyncio.timeout(UNSUBSCRIBE_PATIENCE):
+                        await sub.unsubscribe()
             if self._closed:
                 return  # the messages ended because we closed the bus
             logger.warning("cluster bus: following %r stopped at %d; following again", log, expected)
