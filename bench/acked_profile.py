@@ -23,6 +23,9 @@ taking each with ``async for``) it prints, per message:
                                                       # pipelined figure of bench/peer_korinet.py
     python bench/acked_profile.py --what raw-echo --procs 2 --callgrind
                                                       # the raw asyncio echo (bench/peer_asyncio.py)
+    python bench/acked_profile.py --what raw-pipelined --procs 2 --callgrind
+                                                      # the raw asyncio pipelined baseline, as
+                                                      # bench/core.py's raw_pipelined figures
     python bench/acked_profile.py --what blocking --procs 2 --callgrind
                                                       # client().send() against server(conn)
     python bench/acked_profile.py --what blocking-echo --procs 2 --callgrind
@@ -335,7 +338,7 @@ async def _client(port: int, n: int, size: int, with_profile: bool, plain: bool)
 def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    raw = WHAT == "raw-echo"
+    raw = WHAT in ("raw-echo", "raw-pipelined")
     blocking = WHAT in ("blocking", "blocking-echo")
     if (raw or blocking) and not plain:
         raise SystemExit(f"--what {WHAT} runs only with --plain or --callgrind, with --procs 2")
@@ -376,11 +379,15 @@ def _two_procs(n: int, size: int, with_profile: bool, plain: bool) -> tuple[Any,
 
 
 def _raw_server_main(conn: Connection) -> None:
-    asyncio.run(peer_asyncio._serve(conn, "echo"))  # returns once the client hangs up
+    mode = "ack" if WHAT == "raw-pipelined" else "echo"
+    asyncio.run(peer_asyncio._serve(conn, mode))  # returns once the client hangs up
     conn.send(None)
 
 
 async def _raw_client(port: int, n: int, size: int) -> None:
+    if WHAT == "raw-pipelined":
+        await peer_asyncio._pipelined(port, WARMUP + n, size, 600)  # one connection
+        return
     transport, proto = await peer_asyncio._connect(port, "echo")
     payload = os.urandom(size)
     try:
@@ -503,12 +510,22 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="instructions per message under valgrind")
     ap.add_argument(
         "--what",
-        choices=("send", "request", "echo", "pipelined", "raw-echo", "blocking", "blocking-echo"),
+        choices=(
+            "send",
+            "request",
+            "echo",
+            "pipelined",
+            "raw-echo",
+            "raw-pipelined",
+            "blocking",
+            "blocking-echo",
+        ),
         default=WHAT,
         help=(
             "send: await send() (default); request: await request(p, ECHO); "
             "echo: send() then recv() of the server's post() back; "
             "pipelined: post() with a window, as the pipelined figure; raw-echo: peer_asyncio's echo; "
+            "raw-pipelined: peer_asyncio's pipelined baseline; "
             "blocking: client().send() against server(conn); "
             "blocking-echo: client() send()+recv() against server(conn) recv()+send()"
         ),
