@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing as mp
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,23 @@ DRAIN_S = 10.0
 # "spawn" gives each child a fresh interpreter: its own GIL and no inherited
 # event loop, zmq context or paho thread (fork would copy those half-alive).
 MP = mp.get_context("spawn")
+
+
+def korinet_setup() -> str:
+    """What KoriNet's side runs with here: the codec its sessions agree on and the
+    plugins that load beyond what ``pip install .`` brings (a zstd plugin, say,
+    compresses every message). Set KORINET_DISABLE_PLUGINS to leave them out."""
+    from korinet.plugins import DISABLE_ENV, LOADED, default_manager
+
+    pm = default_manager()
+    extra = sorted(
+        p.name for p in pm.plugins() if p.state == LOADED and p.distribution not in ("", "korinet")
+    )
+    text = f"codec {pm.codec_offer()[0]}, " + (
+        f"more plugins loaded: {', '.join(extra)}" if extra else "no plugins beyond the apps"
+    )
+    disabled = os.environ.get(DISABLE_ENV, "")
+    return text + (f", {DISABLE_ENV}={disabled}" if disabled else "")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

@@ -35,6 +35,7 @@ import peer_korinet
 import peer_original
 import peer_socket
 import peer_zmq
+from benchutil import korinet_setup
 from run import cpu_model, fmt_number
 
 import korinet
@@ -336,7 +337,7 @@ def render(
             f"Linux {platform.release()}, Python {platform.python_version()}; "
             f"load average {os.getloadavg()[0]:.2f} at the end"
         ),
-        f"- code: korinet {korinet.__version__} at {_git_head()}",
+        f"- code: korinet {korinet.__version__} at {_git_head()}; {korinet_setup()}",
         (
             f"- method: `python bench/core.py{' --quick' if p.name == 'quick' else ''}`; TCP on 127.0.0.1, "
             "every server side in another process; each cell is the median of the runs with "

@@ -26,7 +26,7 @@ import peer_mqtt
 import peer_original
 import peer_zmq
 import zmq
-from benchutil import latency_figures
+from benchutil import korinet_setup, latency_figures
 
 SMALL = 64
 LARGE = 4096
@@ -185,7 +185,7 @@ class KorinetSystem(System):
     name = "KoriNet (this repo)"
 
     def version(self) -> str:
-        return f"korinet {peer_korinet.korinet.__version__} (msgpack codec)"
+        return f"korinet {peer_korinet.korinet.__version__} ({korinet_setup()})"
 
     def pipelined_64(self, n: int) -> float:
         return msgs_per_s(*peer_korinet.pipelined(n, SMALL, self.budget_s))

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Run the peer benchmark and print a markdown table: one column per system, one row
-per figure, medians over a few runs. Progress goes to stderr, the table to stdout.
+per figure, medians over a few runs, the systems taking turns within each figure.
+Progress goes to stderr, the table to stdout.
 
     python bench/run.py --quick                # short run (< 3 min)
     python bench/run.py                        # normal run (< 10 min)
@@ -58,33 +59,44 @@ def _as_dict(result: float | dict[str, float]) -> dict[str | None, float]:
     return {key: value for key, value in result.items()}  # widen the key type for mypy
 
 
-def measure(system: System, profile: Profile, notes: list[str]) -> dict[tuple[str, str | None], Cell]:
-    """Median of each figure this system provides; a failing method becomes "err" plus a note."""
-    cells: dict[tuple[str, str | None], Cell] = {}
+def measure(
+    systems: list[System], profile: Profile, notes: list[str]
+) -> dict[str, dict[tuple[str, str | None], Cell]]:
+    """Median of each figure of each system. Within a figure the systems take turns,
+    run 1 of each, then run 2 of each...: this machine's speed drifts by 2-3x within
+    minutes, and a figure measured minutes after its neighbour would compare phases,
+    not systems. A failing method becomes "err" plus a note."""
+    runs: dict[tuple[str, str], list[dict[str | None, float]]] = {}
+    failed: set[tuple[str, str]] = set()
     methods = dict.fromkeys(row.method for row in ROWS)  # ordered, unique
     for method in methods:
-        fn = getattr(system, method, None)
-        if not callable(fn):
-            continue
+        takers = [s for s in systems if callable(getattr(s, method, None))]
         n = profile.sizes[method]
-        runs: list[dict[str | None, float]] = []
-        try:
-            for rep in range(profile.reps):
+        for rep in range(profile.reps):
+            for system in takers:
+                if (system.name, method) in failed:
+                    continue
                 t0 = time.monotonic()
-                runs.append(_as_dict(fn(n)))
-                shown = ", ".join(f"{k or 'value'}={v:,.1f}" for k, v in runs[-1].items())
-                _log(f"  {system.name} {method} #{rep + 1}: {shown} ({time.monotonic() - t0:.1f}s)")
-        except Exception as exc:  # one broken peer must not sink the table
-            notes.append(f"{system.name} / {method}: {type(exc).__name__}: {exc}")
-            _log(f"  {system.name} {method} FAILED: {exc!r}")
-            for row in ROWS:
-                if row.method == method:
-                    cells[(method, row.key)] = "err"
-            continue
-        for key in runs[0]:
-            values = [run[key] for run in runs]
-            cells[(method, key)] = Stat(statistics.median(values), min(values), max(values))
-    return cells
+                try:
+                    result = _as_dict(getattr(system, method)(n))
+                except Exception as exc:  # one broken peer must not sink the table
+                    notes.append(f"{system.name} / {method}: {type(exc).__name__}: {exc}")
+                    _log(f"  {system.name} {method} FAILED: {exc!r}")
+                    failed.add((system.name, method))
+                    continue
+                runs.setdefault((system.name, method), []).append(result)
+                shown = ", ".join(f"{k or 'value'}={v:,.1f}" for k, v in result.items())
+                _log(f"  {method} #{rep + 1} {system.name}: {shown} ({time.monotonic() - t0:.1f}s)")
+    results: dict[str, dict[tuple[str, str | None], Cell]] = {s.name: {} for s in systems}
+    for system in systems:
+        cells = results[system.name]
+        for row in ROWS:
+            if (system.name, row.method) in failed:
+                cells[(row.method, row.key)] = "err"
+            elif (system.name, row.method) in runs:
+                values = [run[row.key] for run in runs[(system.name, row.method)]]
+                cells[(row.method, row.key)] = Stat(statistics.median(values), min(values), max(values))
+    return results
 
 
 def fmt_number(v: float) -> str:
@@ -133,7 +145,8 @@ def render(
         ),
         (
             f"- method: TCP on 127.0.0.1, server side in its own process; median of {profile.reps} runs, "
-            f"each bounded by a message count and {profile.budget_s:g} s; window {WINDOW}, "
+            "the systems taking turns within each figure (run 1 of each, then run 2...), "
+            f"each run bounded by a message count and {profile.budget_s:g} s; window {WINDOW}, "
             f"ack every {ACK_EVERY}; MB = 10^6 payload bytes"
             + ("; cells: median (min-max)" if spread else "")
         ),
@@ -171,21 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[tuple[str, str | None], Cell]] = {}
     versions: list[str] = []
     notes: list[str] = []
-    for key in names:
-        system = SYSTEMS[key](profile.budget_s)
-        systems.append(system)
-        _log(f"[{key}] {system.name}")
-        try:
-            system.setup()
-            versions.append(system.version())
-            results[system.name] = measure(system, profile, notes)
-        except Exception as exc:  # report it in the table instead
-            notes.append(f"{system.name} / setup: {type(exc).__name__}: {exc}")
-            failed: dict[tuple[str, str | None], Cell] = {
-                (row.method, row.key): "err" for row in ROWS if hasattr(system, row.method)
-            }
-            results[system.name] = failed
-        finally:
+    ready: list[System] = []
+    try:
+        for key in names:
+            system = SYSTEMS[key](profile.budget_s)
+            systems.append(system)
+            _log(f"[{key}] {system.name}: setting up")
+            try:
+                system.setup()
+                versions.append(system.version())
+                ready.append(system)
+            except Exception as exc:  # report it in the table instead
+                notes.append(f"{system.name} / setup: {type(exc).__name__}: {exc}")
+                results[system.name] = {
+                    (row.method, row.key): "err" for row in ROWS if hasattr(system, row.method)
+                }
+        results.update(measure(ready, profile, notes))
+    finally:
+        for system in systems:
             system.teardown()
     print(render(profile, systems, results, [v for v in versions if v], notes, args.spread))
     _log(f"total {time.monotonic() - started:.0f}s")
