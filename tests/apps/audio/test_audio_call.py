@@ -267,8 +267,11 @@ async def test_after_a_2s_freeze_the_delay_is_back_within_10s(
 ) -> None:
     """The hub-to-listener link freezes for 2 s, open but passing nothing: what it
     carries is lost (black hole) or held and delivered in a burst (stall, as TCP does
-    when a frozen link thaws). Within 10 s the delay is back within 5 ms of before: the
-    frames the buffer takes out to come back down are pauses of the talk spurts."""
+    when a frozen link thaws). Within 10 s the delay is back within half a frame of
+    before: the frames the buffer takes out to come back down are pauses of the talk
+    spurts. "Before" is at least the buffer's target depth: a buffer that happened to
+    run below its target before the freeze (a frame short since the call's start, at
+    28 ms instead of 43) comes back to its target, not to that."""
     relay = await Relay("127.0.0.1", server.port).start()
     listener, _ = await open_call(relay.port, plugins, "bob")
     talker, _ = await open_call(server.port, plugins, "alice", capture=FileCapture(talk_spurts(40.0)))
@@ -287,18 +290,32 @@ async def test_after_a_2s_freeze_the_delay_is_back_within_10s(
     relay.black_hole = False
     thawed = time.time()
 
+    lasts: list[float] = []
+
+    source = listener.receiver.sources["alice"]
+
     def recovered() -> bool:
         now = time.time()
         last = median_delay(listener, max(thawed, now - 1.0), now)
-        return last is not None and last <= before + 0.005
+        if last is not None:
+            lasts.append(last)
+        buffer = source.jitter
+        return last is not None and last <= max(before, buffer.target * buffer.frame) + buffer.frame / 2
 
-    await wait_for(recovered, 10.0, "the delay to come back down")
+    try:
+        await wait_for(recovered, 10.0, "the delay to come back down")
+    except AssertionError as exc:
+        buffer = source.jitter
+        trail = ", ".join(f"{x * 1000:.0f}" for x in lasts[:: max(1, len(lasts) // 20)])
+        raise AssertionError(
+            f"{exc}: before {before * 1000:.0f} ms; medians since the thaw (ms): {trail}; buffer depth "
+            f"{buffer.depth} target {buffer.target} jitter {buffer.jitter * 1000:.1f} ms; {buffer.stats}"
+        ) from None
     back = time.time() - thawed
     peak = max(h - c for h, c in listener.receiver.history if h > thawed)
-    jitter = listener.receiver.sources["alice"].jitter
     print(
-        f"{freeze}: delay before {before * 1000:.0f} ms, peak {peak * 1000:.0f} ms, back within 5 ms "
-        f"after {back:.1f} s; {jitter.stats}"
+        f"{freeze}: delay before {before * 1000:.0f} ms, peak {peak * 1000:.0f} ms, back within half a frame "
+        f"after {back:.1f} s; {source.jitter.stats}"
     )
     for call in (talker, listener):
         call.stop()
