@@ -24,9 +24,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 import nats
@@ -40,9 +40,11 @@ __all__ = ["NatsBus", "parse_address"]
 
 logger = logging.getLogger(__name__)
 
-#: how long one append keeps retrying (the same msg_id, so never twice) while the
-#: bus is unreachable or electing a leader
-APPEND_PATIENCE = 30.0
+#: how long one operation (an append with its msg_id, so never twice; making a
+#: stream, a consumer or a key space) keeps retrying while the bus is unreachable
+#: or electing a leader, or a replicated create takes longer than one request's
+#: timeout (a cluster under load)
+PATIENCE = 30.0
 
 #: seconds an unsubscribe may take before we stop waiting for it (a JetStream
 #: consumer's may need the server, which a shutdown or a node loss can keep away)
@@ -96,6 +98,9 @@ def _failing(what: str) -> Iterator[None]:
         raise
     except (nats.errors.Error, OSError) as exc:  # nats' TimeoutError is an OSError too
         raise BusError(f"cannot {what}: {exc!r}") from exc
+
+
+_T = TypeVar("_T")
 
 
 def _name(kind: str, name: str) -> str:
@@ -178,6 +183,23 @@ class NatsBus:
             raise BusError("the cluster bus is not connected (call connect() first)")
         return self._js
 
+    async def _patiently(self, what: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """``attempt()``, again after an error that passes (see ``_TRANSIENT``) for up
+        to ``PATIENCE`` seconds; anything else, or patience run out, is a BusError
+        that says ``cannot {what}``. An attempt must be safe to repeat: the one that
+        timed out may have been done all the same."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + PATIENCE
+        while True:
+            try:
+                return await attempt()
+            except _TRANSIENT as exc:
+                if self._closed or loop.time() > give_up:
+                    raise BusError(f"cannot {what} on {self.address}: {exc!r}") from exc
+                await asyncio.sleep(0.2)
+            except (nats.errors.Error, OSError) as exc:
+                raise BusError(f"cannot {what} on {self.address}: {exc!r}") from exc
+
     # ------------------------------------------------------------------ logs
 
     @staticmethod
@@ -225,23 +247,15 @@ class NatsBus:
     async def retain(self, log: str, retention: Retention) -> None:
         self._retention[_name("log", log)] = retention
         self._streams.discard(self._stream(log)[0])  # made or changed with the limits now
-        with _failing(f"set the retention of {log!r} on {self.address}"):
-            await self._ensure_stream(log)
+        await self._patiently(f"set the retention of {log!r}", lambda: self._ensure_stream(log))
 
     async def append(self, log: str, data: bytes, *, msg_id: str) -> Appended:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + APPEND_PATIENCE
-        while True:
-            try:
-                stream, subject = await self._ensure_stream(log)
-                ack = await self.js.publish(subject, data, stream=stream, headers={"Nats-Msg-Id": msg_id})
-                return Appended(int(ack.seq), bool(ack.duplicate))
-            except _TRANSIENT as exc:
-                if self._closed or loop.time() > give_up:
-                    raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
-                await asyncio.sleep(0.2)  # the same msg_id again: stored once whatever happened
-            except (nats.errors.Error, OSError) as exc:
-                raise BusError(f"cannot append to {log!r} on {self.address}: {exc!r}") from exc
+        async def attempt() -> Appended:  # the same msg_id each time: stored once whatever happened
+            stream, subject = await self._ensure_stream(log)
+            ack = await self.js.publish(subject, data, stream=stream, headers={"Nats-Msg-Id": msg_id})
+            return Appended(int(ack.seq), bool(ack.duplicate))
+
+        return await self._patiently(f"append to {log!r}", attempt)
 
     async def _state(self, log: str) -> tuple[int, int]:
         """(first, last): the numbers of the first entry kept and of the last one."""
@@ -288,25 +302,15 @@ class NatsBus:
         return entries
 
     async def _subscribe(self, log: str, subject: str, config: Any) -> Any:
-        """An ordered consumer, retried like an append while the cluster elects a leader
-        (making a consumer needs JetStream's meta leader: a node kill can take it)."""
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + APPEND_PATIENCE
-        while True:
-            try:
-                return await self.js.subscribe(
-                    subject, ordered_consumer=True, config=config, idle_heartbeat=2.0
-                )
-            except _TRANSIENT as exc:
-                if self._closed or loop.time() > give_up:
-                    raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
-                await asyncio.sleep(0.2)
-            except (nats.errors.Error, OSError) as exc:
-                raise BusError(f"cannot follow {log!r} on {self.address}: {exc!r}") from exc
+        """An ordered consumer, retried while the cluster elects a leader (making a
+        consumer needs JetStream's meta leader: a node kill can take it)."""
+        return await self._patiently(
+            f"follow {log!r}",
+            lambda: self.js.subscribe(subject, ordered_consumer=True, config=config, idle_heartbeat=2.0),
+        )
 
     async def follow(self, log: str, after: int) -> AsyncGenerator[LogEntry, None]:
-        with _failing(f"follow {log!r} on {self.address}"):
-            _, subject = await self._ensure_stream(log)
+        _, subject = await self._patiently(f"follow {log!r}", lambda: self._ensure_stream(log))
         # An ordered consumer: the client library re-creates it from the last
         # sequence it saw whenever a gap, a missed heartbeat or a reconnect shows,
         # so what we yield has no gap and no repeat. If it gives up instead (its
@@ -342,13 +346,17 @@ class NatsBus:
 
     async def key_space(self, name: str, ttl: float) -> KeySpace:
         bucket = f"KORINET_{_name('key space', name)}"
-        with _failing(f"open the key space {name!r} on {self.address}"):
+
+        async def attempt() -> Any:
             try:
-                kv = await self.js.create_key_value(
+                return await self.js.create_key_value(
                     api.KeyValueConfig(bucket=bucket, ttl=ttl, history=1, replicas=self.settings.replicas)
                 )
             except nats.js.errors.BadRequestError:
-                kv = await self.js.key_value(bucket)  # exists already (another hub made it)
+                # exists already: another hub made it, or our own create that timed out did
+                return await self.js.key_value(bucket)
+
+        kv = await self._patiently(f"open the key space {name!r}", attempt)
         return _NatsKeySpace(kv, ttl, f"{name!r} on {self.address}")
 
     # ------------------------------------------------------------------ signals

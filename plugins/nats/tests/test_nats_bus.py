@@ -343,6 +343,43 @@ async def test_with_the_server_gone_every_call_raises_bus_error(tmp_path: Path) 
         server.stop()
 
 
+async def test_a_create_whose_answer_is_late_is_retried_not_fatal(tmp_path: Path) -> None:
+    """A replicated create can outlast one request's timeout on a loaded cluster (seen
+    in CI: a hub's start failed on it). The create may have been done all the same:
+    opening the key space, a log's retention and a follow try again and find it."""
+    import nats.errors
+
+    server = NatsServer(tmp_path / "nats").start()
+    bus = NatsBus(server.url)
+    await bus.connect()
+    late: list[str] = []
+
+    def answer_late(method: str) -> None:
+        real = getattr(bus.js, method)
+
+        async def done_but_late(*args: object, **kwargs: object) -> object:
+            result = await real(*args, **kwargs)
+            if method not in late:  # the first call: done on the server, its answer lost
+                late.append(method)
+                raise nats.errors.TimeoutError
+            return result
+
+        setattr(bus.js, method, done_but_late)
+
+    try:
+        answer_late("create_key_value")
+        space = await bus.key_space("late", 30)
+        assert await space.claim("k", b"v")
+        answer_late("add_stream")
+        await bus.retain("slow", Retention(max_entries=10))
+        assert (await bus.append("slow", b"x", msg_id="1")).seq == 1
+        assert [e.data for e in await bus.read("slow", 0)] == [b"x"]
+        assert late == ["create_key_value", "add_stream"]
+    finally:
+        await bus.close()
+        server.stop()
+
+
 def test_addresses_and_the_plugin_hook() -> None:
     settings = parse_address("nats://a:4222,b:4223?replicas=3&dedup=300")
     assert settings.servers == ["nats://a:4222", "nats://b:4223"]
