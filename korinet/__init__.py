@@ -48,6 +48,7 @@ from .runtime import (
 )
 from .server import server
 from .session import SessionConfig
+from .sync.server import SessionTable
 
 __version__ = "0.1.0"
 
@@ -85,6 +86,7 @@ __all__ = [
     "SessionConfig",
     "SessionExpired",
     "SessionStore",
+    "SessionTable",
     "StoreError",
     "client",
     "connect",

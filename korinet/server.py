@@ -13,7 +13,9 @@ wire is served the way v2 expects.
 Plaintext by default, as the original; ``tls=`` (a :class:`~korinet.security.ServerTLS`)
 serves TLS 1.3 with the server's identity and, if it lists authorized keys, admits
 only those clients; ``passphrase=`` admits only clients that prove it. Each distinct
-``(tls, passphrase)`` pair has its own session table.
+``(tls, passphrase)`` pair has its own session table. For other limits (how many
+sessions, how long a detached one waits, the session config), build a
+:class:`~korinet.sync.SessionTable` and pass it as ``table=`` to every ``server(conn)``.
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ def _table(tls: ServerTLS | None = None, passphrase: str | None = None) -> Sessi
     key = (id(tls), passphrase)
     with _tables_lock:
         if key not in _tables:
-            authorized = tls.authorized if tls is not None else None
-            _tables[key] = (tls, SessionTable(authorized=authorized, passphrase=passphrase))
+            _tables[key] = (tls, SessionTable(tls=tls, passphrase=passphrase))
         return _tables[key][1]
 
 
@@ -79,8 +80,12 @@ class server:  # noqa: N801 - the original API's name
             object to every ``server(conn)`` so that they share one session table.
         passphrase: admit only clients that prove this passphrase.
         ssl: a ready ``ssl.SSLContext`` instead of ``tls`` (no client authentication).
-        hub: an asyncio :class:`~korinet.runtime.Hub` of your own instead of the
-            shared table: the session then runs on KoriNet's loop thread.
+        table: a :class:`~korinet.sync.SessionTable` of your own instead of the shared
+            one, with its limits (``max_sessions``, ``session_ttl``, ``config``...)
+            and its own ``tls`` and ``passphrase``; pass the same table to every
+            ``server(conn)`` whose clients may resume each other's sessions.
+        hub: an asyncio :class:`~korinet.runtime.Hub` of your own instead of a
+            table: the session then runs on KoriNet's loop thread.
     """
 
     def __init__(
@@ -91,13 +96,19 @@ class server:  # noqa: N801 - the original API's name
         passphrase: str | None = None,
         hub: Hub | None = None,
         ssl: ssl_module.SSLContext | None = None,
+        table: SessionTable | None = None,
     ) -> None:
         if tls is not None and ssl is not None:
             raise ValueError("give tls= or ssl=, not both")
-        if hub is not None and (tls is not None or passphrase is not None):
-            raise ValueError("a hub of your own carries its own authorized keys and passphrase")
-        if tls is not None:
-            ssl = tls.context()
+        if hub is not None and table is not None:
+            raise ValueError("give hub= or table=, not both")
+        if (hub is not None or table is not None) and (tls is not None or passphrase is not None):
+            which = "hub" if hub is not None else "table"
+            raise ValueError(
+                f"a {which} of your own carries its own TLS identity, authorized keys and passphrase"
+            )
+        if table is not None and ssl is not None and table.tls is not None:
+            raise ValueError("this table serves its own tls=: give no ssl=")
         # Take the socket over: the driver owns it from now on.
         sock = socket.socket(conn.family, conn.type, conn.proto, fileno=conn.detach())
         self._link: int | None = None
@@ -106,7 +117,9 @@ class server:  # noqa: N801 - the original API's name
             sock.setblocking(False)
             self._peer: SyncServerSession | SyncLegacyPeer | AnyPeer = _on_hub(hub, sock, ssl)
             return
-        peer, self._link = _table(tls, passphrase).adopt(sock, ssl)
+        if table is None:
+            table = _table(tls, passphrase)
+        peer, self._link = table.adopt(sock, ssl)
         self._peer = peer
         if isinstance(peer, SyncServerSession):
             self._adoption = peer.adoptions

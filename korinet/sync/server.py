@@ -51,7 +51,7 @@ from .driver import SyncDriver, await_in_background, tls_handshake
 from .legacy import SyncLegacyPeer
 
 if TYPE_CHECKING:
-    from ..security import AuthorizedKeys, PeerIdentity
+    from ..security import AuthorizedKeys, PeerIdentity, ServerTLS
 
 __all__ = ["SessionTable", "SyncServerSession"]
 
@@ -245,7 +245,11 @@ class SessionTable:
     Args:
         plugins: plugin manager (default: installed plugins).
         config: session limits and timings for every session.
-        authorized: admit only TLS clients whose key is listed there.
+        tls: serve TLS 1.3 with this identity (:class:`~korinet.security.ServerTLS`);
+            if it lists authorized keys, admit only those clients. Its context is
+            built once, for every connection the table adopts.
+        authorized: admit only TLS clients whose key is listed there (given ``tls``,
+            its own list is used).
         passphrase: admit only clients that prove this passphrase (legacy v2
             clients cannot, so they are refused).
         session_ttl: seconds a detached session is kept for its client to resume.
@@ -261,6 +265,7 @@ class SessionTable:
         *,
         plugins: PluginManager | None = None,
         config: SessionConfig | None = None,
+        tls: ServerTLS | None = None,
         authorized: AuthorizedKeys | None = None,
         passphrase: str | None = None,
         session_ttl: float = 120.0,
@@ -269,6 +274,13 @@ class SessionTable:
         accept_plain: bool = True,
         legacy: bool = True,
     ) -> None:
+        if tls is not None and authorized is not None:
+            raise ValueError("give tls= (it carries its authorized keys) or authorized=, not both")
+        self.tls = tls
+        if tls is not None:
+            authorized = tls.authorized
+        #: what adopt() serves TLS with when not given a context of its own
+        self.ssl_context = tls.context() if tls is not None else None
         self.plugins = plugins or default_manager()
         self.codecs = self.plugins.codecs()
         self.plugins.message_types()  # conflicts surface now, not on the first message
@@ -302,8 +314,9 @@ class SessionTable:
     ) -> tuple[SyncServerSession | SyncLegacyPeer, int | None]:
         """Run the server handshake on an accepted socket, within the handshake timeout.
 
-        Returns the session (new or resumed) and the link it now runs on, or a v2 peer
-        and None. The socket is the session's from then on.
+        ``ssl`` (default: the table's own ``tls``, if any) serves TLS; with neither,
+        plaintext. Returns the session (new or resumed) and the link it now runs on,
+        or a v2 peer and None. The socket is the session's from then on.
 
         Raises:
             AuthenticationError: the client was refused (answered at once).
@@ -338,6 +351,8 @@ class SessionTable:
                 # small frames must not wait for the peer's delayed ACK
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = _HandshakeLink(sock)
+            if ssl is None:
+                ssl = self.ssl_context
             if ssl is not None:
                 try:
                     link.engine, link.early = tls_handshake(sock, TLS(ssl, server_side=True), deadline)

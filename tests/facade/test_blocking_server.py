@@ -551,6 +551,71 @@ def test_beyond_max_detached_the_session_detached_longest_expires_and_its_thread
             h.abort()
 
 
+def test_a_table_of_its_own_holds_its_limits_and_its_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """server(conn, table=...): the application's own limits (here one session at a
+    time) and its own TLS identity and authorized keys, without the shared table."""
+    monkeypatch.setenv("KORINET_HOME", str(tmp_path / "home"))
+    server_key, alice, mallory = Identity.generate(), Identity.generate(), Identity.generate()
+    keys = AuthorizedKeys(tmp_path / "authorized_keys")
+    keys.authorize(alice.fingerprint, "alice")
+    table = SessionTable(tls=ServerTLS(server_key, authorized=keys), max_sessions=1)
+    with socket.socket() as unused, pytest.raises(ValueError, match="carries its own"):
+        server(unused, table=table, tls=ServerTLS(server_key))
+    with pytest.raises(ValueError, match="not both"):
+        SessionTable(tls=ServerTLS(server_key), authorized=keys)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    served: list[Any] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_accept_loop, args=(listener, stop, served), kwargs={"table": table}, daemon=True
+    )
+    thread.start()
+    pinned = ClientTLS(alice, fingerprint=server_key.fingerprint)
+    try:
+        first = client("127.0.0.1", port, timeout=T, tls=pinned)
+        sending = threading.Thread(target=first.send, args=("one",), daemon=True)
+        sending.start()  # (send() returns once the server's application has it)
+        wait_until(lambda: len(served) == 1, timeout=T, what="the first session served")
+        assert served[0].recv(timeout=T) == "one"
+        sending.join(T)
+        assert served[0].peer.identity.name == "alice"
+        assert set(table.sessions) == {first.runtime.session_id}  # this table's, not the shared one
+        # a key the table does not list is refused
+        with pytest.raises(AuthenticationError):
+            client("127.0.0.1", port, timeout=T, tls=ClientTLS(mallory, fingerprint=server_key.fingerprint))
+        # a second session while the first lives: "try again later" (max_sessions=1),
+        # and the client does, until the first session ends
+        later: list[Any] = []
+        second = threading.Thread(
+            target=lambda: later.append(client("127.0.0.1", port, timeout=T, tls=pinned)),
+            daemon=True,
+        )
+        second.start()
+        wait_until(
+            lambda: any(
+                isinstance(o, ConnectionClosedError) and o.code == CloseCode.TRY_AGAIN_LATER for o in served
+            ),
+            timeout=T,
+            what="the second session refused for now",
+        )
+        first.close()
+        second.join(T)
+        (again,) = later
+        sending = threading.Thread(target=again.send, args=("two",), daemon=True)
+        sending.start()
+        assert served[-1].recv(timeout=T) == "two"
+        sending.join(T)
+        assert set(table.sessions) == {again.runtime.session_id}
+        again.close()
+    finally:
+        stop.set()
+        thread.join(T)
+        listener.close()
+
+
 def test_a_wrong_passphrase_does_not_hold_up_the_accept_loop(table: Any) -> None:
     secret = "the right passphrase"
     sessions = table(passphrase=secret)
