@@ -207,6 +207,9 @@ where = ["src"]
 
 [tool.pytest.ini_options]
 testpaths = ["tests"]
+# The tests run their own event loops (asyncio.run): pytest-asyncio, if installed
+# for another project, is not needed here, and unconfigured it warns on every run.
+addopts = ["-p", "no:asyncio"]
 """
 
 GITIGNORE = """
