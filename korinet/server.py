@@ -41,9 +41,9 @@ __all__ = ["default_hub", "server"]
 
 T = TypeVar("T")
 
-#: one session table per (id of the ServerTLS, passphrase); the ServerTLS is kept in
-#: the value so that its id stays its own
-_tables: dict[tuple[int, str | None], tuple[ServerTLS | None, SessionTable]] = {}
+#: one session table per (id of the ServerTLS, passphrase); the table keeps its
+#: ServerTLS alive, so that the id stays its own
+_tables: dict[tuple[int, str | None], SessionTable] = {}
 _tables_lock = threading.Lock()
 
 
@@ -51,8 +51,8 @@ def _table(tls: ServerTLS | None = None, passphrase: str | None = None) -> Sessi
     key = (id(tls), passphrase)
     with _tables_lock:
         if key not in _tables:
-            _tables[key] = (tls, SessionTable(tls=tls, passphrase=passphrase))
-        return _tables[key][1]
+            _tables[key] = SessionTable(tls=tls, passphrase=passphrase)
+        return _tables[key]
 
 
 def default_hub() -> SessionTable:

@@ -53,7 +53,7 @@ def table(monkeypatch: pytest.MonkeyPatch) -> Any:
     def install(**kwargs: Any) -> SessionTable:
         fresh = SessionTable(**kwargs)
         facade = importlib.import_module("korinet.server")  # (korinet.server is the class)
-        monkeypatch.setitem(facade._tables, (id(None), kwargs.get("passphrase")), (None, fresh))
+        monkeypatch.setitem(facade._tables, (id(None), kwargs.get("passphrase")), fresh)
         return fresh
 
     return install

@@ -190,15 +190,14 @@ class NatsBus:
         timed out may have been done all the same."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + PATIENCE
-        while True:
-            try:
-                return await attempt()
-            except _TRANSIENT as exc:
-                if self._closed or loop.time() > give_up:
-                    raise BusError(f"cannot {what} on {self.address}: {exc!r}") from exc
-                await asyncio.sleep(0.2)
-            except (nats.errors.Error, OSError) as exc:
-                raise BusError(f"cannot {what} on {self.address}: {exc!r}") from exc
+        with _failing(f"{what} on {self.address}"):
+            while True:
+                try:
+                    return await attempt()
+                except _TRANSIENT:
+                    if self._closed or loop.time() > give_up:
+                        raise
+                    await asyncio.sleep(0.2)
 
     # ------------------------------------------------------------------ logs
 
