@@ -75,8 +75,6 @@ class Connection(asyncio.BufferedProtocol):
         self.on_made = on_made
         self.lost: asyncio.Future[BaseException | None] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
-        self._paused = False
-        self._drain_waiters: list[asyncio.Future[None]] = []
 
     # -------------------------------------------------------------- asyncio callbacks
 
@@ -136,23 +134,10 @@ class Connection(asyncio.BufferedProtocol):
         if self._tls is not None:
             exc = exc or self._tls.error
             self._tls_failed(exc or ConnectionResetError("the connection closed during the TLS handshake"))
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
         if not self.lost.done():
             self.lost.set_result(exc)
         if self.peer is not None:
             self.peer.link_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        for waiter in self._drain_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drain_waiters.clear()
 
     # -------------------------------------------------------------- helpers
 
@@ -160,12 +145,6 @@ class Connection(asyncio.BufferedProtocol):
     def write_backlog(self) -> int:
         """Bytes written but not yet handed to the kernel."""
         return self.transport.get_write_buffer_size() if self.transport else 0
-
-    async def drain(self) -> None:
-        if self._paused and self.transport is not None and not self.transport.is_closing():
-            waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
 
     def write(self, data: bytes) -> None:
         if data and self.transport is not None and not self.transport.is_closing():

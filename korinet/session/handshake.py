@@ -53,17 +53,6 @@ class ResumeRequest(TypedDict):
     received: int
 
 
-class HelloMap(TypedDict, total=False):
-    versions: list[int]
-    codecs: list[str]
-    heartbeat: float
-    window: int
-    window_bytes: int
-    max_frame: int
-    resume: ResumeRequest | None
-    agent: str
-
-
 @dataclass(frozen=True, slots=True)
 class Hello:
     """A validated HELLO plus the server's choices."""
