@@ -96,7 +96,8 @@ class Driver(Protocol):
     """The I/O side of an Endpoint: how it wakes callers and runs code."""
 
     def inbox_readable(self) -> None:
-        """A message (or a notice, or the end) waits for recv()."""
+        """A message (or a notice, or the end) waits for recv(): called when the
+        inbox stops being empty, not for every message queued behind the first."""
 
     def space_available(self) -> None:
         """Acknowledgements freed window space (or the session ended)."""
@@ -448,9 +449,10 @@ class Endpoint:
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self.handle)
         if mtype is None or mtype.handler is None:
             inbox = self.inbox
-            if inbox is None:
-                inbox = self.inbox = deque()
-            inbox.append((msg, self.session.epoch))
+            if inbox is not None:
+                inbox.append((msg, self.session.epoch))
+                return  # a reader waits only on an empty inbox: it has been told already
+            self.inbox = deque(((msg, self.session.epoch),))
             self.driver.inbox_readable()
             return
         self.deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
