@@ -397,14 +397,18 @@ class Peer(EndpointStatus):
                     await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
             finally:
                 self._inbox_waiter = None
-        msg = endpoint.take()
+        return self._take()
+
+    def _take(self) -> Message:
+        # recv_message's end, once the inbox holds a message: take it, and see to its ACK
+        msg = self.endpoint.take()
         if msg.seq:
             if self._stored is not None:
                 # Durable at the end of this loop turn, before the ACK: what the application
                 # writes to the store before its next await commits with the delivery.
                 self._stored.touch()
                 self._schedule_flush()
-            elif endpoint.inbox:
+            elif self.endpoint.inbox:
                 self._schedule_flush()  # more to take this turn: one ACK for all of them
             elif self._answering & _ANSWERS:
                 # The ACK rides on the answer the application queues in this step
@@ -428,6 +432,10 @@ class Peer(EndpointStatus):
 
     async def __anext__(self) -> Any:
         """``async for data in peer``: every payload until the session closes normally."""
+        if self.endpoint.inbox:  # a pipelined stream's usual case: no second coroutine
+            if self._answering & _TOOK:  # (as recv_message begins)
+                self._answering = 0
+            return self._take().data
         try:
             return (await self.recv_message()).data
         except ConnectionClosedOK:
