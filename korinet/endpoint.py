@@ -448,11 +448,11 @@ class Endpoint:
             return
         msg = Message(ev.type, ev.obj, ev.seq, ev.corr if flags & _REQUEST else 0, self.handle)
         if mtype is None or mtype.handler is None:
-            inbox = self.inbox
-            if inbox is not None:
-                inbox.append((msg, self.session.epoch))
-                return  # a reader waits only on an empty inbox: it has been told already
-            self.inbox = deque(((msg, self.session.epoch),))
+            queued = (msg, self.session.epoch)
+            if self.inbox is not None:
+                self.inbox.append(queued)  # a reader waits only on an empty inbox: told already
+                return
+            self.inbox = deque((queued,))
             self.driver.inbox_readable()
             return
         self.deliver(ev.seq, lazy=bool(msg.corr))  # the handler takes it now; a reply carries the ack
