@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Coroutine
+from typing import Any, Literal
 
 
 class Relay:
@@ -65,10 +67,12 @@ class Relay:
         """Return once a relayed connection is open (so that ``cut()`` will count)."""
         await self._linked.wait()
 
-    async def wait_cut(self) -> None:
-        """Return at the next counted cut (e.g. when a ``cut_after`` budget runs out)."""
+    def wait_cut(self) -> Coroutine[Any, Any, Literal[True]]:
+        """Await the next counted cut from this call on (e.g. when a ``cut_after``
+        budget runs out). Cleared now, not when first awaited: a pump that runs before
+        the waiting task could spend the budget and cut, and the cut would be missed."""
         self._cut.clear()
-        await self._cut.wait()
+        return self._cut.wait()
 
     async def cut_within(self, nbytes: int, finished: asyncio.Event) -> None:
         """Cut after ``nbytes`` more bytes and wait for it; if ``finished`` is set first
