@@ -470,7 +470,10 @@ class Peer(EndpointStatus):
             conn.peer = None
             self.conn = None
             if conn.transport is not None and conn.transport.can_write_eof():
-                conn.transport.write_eof()
+                try:
+                    conn.transport.write_eof()
+                except OSError:  # the peer reset the link before the loop saw it: closed anyway
+                    pass
             try:
                 async with asyncio.timeout(min(timeout, CLOSE_ECHO_TIMEOUT)):
                     await asyncio.shield(conn.lost)

@@ -221,3 +221,24 @@ def test_reconnect_policy_names_the_errors_no_retry_can_fix() -> None:
     fatal = fatal_error(cert, "h:1")
     assert isinstance(fatal, ConnectionClosedError) and fatal.code == CloseCode.AUTH_FAILED
     assert fatal.__cause__ is cert
+
+
+async def test_close_goes_on_when_the_link_was_reset_unseen(plugins: PluginManager) -> None:
+    # The peer reset the connection and the loop has not seen it yet: shutting the
+    # socket's write side fails (ENOTCONN). close() still ends the session cleanly.
+    async def consume(peer):
+        async for _ in peer:
+            pass
+
+    async with Server("127.0.0.1", 0, handler=consume, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        await client.send("hello", timeout=10 * TIMEOUT_FACTOR)
+        assert client.conn is not None and client.conn.transport is not None
+        transport = client.conn.transport
+
+        def reset() -> None:
+            raise OSError(107, "Transport endpoint is not connected")
+
+        transport.write_eof = reset  # type: ignore[method-assign]
+        await asyncio.wait_for(client.close(), 10 * TIMEOUT_FACTOR)
+        assert client.is_closed
