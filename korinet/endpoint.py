@@ -255,18 +255,27 @@ class Endpoint:
     def has_notice(self) -> bool:
         return self._notice is not None
 
-    def take(self) -> Message:
+    def take(self, lazy: bool = False) -> Message:
         """The oldest inbox message, handed to the application: only now counted
         delivered, so its ack says the application has it (a request's ack rides
-        on its reply)."""
+        on its reply; ``lazy``: any message's ack waits for a frame to ride on)."""
         inbox = self.inbox
         assert inbox is not None, "take() from an empty inbox"
         msg, epoch = inbox.popleft()
         if not inbox:
             self.inbox = None
         if msg.seq:
-            self.session.message_delivered(msg.seq, epoch, lazy=bool(msg.corr))
+            self.session.message_delivered(msg.seq, epoch, lazy=lazy or bool(msg.corr))
         return msg
+
+    def put_back(self, msg: Message) -> None:
+        """Return a taken message to the front of the inbox (its reader was cancelled
+        before it saw it). It stays counted delivered: taking it again acks nothing."""
+        queued = (msg, self.session.epoch)
+        if self.inbox is None:
+            self.inbox = deque((queued,))
+        else:
+            self.inbox.appendleft(queued)
 
     def take_realtime(self) -> Message | None:
         """The oldest waiting realtime message, or None."""

@@ -98,7 +98,7 @@ class Peer(EndpointStatus):
         self.plugins = plugins
         self.endpoint = Endpoint(session, plugins, self, self, accept_plain=accept_plain, identity=identity)
         self.conn: Connection | None = None
-        self._inbox_waiter: asyncio.Future[None] | None = None
+        self._inbox_waiter: asyncio.Future[Message | None] | None = None
         # (None while nobody waits: most sessions never do, and a list is 72 B)
         self._space_waiters: list[asyncio.Future[None]] | None = None
         self._open_waiters: list[asyncio.Future[None]] | None = None
@@ -370,7 +370,10 @@ class Peer(EndpointStatus):
 
     async def recv_message(self, timeout: float | None = None) -> Message:
         """Return the next message (plain or typed without handler). Only now is it
-        acknowledged: the ack means the application has it. With a store, the
+        acknowledged: the ack means the application has it. (A recv() already waiting
+        takes a message in the loop turn that reads it, so the ack need not wait for
+        this task to resume; cancelled before it resumes, the message goes back to the
+        front of the inbox.) With a store, the
         delivery is committed (then acknowledged) at the end of this loop turn, with
         whatever the application wrote to ``store.db`` before its next ``await``.
 
@@ -390,13 +393,24 @@ class Peer(EndpointStatus):
             if self.closed.done():  # (_raise_if_closed, inline: once per message)
                 raise self.closed.result()
             waiter = self._inbox_waiter = self.loop.create_future()
+            handed: Message | None
             try:
                 if deadline is None:
-                    await waiter
+                    handed = await waiter
                 else:
-                    await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
+                    handed = await self._wait(waiter, deadline - self.loop.time(), "waiting for a message")
+            except BaseException:
+                # Cancelled after inbox_readable handed us a message: it goes back to the
+                # front of the inbox for the next recv(), not lost (it counts delivered).
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    handed = waiter.result()
+                    if handed is not None:
+                        endpoint.put_back(handed)
+                raise
             finally:
                 self._inbox_waiter = None
+            if handed is not None:
+                return handed
         return self._take()
 
     def _take(self) -> Message:
@@ -590,8 +604,32 @@ class Peer(EndpointStatus):
 
     def inbox_readable(self) -> None:
         waiter = self._inbox_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is None or waiter.done():
+            return
+        if self.endpoint.inbox and self._stored is None:
+            self._hand_over(waiter)
+        else:
+            waiter.set_result(None)  # the end, a notice, or (stored) a message the reader takes itself
+
+    def _hand_over(self, waiter: asyncio.Future[Message | None]) -> None:
+        # A recv() is waiting, so the application takes this message now, in the loop
+        # turn that read it: its ACK leaves with that turn's flush (the driver flushes
+        # after Endpoint.process), not a turn later when the reader's task resumes.
+        # With a store the reader takes it itself: the delivery commits with what the
+        # application writes before its next await.
+        answers = self._answering & _ANSWERS
+        # an application that answers what it takes: the ACK waits for the answer
+        msg = self.endpoint.take(lazy=bool(answers))
+        waiter.set_result(msg)  # (schedules the reader's step)
+        if msg.seq:
+            if answers:
+                self.loop.call_soon(self._ack_if_owed)  # after the reader's step, and its answer
+            self._answering |= _TOOK
+
+    def _ack_if_owed(self) -> None:
+        if self.session.ack_pending:  # the reader queued no answer for it to ride on
+            self.session.flush_ack()
+            self._flush()
 
     def space_available(self) -> None:
         if self._space_waiters:

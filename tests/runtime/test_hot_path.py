@@ -247,6 +247,72 @@ async def test_an_answer_carries_the_ack_of_what_it_answers() -> None:
         await client.close()
 
 
+async def test_a_waiting_reader_takes_the_message_in_the_turn_that_reads_it() -> None:
+    # The application waits in recv(): the message is its as the bytes are read, so
+    # the ACK goes in that loop turn, before the reader's task resumes (not a turn
+    # later, when it resumes and takes the message itself).
+    plugins = PluginManager.load(entry_points=False)
+    seen: list[str] = []
+
+    async def consume(peer: Peer) -> None:
+        async for item in peer:
+            seen.append(f"app {item}")
+
+    async with Server("127.0.0.1", 0, handler=consume, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        await client.send("warm-up", timeout=T)
+        peer = next(iter(server.hub.sessions.values()))
+        await eventually(lambda: peer._inbox_waiter is not None, T, "the application waits in recv()")
+        write = peer.conn.write if peer.conn is not None else None
+        assert write is not None
+
+        def record(data: bytes) -> None:
+            if data:  # written as the bytes are read, not by the reader's task
+                seen.append("ack" if asyncio.current_task() is None else "ack by the reader")
+            write(data)
+
+        peer.conn.write = record  # type: ignore[method-assign,union-attr]
+        seen.clear()
+        for i in range(20):
+            await client.send(i, timeout=T)
+            await eventually(lambda n=2 * (i + 1): len(seen) == n, T, "the application has it")
+        assert seen == [e for i in range(20) for e in ("ack", f"app {i}")]
+        await client.close()
+
+
+async def test_a_reader_cancelled_after_the_hand_over_loses_nothing() -> None:
+    # The message was handed to a waiting recv() (and acknowledged), but its task is
+    # cancelled before it resumes: the next recv() returns that message.
+    plugins = PluginManager.load(entry_points=False)
+    got: list[Any] = []
+    ready = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        reader = asyncio.ensure_future(peer.recv())
+        hand_over = peer.inbox_readable
+
+        def cancel_at_once() -> None:
+            hand_over()
+            reader.cancel()  # same loop turn: the reader never saw the message
+
+        peer.inbox_readable = cancel_at_once  # type: ignore[method-assign]
+        ready.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        del peer.inbox_readable
+        got.append(await peer.recv(timeout=T))
+        got.append(await peer.recv(timeout=T))
+
+    async with Server("127.0.0.1", 0, handler=handler, plugins=plugins) as server:
+        client = await Client.connect("127.0.0.1", server.port, plugins=plugins)
+        await asyncio.wait_for(ready.wait(), T)
+        await client.send("first", timeout=T)  # acknowledged at the hand-over
+        await client.send("second", timeout=T)
+        await eventually(lambda: len(got) == 2, T, "both taken")
+        assert got == ["first", "second"]
+        await client.close()
+
+
 async def test_an_ack_owed_to_an_application_that_stops_answering_still_goes() -> None:
     # The application answered so far, then takes a message and awaits something
     # else: the ACK does not wait for an answer that never comes (at most a loop turn).
