@@ -577,9 +577,7 @@ class Peer(EndpointStatus):
 
     def _lazy_ack_due(self) -> None:
         self._ack_timer = None
-        if self.session.ack_pending:
-            self.session.flush_ack()
-            self._flush()
+        self._ack_if_owed()
 
     def process(self) -> None:
         """Act on the session's events, then write what it has to send."""
@@ -627,7 +625,7 @@ class Peer(EndpointStatus):
             self._answering |= _TOOK
 
     def _ack_if_owed(self) -> None:
-        if self.session.ack_pending:  # the reader queued no answer for it to ride on
+        if self.session.ack_pending:  # no frame came for it to ride on
             self.session.flush_ack()
             self._flush()
 
